@@ -1,0 +1,28 @@
+# The two commands README.md promises a fresh clone: `make run` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint venv clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Set up and run the control plane on the embedded SQLite default (Ctrl-C stops it).
+run: $(STAMP)
+	$(BIN)/eecp serve
+
+## Set up and run the whole test suite: ruff, mypy (strict on eecp/), pytest.
+test: $(STAMP)
+	$(BIN)/ruff check eecp agent tests
+	$(BIN)/mypy eecp agent
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

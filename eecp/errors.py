@@ -1,0 +1,87 @@
+"""Every error eecp raises on purpose, each with a stable machine-readable ``reason``.
+
+The tree::
+
+    EecpError                      reason, http_status
+    ├── ConfigError                a bad EE_* variable: names it (exit status 2)
+    ├── InputError                 unusable operator input (a file that is not a quote, ...)
+    ├── StoreError                 the database did not answer or refused
+    └── AttestationError           a quote was not accepted (every refusal is one of these)
+        ├── QuoteError             unparseable, failed verification, TCB status, debug TD
+        ├── CollateralError        PCCS unreachable with nothing valid cached, expired
+        ├── AllowlistError         not found, unreachable, malformed
+        └── PolicyError            the quote verified but does not match what it must
+
+``reason`` strings are part of the public interface (they reach agents, proxies, logs and the
+audit log): they are lower_snake_case, optionally followed by ``:detail`` — for example
+``tcb_status:OutOfDate``, ``measurement_mismatch:agent_py_sha256`` or
+``quote_measurement_mismatch:rtmr2``. Never change one without a migration note.
+"""
+
+from __future__ import annotations
+
+
+class EecpError(Exception):
+    """Base of every deliberate eecp error.
+
+    ``reason`` is the stable machine-readable reason; ``detail`` is free text for humans and logs
+    (never secrets); ``http_status`` is a hint for HTTP surfaces.
+    """
+
+    http_status: int = 500
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class ConfigError(EecpError):
+    """An ``EE_*`` variable (or CLI option) has a value eecp cannot use."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__("config_invalid", f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class InputError(EecpError):
+    """Operator-supplied input (a file, an option) is unusable: the tool exits with status 2."""
+
+    http_status = 400
+
+
+class StoreError(EecpError):
+    """The store could not complete an operation."""
+
+    http_status = 503
+
+
+class AttestationError(EecpError):
+    """A quote was not accepted. The ``reason`` says why, in a stable form."""
+
+    http_status = 403
+
+
+class QuoteError(AttestationError):
+    """The quote itself: ``quote_malformed``, ``quote_invalid``, ``tcb_status:<S>``, ``debug_td``,
+    ``tee_type_unsupported``."""
+
+
+class CollateralError(AttestationError):
+    """Collateral: ``collateral_unavailable`` (PCCS down, nothing valid cached) or
+    ``collateral_expired``."""
+
+    http_status = 503
+
+
+class AllowlistError(AttestationError):
+    """Allowlist: ``allowlist_not_found``, ``allowlist_unavailable``,
+    ``allowlist_malformed:<field>``."""
+
+
+class PolicyError(AttestationError):
+    """The quote verified but breaks policy: ``report_data_mismatch``, ``nonce_mismatch``,
+    ``measurements_binding_mismatch``, ``measurement_mismatch:<key>``,
+    ``quote_measurement_mismatch:<register>``, ``sealed_required``,
+    ``allowlist_report_data_mismatch``, ``network_unknown``."""
