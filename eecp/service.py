@@ -1,0 +1,206 @@
+"""``serve()``: the daemon root. Read it top to bottom.
+
+Resources are opened first, with ``async with``, so they outlive every task (store, HTTP client,
+caches, the attestation engine). Then one root nursery starts the servers in dependency order,
+each reporting readiness through ``task_status``; ``serve`` reports the bound addresses when all
+are up. A shutdown (SIGINT/SIGTERM or the ``shutdown`` event) stops background work at once and
+gives the control server ``EE_SHUTDOWN_GRACE_SEC`` to finish what it is doing::
+
+    serve(config)
+      async with open_services(config):        store, http client, caches, engine
+        root nursery
+          ├─ background nursery
+          │    ├─ signal watcher               SIGINT/SIGTERM → shutdown
+          │    └─ collateral refresher         refresh-ahead before nextUpdate
+          └─ hypercorn (quart-trio app)        EE_CONTROL_BIND:EE_CONTROL_PORT
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from eecp import __version__
+from eecp.allowlist import AllowlistSource
+from eecp.api import create_app
+from eecp.attestation import AttestationEngine
+from eecp.blocking import Workers
+from eecp.clock import Clock, SystemClock
+from eecp.collateral import CollateralCache
+from eecp.config import Config
+from eecp.errors import ConfigError, InputError
+from eecp.quotes import load_root_ca
+from eecp.store import Store, open_store
+
+log = logging.getLogger("eecp.service")
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything the tasks of one eecp process share. Built by :func:`open_services`."""
+
+    config: Config
+    clock: Clock
+    workers: Workers
+    store: Store
+    http: httpx.AsyncClient
+    collateral: CollateralCache
+    allowlists: AllowlistSource
+    engine: AttestationEngine
+    root_ca_der: bytes | None
+
+    @property
+    def dev_root_ca(self) -> bool:
+        """True when Intel's root is replaced (development and tests only)."""
+        return self.root_ca_der is not None
+
+
+@dataclass(frozen=True)
+class Bound:
+    """Where a running eecp listens (what ``serve`` reports through ``task_status``)."""
+
+    control_host: str
+    control_port: int
+
+    @property
+    def control_url(self) -> str:
+        return f"http://{self.control_host}:{self.control_port}"
+
+
+def root_ca_from_config(config: Config) -> bytes | None:
+    """The replacement root CA as DER, or None for Intel's; a bad file is a ``ConfigError``."""
+    if config.dcap_root_ca is None:
+        return None
+    try:
+        return load_root_ca(config.dcap_root_ca)
+    except InputError as exc:
+        raise ConfigError("EE_DCAP_ROOT_CA", exc.detail) from None
+
+
+@asynccontextmanager
+async def open_services(config: Config, clock: Clock | None = None) -> AsyncIterator[Services]:
+    """Open the store and the HTTP client and build the engine; close them on exit."""
+    clock = clock or SystemClock()
+    root = root_ca_from_config(config)
+    workers = Workers(store=config.store_workers, verify=config.verify_workers)
+    async with open_store(config, workers) as store, httpx.AsyncClient(
+        headers={"User-Agent": f"eecp/{__version__}"}, follow_redirects=True
+    ) as http:
+        collateral = CollateralCache(
+            client=http,
+            base_url=config.pccs_url,
+            clock=clock,
+            persistence=store,
+            refresh_margin_sec=config.collateral_refresh_margin_sec,
+            fetch_timeout_sec=config.pccs_timeout_sec,
+        )
+        allowlists = AllowlistSource(
+            client=http,
+            clock=clock,
+            github_api_url=config.github_api_url,
+            asset_name=config.allowlist_asset,
+            token=config.github_token,
+            local_dir=config.allowlist_dir,
+            cache_ttl_sec=config.allowlist_cache_ttl_sec,
+        )
+        engine = AttestationEngine(
+            collateral=collateral,
+            allowlists=allowlists,
+            workers=workers,
+            clock=clock,
+            networks=config.networks,
+            allowed_statuses=config.allowed_tcb_statuses,
+            root_ca_der=root,
+        )
+        yield Services(config, clock, workers, store, http, collateral, allowlists, engine, root)
+
+
+def warn_about(services: Services) -> None:
+    """Say loudly, once at start-up, what an operator must not miss."""
+    if services.dev_root_ca:
+        log.warning(
+            "EE_DCAP_ROOT_CA is set: quotes are verified under %s INSTEAD OF INTEL'S ROOT. "
+            "Development and tests only; never in production.", services.config.dcap_root_ca
+        )
+    if not services.config.admin_token:
+        log.warning("EE_ADMIN_TOKEN is unset: admin endpoints are open to anyone who can reach "
+                    "the control port")
+
+
+async def serve(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    shutdown: trio.Event | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run eecp until SIGINT/SIGTERM (or ``shutdown`` is set); report :class:`Bound` once
+    listening."""
+    shutdown = shutdown or trio.Event()
+    async with open_services(config, clock) as services:
+        warn_about(services)
+        async with trio.open_nursery() as root:
+            background = await root.start(run_background, services, shutdown, handle_signals)
+            binds = await root.start(serve_control, services, shutdown)
+            bound = _bound_from(binds)
+            log.info("eecp %s serving control on %s (store %s)", __version__, bound.control_url,
+                     services.store.describe())
+            task_status.started(bound)
+            await shutdown.wait()
+            log.info("shutting down (grace %.1fs)", config.shutdown_grace_sec)
+            background.cancel()
+            root.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_sec + 1
+    log.info("stopped")
+
+
+async def run_background(services: Services, shutdown: trio.Event, handle_signals: bool,
+                         task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+    """Signals and maintenance; reports its cancel scope so ``serve`` can stop it first (after
+    that a second Ctrl-C interrupts at once)."""
+    async with trio.open_nursery() as nursery:
+        if handle_signals:
+            nursery.start_soon(watch_signals, shutdown, name="signals")
+        nursery.start_soon(services.collateral.serve_refresher, name="collateral-refresher")
+        task_status.started(nursery.cancel_scope)
+
+
+async def serve_control(services: Services, shutdown: trio.Event,
+                        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+                        ) -> None:
+    """Hypercorn serving the quart-trio app; graceful stop when ``shutdown`` is set."""
+    cfg = HypercornConfig()
+    cfg.bind = [f"{_bracket(services.config.control_bind)}:{services.config.control_port}"]
+    cfg.graceful_timeout = services.config.shutdown_grace_sec
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("hypercorn.error")
+    # Agents keep their tunnels open for days: only pings decide liveness, not idle timers.
+    cfg.keep_alive_timeout = 75
+    await hypercorn_serve(create_app(services), cfg, shutdown_trigger=shutdown.wait,
+                          task_status=task_status)
+
+
+async def watch_signals(shutdown: trio.Event) -> None:
+    """Turn the first SIGINT/SIGTERM into a graceful shutdown; a second one is not needed."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            shutdown.set()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _bound_from(binds: list[str]) -> Bound:
+    host, _, port = binds[0].removeprefix("http://").rpartition(":")
+    return Bound(host.strip("[]"), int(port))

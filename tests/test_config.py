@@ -1,0 +1,83 @@
+"""Config: defaults, parsing, and one clear error naming the bad variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eecp.config import Config, Network, from_env
+from eecp.errors import ConfigError
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    cfg = from_env({})
+    assert cfg == Config()
+    assert (cfg.control_bind, cfg.control_port) == ("0.0.0.0", 8088)
+    assert (cfg.proxy_bind, cfg.proxy_port) == ("0.0.0.0", 9090)
+    assert cfg.db_path == Path("data/control-plane.db") and cfg.db_url is None
+    assert cfg.networks == (Network("forge-1", True), Network("sandbox-1", False))
+    assert cfg.allowlist_asset == "agent-attestation-allowlist.json"
+    assert cfg.github_api_url == "https://api.github.com"
+    assert cfg.pccs_url == "https://api.trustedservices.intel.com"
+    assert cfg.allowed_tcb_statuses == {"UpToDate", "SWHardeningNeeded"}
+    assert (cfg.attest_interval_sec, cfg.attest_deadline_sec, cfg.health_timeout_sec) == (
+        3600, 30, 120)
+    assert (cfg.registration_ttl_days, cfg.registration_warn_days) == (30, 3)
+    assert cfg.dcap_root_ca is None and cfg.admin_token is None
+
+
+def test_values_are_parsed(tmp_path: Path) -> None:
+    root = tmp_path / "root.pem"
+    root.write_bytes(b"x")
+    cfg = from_env({
+        "EE_CONTROL_PORT": "18088",
+        "EE_NETWORKS": "prod-a:sealed, lab:open",
+        "EE_ALLOWED_TCB_STATUSES": "UpToDate",
+        "EE_DB_URL": "postgresql://u:p@db/eecp",
+        "EE_DCAP_ROOT_CA": str(root),
+        "EE_ALLOWLIST_DIR": str(tmp_path),
+        "EE_PCCS_URL": "https://pccs.example/",
+        "EE_ATTEST_INTERVAL_SEC": "60",
+        "EE_ADMIN_TOKEN": "s3cret",
+    })
+    assert cfg.control_port == 18088
+    assert cfg.networks == (Network("prod-a", True), Network("lab", False))
+    assert cfg.network("lab") == Network("lab", False) and cfg.network("forge-1") is None
+    assert cfg.allowed_tcb_statuses == {"UpToDate"}
+    assert cfg.db_url == "postgresql://u:p@db/eecp"
+    assert cfg.dcap_root_ca == root and cfg.allowlist_dir == tmp_path
+    assert cfg.pccs_url == "https://pccs.example"
+    assert cfg.attest_interval_sec == 60
+    assert "s3cret" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("EE_CONTROL_PORT", "http", "not a port number"),
+        ("EE_PROXY_PORT", "70000", "outside 0..65535"),
+        ("EE_NETWORKS", "forge-1:locked", "expected name:sealed or name:open"),
+        ("EE_NETWORKS", "a:open,a:sealed", "listed twice"),
+        ("EE_DCAP_ROOT_CA", "/nonexistent/root.pem", "No such file"),
+        ("EE_ALLOWED_TCB_STATUSES", "UpToDate,Fine", "unknown TCB status Fine"),
+        ("EE_ATTEST_INTERVAL_SEC", "-5", "positive"),
+        ("EE_ATTEST_DEADLINE_SEC", "nan", "positive"),
+        ("EE_LOG_FORMAT", "xml", "not one of text, json"),
+        ("EE_DB_URL", "mysql://x", "postgresql://"),
+        ("EE_GITHUB_API_URL", "ftp://x", "not an http(s) URL"),
+        ("EE_ALLOWLIST_DIR", "/nonexistent-dir", "not a directory"),
+        ("EE_ALLOWLIST_ASSET", "../x.json", "plain file name"),
+        ("EE_REGISTRATION_WARN_DAYS", "40", "smaller than EE_REGISTRATION_TTL_DAYS"),
+    ],
+)
+def test_bad_values_name_the_variable(variable: str, value: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_env({variable: value})
+    assert info.value.variable == variable
+    assert problem in info.value.problem
+    assert str(info.value).startswith("config_invalid: " + variable)
+
+
+def test_empty_values_take_defaults() -> None:
+    assert from_env({"EE_CONTROL_PORT": "", "EE_NETWORKS": "  "}) == Config()
