@@ -145,7 +145,7 @@ async def serve(
 ) -> None:
     """Run eecp until SIGINT/SIGTERM (or ``shutdown`` is set); report :class:`Bound` once
     listening."""
-    shutdown = shutdown or trio.Event()
+    shutdown = trio.Event() if shutdown is None else shutdown
     async with open_services(config, clock) as services:
         warn_about(services)
         async with trio.open_nursery() as root:

@@ -80,9 +80,11 @@ class Inputs:
     sealed_network: bool
 
 
-def run(args: argparse.Namespace, env: dict[str, str], out: TextIO = sys.stdout,
-        err: TextIO = sys.stderr) -> int:
+def run(args: argparse.Namespace, env: dict[str, str], out: TextIO | None = None,
+        err: TextIO | None = None) -> int:
     """Run the tool; returns the exit status."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     try:
         inputs = read_inputs(args, env)
         collateral = obtain_collateral(args, env, inputs)

@@ -1,0 +1,201 @@
+"""The attestation engine end to end: minted quotes through real dcap-qvl, collateral from a
+stand-in PCCS and allowlists from a stand-in GitHub, both on real sockets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import httpx
+import pytest
+
+from eecp.allowlist import AllowlistSource
+from eecp.attestation import AttestationEngine, Challenge
+from eecp.blocking import Workers
+from eecp.clock import FixedClock
+from eecp.collateral import CollateralCache
+from eecp.config import Config
+from eecp.measurements import Measurements, report_data_for
+from tests import quotefactory as qf
+from tests.fake_github import FakeGitHub, open_fake_github
+from tests.fake_pccs import FakePccs, open_fake_pccs
+
+NOW = 1_790_000_000.0
+REPO, TAG = "acme/shop", "v1.2.0"
+MEAS = Measurements("a" * 64, "b" * 64, "tag=v1.2.0\nsha256=" + "c" * 64, True)
+UNSEALED = replace(MEAS, sealed=False)
+
+
+def allowlist_doc(**overrides: Any) -> bytes:
+    doc: dict[str, Any] = {
+        "version": "1.0", "release_tag": TAG,
+        "measurements": MEAS.as_dict(),
+        "report_data": (MEAS.digest() + bytes(32)).hex(),
+        "quote_measurements": {"mrtd": qf.DEFAULT_MRTD.hex(),
+                               **{f"rtmr{i}": r.hex() for i, r in enumerate(qf.DEFAULT_RTMRS)}},
+    }
+    doc.update(overrides)
+    return json.dumps(doc).encode()
+
+
+@dataclass
+class Rig:
+    pki: qf.TestPki
+    pccs: FakePccs
+    github: FakeGitHub
+    clock: FixedClock
+    engine: AttestationEngine
+    nonce_counter: int = 0
+
+    def nonce(self) -> bytes:
+        self.nonce_counter += 1
+        return self.nonce_counter.to_bytes(32, "big")
+
+    def challenge(self, minted: qf.MintedQuote, nonce: bytes, *, network: str = "forge-1",
+                  measurements: Measurements = MEAS, repo: str = REPO, tag: str = TAG,
+                  claimed: bytes | None = None) -> Challenge:
+        return Challenge(repo=repo, release_tag=tag, network=network, nonce=nonce,
+                         quote=minted.quote,
+                         claimed_report_data=minted.report_data if claimed is None else claimed,
+                         measurements=measurements.as_dict())
+
+    def mint(self, nonce: bytes, measurements: Measurements = MEAS, **kwargs: Any
+             ) -> qf.MintedQuote:
+        return qf.mint_tdx_quote(self.pki, now=NOW,
+                                 report_data=report_data_for(measurements, nonce), **kwargs)
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    pki = qf.make_pki(seed=3)
+    baseline = qf.mint_tdx_quote(pki, now=NOW)
+    clock = FixedClock(NOW + 3600)
+    async with open_fake_pccs(baseline.collateral_json) as pccs, open_fake_github() as github, \
+            httpx.AsyncClient() as client:
+        github.add_release(REPO, TAG, {"agent-attestation-allowlist.json": allowlist_doc()})
+        config = Config()
+        engine = AttestationEngine(
+            collateral=CollateralCache(client, pccs.url, clock, None, 3600.0),
+            allowlists=AllowlistSource(client=client, clock=clock, github_api_url=github.url,
+                                       asset_name=config.allowlist_asset, token=None,
+                                       local_dir=None, cache_ttl_sec=300),
+            workers=Workers(), clock=clock, networks=config.networks,
+            allowed_statuses=config.allowed_tcb_statuses, root_ca_der=pki.root_der)
+        yield Rig(pki, pccs, github, clock, engine)
+
+
+async def test_good_quote_is_accepted_with_facts_for_the_audit(rig: Rig) -> None:
+    nonce = rig.nonce()
+    minted = rig.mint(nonce)
+    outcome = await rig.engine.attest(rig.challenge(minted, nonce))
+    assert outcome.accepted and outcome.reason == "attested"
+    assert outcome.tcb_status == "UpToDate"
+    entry = outcome.audit_entry(challenge=rig.challenge(minted, nonce), app_name="shop",
+                                agent_id="agent-1", trigger="register")
+    assert entry.verdict == "accepted" and entry.reason == "attested"
+    assert entry.mrtd == qf.DEFAULT_MRTD.hex()
+    assert entry.rtmrs == tuple(r.hex() for r in qf.DEFAULT_RTMRS)
+    assert entry.fmspc == qf.DEFAULT_FMSPC.upper() and entry.sealed is True
+    assert entry.at == rig.clock.now()
+
+
+async def test_replayed_quote_is_refused(rig: Rig) -> None:
+    old = rig.nonce()
+    minted = rig.mint(old)
+    assert (await rig.engine.attest(rig.challenge(minted, old))).accepted
+    fresh = rig.nonce()
+    outcome = await rig.engine.attest(rig.challenge(minted, fresh))
+    assert (outcome.accepted, outcome.reason) == (False, "nonce_mismatch")
+
+
+@pytest.mark.parametrize(("mint_kwargs", "challenge_kwargs", "reason"), [
+    ({"rtmrs": (*qf.DEFAULT_RTMRS[:1], bytes(48), *qf.DEFAULT_RTMRS[2:])}, {},
+     "quote_measurement_mismatch:rtmr1"),
+    ({"mrtd": b"\x01" * 48}, {}, "quote_measurement_mismatch:mrtd"),
+    ({"pcesvn": qf.OUTDATED_PCESVN}, {}, "tcb_status:OutOfDate"),
+    ({"td_attributes": qf.SEPT_VE_DISABLE_BIT | qf.DEBUG_BIT}, {}, "debug_td"),
+    ({"corrupt_signature": True}, {}, "quote_invalid"),
+    ({}, {"claimed": bytes(64)}, "report_data_mismatch"),
+    ({}, {"network": "moon-1"}, "network_unknown"),
+    ({}, {"tag": "v9.9.9"}, "allowlist_not_found"),
+    ({}, {"repo": "../etc"}, "allowlist_invalid_ref"),
+])
+async def test_refusals_have_their_reason(rig: Rig, mint_kwargs: dict[str, Any],
+                                          challenge_kwargs: dict[str, Any], reason: str) -> None:
+    nonce = rig.nonce()
+    outcome = await rig.engine.attest(rig.challenge(rig.mint(nonce, **mint_kwargs), nonce,
+                                                    **challenge_kwargs))
+    assert (outcome.accepted, outcome.reason) == (False, reason)
+
+
+async def test_wrong_measurement_is_refused(rig: Rig) -> None:
+    other = replace(MEAS, agent_py_sha256="d" * 64)
+    nonce = rig.nonce()
+    outcome = await rig.engine.attest(rig.challenge(rig.mint(nonce, other), nonce,
+                                                    measurements=other))
+    assert outcome.reason == "measurement_mismatch:agent_py_sha256"
+    # measurements that were not the ones quoted are caught by the binding
+    outcome = await rig.engine.attest(rig.challenge(rig.mint(nonce), nonce, measurements=other))
+    assert outcome.reason == "measurements_binding_mismatch"
+
+
+async def test_unsealed_refused_on_forge_accepted_on_sandbox(rig: Rig) -> None:
+    nonce = rig.nonce()
+    minted = rig.mint(nonce, UNSEALED)
+    forge = await rig.engine.attest(rig.challenge(minted, nonce, measurements=UNSEALED))
+    assert forge.reason == "sealed_required"
+    sandbox = await rig.engine.attest(rig.challenge(minted, nonce, network="sandbox-1",
+                                                    measurements=UNSEALED))
+    assert sandbox.accepted and sandbox.measurements == UNSEALED
+
+
+async def test_revoked_pck_is_refused(rig: Rig) -> None:
+    nonce = rig.nonce()
+    minted = rig.mint(nonce, revoke_pck=True)
+    rig.pccs.set_collateral(minted.collateral_json)  # the PCK CRL now lists this leaf
+    outcome = await rig.engine.attest(rig.challenge(minted, nonce))
+    assert outcome.reason == "pck_revoked"
+
+
+async def test_expired_collateral_is_never_used(rig: Rig) -> None:
+    nonce = rig.nonce()
+    minted = rig.mint(nonce)
+    assert (await rig.engine.attest(rig.challenge(minted, nonce))).accepted
+    rig.clock.advance(31 * 86400)  # past every nextUpdate; the PCCS still serves the old one
+    outcome = await rig.engine.attest(rig.challenge(minted, nonce))
+    assert (outcome.accepted, outcome.reason) == (False, "collateral_expired")
+
+
+async def test_pccs_down_with_nothing_cached(rig: Rig) -> None:
+    rig.pccs.up = False
+    nonce = rig.nonce()
+    outcome = await rig.engine.attest(rig.challenge(rig.mint(nonce), nonce))
+    assert outcome.reason == "collateral_unavailable"
+
+
+async def test_malformed_quote_and_measurements(rig: Rig) -> None:
+    nonce = rig.nonce()
+    minted = rig.mint(nonce)
+    bad_quote = Challenge(REPO, TAG, "forge-1", nonce, b"\x04\x00garbage", minted.report_data,
+                          MEAS.as_dict())
+    assert (await rig.engine.attest(bad_quote)).reason == "quote_malformed"
+    bad_meas = replace(rig.challenge(minted, nonce), measurements={"sealed": "yes"})
+    assert (await rig.engine.attest(bad_meas)).reason == \
+        "measurements_invalid:agent_dir_sha256"
+
+
+async def test_allowlist_pinning_other_report_data(rig: Rig) -> None:
+    rig.github.add_release(REPO, "v2", {"agent-attestation-allowlist.json": allowlist_doc(
+        report_data="ff" * 64)})
+    nonce = rig.nonce()
+    outcome = await rig.engine.attest(rig.challenge(rig.mint(nonce), nonce, tag="v2"))
+    assert outcome.reason == "allowlist_report_data_mismatch"
+
+
+async def test_malformed_allowlist(rig: Rig) -> None:
+    rig.github.add_release(REPO, "v3", {"agent-attestation-allowlist.json": b'{"measurements"'})
+    nonce = rig.nonce()
+    outcome = await rig.engine.attest(rig.challenge(rig.mint(nonce), nonce, tag="v3"))
+    assert outcome.reason.startswith("allowlist_malformed")
