@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from eecp import policy
 from eecp.allowlist import Allowlist, AllowlistSource
@@ -139,7 +139,7 @@ class AttestationEngine:
         state["facts"] = facts
         state["measurements"] = measurements = measurements_from_json(challenge.measurements)
         allowlist: Allowlist = await self._allowlists.get(challenge.repo, challenge.release_tag)
-        tee = "tdx" if facts.tee_type == "TDX" else "sgx"
+        tee: Literal["tdx", "sgx"] = "tdx" if facts.tee_type == "TDX" else "sgx"
         parts = await self._collateral.get(facts.fmspc, facts.ca, tee)
         now = self._clock.now()
         state["verified"] = verified = await run_blocking(

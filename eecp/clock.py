@@ -9,7 +9,7 @@ together, so a test that jumps trio time 30 days also moves the wall clock 30 da
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 import trio
@@ -61,12 +61,12 @@ class TrioClock:
 
 def isoformat(ts: float) -> str:
     """Unix seconds as an RFC 3339 UTC string with a ``Z`` suffix, second precision."""
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_isoformat(text: str) -> float:
     """RFC 3339 / ISO 8601 (``Z`` or offset; naive means UTC) to Unix seconds."""
     value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
+        value = value.replace(tzinfo=UTC)
     return value.timestamp()

@@ -64,24 +64,24 @@ class AttestationError(EecpError):
 
 
 class QuoteError(AttestationError):
-    """The quote itself: ``quote_malformed``, ``quote_invalid``, ``tcb_status:<S>``, ``debug_td``,
-    ``tee_type_unsupported``."""
+    """The quote itself: ``quote_malformed``, ``quote_invalid``, ``pck_revoked``,
+    ``tcb_level_unmatched``, ``tcb_status:<S>``, ``debug_td``, ``tee_type_unsupported``."""
 
 
 class CollateralError(AttestationError):
-    """Collateral: ``collateral_unavailable`` (PCCS down, nothing valid cached) or
-    ``collateral_expired``."""
+    """Collateral: ``collateral_unavailable`` (PCCS down, nothing valid cached),
+    ``collateral_expired`` or ``collateral_mismatch`` (FMSPC differs from the quote's)."""
 
     http_status = 503
 
 
 class AllowlistError(AttestationError):
     """Allowlist: ``allowlist_not_found``, ``allowlist_unavailable``,
-    ``allowlist_malformed:<field>``."""
+    ``allowlist_malformed:<field>``, ``allowlist_invalid_ref`` (repo or tag not well-formed)."""
 
 
 class PolicyError(AttestationError):
     """The quote verified but breaks policy: ``report_data_mismatch``, ``nonce_mismatch``,
     ``measurements_binding_mismatch``, ``measurement_mismatch:<key>``,
     ``quote_measurement_mismatch:<register>``, ``sealed_required``,
-    ``allowlist_report_data_mismatch``, ``network_unknown``."""
+    ``allowlist_report_data_mismatch``, ``network_unknown``, ``measurements_invalid:<key>``."""

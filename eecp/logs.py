@@ -33,7 +33,8 @@ class TextFormatter(logging.Formatter):
     """``<ts> <LEVEL> <logger>: <message>``, with tracebacks folded onto the same line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{isoformat(record.created)} {record.levelname} {record.name}: {record.getMessage()}"
+        stamp = isoformat(record.created)
+        line = f"{stamp} {record.levelname} {record.name}: {record.getMessage()}"
         if record.exc_info:
             line += " | " + " | ".join(self.formatException(record.exc_info).splitlines())
         return line

@@ -15,7 +15,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import dcap_qvl
 import httpx
@@ -166,7 +166,7 @@ def obtain_collateral(args: argparse.Namespace, env: dict[str, str], inputs: Inp
             raise InputError("collateral_unreadable",
                              f"{args.collateral}: not dcap-qvl collateral JSON ({exc})") from None
     url = args.pccs or from_env(env).pccs_url
-    tee = "tdx" if inputs.facts.tee_type == "TDX" else "sgx"
+    tee: Literal["tdx", "sgx"] = "tdx" if inputs.facts.tee_type == "TDX" else "sgx"
 
     async def fetch() -> Any:
         async with httpx.AsyncClient(follow_redirects=True) as client:

@@ -64,7 +64,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_health(url: str, proc: subprocess.Popen[str], limit: float = 20.0) -> dict[str, object]:
+def wait_for_health(url: str, proc: subprocess.Popen[str], limit: float = 20.0
+                    ) -> dict[str, object]:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
