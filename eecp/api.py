@@ -1,16 +1,24 @@
 """The control surface: a quart-trio app served by hypercorn on the control port.
 
-Routes so far: ``GET /health``. The tunnel, resolve, admin and proxy routes join here.
+| route | what |
+| --- | --- |
+| ``GET /health`` | liveness, version, whether the store answers |
+| ``GET /v1/tunnel`` | agents' WebSocket tunnel (:mod:`eecp.tunnel`) |
+| ``GET /v1/resolve/{app}``, ``GET /v1/resolve`` | may the app be served (:mod:`eecp.resolve`) |
+| ``GET /v1/apps``, ``GET /v1/apps/{app}`` | admin views, bearer ``EE_ADMIN_TOKEN`` |
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from quart import Response, jsonify
+from quart import Response, jsonify, request, websocket
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 
-from eecp import __version__
+from eecp import __version__, admin
+from eecp.resolve import ResolveAnswer, app_from_host, resolve
+from eecp.tunnel import QuartSocket
 
 if TYPE_CHECKING:
     from eecp.service import Services
@@ -20,12 +28,60 @@ def create_app(services: Services) -> QuartTrio:
     """Build the quart-trio app bound to one process's ``services``."""
     app = QuartTrio("eecp")
     app.config["JSON_SORT_KEYS"] = False
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
 
     @app.get("/health")
     async def health() -> tuple[Response, int]:
         return await health_response(services)
 
+    @app.websocket("/v1/tunnel")
+    async def tunnel() -> None:
+        # the session keeps the object itself, outside quart's context-local lookups
+        ws: Any = websocket._get_current_object()  # type: ignore[attr-defined]
+        await ws.accept()
+        peer = ws.remote_addr or "?"
+        await services.tunnels.serve_session(QuartSocket(ws), peer)
+
+    @app.get("/v1/resolve/<app_name>")
+    async def resolve_named(app_name: str) -> Response:
+        return _render(resolve(services.registry, app_name, services.clock.now()))
+
+    @app.get("/v1/resolve")
+    async def resolve_by_host() -> Response:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        return _render(resolve(services.registry, app_from_host(headers),
+                               services.clock.now()))
+
+    @app.get("/v1/apps")
+    async def list_apps() -> Response | tuple[Response, int]:
+        if not admin.authorized(services.config.admin_token,
+                                request.headers.get("Authorization")):
+            return _unauthorized()
+        return jsonify(admin.list_apps(services.registry, services.clock.now()))
+
+    @app.get("/v1/apps/<app_name>")
+    async def app_detail(app_name: str) -> Response | tuple[Response, int]:
+        name = app_name.lower()
+        if not admin.authorized(services.config.admin_token,
+                                request.headers.get("Authorization")):
+            return _unauthorized()
+        audit = await services.store.recent_audit(name, services.config.audit_entries_shown)
+        doc = admin.app_detail(services.registry, name, services.clock.now(), audit)
+        if doc is None:
+            return jsonify({"error": "unknown_app", "app": name}), 404
+        return jsonify(doc)
+
     return app
+
+
+def _render(answer: ResolveAnswer) -> Response:
+    return Response(answer.body, status=answer.status, headers=Headers(list(answer.headers)))
+
+
+def _unauthorized() -> tuple[Response, int]:
+    response = jsonify({"error": "unauthorized", "reason": "admin_token_required"})
+    response.headers["WWW-Authenticate"] = 'Bearer realm="eecp"'
+    return response, 401
 
 
 async def health_response(services: Services) -> tuple[Response, int]:
@@ -38,6 +94,7 @@ async def health_response(services: Services) -> tuple[Response, int]:
         "store_backend": services.store.describe().split(":", 1)[0],
         "dev_root_ca": services.dev_root_ca,
         "networks": {n.name: "sealed" if n.sealed else "open" for n in services.config.networks},
+        "agents_connected": services.tunnels.connected,
     }
     if services.dev_root_ca:
         body["warning"] = "EE_DCAP_ROOT_CA replaces Intel's root: development only"

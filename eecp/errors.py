@@ -6,6 +6,8 @@ The tree::
     ├── ConfigError                a bad EE_* variable: names it (exit status 2)
     ├── InputError                 unusable operator input (a file that is not a quote, ...)
     ├── StoreError                 the database did not answer or refused
+    ├── ProtocolError              a tunnel message that cannot be accepted (+ WebSocket close code)
+    ├── RegistrationError          a register that cannot be honoured (app_name_taken, ...)
     └── AttestationError           a quote was not accepted (every refusal is one of these)
         ├── QuoteError             unparseable, failed verification, TCB status, debug TD
         ├── CollateralError        PCCS unreachable with nothing valid cached, expired
@@ -55,6 +57,25 @@ class StoreError(EecpError):
     """The store could not complete an operation."""
 
     http_status = 503
+
+
+class ProtocolError(EecpError):
+    """A tunnel message eecp cannot accept: ``message_too_large``, ``invalid_json``,
+    ``not_an_object``, ``unknown_type``, ``invalid_field:<name>``, ``binary_unexpected``,
+    ``unexpected_message``. ``close_code`` is the WebSocket close code to end the session with."""
+
+    http_status = 400
+
+    def __init__(self, reason: str, detail: str = "", close_code: int = 1008) -> None:
+        super().__init__(reason, detail)
+        self.close_code = close_code
+
+
+class RegistrationError(EecpError):
+    """A register eecp will not honour: ``app_name_taken`` (another repo owns the name),
+    ``network_unknown``."""
+
+    http_status = 409
 
 
 class AttestationError(EecpError):

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
 from eecp import __version__
@@ -38,12 +40,14 @@ from eecp.collateral import CollateralCache
 from eecp.config import Config
 from eecp.errors import ConfigError, InputError
 from eecp.quotes import load_root_ca
+from eecp.registry import Registry
 from eecp.store import Store, open_store
+from eecp.tunnel import Tunnels
 
 log = logging.getLogger("eecp.service")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Services:
     """Everything the tasks of one eecp process share. Built by :func:`open_services`."""
 
@@ -56,6 +60,11 @@ class Services:
     allowlists: AllowlistSource
     engine: AttestationEngine
     root_ca_der: bytes | None
+    registry: Registry
+    tunnels: Tunnels = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tunnels = Tunnels(self)
 
     @property
     def dev_root_ca(self) -> bool:
@@ -120,7 +129,10 @@ async def open_services(config: Config, clock: Clock | None = None) -> AsyncIter
             allowed_statuses=config.allowed_tcb_statuses,
             root_ca_der=root,
         )
-        yield Services(config, clock, workers, store, http, collateral, allowlists, engine, root)
+        registry = Registry(config.networks, config.registration_warn_days * 86400)
+        registry.load(await store.list_apps(), await store.list_agents())
+        yield Services(config, clock, workers, store, http, collateral, allowlists, engine, root,
+                       registry)
 
 
 def warn_about(services: Services) -> None:
@@ -178,13 +190,17 @@ async def serve_control(services: Services, shutdown: trio.Event,
                         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                         ) -> None:
     """Hypercorn serving the quart-trio app; graceful stop when ``shutdown`` is set."""
-    cfg = HypercornConfig()
+    cfg = _HypercornConfig(services.config.tunnel_dead_peer_sec)
     cfg.bind = [f"{_bracket(services.config.control_bind)}:{services.config.control_port}"]
     cfg.graceful_timeout = services.config.shutdown_grace_sec
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
-    # Agents keep their tunnels open for days: only pings decide liveness, not idle timers.
+    # Agents keep their tunnels open for days: pings (and TCP_USER_TIMEOUT) decide liveness.
     cfg.keep_alive_timeout = 75
+    cfg.websocket_ping_interval = services.config.tunnel_ping_interval_sec
+    # Twice our own limit, so that a message just over it still reaches the session, which
+    # answers with a reason before closing; anything larger hypercorn closes with 1009 itself.
+    cfg.websocket_max_message_size = 2 * services.config.tunnel_max_message_bytes
     await hypercorn_serve(create_app(services), cfg, shutdown_trigger=shutdown.wait,
                           task_status=task_status)
 
@@ -195,6 +211,25 @@ async def watch_signals(shutdown: trio.Event) -> None:
         async for signum in signals:
             log.info("received %s", signal.Signals(signum).name)
             shutdown.set()
+
+
+class _HypercornConfig(HypercornConfig):
+    """Hypercorn's config, with TCP_USER_TIMEOUT on the listening sockets (inherited by every
+    accepted connection): when a peer vanishes, the pings hypercorn sends stay unacknowledged
+    and the kernel drops the connection after ``dead_peer_sec`` instead of after minutes of
+    retransmissions."""
+
+    def __init__(self, dead_peer_sec: float) -> None:
+        super().__init__()
+        self._dead_peer_ms = int(dead_peer_sec * 1000)
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        for sock in sockets.insecure_sockets:
+            if hasattr(socket, "TCP_USER_TIMEOUT") and sock.family in (socket.AF_INET,
+                                                                       socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self._dead_peer_ms)
+        return sockets
 
 
 def _bracket(host: str) -> str:

@@ -1,0 +1,417 @@
+"""One agent's session: everything that happens while its tunnel is open.
+
+The register message must arrive within the attest deadline. Then the session's own nursery
+runs, as named tasks::
+
+    session nursery
+      ├─ reader          decodes every message; health and answers are routed from here
+      ├─ attestation     challenge on register, then every EE_ATTEST_INTERVAL_SEC (± jitter),
+      │                  and again when the agent re-registers to renew its TTL
+      ├─ health          a deadline pushed forward by each health message; silence → fail
+      └─ ttl             tells the agent when its registration enters its warning window
+
+Whatever decides the agent can no longer be trusted (a refused or late attestation, a protocol
+violation) calls :meth:`AgentSession.end`, which records the close code and cancels the
+nursery: nothing outlives the session. The socket is closed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from eecp import protocol
+from eecp.attestation import Challenge, Outcome
+from eecp.clock import isoformat
+from eecp.errors import EecpError, ProtocolError, RegistrationError
+from eecp.protocol import AttestResponse, Health, Register, Status
+from eecp.records import AgentRecord, AuditEntry
+from eecp.registration import check_claim, registration_state, renew
+from eecp.registry import AgentView
+
+if TYPE_CHECKING:
+    from eecp.service import Services
+
+log = logging.getLogger("eecp.session")
+
+#: how long cleanup (closing the socket, persisting last_seen) may take once a session ends
+CLEANUP_GRACE_SEC = 5.0
+
+
+class TunnelSocket(Protocol):
+    """The WebSocket as a session sees it (quart's websocket in production)."""
+
+    async def receive(self) -> str | bytes: ...
+
+    async def send(self, data: str | bytes) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass
+class Ending:
+    """Why a session ended: the close code and the stable reason sent with it."""
+
+    code: int
+    reason: str
+
+
+class AgentSession:
+    """Runs one agent's tunnel from its first message to its close."""
+
+    def __init__(self, services: Services, socket: TunnelSocket, peer: str,
+                 on_registered: Callable[[AgentSession], Awaitable[None]] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.services = services
+        self.socket = socket
+        self.peer = peer
+        self.register: Register | None = None
+        self.agent: AgentView | None = None
+        self.ending: Ending | None = None
+        self._on_registered = on_registered
+        self._rng = rng or random.Random()
+        self._send_lock = trio.Lock()
+        self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._pending_nonce: bytes | None = None
+        self._answers_tx, self._answers_rx = trio.open_memory_channel[AttestResponse](1)
+        self._renew_tx, self._renew_rx = trio.open_memory_channel[Register](1)
+        self._health_scope: trio.CancelScope | None = None
+        self._health_heard = trio.Event()
+        self._renewed = trio.Event()
+        self._ttl_started = False
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the session until the socket closes or the agent is no longer trusted."""
+        try:
+            with trio.CancelScope() as self._scope:
+                register = await self._await_register()
+                if register is not None:
+                    await self._serve(register)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_GRACE_SEC):
+                await self._cleanup()
+
+    def end(self, code: int, reason: str) -> None:
+        """End the session (first caller wins): record why and cancel everything it runs."""
+        if self.ending is None:
+            self.ending = Ending(code, reason)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _await_register(self) -> Register | None:
+        deadline = self.services.config.attest_deadline_sec
+        with trio.move_on_after(deadline):
+            while True:
+                message = await self._receive()
+                if message is None:
+                    continue
+                if isinstance(message, Register):
+                    return message
+                await self._refuse(ProtocolError("register_expected",
+                                                 "the first message must be register",
+                                                 protocol.CLOSE_PROTOCOL_ERROR))
+                return None
+        await self._refuse(ProtocolError("register_timeout", "no register within the deadline",
+                                         protocol.CLOSE_REGISTER_TIMEOUT))
+        return None
+
+    async def _serve(self, register: Register) -> None:
+        registry = self.services.registry
+        try:
+            self._check_register(register)
+        except RegistrationError as exc:
+            await self._refuse(exc, protocol.CLOSE_REGISTRATION_REFUSED)
+            return
+        self.register = register
+        now = self.services.clock.now()
+        known = next((a for a in await self.services.store.list_agents(register.app_name)
+                      if a.agent_id == register.agent_id), None)
+        self.agent = AgentView(AgentRecord(
+            agent_id=register.agent_id, app_name=register.app_name, repo=register.repo,
+            release_tag=register.release_tag, network=register.network,
+            first_seen=known.first_seen if known else now, last_seen=now), connected=True)
+        if registry.app(register.app_name) is not None:
+            registry.attach(self.agent)
+        log.info("agent %s connected from %s for app %s (%s@%s, %s)", register.agent_id,
+                 self.peer, register.app_name, register.repo, register.release_tag,
+                 register.network)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._reader, name=f"reader:{register.agent_id}")
+            nursery.start_soon(self._attestation_loop, register,
+                               name=f"attestation:{register.agent_id}")
+            nursery.start_soon(self._health_watchdog, name=f"health:{register.agent_id}")
+            if self._on_registered is not None:
+                await self._on_registered(self)
+
+    def _check_register(self, register: Register) -> None:
+        if self.services.registry.network(register.network) is None:
+            raise RegistrationError("network_unknown",
+                                    f"network {register.network!r} is not served here")
+        check_claim(self.services.registry.app(register.app_name), register,
+                    self.services.clock.now())
+
+    async def _cleanup(self) -> None:
+        agent = self.agent
+        if agent is not None:
+            self.services.registry.detach(agent)
+            record = self.services.registry.update_agent(agent,
+                                                         last_seen=self.services.clock.now())
+            try:
+                await self.services.store.save_agent(record)
+            except EecpError as exc:
+                log.warning("could not record last_seen of %s: %s", agent.agent_id, exc)
+        ending = self.ending or Ending(protocol.CLOSE_NORMAL, "closed")
+        try:
+            await self.socket.close(ending.code, ending.reason)
+        except Exception as exc:  # the peer may be gone already; nothing left to tell it
+            log.debug("close failed: %r", exc)
+        who = agent.agent_id if agent else self.peer
+        log.info("session %s ended: %s (%d)", who, ending.reason, ending.code)
+
+    # ---- messages -------------------------------------------------------------------------
+
+    async def _receive(self) -> protocol.AgentMessage | None:
+        """The next valid message; ``None`` after a non-fatal problem was reported."""
+        data = await self.socket.receive()
+        try:
+            return protocol.decode_agent_message(
+                data, max_bytes=self.services.config.tunnel_max_message_bytes)
+        except ProtocolError as exc:
+            if exc.reason == "unknown_type":
+                # newer agents may speak messages we do not know yet: say so and carry on
+                await self.send_status("warning", exc.reason)
+                return None
+            await self._refuse(exc)
+            return None
+
+    async def _reader(self) -> None:
+        while True:
+            message = await self._receive()
+            if isinstance(message, AttestResponse):
+                await self._on_answer(message)
+            elif isinstance(message, Health):
+                await self._on_health(message)
+            elif isinstance(message, Register):
+                await self._on_register_again(message)
+
+    async def _on_answer(self, answer: AttestResponse) -> None:
+        if self._pending_nonce is None:
+            await self.send_status("warning", "unexpected_message")
+            return
+        try:
+            self._answers_tx.send_nowait(answer)
+        except trio.WouldBlock:
+            await self.send_status("warning", "unexpected_message")
+
+    async def _on_register_again(self, register: Register) -> None:
+        current = self.register
+        assert current is not None
+        if (register.agent_id, register.app_name, register.repo) != (
+                current.agent_id, current.app_name, current.repo):
+            await self._refuse(ProtocolError(
+                "register_mismatch", "a tunnel serves one agent, app and repo",
+                protocol.CLOSE_PROTOCOL_ERROR))
+            return
+        with contextlib.suppress(trio.WouldBlock):  # a renewal is already queued
+            self._renew_tx.send_nowait(register)
+
+    async def send_status(self, state: str, reason: str, **extra: object) -> None:
+        """Tell the agent about a decision."""
+        await self.send(Status(state, reason, extra).encode())  # type: ignore[arg-type]
+
+    async def send(self, data: str | bytes) -> None:
+        """Send one message; concurrent senders take turns."""
+        async with self._send_lock:
+            await self.socket.send(data)
+
+    async def _refuse(self, error: EecpError, code: int | None = None) -> None:
+        close = code if code is not None else getattr(error, "close_code",
+                                                      protocol.CLOSE_POLICY)
+        log.info("refusing %s: %s", self.peer, error)
+        try:
+            await self.send_status("invalid", error.reason)
+        finally:
+            self.end(close, error.reason)
+
+    # ---- attestation ----------------------------------------------------------------------
+
+    async def _attestation_loop(self, register: Register) -> None:
+        trigger = "register"
+        while True:
+            if not await self._challenge(register, trigger):
+                return
+            if trigger == "register" and not self._ttl_started:
+                self._ttl_started = True
+                assert self._nursery is not None
+                self._nursery.start_soon(self._ttl_watcher, name=f"ttl:{register.agent_id}")
+            trigger = "periodic"
+            with trio.move_on_after(self._next_interval()):
+                register = await self._renew_rx.receive()
+                trigger = "register"
+
+    def _next_interval(self) -> float:
+        """The attestation interval less up to 10 % (at most 5 min), so agents that all
+        connected at one restart spread out instead of attesting in the same second."""
+        interval = self.services.config.attest_interval_sec
+        return interval - self._rng.uniform(0, min(0.1 * interval, 300.0))
+
+    async def _challenge(self, register: Register, trigger: str) -> bool:
+        """One challenge/answer/verdict round; False when the session must end."""
+        deadline = self.services.config.attest_deadline_sec
+        nonce = secrets.token_bytes(32)
+        while True:  # drop an answer that arrived late for an earlier challenge
+            try:
+                self._answers_rx.receive_nowait()
+            except trio.WouldBlock:
+                break
+        self._pending_nonce = nonce
+        await self.send(protocol.AttestRequest(nonce, max(1, math.ceil(deadline)),
+                                               trigger).encode())  # type: ignore[arg-type]
+        answer: AttestResponse | None = None
+        with trio.move_on_after(deadline):
+            answer = await self._answers_rx.receive()
+        self._pending_nonce = None
+        if answer is None:
+            await self._audit_timeout(register, trigger)
+            await self._refuse(ProtocolError("attestation_timeout", "no answer in time",
+                                             protocol.CLOSE_ATTESTATION_TIMEOUT))
+            return False
+        challenge = Challenge(repo=register.repo, release_tag=register.release_tag,
+                              network=register.network, nonce=nonce, quote=answer.quote,
+                              claimed_report_data=answer.report_data,
+                              measurements=answer.measurements)
+        outcome = await self.services.engine.attest(challenge)
+        await self.services.store.append_audit(outcome.audit_entry(
+            challenge=challenge, app_name=register.app_name, agent_id=register.agent_id,
+            trigger=trigger))
+        if not outcome.accepted:
+            await self._record_refusal(outcome)
+            await self._refuse(ProtocolError(outcome.reason, outcome.verdict.detail,
+                                              protocol.CLOSE_ATTESTATION_REFUSED))
+            return False
+        return await self._record_acceptance(register, outcome, trigger)
+
+    async def _audit_timeout(self, register: Register, trigger: str) -> None:
+        await self.services.store.append_audit(AuditEntry(
+            at=self.services.clock.now(), app_name=register.app_name,
+            agent_id=register.agent_id, repo=register.repo, release_tag=register.release_tag,
+            network=register.network, trigger=trigger, verdict="refused",
+            reason="attestation_timeout"))
+        if self.agent is not None:
+            self.agent.attested = False
+
+    async def _record_refusal(self, outcome: Outcome) -> None:
+        agent = self.agent
+        assert agent is not None
+        agent.attested = False
+        record = self.services.registry.update_agent(
+            agent, last_verdict="refused", last_reason=outcome.reason,
+            last_seen=outcome.at)
+        await self.services.store.save_agent(record)
+
+    async def _record_acceptance(self, register: Register, outcome: Outcome, trigger: str
+                                 ) -> bool:
+        registry = self.services.registry
+        agent = self.agent
+        assert agent is not None
+        now = outcome.at
+        if trigger == "register":
+            try:  # another session may have claimed the name while we verified
+                check_claim(registry.app(register.app_name), register, now)
+            except RegistrationError as exc:
+                await self._refuse(exc, protocol.CLOSE_REGISTRATION_REFUSED)
+                return False
+            app = renew(registry.app(register.app_name), register, now,
+                        self.services.config.registration_ttl_days * 86400)
+            registry.put_app(app)
+            await self.services.store.save_app(app)
+            self.register = register
+            self._renewed.set()
+            self._renewed = trio.Event()
+        record = registry.update_agent(
+            agent, release_tag=register.release_tag, network=register.network,
+            sealed=outcome.measurements.sealed if outcome.measurements else None,
+            last_attested_at=now, last_verdict="accepted", last_reason="attested",
+            last_seen=now)
+        agent.attested = True
+        if registry.apps[register.app_name].agents.get(agent.agent_id) is not agent:
+            registry.attach(agent)
+        await self.services.store.save_agent(record)
+        app_record = registry.app(register.app_name)
+        assert app_record is not None
+        await self.send_status("ok", "attested", trigger=trigger,
+                               expires_at=isoformat(app_record.expires_at))
+        return True
+
+    # ---- health ---------------------------------------------------------------------------
+
+    async def _on_health(self, message: Health) -> None:
+        agent = self.agent
+        if agent is None:
+            return
+        before = agent.health
+        agent.health, agent.health_at = message.status, self.services.clock.now()
+        if self._health_scope is not None:
+            self._health_scope.deadline = (trio.current_time()
+                                           + self.services.config.health_timeout_sec)
+        self._health_heard.set()
+        if before == "fail" and message.status == "pass":
+            await self.send_status("ok", "health_restored")
+        elif before != "fail" and message.status == "fail":
+            await self.send_status("warning", "health_fail")
+
+    async def _health_watchdog(self) -> None:
+        timeout = self.services.config.health_timeout_sec
+        while True:
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+                self._health_scope = scope
+                await trio.sleep_forever()
+            self._health_scope = None
+            if self.agent is not None and self.agent.health != "fail":
+                self.agent.health = "fail"
+                log.info("agent %s silent for %.0fs: health fail", self.agent.agent_id, timeout)
+                await self.send_status("warning", "health_timeout")
+            self._health_heard = trio.Event()
+            await self._health_heard.wait()
+
+    # ---- registration TTL -----------------------------------------------------------------
+
+    async def _ttl_watcher(self) -> None:
+        config = self.services.config
+        warn_sec = config.registration_warn_days * 86400
+        while True:
+            register = self.register
+            assert register is not None
+            app = self.services.registry.app(register.app_name)
+            assert app is not None
+            now = self.services.clock.now()
+            state = registration_state(app.expires_at, now, warn_sec)
+            renewed = self._renewed
+            if state == "active":
+                await _wait(renewed, app.expires_at - warn_sec - now)
+            elif state == "warning":
+                await self.send_status("warning", "ttl_warning",
+                                       expires_at=isoformat(app.expires_at))
+                await _wait(renewed, min(app.expires_at - now, 86400.0))
+            else:
+                await self.send_status("invalid", "registration_expired",
+                                       expires_at=isoformat(app.expires_at))
+                await renewed.wait()
+
+
+async def _wait(event: trio.Event, seconds: float) -> None:
+    """Sleep ``seconds`` or until ``event`` is set, whichever comes first."""
+    with trio.move_on_after(max(seconds, 0.0)):
+        await event.wait()
