@@ -133,7 +133,7 @@ def from_env(env: Mapping[str, str]) -> Config:
         store_workers=r.get("EE_STORE_WORKERS", 4, _positive_int),
         tunnel_max_message_bytes=r.get("EE_TUNNEL_MAX_MESSAGE_BYTES", 1024 * 1024,
                                        _positive_int),
-        tunnel_ping_interval_sec=r.get("EE_TUNNEL_PING_INTERVAL_SEC", 10.0, _positive),
+        tunnel_ping_interval_sec=r.get("EE_TUNNEL_PING_INTERVAL_SEC", 10.0, _non_negative),
         tunnel_dead_peer_sec=r.get("EE_TUNNEL_DEAD_PEER_SEC", 30.0, _positive),
         audit_entries_shown=r.get("EE_ADMIN_AUDIT_ENTRIES", 20, _positive_int),
     )

@@ -197,7 +197,7 @@ async def serve_control(services: Services, shutdown: trio.Event,
     cfg.errorlog = logging.getLogger("hypercorn.error")
     # Agents keep their tunnels open for days: pings (and TCP_USER_TIMEOUT) decide liveness.
     cfg.keep_alive_timeout = 75
-    cfg.websocket_ping_interval = services.config.tunnel_ping_interval_sec
+    cfg.websocket_ping_interval = services.config.tunnel_ping_interval_sec or None  # 0: off
     # Twice our own limit, so that a message just over it still reaches the session, which
     # answers with a reason before closing; anything larger hypercorn closes with 1009 itself.
     cfg.websocket_max_message_size = 2 * services.config.tunnel_max_message_bytes

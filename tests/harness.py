@@ -1,0 +1,267 @@
+"""A whole control plane on loopback for tests, and a scriptable fake agent.
+
+``open_control_plane`` starts ``serve()`` (hypercorn, the real store on SQLite in ``tmp_path``)
+with a stand-in PCCS and a stand-in GitHub on real sockets, under a test PKI. Time is trio's:
+tests run under ``trio.testing.MockClock`` (the ``mock_clock`` fixture) and move it with
+``mock_clock.jump(seconds)``; the control plane's wall clock follows (``TrioClock``).
+
+Real-time safety: with a mock clock ``fail_after`` never fires, so waits here are bounded in
+*real* seconds by :func:`real_deadline`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from eecp.clock import TrioClock
+from eecp.config import Config, from_env
+from eecp.measurements import Measurements, report_data_for
+from eecp.protocol import AttestResponse, Register, encode_attest_response, encode_register
+from eecp.service import Bound, serve
+from tests import quotefactory as qf
+from tests.fake_github import FakeGitHub, open_fake_github
+from tests.fake_pccs import FakePccs, open_fake_pccs
+
+MINTED_AT = 1_790_000_000.0  # when the test PKI's collateral was issued
+START = MINTED_AT + 3600.0  # the control plane's wall clock at trio time 0
+REPO, TAG = "acme/shop", "v1.2.0"
+MEAS = Measurements("a" * 64, "b" * 64, "tag=v1.2.0\nsha256=" + "c" * 64, True)
+ASSET = "agent-attestation-allowlist.json"
+
+
+def allowlist_doc(measurements: Measurements = MEAS, **overrides: Any) -> bytes:
+    """An upstream-format allowlist matching the factory's default MRTD/RTMRs."""
+    doc: dict[str, Any] = {
+        "version": "1.0",
+        "measurements": measurements.as_dict(),
+        "quote_measurements": {"mrtd": qf.DEFAULT_MRTD.hex(),
+                               **{f"rtmr{i}": r.hex() for i, r in enumerate(qf.DEFAULT_RTMRS)}},
+    }
+    doc.update(overrides)
+    return json.dumps(doc).encode()
+
+
+async def _sleep_real(seconds: float) -> None:
+    await trio.to_thread.run_sync(time.sleep, seconds)
+
+
+@asynccontextmanager
+async def real_deadline(seconds: float) -> AsyncIterator[trio.CancelScope]:
+    """Cancel the body after ``seconds`` of real time (mock clocks never fire fail_after)."""
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            async def watchdog() -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    await _sleep_real(0.02)
+                scope.cancel()
+            nursery.start_soon(watchdog)
+            yield scope
+        nursery.cancel_scope.cancel()
+    if scope.cancelled_caught:
+        raise AssertionError(f"not done within {seconds}s of real time")
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait (in real time, never moving the mock clock) until ``condition()`` holds."""
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        await _sleep_real(0.005)
+
+
+@dataclass
+class ControlPlane:
+    """A running eecp and its stand-in upstreams."""
+
+    bound: Bound
+    config: Config
+    pki: qf.TestPki
+    pccs: FakePccs
+    github: FakeGitHub
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return self.bound.control_url
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.bound.control_host}:{self.bound.control_port}/v1/tunnel"
+
+    async def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        # a fresh client per call: mock-clock jumps may outlive pooled connections
+        async with httpx.AsyncClient() as client:
+            return await client.get(self.url + path, **kwargs)
+
+    async def resolve(self, app: str) -> httpx.Response:
+        return await self.get(f"/v1/resolve/{app}")
+
+    async def app(self, name: str) -> dict[str, Any]:
+        response = await self.get(f"/v1/apps/{name}", headers=self.admin_headers)
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        token = self.config.admin_token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def control_plane_env(tmp_path: Path, pki: qf.TestPki, pccs_url: str, github_url: str,
+                      **extra: str) -> dict[str, str]:
+    root = tmp_path / "root.pem"
+    if not root.exists():
+        pki.write_root(root)
+    return {
+        "EE_CONTROL_BIND": "127.0.0.1", "EE_CONTROL_PORT": "0",
+        "EE_DB_PATH": str(tmp_path / "eecp.db"), "EE_DCAP_ROOT_CA": str(root),
+        "EE_PCCS_URL": pccs_url, "EE_GITHUB_API_URL": github_url,
+        "EE_ADMIN_TOKEN": "admin-secret", "EE_TUNNEL_PING_INTERVAL_SEC": "0",
+        **extra,
+    }
+
+
+@asynccontextmanager
+async def open_upstreams(pki: qf.TestPki) -> AsyncIterator[tuple[FakePccs, FakeGitHub]]:
+    """The stand-in PCCS (collateral valid 400 days) and GitHub (REPO@TAG released)."""
+    baseline = qf.mint_tdx_quote(pki, now=MINTED_AT, collateral_days=400)
+    async with open_fake_pccs(baseline.collateral_json) as pccs, open_fake_github() as github:
+        github.add_release(REPO, TAG, {ASSET: allowlist_doc()})
+        yield pccs, github
+
+
+@asynccontextmanager
+async def open_control_plane(env: dict[str, str], pki: qf.TestPki, pccs: FakePccs,
+                             github: FakeGitHub) -> AsyncIterator[ControlPlane]:
+    """Run ``serve()`` with ``env`` until the block ends (then shut it down gracefully)."""
+    config = from_env(env)
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        bound: Bound = await nursery.start(partial(
+            serve, config, clock=TrioClock(START), shutdown=shutdown, handle_signals=False))
+        try:
+            yield ControlPlane(bound, config, pki, pccs, github, env)
+        finally:
+            shutdown.set()
+            clock = trio.lowlevel.current_clock()
+            if isinstance(clock, trio.testing.MockClock):
+                # let the shutdown grace deadlines pass instead of waiting for real time
+                clock.autojump_threshold = 0
+
+
+@dataclass
+class FakeAgent:
+    """A scriptable agent speaking the tunnel protocol through a real WebSocket.
+
+    With ``auto=True`` it answers every challenge with a genuine quote over
+    ``sha256(measurements) || nonce`` (``mint_kwargs`` tweak the quote; ``claimed`` replaces the
+    measurements it reports; ``answer_nonce`` replaces the nonce it binds, e.g. an old one).
+    """
+
+    url: str
+    pki: qf.TestPki
+    app: str = "shop"
+    repo: str = REPO
+    tag: str = TAG
+    network: str = "forge-1"
+    agent_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    measurements: Measurements = MEAS
+    claimed: Measurements | None = None
+    mint_kwargs: dict[str, Any] = field(default_factory=dict)
+    auto: bool = True
+    answer_nonce: bytes | None = None
+    received: list[dict[str, Any]] = field(default_factory=list)
+    closed: tuple[int, str | None] | None = None
+    ws: WebSocketConnection | None = None
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def register_message(self, **extra: Any) -> str:
+        return encode_register(Register(self.repo, self.tag, self.app, self.network,
+                                        self.agent_id), **extra)
+
+    def answer(self, nonce: bytes) -> str:
+        bound = self.answer_nonce if self.answer_nonce is not None else nonce
+        report_data = report_data_for(self.measurements, bound)
+        minted = qf.mint_tdx_quote(self.pki, now=MINTED_AT, report_data=report_data,
+                                   **self.mint_kwargs)
+        return encode_attest_response(AttestResponse(
+            nonce, minted.quote, report_data, (self.claimed or self.measurements).as_dict()))
+
+    async def run(self, *, register: bool = True,
+                  task_status: trio.TaskStatus[FakeAgent] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, register, then receive until the socket closes."""
+        async with open_websocket_url(self.url) as ws:
+            self.ws = ws
+            if register:
+                await ws.send_message(self.register_message(tunnel_version="test"))
+            task_status.started(self)
+            try:
+                while True:
+                    text = await ws.get_message()
+                    message = json.loads(text)
+                    self.received.append(message)
+                    self._notify()
+                    if self.auto and message.get("type") == "attest_request":
+                        await ws.send_message(self.answer(bytes.fromhex(message["nonce"])))
+            except ConnectionClosed as exc:
+                reason = exc.reason
+                self.closed = (reason.code, reason.reason) if reason else (1006, None)
+                self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def send(self, text: str | bytes) -> None:
+        assert self.ws is not None
+        await self.ws.send_message(text)
+
+    async def health(self, status: str = "pass") -> None:
+        await self.send(json.dumps({"type": "health", "status": status}))
+
+    def statuses(self) -> list[tuple[str, str]]:
+        return [(m["state"], m["reason"]) for m in self.received if m.get("type") == "status"]
+
+    def challenges(self) -> list[dict[str, Any]]:
+        return [m for m in self.received if m.get("type") == "attest_request"]
+
+    async def wait_for(self, predicate: Callable[[FakeAgent], bool], seconds: float = 10.0
+                       ) -> None:
+        """Wait (real time) until ``predicate(self)`` holds."""
+        async with real_deadline(seconds):
+            while not predicate(self):
+                await self._changed.wait()
+
+    async def wait_status(self, reason: str, seconds: float = 10.0) -> None:
+        await self.wait_for(lambda a: any(r == reason for _, r in a.statuses()), seconds)
+
+    async def wait_closed(self, seconds: float = 10.0) -> tuple[int, str | None]:
+        await self.wait_for(lambda a: a.closed is not None, seconds)
+        assert self.closed is not None
+        return self.closed
+
+
+@asynccontextmanager
+async def running_agent(agent: FakeAgent, **kwargs: Any) -> AsyncIterator[FakeAgent]:
+    """Run ``agent`` in the background for the block; disconnect it at the end."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(agent.run, **kwargs))
+        try:
+            yield agent
+        finally:
+            nursery.cancel_scope.cancel()
