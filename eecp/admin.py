@@ -47,7 +47,9 @@ def agent_doc(agent: AgentView) -> dict[str, Any]:
     return {
         "agent_id": r.agent_id, "repo": r.repo, "release_tag": r.release_tag,
         "network": r.network, "connected": agent.connected, "attested": agent.attested,
-        "health": agent.health, "sealed": r.sealed, "in_flight": agent.in_flight,
+        "health": agent.health,
+        "health_at": isoformat(agent.health_at) if agent.health_at else None,
+        "sealed": r.sealed, "in_flight": agent.in_flight,
         "first_seen": isoformat(r.first_seen), "last_seen": isoformat(r.last_seen),
         "last_attested_at": isoformat(r.last_attested_at) if r.last_attested_at else None,
         "last_verdict": r.last_verdict, "last_reason": r.last_reason,

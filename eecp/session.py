@@ -277,10 +277,11 @@ class AgentSession:
             except trio.WouldBlock:
                 break
         self._pending_nonce = nonce
-        await self.send(protocol.AttestRequest(nonce, max(1, math.ceil(deadline)),
-                                               trigger).encode())  # type: ignore[arg-type]
         answer: AttestResponse | None = None
+        # the agent's time starts when the challenge leaves, not when our send returns
         with trio.move_on_after(deadline):
+            await self.send(protocol.AttestRequest(nonce, max(1, math.ceil(deadline)),
+                                                   trigger).encode())  # type: ignore[arg-type]
             answer = await self._answers_rx.receive()
         self._pending_nonce = None
         if answer is None:

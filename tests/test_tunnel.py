@@ -3,22 +3,28 @@ time driven by trio's MockClock."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from trio.testing import MockClock
 
+from eecp.clock import isoformat
 from tests import quotefactory as qf
 from tests.harness import (
     MEAS,
+    START,
     ControlPlane,
     FakeAgent,
+    allowlist_doc,
     control_plane_env,
     open_control_plane,
     open_upstreams,
+    real_deadline,
     running_agent,
 )
 
@@ -41,6 +47,9 @@ def pki() -> qf.TestPki:
 @pytest.fixture
 async def world(tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
                 request: pytest.FixtureRequest) -> AsyncIterator[World]:
+    # pytest-trio runs a test under the clock the *test* requests: every test here asks for
+    # ``mock_clock``, and this makes sure none forgets
+    assert trio.lowlevel.current_clock() is mock_clock, "request mock_clock in the test"
     extra = getattr(request, "param", {})
     async with open_upstreams(pki) as (pccs, github):
         env = control_plane_env(tmp_path, pki, pccs.url, github.url, **extra)
@@ -48,7 +57,8 @@ async def world(tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
             yield World(cp, mock_clock, pki)
 
 
-async def test_agent_registers_is_attested_and_resolves(world: World) -> None:
+async def test_agent_registers_is_attested_and_resolves(
+        mock_clock: MockClock, world: World) -> None:
     async with running_agent(world.agent()) as agent:
         await agent.wait_status("attested")
         assert agent.challenges()[0]["reason"] == "register"
@@ -72,5 +82,302 @@ async def test_agent_registers_is_attested_and_resolves(world: World) -> None:
         assert detail["audit"][0]["rtmrs"][2] == qf.DEFAULT_RTMRS[2].hex()
         assert detail["agents"][0]["agent_id"] == agent.agent_id
     # the tunnel is gone: the app is no longer served
+    body = await resolve_until(world, "shop", lambda b: b["agents"] == 0)
+    assert body["allowed"] is False and body["reason"] == "not_connected"
+
+
+async def jump_until_closed(world: World, agent: FakeAgent, step: float) -> None:
+    """Move the clock by ``step`` until the agent's socket closes (the server may not have
+    armed its deadline yet when the first jump happens)."""
+    async with real_deadline(10):
+        while agent.closed is None:
+            world.clock.jump(step)
+            await trio.to_thread.run_sync(time.sleep, 0.02)
+
+
+async def health_seen(world: World, app: str, at: float) -> None:
+    """Wait until the server has processed a health message sent at ``at``."""
+    async with real_deadline(10):
+        while not any(a["health_at"] == isoformat(at)
+                      for a in (await world.cp.app(app))["agents"]):
+            await trio.to_thread.run_sync(time.sleep, 0.005)
+
+
+async def resolve_until(world: World, app: str, predicate: Callable[[dict[str, Any]], bool]
+                        ) -> dict[str, Any]:
+    """Resolve ``app`` until ``predicate(body)`` holds (the server notices closes async)."""
+    body: dict[str, Any] = {}
+
+    async def check() -> bool:
+        nonlocal body
+        body = (await world.cp.resolve(app)).json()
+        return predicate(body)
+
+    async with real_deadline(10):
+        while not await check():
+            await trio.to_thread.run_sync(time.sleep, 0.01)
+    return body
+
+
+@pytest.mark.parametrize(("kwargs", "reason"), [
+    ({"answer_nonce": bytes(32)}, "nonce_mismatch"),
+    ({"mint_kwargs": {"rtmrs": (qf.DEFAULT_RTMRS[0], bytes(48), *qf.DEFAULT_RTMRS[2:])}},
+     "quote_measurement_mismatch:rtmr1"),
+    ({"measurements": replace(MEAS, agent_py_sha256="d" * 64)},
+     "measurement_mismatch:agent_py_sha256"),
+    ({"claimed": replace(MEAS, agent_py_sha256="d" * 64)}, "measurements_binding_mismatch"),
+    ({"measurements": replace(MEAS, sealed=False)}, "sealed_required"),
+    ({"mint_kwargs": {"pcesvn": qf.OUTDATED_PCESVN}}, "tcb_status:OutOfDate"),
+    ({"mint_kwargs": {"td_attributes": qf.SEPT_VE_DISABLE_BIT | qf.DEBUG_BIT}}, "debug_td"),
+    ({"tag": "v9.9.9"}, "allowlist_not_found"),
+])
+async def test_refused_attestations_close_with_their_reason(
+        mock_clock: MockClock, world: World, kwargs: dict[str, object], reason: str) -> None:
+    async with running_agent(world.agent()) as good:
+        await good.wait_status("attested")
+        async with running_agent(world.agent(**kwargs)) as bad:
+            code, close_reason = await bad.wait_closed()
+            assert (code, close_reason) == (4003, reason)
+            assert bad.statuses()[-1] == ("invalid", reason)
+        # the other agent is undisturbed and the app still served by it
+        assert good.closed is None
+        assert (await world.cp.resolve("shop")).status_code == 200
+        audit = (await world.cp.app("shop"))["audit"]
+        assert [(e["verdict"], e["reason"]) for e in audit[:2]] == [
+            ("refused", reason), ("accepted", "attested")]
+
+
+async def test_refused_first_agent_leaves_app_unknown(mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent(answer_nonce=bytes(32))) as bad:
+        assert await bad.wait_closed() == (4003, "nonce_mismatch")
     response = await world.cp.resolve("shop")
-    assert response.status_code == 403 and response.json()["reason"] == "not_connected"
+    assert response.status_code == 403 and response.json()["reason"] == "unknown_app"
+
+
+async def test_unsealed_accepted_on_sandbox(mock_clock: MockClock, world: World) -> None:
+    unsealed = replace(MEAS, sealed=False)
+    async with running_agent(world.agent(app="lab", network="sandbox-1",
+                                         measurements=unsealed)) as agent:
+        await agent.wait_status("attested")
+        body = (await world.cp.resolve("lab")).json()
+        assert body["allowed"] is True and body["sealed"] is False
+        assert body["network"] == "sandbox-1"
+
+
+async def test_app_name_owned_by_another_repo(mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent()) as owner:
+        await owner.wait_status("attested")
+        async with running_agent(world.agent(repo="evil/shop")) as thief:
+            assert await thief.wait_closed() == (4004, "app_name_taken")
+            assert thief.challenges() == []  # refused before any challenge
+        async with running_agent(world.agent(network="sandbox-1")) as mover:
+            assert await mover.wait_closed() == (4004, "network_mismatch")
+    assert (await world.cp.app("shop"))["repo"] == "acme/shop"
+
+
+async def test_newer_tag_of_same_repo_takes_over(mock_clock: MockClock, world: World) -> None:
+    world.cp.github.add_release("acme/shop", "v1.3.0", {
+        "agent-attestation-allowlist.json": allowlist_doc()})
+    async with running_agent(world.agent()) as old:
+        await old.wait_status("attested")
+        async with running_agent(world.agent(tag="v1.3.0")) as new:
+            await new.wait_status("attested")
+            body = (await world.cp.resolve("shop")).json()
+            assert body["release_tag"] == "v1.3.0" and body["allowed"] is True
+            detail = await world.cp.app("shop")
+            assert {a["release_tag"] for a in detail["agents"]} == {"v1.2.0", "v1.3.0"}
+        # only the old tag's agent is left: it no longer serves the app
+        body = await resolve_until(world, "shop", lambda b: b["agents"] == 0)
+        assert body["allowed"] is False and body["release_tag"] == "v1.3.0"
+        assert old.closed is None
+
+
+async def test_late_answer_fails_the_attestation(mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent(auto=False)) as agent:
+        await agent.wait_for(lambda a: len(a.challenges()) == 1)
+        world.clock.jump(29)
+        await agent.health()
+        assert agent.closed is None
+        await jump_until_closed(world, agent, 2)
+        assert agent.closed == (4002, "attestation_timeout")
+        assert ("invalid", "attestation_timeout") in agent.statuses()
+    audit = await world.cp.get("/v1/apps/shop", headers=world.cp.admin_headers)
+    assert audit.status_code == 404  # never registered: nothing to show
+
+
+async def test_register_must_arrive_in_time(mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent(), register=False) as agent:
+        await jump_until_closed(world, agent, 31)
+        assert agent.closed == (4001, "register_timeout")
+
+
+@pytest.mark.parametrize(("payload", "status", "close"), [
+    ("{not json", "invalid_json", 1007),
+    ("[1, 2]", "not_an_object", 1007),
+    ('{"type":"health","status":"meh"}', "invalid_field:status", 4005),
+    ("x" * (1024 * 1024 + 10), "message_too_large", 1009),
+    (b"\x00\x01binary", "binary_unexpected", 1007),
+])
+async def test_malformed_messages_end_only_that_session(
+        mock_clock: MockClock, world: World, payload: str | bytes, status: str, close: int
+) -> None:
+    async with running_agent(world.agent()) as good:
+        await good.wait_status("attested")
+        async with running_agent(world.agent(app="other")) as bad:
+            await bad.wait_status("attested")
+            await bad.send(payload)
+            assert await bad.wait_closed() == (close, status)
+            assert bad.statuses()[-1] == ("invalid", status)
+        assert good.closed is None
+        await good.health()
+        assert (await world.cp.resolve("shop")).status_code == 200
+
+
+async def test_bad_register_fields(mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent(agent_id="not-a-uuid")) as agent:
+        assert await agent.wait_closed() == (4005, "invalid_field:agent_id")
+    async with running_agent(world.agent(repo="no-slash")) as agent:
+        assert await agent.wait_closed() == (4005, "invalid_field:repo")
+    async with running_agent(world.agent(app="Not_A_Label")) as agent:
+        assert await agent.wait_closed() == (4005, "invalid_field:app_name")
+    async with running_agent(world.agent(network="moon-1")) as agent:
+        assert await agent.wait_closed() == (4004, "network_unknown")
+
+
+async def test_unknown_message_type_is_answered_not_fatal(
+        mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent()) as agent:
+        await agent.wait_status("attested")
+        await agent.send('{"type":"telemetry","cpu":3}')
+        await agent.wait_status("unknown_type")
+        assert agent.closed is None
+        assert (await world.cp.resolve("shop")).status_code == 200
+
+
+async def test_periodic_attestation_and_its_failure(mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent()) as agent:
+        await agent.wait_status("attested")
+        world.clock.jump(3600)
+        await agent.wait_for(lambda a: len(a.challenges()) == 2)
+        assert agent.challenges()[1]["reason"] == "periodic"
+        await agent.wait_for(lambda a: a.statuses().count(("ok", "attested")) == 2)
+        await agent.health()
+        assert (await world.cp.resolve("shop")).status_code == 200
+        # the node changes under us: the next periodic challenge fails
+        agent.mint_kwargs = {"rtmrs": (*qf.DEFAULT_RTMRS[:3], b"\x09" * 48)}
+        world.clock.jump(3600)
+        assert await agent.wait_closed() == (4003, "quote_measurement_mismatch:rtmr3")
+    response = await world.cp.resolve("shop")
+    assert response.status_code == 403
+    audit = (await world.cp.app("shop"))["audit"]
+    assert [(e["trigger"], e["reason"]) for e in audit] == [
+        ("periodic", "quote_measurement_mismatch:rtmr3"), ("periodic", "attested"),
+        ("register", "attested")]
+
+
+async def test_health_silence_and_recovery(mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent()) as agent:
+        await agent.wait_status("attested")
+        await agent.health()
+        world.clock.jump(100)
+        await agent.health()  # pushes the deadline forward
+        await health_seen(world, "shop", START + 100)
+        world.clock.jump(100)
+        assert (await world.cp.resolve("shop")).status_code == 200
+        world.clock.jump(30)
+        await agent.wait_status("health_timeout")
+        response = await world.cp.resolve("shop")
+        assert (response.status_code, response.json()["reason"]) == (403, "health_fail")
+        await agent.health()
+        await agent.wait_status("health_restored")
+        assert (await world.cp.resolve("shop")).status_code == 200
+        await agent.health("fail")
+        await agent.wait_status("health_fail")
+        assert (await world.cp.resolve("shop")).json()["reason"] == "health_fail"
+
+
+LONG_HEALTH = {"EE_HEALTH_TIMEOUT_SEC": str(400 * 86400)}
+
+
+@pytest.mark.parametrize("world", [LONG_HEALTH], indirect=True)
+async def test_registration_ttl_warning_and_expiry(mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent()) as agent:
+        await agent.wait_status("attested")
+        world.clock.jump(27 * 86400)
+        await agent.wait_status("ttl_warning")
+        body = (await world.cp.resolve("shop")).json()
+        assert body["allowed"] is True and body["registration_state"] == "warning"
+        world.clock.jump(3 * 86400)
+        await agent.wait_status("registration_expired")
+        response = await world.cp.resolve("shop")
+        assert response.status_code == 403
+        assert response.json()["reason"] == "registration_expired"
+        assert response.headers["x-ee-registration-state"] == "expired"
+        # registering again renews it for another 30 days
+        await agent.send(agent.register_message())
+        await agent.wait_for(lambda a: sum(
+            m.get("reason") == "attested" and m.get("trigger") == "register"
+            for m in a.received) == 2)
+        body = (await world.cp.resolve("shop")).json()
+        assert body["allowed"] is True and body["registration_state"] == "active"
+
+
+@pytest.mark.parametrize("world", [LONG_HEALTH], indirect=True)
+async def test_periodic_attestation_does_not_extend_ttl(
+        mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent()) as agent:
+        await agent.wait_status("attested")
+        expires = (await world.cp.resolve("shop")).json()["expires_at"]
+        for round_ in (2, 3):
+            world.clock.jump(3600)
+            await agent.wait_for(lambda a, n=round_: a.statuses().count(("ok", "attested")) == n)
+        assert (await world.cp.resolve("shop")).json()["expires_at"] == expires
+
+
+async def test_several_agents_serve_one_app(mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent()) as first:
+        await first.wait_status("attested")
+        async with running_agent(world.agent()) as second:
+            await second.wait_status("attested")
+            assert (await world.cp.resolve("shop")).json()["agents"] == 2
+        body = await resolve_until(world, "shop", lambda b: b["agents"] == 1)
+        assert body["allowed"] is True
+    body = await resolve_until(world, "shop", lambda b: b["agents"] == 0)
+    assert body["reason"] == "not_connected"
+
+
+async def test_reconnect_supersedes_the_old_session(mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent()) as first:
+        await first.wait_status("attested")
+        async with running_agent(world.agent(agent_id=first.agent_id)) as second:
+            await second.wait_status("attested")
+            assert await first.wait_closed() == (4009, "superseded")
+            assert (await world.cp.resolve("shop")).status_code == 200
+
+
+async def test_resolve_by_forwarded_host_and_unknown_apps(
+        mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent()) as agent:
+        await agent.wait_status("attested")
+        for header in ("X-Original-Host", "X-Forwarded-Host", "Host"):
+            response = await world.cp.get("/v1/resolve",
+                                          headers={header: "shop.app.example.com:443"})
+            assert response.status_code == 200, header
+    for path in ("/v1/resolve/nosuchapp", "/v1/resolve/Bad_Name!", "/v1/resolve"):
+        response = await world.cp.get(path)
+        assert response.status_code == 403, path
+        assert response.json() == {"allowed": False, "reason": "unknown_app",
+                                   "app": response.json()["app"]}
+        assert response.headers["x-ee-allowed"] == "false"
+        assert response.headers["x-ee-reason"] == "unknown_app"
+
+
+async def test_admin_requires_the_token(mock_clock: MockClock, world: World) -> None:
+    assert (await world.cp.get("/v1/apps")).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert (await world.cp.get("/v1/apps", headers=wrong)).status_code == 401
+    assert (await world.cp.get("/v1/apps/shop", headers=wrong)).status_code == 401
+    response = await world.cp.get("/v1/apps", headers=world.cp.admin_headers)
+    assert response.status_code == 200 and response.json() == {"apps": [], "count": 0}
+    assert (await world.cp.get("/v1/apps/shop", headers=world.cp.admin_headers)).status_code \
+        == 404
