@@ -100,7 +100,7 @@ async def open_services(config: Config, clock: Clock | None = None) -> AsyncIter
     clock = clock or SystemClock()
     root = root_ca_from_config(config)
     workers = Workers(store=config.store_workers, verify=config.verify_workers)
-    async with open_store(config, workers) as store, httpx.AsyncClient(
+    async with open_store(config, workers, clock) as store, httpx.AsyncClient(
         headers={"User-Agent": f"eecp/{__version__}"}, follow_redirects=True
     ) as http:
         collateral = CollateralCache(
@@ -111,15 +111,7 @@ async def open_services(config: Config, clock: Clock | None = None) -> AsyncIter
             refresh_margin_sec=config.collateral_refresh_margin_sec,
             fetch_timeout_sec=config.pccs_timeout_sec,
         )
-        allowlists = AllowlistSource(
-            client=http,
-            clock=clock,
-            github_api_url=config.github_api_url,
-            asset_name=config.allowlist_asset,
-            token=config.github_token,
-            local_dir=config.allowlist_dir,
-            cache_ttl_sec=config.allowlist_cache_ttl_sec,
-        )
+        allowlists = AllowlistSource.from_config(config, http, clock)
         engine = AttestationEngine(
             collateral=collateral,
             allowlists=allowlists,
