@@ -232,7 +232,7 @@ def decode_server_message(data: str) -> AttestRequest | Status:
     """Decode what eecp sends (our agent's side); ``ProtocolError`` for anything else."""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ProtocolError("invalid_json", "message is not JSON", CLOSE_INVALID_PAYLOAD) from None
     if not isinstance(doc, dict):
         raise ProtocolError("not_an_object", "message is not a JSON object",
