@@ -162,6 +162,7 @@ async def serve(
             await shutdown.wait()
             log.info("shutting down (grace %.1fs)", config.shutdown_grace_sec)
             background.cancel()
+            services.tunnels.end_all("server_shutdown")
             root.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_sec + 1
     log.info("stopped")
 

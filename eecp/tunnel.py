@@ -42,6 +42,7 @@ class Tunnels:
     def __init__(self, services: Services) -> None:
         self._services = services
         self.sessions: dict[str, AgentSession] = {}
+        self._live: set[AgentSession] = set()  # registered or not
 
     @property
     def connected(self) -> int:
@@ -51,12 +52,19 @@ class Tunnels:
     async def serve_session(self, socket: QuartSocket, peer: str) -> None:
         """Run one agent's session to its end (the caller owns the WebSocket)."""
         session = AgentSession(self._services, socket, peer, on_registered=self._registered)
+        self._live.add(session)
         try:
             await session.run()
         finally:
+            self._live.discard(session)
             register = session.register
             if register is not None and self.sessions.get(register.agent_id) is session:
                 del self.sessions[register.agent_id]
+
+    def end_all(self, reason: str) -> None:
+        """Close every session with 1001 (going away): agents reconnect to the next eecp."""
+        for session in list(self._live):
+            session.end(protocol.CLOSE_GOING_AWAY, reason)
 
     async def _registered(self, session: AgentSession) -> None:
         assert session.register is not None
