@@ -76,11 +76,19 @@ class Config:
     log_level: str = "INFO"
     shutdown_grace_sec: float = 5.0
     verify_workers: int = 2
-    store_workers: int = 4
+    store_workers: int = 0  # 0: automatic (1 for SQLite, which has one writer; 4 for PostgreSQL)
     tunnel_max_message_bytes: int = 1024 * 1024
     tunnel_ping_interval_sec: float = 10.0
-    tunnel_dead_peer_sec: float = 30.0
+    tunnel_dead_peer_sec: float = 20.0
     audit_entries_shown: int = 20
+
+    @property
+    def store_threads(self) -> int:
+        """Worker threads for the store: more than one only helps a server database (a SQLite
+        file has one writer at a time; extra threads just contend for the GIL)."""
+        if self.store_workers:
+            return self.store_workers
+        return 4 if self.db_url and self.db_url.startswith("postgres") else 1
 
     def network(self, name: str) -> Network | None:
         """The configured network called ``name``, or None."""
@@ -130,11 +138,11 @@ def from_env(env: Mapping[str, str]) -> Config:
         log_level=r.get("EE_LOG_LEVEL", "INFO", _log_level),
         shutdown_grace_sec=r.get("EE_SHUTDOWN_GRACE_SEC", 5.0, _non_negative),
         verify_workers=r.get("EE_VERIFY_WORKERS", 2, _positive_int),
-        store_workers=r.get("EE_STORE_WORKERS", 4, _positive_int),
+        store_workers=r.get("EE_STORE_WORKERS", 0, _positive_int),
         tunnel_max_message_bytes=r.get("EE_TUNNEL_MAX_MESSAGE_BYTES", 1024 * 1024,
                                        _positive_int),
         tunnel_ping_interval_sec=r.get("EE_TUNNEL_PING_INTERVAL_SEC", 10.0, _non_negative),
-        tunnel_dead_peer_sec=r.get("EE_TUNNEL_DEAD_PEER_SEC", 30.0, _positive),
+        tunnel_dead_peer_sec=r.get("EE_TUNNEL_DEAD_PEER_SEC", 20.0, _positive),
         audit_entries_shown=r.get("EE_ADMIN_AUDIT_ENTRIES", 20, _positive_int),
     )
     if cfg.registration_warn_days >= cfg.registration_ttl_days:

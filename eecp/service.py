@@ -99,7 +99,7 @@ async def open_services(config: Config, clock: Clock | None = None) -> AsyncIter
     """Open the store and the HTTP client and build the engine; close them on exit."""
     clock = clock or SystemClock()
     root = root_ca_from_config(config)
-    workers = Workers(store=config.store_workers, verify=config.verify_workers)
+    workers = Workers(store=config.store_threads, verify=config.verify_workers)
     async with open_store(config, workers, clock) as store, httpx.AsyncClient(
         headers={"User-Agent": f"eecp/{__version__}"}, follow_redirects=True
     ) as http:
@@ -218,7 +218,7 @@ class _HypercornConfig(HypercornConfig):
 
     def create_sockets(self) -> Sockets:
         sockets = super().create_sockets()
-        for sock in sockets.insecure_sockets:
+        for sock in (*sockets.insecure_sockets, *sockets.secure_sockets):
             if hasattr(socket, "TCP_USER_TIMEOUT") and sock.family in (socket.AF_INET,
                                                                        socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self._dead_peer_ms)
