@@ -6,6 +6,7 @@ Configuration errors print one line naming the variable and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = dict(os.environ)
     if args.command == "verify-quote":
+        # the tool speaks through its report and its one error line; library warnings (a PCCS
+        # that did not answer, ...) would only repeat them
+        logging.getLogger().addHandler(logging.NullHandler())
         return verify_quote.run(args, env)
     return serve_command(env)
 

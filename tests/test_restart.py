@@ -78,3 +78,20 @@ async def test_restart_keeps_registrations_and_agents_come_back(tmp_path: Path) 
             audit = (await cp.app("shop"))["audit"]
             assert len([e for e in audit if e["reason"] == "attested"]) == 4  # re-attested
             stop.set()
+
+
+async def test_restart_needs_no_pccs_while_stored_collateral_is_valid(tmp_path: Path) -> None:
+    pki = devpki.make_pki(seed=22)
+    async with harness.open_upstreams(pki) as (pccs, github):
+        env = harness.control_plane_env(tmp_path, pki, pccs.url, github.url)
+        async with harness.open_control_plane(env, pki, pccs, github) as cp, \
+                harness.running_agent(harness.FakeAgent(cp.ws_url, pki)) as agent:
+            await agent.wait_status("attested")
+        fetched = pccs.total_hits
+        assert fetched >= 4
+        pccs.up = False  # the PCCS is down from now on
+        async with harness.open_control_plane(env, pki, pccs, github) as cp, \
+                harness.running_agent(harness.FakeAgent(cp.ws_url, pki)) as agent:
+            await agent.wait_status("attested")
+            assert (await cp.resolve("shop")).status_code == 200
+        assert pccs.total_hits == fetched  # served from the store, the PCCS never answered

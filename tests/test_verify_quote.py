@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from eecp.cli import main
 from eecp.measurements import Measurements, report_data_for
@@ -199,3 +200,23 @@ def test_console_script_never_prints_a_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("eecp verify-quote: quote_malformed")
     assert "Traceback" not in proc.stderr
+
+
+async def test_collateral_fetched_from_a_pccs(tmp_path: Path, pki: qf.TestPki) -> None:
+    from tests.fake_pccs import open_fake_pccs
+
+    minted = qf.mint_uptodate(pki, now=NOW)
+    quote, _, root = write_minted(tmp_path, minted, pki)
+    async with open_fake_pccs(minted.collateral_json) as pccs:
+        command = [sys.executable, "-m", "eecp", "verify-quote", str(quote), "--pccs", pccs.url,
+                   "--root-ca", str(root), "--at", "2026-09-22T00:00:00Z", "--json"]
+        done = await trio.run_process(command, capture_stdout=True, capture_stderr=True,
+                                      check=False)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["tcb_status"] == "UpToDate"
+        assert pccs.total_hits == 4
+        pccs.up = False
+        done = await trio.run_process(command, capture_stdout=True, capture_stderr=True,
+                                      check=False)
+        assert done.returncode == 2
+        assert done.stderr.decode().startswith("eecp verify-quote: collateral_unavailable")
