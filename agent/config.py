@@ -62,6 +62,10 @@ class AgentConfig:
     agent_id: str
     backend_url: str = "http://127.0.0.1:8080"
     health_path: str = "/health"
+    #: a forwarded request's backend must make progress this often (see agent.forward)
+    backend_timeout_sec: float = 60.0
+    #: proxied requests served at once on one tunnel; more are refused (RESET too_many_streams)
+    max_streams: int = 100
     health_interval_sec: float = 30.0
     health_timeout_sec: float = 5.0
     reconnect_min_sec: float = 1.0
@@ -121,6 +125,8 @@ def from_env(env: Mapping[str, str]) -> AgentConfig:
         agent_id=register.agent_id,
         backend_url=r.get("EE_BACKEND_URL", "http://127.0.0.1:8080", _http_url),
         health_path=r.get("EE_HEALTH_PATH", "/health", _url_path),
+        backend_timeout_sec=r.get("EE_BACKEND_TIMEOUT_SEC", 60.0, _positive),
+        max_streams=r.get("EE_MAX_STREAMS", 100, _positive_int),
         health_interval_sec=r.get("EE_HEALTH_INTERVAL_SEC", 30.0, _positive),
         health_timeout_sec=r.get("EE_HEALTH_TIMEOUT_SEC", 5.0, _positive),
         reconnect_min_sec=r.get("EE_RECONNECT_MIN_SEC", 1.0, _positive),
@@ -248,6 +254,13 @@ def _positive(raw: str) -> float:
     value = float(raw)
     if not 0 < value < float("inf"):
         raise ValueError(f"{raw!r} must be a positive number")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError(f"{raw!r} must be an integer >= 1")
     return value
 
 

@@ -5,8 +5,12 @@ Each connection runs in one nursery, and nothing outlives it::
     connection nursery
       ├─ receiver    (the body) attest_request → quote → attest_response;
       │              status → logged, and ttl_warning / registration_expired → register again
+      │              binary → the connection's Mux (proxied requests' frames)
       ├─ health      probe the backend every EE_HEALTH_INTERVAL_SEC and send pass/fail
-      └─ keepalive   ping every EE_TUNNEL_PING_INTERVAL_SEC; no pong in time → drop the tunnel
+      ├─ keepalive   ping every EE_TUNNEL_PING_INTERVAL_SEC; no pong in time → drop the tunnel
+      └─ forward     accept the streams eecp opens and forward each to the backend
+                     (agent.forward); when the connection ends its Mux is closed, which
+                     fails every stream in flight and lets this task end
 
 Whatever ends a connection — eecp closing it, the network going away, a message we cannot
 decode, a quote we cannot produce — cancels that nursery; the reason is logged and the agent
@@ -16,8 +20,8 @@ event (a graceful shutdown: the tunnel is closed with 1001 and the close handsha
 cancellation ends :func:`run_agent`.
 
 The wire protocol is :mod:`eecp.protocol`'s; report_data is :func:`eecp.measurements.
-report_data_for`'s. Binary frames are reserved for proxied requests (a later issue): see
-:meth:`Tunnel.on_binary`.
+report_data_for`'s; the binary data protocol (proxied requests) is :mod:`eecp.frames`' and
+:mod:`eecp.streams`'.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import httpx
 import trio
@@ -41,6 +46,7 @@ from trio_websocket import (
 )
 
 from agent.config import AgentConfig
+from agent.forward import forwarding_client, serve_forwarding
 from agent.health import HealthStatus, probe_backend
 from agent.providers import QuoteProvider, QuoteProviderError
 from eecp.errors import EecpError, ProtocolError
@@ -57,6 +63,7 @@ from eecp.protocol import (
     encode_health,
     encode_register,
 )
+from eecp.streams import Mux
 
 log = logging.getLogger("agent.tunnel")
 
@@ -155,8 +162,10 @@ async def run_agent(config: AgentConfig, provider: QuoteProvider, measurements: 
     rng = rng if rng is not None else random.Random()
     # trust_env=False: a proxy configured for the VM's outbound traffic must not be asked to
     # reach a backend on the VM's own loopback
-    async with httpx.AsyncClient(trust_env=False) as http:
-        tunnel = Tunnel(config, provider, measurements, state, http, stop)
+    async with (httpx.AsyncClient(trust_env=False) as http,
+                forwarding_client() as forward_http):
+        tunnel = Tunnel(config, provider, measurements, state, http, stop,
+                        forward_http=forward_http)
         task_status.started(state)
         while not stop.is_set():
             started = trio.current_time()
@@ -183,13 +192,16 @@ class Tunnel:
 
     def __init__(self, config: AgentConfig, provider: QuoteProvider,
                  measurements: Measurements, state: AgentState,
-                 http: httpx.AsyncClient, stop: trio.Event) -> None:
+                 http: httpx.AsyncClient, stop: trio.Event,
+                 forward_http: httpx.AsyncClient | None = None) -> None:
         self.config = config
         self.provider = provider
         self.measurements = measurements
         self.state = state
         self.http = http
         self.stop = stop
+        #: proxied requests get their own client (pool), so they cannot starve health probes
+        self.forward_http = forward_http if forward_http is not None else http
 
     async def run_once(self) -> tuple[str, bool]:
         """Dial and serve one tunnel until it ends: why it ended, and whether it had opened."""
@@ -225,12 +237,21 @@ class Tunnel:
                      self.config.control_ws, self.config.app_name, self.config.repo,
                      self.config.release_tag, self.config.network, self.config.agent_id)
             await self.register(ws)
+            mux = Mux(ws.send_message, opener=False, max_streams=self.config.max_streams)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._health_loop, ws, name="agent-health")
                 if self.config.ping_interval_sec > 0:
                     nursery.start_soon(self._keepalive, ws, name="agent-keepalive")
                 nursery.start_soon(self._stop_watch, name="agent-stop")
-                await self._receive_loop(ws)
+                nursery.start_soon(partial(
+                    serve_forwarding, mux, self.forward_http, self.config.backend_url,
+                    timeout_sec=self.config.backend_timeout_sec), name="agent-forward")
+                try:
+                    await self._receive_loop(ws, mux)
+                finally:
+                    # here, not after the nursery: closing is what lets the forwarding task
+                    # (and any frame write in progress) end, so the nursery can
+                    mux.close()
         except BaseException as exc:
             await _close_for(ws, _leaf(exc))
             raise
@@ -243,11 +264,11 @@ class Tunnel:
 
     # ---- receiving ------------------------------------------------------------------------
 
-    async def _receive_loop(self, ws: WebSocketConnection) -> None:
+    async def _receive_loop(self, ws: WebSocketConnection, mux: Mux) -> None:
         while True:
             data = await ws.get_message()
             if isinstance(data, bytes):
-                await self.on_binary(ws, data)
+                await self.on_binary(mux, data)
                 continue
             message = _decode(data)
             if isinstance(message, AttestRequest):
@@ -255,14 +276,19 @@ class Tunnel:
             elif isinstance(message, Status):
                 await self._on_status(ws, message)
 
-    async def on_binary(self, ws: WebSocketConnection, data: bytes) -> None:
-        """Binary frames: the seam where proxied requests will be dispatched (a later issue).
+    async def on_binary(self, mux: Mux, data: bytes) -> None:
+        """A binary message is a frame of a proxied request: the mux routes it to its stream.
 
-        Until then they are dropped: eecp does not send them yet, and a newer eecp must not
-        be able to break an older agent by sending them.
+        A frame type this agent does not know is dropped (a newer eecp must not be able to
+        break an older agent by sending one), like an unknown JSON message; any other
+        malformed frame ends the tunnel with the ``ProtocolError``'s close code.
         """
-        log.warning("dropping a %d-byte binary message: proxying is not implemented yet",
-                    len(data))
+        try:
+            await mux.feed(data)
+        except ProtocolError as exc:
+            if exc.reason != "invalid_frame:unknown_type":
+                raise
+            log.warning("ignoring a binary message eecp sent: %s", exc.detail)
 
     async def _on_attest_request(self, ws: WebSocketConnection, request: AttestRequest
                                  ) -> None:

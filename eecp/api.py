@@ -6,10 +6,13 @@
 | ``GET /v1/tunnel`` | agents' WebSocket tunnel (:mod:`eecp.tunnel`) |
 | ``GET /v1/resolve/{app}``, ``GET /v1/resolve`` | may the app be served (:mod:`eecp.resolve`) |
 | ``GET /v1/apps``, ``GET /v1/apps/{app}`` | admin views, bearer ``EE_ADMIN_TOKEN`` |
+| ``POST /v1/proxy/{app}`` | one request to the app as JSON (:mod:`eecp.proxy`) |
+| ``GET /metrics`` | Prometheus metrics (:mod:`eecp.metrics`) |
 """
 
 from __future__ import annotations
 
+import base64
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, jsonify, request, websocket
@@ -17,7 +20,17 @@ from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 
 from eecp import __version__, admin
+from eecp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from eecp.proxy import (
+    MAX_JSON_PROXY_BODY,
+    ProxyError,
+    forwarded_headers,
+    open_upstream,
+    parse_proxy_call,
+    strip_hop_by_hop,
+)
 from eecp.resolve import ResolveAnswer, app_from_host, resolve
+from eecp.streams import RequestHead
 from eecp.tunnel import QuartSocket
 
 if TYPE_CHECKING:
@@ -71,7 +84,44 @@ def create_app(services: Services) -> QuartTrio:
             return jsonify({"error": "unknown_app", "app": name}), 404
         return jsonify(doc)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(services.metrics.render(), status=200,
+                        headers={"content-type": METRICS_CONTENT_TYPE})
+
+    @app.post("/v1/proxy/<app_name>")
+    async def proxy_json(app_name: str) -> tuple[Response, int]:
+        return await proxy_json_response(services, app_name)
+
     return app
+
+
+async def proxy_json_response(services: Services, app_name: str) -> tuple[Response, int]:
+    """``POST /v1/proxy/{app}``: ``{"method","path","headers","body_b64"}`` in, the app's
+    ``{"status","headers","body_b64"}`` out (whole bodies: use the proxy listener to stream)."""
+    doc = await request.get_json(force=True, silent=True)
+    try:
+        call = parse_proxy_call(doc)
+    except ProxyError as exc:
+        return jsonify({"allowed": False, "reason": exc.reason, "detail": exc.detail}), 400
+    head = RequestHead(call.method, call.path, forwarded_headers(
+        call.headers, request.remote_addr or "", request.scheme))
+    limit = services.config.proxy_max_body_bytes or MAX_JSON_PROXY_BODY
+    try:
+        async with open_upstream(services, app_name.lower(), head, call.body()) as upstream:
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in upstream.chunks():
+                size += len(chunk)
+                if size > limit:
+                    raise ProxyError(502, "response_too_large", f"over {limit} bytes")
+                parts.append(chunk)
+    except ProxyError as exc:
+        return jsonify({"allowed": exc.http_status != 403 and exc.reason != "missing_app",
+                        "reason": exc.reason}), exc.http_status
+    return jsonify({"status": upstream.head.status,
+                    "headers": [list(h) for h in strip_hop_by_hop(upstream.head.headers)],
+                    "body_b64": base64.b64encode(b"".join(parts)).decode()}), 200
 
 
 def _render(answer: ResolveAnswer) -> Response:

@@ -81,6 +81,12 @@ class Config:
     tunnel_ping_interval_sec: float = 10.0
     tunnel_dead_peer_sec: float = 20.0
     audit_entries_shown: int = 20
+    auth_bind: str = "127.0.0.1"
+    auth_port: int = 8089
+    proxy_timeout_sec: float = 60.0
+    proxy_max_body_bytes: int | None = None
+    tunnel_max_streams: int = 100
+    stream_window_bytes: int = 256 * 1024
 
     @property
     def store_threads(self) -> int:
@@ -144,6 +150,12 @@ def from_env(env: Mapping[str, str]) -> Config:
         tunnel_ping_interval_sec=r.get("EE_TUNNEL_PING_INTERVAL_SEC", 10.0, _non_negative),
         tunnel_dead_peer_sec=r.get("EE_TUNNEL_DEAD_PEER_SEC", 20.0, _positive),
         audit_entries_shown=r.get("EE_ADMIN_AUDIT_ENTRIES", 20, _positive_int),
+        auth_bind=r.get("EE_AUTH_BIND", "127.0.0.1", _host),
+        auth_port=r.get("EE_AUTH_PORT", 8089, _port),
+        proxy_timeout_sec=r.get("EE_PROXY_TIMEOUT_SEC", 60.0, _positive),
+        proxy_max_body_bytes=r.get("EE_PROXY_MAX_BODY_BYTES", None, _positive_int),
+        tunnel_max_streams=r.get("EE_TUNNEL_MAX_STREAMS", 100, _positive_int),
+        stream_window_bytes=r.get("EE_STREAM_WINDOW_BYTES", 256 * 1024, _positive_int),
     )
     if cfg.registration_warn_days >= cfg.registration_ttl_days:
         raise ConfigError(

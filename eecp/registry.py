@@ -17,6 +17,7 @@ from eecp.clock import isoformat
 from eecp.config import Network
 from eecp.records import AgentRecord, AppRecord
 from eecp.registration import RegistrationState, registration_state
+from eecp.streams import Mux
 
 Health = Literal["pass", "fail", "unknown"]
 
@@ -31,6 +32,7 @@ class AgentView:
     health: Health = "unknown"
     health_at: float | None = None
     in_flight: int = 0
+    mux: Mux | None = None  # the tunnel's stream multiplexer while connected
 
     @property
     def agent_id(self) -> str:
@@ -112,6 +114,7 @@ class Registry:
         """The agent's session ended: it stays listed, disconnected."""
         agent.connected = False
         agent.attested = False
+        agent.mux = None
         view = self.apps.get(agent.record.app_name)
         if view is not None and view.agents.get(agent.agent_id) is agent:
             view.agents[agent.agent_id] = AgentView(agent.record)

@@ -12,7 +12,9 @@ gives the control server ``EE_SHUTDOWN_GRACE_SEC`` to finish what it is doing::
           ├─ background nursery
           │    ├─ signal watcher               SIGINT/SIGTERM → shutdown
           │    └─ collateral refresher         refresh-ahead before nextUpdate
+          ├─ data plane (httptools)            proxy EE_PROXY_PORT, auth EE_AUTH_PORT
           └─ hypercorn (quart-trio app)        EE_CONTROL_BIND:EE_CONTROL_PORT
+               └─ per tunnel: session nursery  (eecp.session)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 import trio
@@ -38,7 +40,9 @@ from eecp.blocking import Workers
 from eecp.clock import Clock, SystemClock
 from eecp.collateral import CollateralCache
 from eecp.config import Config
+from eecp.dataplane import serve_dataplane
 from eecp.errors import ConfigError, InputError
+from eecp.metrics import Metrics
 from eecp.quotes import load_root_ca
 from eecp.registry import Registry
 from eecp.store import Store, open_store
@@ -62,9 +66,11 @@ class Services:
     root_ca_der: bytes | None
     registry: Registry
     tunnels: Tunnels = field(init=False)
+    metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.tunnels = Tunnels(self)
+        self.metrics = Metrics(self.registry, self.clock.now)
 
     @property
     def dev_root_ca(self) -> bool:
@@ -78,6 +84,8 @@ class Bound:
 
     control_host: str
     control_port: int
+    proxy_port: int = 0
+    auth_port: int = 0
 
     @property
     def control_url(self) -> str:
@@ -154,15 +162,17 @@ async def serve(
         warn_about(services)
         async with trio.open_nursery() as root:
             background = await root.start(run_background, services, shutdown, handle_signals)
+            dataplane, (proxy_port, auth_port) = await root.start(run_dataplane, services)
             binds = await root.start(serve_control, services, shutdown)
-            bound = _bound_from(binds)
+            bound = replace(_bound_from(binds), proxy_port=proxy_port, auth_port=auth_port)
             log.info("eecp %s serving control on %s (store %s)", __version__, bound.control_url,
                      services.store.describe())
             task_status.started(bound)
             await shutdown.wait()
             log.info("shutting down (grace %.1fs)", config.shutdown_grace_sec)
             background.cancel()
-            services.tunnels.end_all("server_shutdown")
+            services.tunnels.end_all("server_shutdown")  # requests in flight end: tunnel_closed
+            dataplane.cancel()
             root.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_sec + 1
     log.info("stopped")
 
@@ -177,6 +187,17 @@ async def run_background(services: Services, shutdown: trio.Event, handle_signal
             nursery.start_soon(watch_signals, shutdown, name="signals")
         nursery.start_soon(services.collateral.serve_refresher, name="collateral-refresher")
         task_status.started(nursery.cancel_scope)
+
+
+async def run_dataplane(
+        services: Services,
+        task_status: trio.TaskStatus[tuple[trio.CancelScope, tuple[int, int]]]
+        = trio.TASK_STATUS_IGNORED) -> None:
+    """The proxy and auth listeners, in a scope ``serve`` cancels at shutdown."""
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            ports = await nursery.start(serve_dataplane, services)
+            task_status.started((scope, ports))
 
 
 async def serve_control(services: Services, shutdown: trio.Event,

@@ -36,6 +36,7 @@ from eecp.protocol import AttestResponse, Health, Register, Status
 from eecp.records import AgentRecord, AuditEntry
 from eecp.registration import check_claim, registration_state, renew
 from eecp.registry import AgentView
+from eecp.streams import Mux
 
 if TYPE_CHECKING:
     from eecp.service import Services
@@ -88,6 +89,10 @@ class AgentSession:
         self._health_heard = trio.Event()
         self._renewed = trio.Event()
         self._ttl_started = False
+        config = services.config
+        #: request streams to the app over this tunnel (the forwarding scope of the session)
+        self.mux = Mux(self.send, opener=True, max_streams=config.tunnel_max_streams,
+                       initial_window=config.stream_window_bytes)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -140,7 +145,8 @@ class AgentSession:
         self.agent = AgentView(AgentRecord(
             agent_id=register.agent_id, app_name=register.app_name, repo=register.repo,
             release_tag=register.release_tag, network=register.network,
-            first_seen=known.first_seen if known else now, last_seen=now), connected=True)
+            first_seen=known.first_seen if known else now, last_seen=now), connected=True,
+            mux=self.mux)
         if registry.app(register.app_name) is not None:
             registry.attach(self.agent)
         log.info("agent %s connected from %s for app %s (%s@%s, %s)", register.agent_id,
@@ -163,6 +169,7 @@ class AgentSession:
                     self.services.clock.now())
 
     async def _cleanup(self) -> None:
+        self.mux.close("tunnel_closed")  # every request in flight on this tunnel ends now
         agent = self.agent
         if agent is not None:
             self.services.registry.detach(agent)
@@ -182,9 +189,14 @@ class AgentSession:
 
     # ---- messages -------------------------------------------------------------------------
 
-    async def _receive(self) -> protocol.AgentMessage | None:
-        """The next valid message; ``None`` after a non-fatal problem was reported."""
+    async def _receive(self, binary: Callable[[bytes], Awaitable[None]] | None = None
+                       ) -> protocol.AgentMessage | None:
+        """The next valid message; ``None`` after a non-fatal problem was reported (or a
+        binary data frame was handed to ``binary``)."""
         data = await self.socket.receive()
+        if isinstance(data, bytes) and binary is not None:
+            await binary(data)
+            return None
         try:
             return protocol.decode_agent_message(
                 data, max_bytes=self.services.config.tunnel_max_message_bytes)
@@ -198,13 +210,20 @@ class AgentSession:
 
     async def _reader(self) -> None:
         while True:
-            message = await self._receive()
+            message = await self._receive(binary=self._on_binary)
             if isinstance(message, AttestResponse):
                 await self._on_answer(message)
             elif isinstance(message, Health):
                 await self._on_health(message)
             elif isinstance(message, Register):
                 await self._on_register_again(message)
+
+    async def _on_binary(self, data: bytes) -> None:
+        """A data frame of a proxied request: the mux routes it to its stream."""
+        try:
+            await self.mux.feed(data)
+        except ProtocolError as exc:
+            await self._refuse(exc)
 
     async def _on_answer(self, answer: AttestResponse) -> None:
         if self._pending_nonce is None:
@@ -294,6 +313,10 @@ class AgentSession:
                               claimed_report_data=answer.report_data,
                               measurements=answer.measurements)
         outcome = await self.services.engine.attest(challenge)
+        metrics = self.services.metrics
+        metrics.attestations.labels("accepted" if outcome.accepted else "refused",
+                                    outcome.reason).inc()
+        metrics.attestation_seconds.observe(outcome.duration_sec)
         await self.services.store.append_audit(outcome.audit_entry(
             challenge=challenge, app_name=register.app_name, agent_id=register.agent_id,
             trigger=trigger))

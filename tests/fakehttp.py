@@ -29,6 +29,8 @@ class Response:
     status: int = 200
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+    #: a streamed body (sent chunked, each chunk flushed as it comes) instead of ``body``
+    chunks: AsyncIterator[bytes] | None = None
 
     @classmethod
     def json(cls, text: str, status: int = 200, headers: list[tuple[str, str]] | None = None
@@ -59,11 +61,16 @@ async def _handle(stream: trio.SocketStream, handler: Handler, server: FakeServe
         if not server.up:
             return
         response = await handler(request)
-        headers = [*response.headers, ("content-length", str(len(response.body))),
-                   ("connection", "close")]
+        framing = ("transfer-encoding", "chunked") if response.chunks is not None else (
+            "content-length", str(len(response.body)))
+        headers = [*response.headers, framing, ("connection", "close")]
         await stream.send_all(conn.send(h11.Response(status_code=response.status,
                                                      headers=headers)) or b"")
-        await stream.send_all(conn.send(h11.Data(data=response.body)) or b"")
+        if response.chunks is not None:
+            async for chunk in response.chunks:
+                await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+        else:
+            await stream.send_all(conn.send(h11.Data(data=response.body)) or b"")
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
         pass

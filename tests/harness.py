@@ -26,11 +26,13 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+from agent.forward import serve_forwarding
 from eecp.clock import TrioClock
 from eecp.config import Config, from_env
 from eecp.measurements import Measurements, report_data_for
 from eecp.protocol import AttestResponse, Register, encode_attest_response, encode_register
 from eecp.service import Bound, serve
+from eecp.streams import Mux
 from tests import quotefactory as qf
 from tests.fake_github import FakeGitHub, open_fake_github
 from tests.fake_pccs import FakePccs, open_fake_pccs
@@ -100,6 +102,14 @@ class ControlPlane:
         return self.bound.control_url
 
     @property
+    def proxy_url(self) -> str:
+        return f"http://{self.bound.control_host}:{self.bound.proxy_port}"
+
+    @property
+    def auth_url(self) -> str:
+        return f"http://127.0.0.1:{self.bound.auth_port}"
+
+    @property
     def ws_url(self) -> str:
         return f"ws://{self.bound.control_host}:{self.bound.control_port}/v1/tunnel"
 
@@ -129,6 +139,7 @@ def control_plane_env(tmp_path: Path, pki: qf.TestPki, pccs_url: str, github_url
         pki.write_root(root)
     return {
         "EE_CONTROL_BIND": "127.0.0.1", "EE_CONTROL_PORT": "0",
+        "EE_PROXY_BIND": "127.0.0.1", "EE_PROXY_PORT": "0", "EE_AUTH_PORT": "0",
         "EE_DB_PATH": str(tmp_path / "eecp.db"), "EE_DCAP_ROOT_CA": str(root),
         "EE_PCCS_URL": pccs_url, "EE_GITHUB_API_URL": github_url,
         "EE_ADMIN_TOKEN": "admin-secret", "EE_TUNNEL_PING_INTERVAL_SEC": "0",
@@ -185,6 +196,7 @@ class FakeAgent:
     mint_kwargs: dict[str, Any] = field(default_factory=dict)
     auto: bool = True
     answer_nonce: bytes | None = None
+    backend_url: str | None = None  # forward proxied requests here (agent.forward)
     received: list[dict[str, Any]] = field(default_factory=list)
     closed: tuple[int, str | None] | None = None
     ws: WebSocketConnection | None = None
@@ -205,15 +217,21 @@ class FakeAgent:
     async def run(self, *, register: bool = True,
                   task_status: trio.TaskStatus[FakeAgent] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, register, then receive until the socket closes."""
-        async with open_websocket_url(self.url) as ws:
+        async with open_websocket_url(self.url) as ws, trio.open_nursery() as nursery:
             self.ws = ws
+            mux = Mux(ws.send_message, opener=False)
+            if self.backend_url is not None:
+                nursery.start_soon(self._forward, mux)
             if register:
                 await ws.send_message(self.register_message(tunnel_version="test"))
             task_status.started(self)
             try:
                 while True:
-                    text = await ws.get_message()
-                    message = json.loads(text)
+                    data = await ws.get_message()
+                    if isinstance(data, bytes):
+                        await mux.feed(data)
+                        continue
+                    message = json.loads(data)
                     self.received.append(message)
                     self._notify()
                     if self.auto and message.get("type") == "attest_request":
@@ -222,6 +240,13 @@ class FakeAgent:
                 reason = exc.reason
                 self.closed = (reason.code, reason.reason) if reason else (1006, None)
                 self._notify()
+            finally:
+                mux.close("tunnel_closed")
+
+    async def _forward(self, mux: Mux) -> None:
+        assert self.backend_url is not None
+        async with httpx.AsyncClient() as client:
+            await serve_forwarding(mux, client, self.backend_url, timeout_sec=30)
 
     def _notify(self) -> None:
         self._changed.set()

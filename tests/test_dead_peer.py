@@ -150,7 +150,7 @@ async def veth_namespace() -> AsyncIterator[Link]:
 async def agent_in(link: Link, cp: ControlPlane, pki_dir: Path, log: Path
                    ) -> AsyncIterator[trio.Process]:
     """A FakeAgent process inside ``link.netns``, dialling the control plane over the veth."""
-    script = log.with_suffix(".py")
+    script = log.with_name("netns_agent_main.py")  # not agent.py: it would shadow the package
     script.write_text(AGENT_SCRIPT)
     with log.open("wb") as out:
         process = await trio.lowlevel.open_process(

@@ -21,6 +21,7 @@ from tests import quotefactory as qf
 
 def config_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {"EE_CONTROL_BIND": "127.0.0.1", "EE_CONTROL_PORT": "0",
+            "EE_PROXY_BIND": "127.0.0.1", "EE_PROXY_PORT": "0", "EE_AUTH_PORT": "0",
             "EE_DB_PATH": str(tmp_path / "db" / "eecp.db"), "EE_PCCS_URL": "http://127.0.0.1:9",
             **extra}
 

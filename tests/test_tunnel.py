@@ -216,7 +216,7 @@ async def test_register_must_arrive_in_time(mock_clock: MockClock, world: World)
     ("[1, 2]", "not_an_object", 1007),
     ('{"type":"health","status":"meh"}', "invalid_field:status", 4005),
     ("x" * (1024 * 1024 + 10), "message_too_large", 1009),
-    (b"\x00\x01binary", "binary_unexpected", 1007),
+    (b"\x00\x01binary", "invalid_frame:unknown_type", 4005),
 ])
 async def test_malformed_messages_end_only_that_session(
         mock_clock: MockClock, world: World, payload: str | bytes, status: str, close: int

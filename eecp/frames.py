@@ -1,0 +1,327 @@
+"""The tunnel's binary data protocol, sans I/O: one binary WebSocket message is one frame.
+
+::
+
+    byte 0       frame type
+    bytes 1..4   stream id, unsigned 32-bit big-endian, never 0 (eecp allocates 1, 2, 3, …)
+    bytes 5..    payload, by type:
+
+    1 REQUEST_HEAD   eecp → agent  compact JSON {"method":…,"path":…,"headers":[[name,value],…]}
+    2 RESPONSE_HEAD  agent → eecp  compact JSON {"status":int,"headers":[[name,value],…]}
+    3 DATA           both          raw body bytes, at most MAX_DATA (64 KiB)
+    4 END            both          empty: this direction's body is complete
+    5 RESET          both          utf-8 reason, 1..200 bytes: the stream is aborted both ways
+    6 WINDOW         both          u32 big-endian credit increment (> 0), in body bytes
+
+Headers travel as a list of pairs so repeated headers (``Set-Cookie``) and their order survive.
+Unknown JSON keys in a head are ignored (newer peers may add some).
+
+Every decoding failure is a :class:`~eecp.errors.ProtocolError` with a stable
+``invalid_frame:<what>`` reason and the WebSocket close code to end the tunnel with: 1007
+(invalid payload) when a head is not UTF-8 JSON or a RESET reason is not UTF-8, 4005 (protocol
+error) for everything else. ``invalid_frame:unknown_type`` is the one a receiver may choose to
+tolerate (a newer peer's frame type).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, NoReturn
+
+from eecp.errors import ProtocolError
+from eecp.protocol import CLOSE_INVALID_PAYLOAD, CLOSE_PROTOCOL_ERROR
+
+HEADER_BYTES = 5
+MAX_DATA = 64 * 1024
+MAX_RESET_REASON = 200
+MAX_STREAM_ID = 2**32 - 1
+MAX_WINDOW_INCREMENT = 2**32 - 1
+#: credit each side has for each stream, each direction, before any WINDOW frame: 64 KiB
+#: (one full DATA frame). A receiver that grants more sends a WINDOW frame when it opens or
+#: accepts the stream.
+INITIAL_WINDOW = 64 * 1024
+DEFAULT_MAX_HEAD_BYTES = 64 * 1024
+
+_PREFIX = struct.Struct(">BI")
+_U32 = struct.Struct(">I")
+# RFC 9110 token: header names and methods (always fullmatch: `$` would allow a trailing \n)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# field values: visible ASCII/obs-text, space and tab; never CR, LF or NUL (no header injection)
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+# a request target: visible ASCII only (no spaces, no controls)
+_TARGET = re.compile(r"[\x21-\x7e]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class FrameType(IntEnum):
+    """The first byte of a frame."""
+
+    REQUEST_HEAD = 1
+    RESPONSE_HEAD = 2
+    DATA = 3
+    END = 4
+    RESET = 5
+    WINDOW = 6
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """An HTTP request's head as eecp forwards it (headers in order, repeats kept)."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class ResponseHead:
+    """An HTTP response's head as the agent returns it (headers in order, repeats kept)."""
+
+    status: int
+    headers: list[tuple[str, str]] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class RequestHeadFrame:
+    """Opens ``stream_id``: eecp → agent."""
+
+    stream_id: int
+    head: RequestHead
+
+
+@dataclass(frozen=True)
+class ResponseHeadFrame:
+    """The response's head on ``stream_id``: agent → eecp."""
+
+    stream_id: int
+    head: ResponseHead
+
+
+@dataclass(frozen=True)
+class DataFrame:
+    """A piece of one direction's body."""
+
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class EndFrame:
+    """The sender's direction of ``stream_id`` is complete."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class ResetFrame:
+    """``stream_id`` is aborted both ways, for ``reason``."""
+
+    stream_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class WindowFrame:
+    """The sender may receive ``increment`` more body bytes on ``stream_id``."""
+
+    stream_id: int
+    increment: int
+
+
+Frame = (RequestHeadFrame | ResponseHeadFrame | DataFrame | EndFrame | ResetFrame
+         | WindowFrame)
+
+
+# ---- encoding -------------------------------------------------------------------------------
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """The wire form of ``frame``; ``ValueError`` if it breaks a limit a peer would refuse."""
+    if not 0 < frame.stream_id <= MAX_STREAM_ID:
+        raise ValueError(f"stream id {frame.stream_id} out of range")
+    kind, payload = _payload(frame)
+    return _PREFIX.pack(kind, frame.stream_id) + payload
+
+
+def check_head(head: RequestHead | ResponseHead, *,
+               max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> bytes:
+    """``head``'s payload if the peer will accept it, else the ``ProtocolError`` the peer would
+    raise: a sender checks first, because a head the peer refuses ends the whole tunnel."""
+    _validate(head)
+    payload = encode_head(head)
+    if len(payload) > max_head_bytes:
+        _fail("head_too_large", f"{len(payload)} > {max_head_bytes} bytes")
+    return payload
+
+
+def encode_head(head: RequestHead | ResponseHead) -> bytes:
+    """A head's JSON payload (compact, so its size is what :func:`decode_frame` measures)."""
+    headers = [[name, value] for name, value in head.headers]
+    doc: dict[str, Any]
+    if isinstance(head, RequestHead):
+        doc = {"method": head.method, "path": head.path, "headers": headers}
+    else:
+        doc = {"status": head.status, "headers": headers}
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def reset_reason(text: str) -> str:
+    """``text`` made fit for a RESET frame: controls replaced, cut to 200 UTF-8 bytes."""
+    cleaned = _CONTROL.sub("?", text) or "unspecified"
+    return cleaned.encode()[:MAX_RESET_REASON].decode(errors="ignore") or "unspecified"
+
+
+def _payload(frame: Frame) -> tuple[FrameType, bytes]:
+    if isinstance(frame, RequestHeadFrame | ResponseHeadFrame):
+        try:
+            _validate(frame.head)
+        except ProtocolError as exc:
+            raise ValueError(f"{exc.reason}: {exc.detail}") from None
+        kind = (FrameType.REQUEST_HEAD if isinstance(frame, RequestHeadFrame)
+                else FrameType.RESPONSE_HEAD)
+        return kind, encode_head(frame.head)
+    if isinstance(frame, DataFrame):
+        if len(frame.data) > MAX_DATA:
+            raise ValueError(f"DATA of {len(frame.data)} bytes > {MAX_DATA}")
+        return FrameType.DATA, bytes(frame.data)
+    if isinstance(frame, EndFrame):
+        return FrameType.END, b""
+    if isinstance(frame, ResetFrame):
+        reason = frame.reason.encode()
+        if not 0 < len(reason) <= MAX_RESET_REASON or _CONTROL.search(frame.reason):
+            raise ValueError(f"RESET reason {frame.reason!r} is not 1..200 printable bytes")
+        return FrameType.RESET, reason
+    if not 0 < frame.increment <= MAX_WINDOW_INCREMENT:
+        raise ValueError(f"WINDOW increment {frame.increment} out of range")
+    return FrameType.WINDOW, _U32.pack(frame.increment)
+
+
+# ---- decoding -------------------------------------------------------------------------------
+
+
+def decode_frame(data: bytes, *, max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> Frame:
+    """Decode one binary message, or raise ``ProtocolError("invalid_frame:<what>")``."""
+    if len(data) < HEADER_BYTES:
+        _fail("short", f"{len(data)} bytes, a frame has at least {HEADER_BYTES}")
+    kind, stream_id = _PREFIX.unpack_from(data)
+    # the type is checked first, so a receiver can tell a newer peer's frame from garbage
+    if kind not in _DECODERS:
+        _fail("unknown_type", f"frame type {kind}")
+    if stream_id == 0:
+        _fail("stream_id", "stream id 0 is reserved")
+    payload = bytes(data[HEADER_BYTES:])
+    return _DECODERS[kind](stream_id, payload, max_head_bytes)
+
+
+def _decode_request_head(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+    doc = _head_doc(payload, max_head_bytes)
+    method, path = doc.get("method"), doc.get("path")
+    if not isinstance(method, str):
+        _fail("method", "expected a string")
+    if not isinstance(path, str):
+        _fail("path", "expected a string")
+    head = RequestHead(method, path, _headers(doc))
+    _validate(head)
+    return RequestHeadFrame(stream_id, head)
+
+
+def _decode_response_head(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+    doc = _head_doc(payload, max_head_bytes)
+    status = doc.get("status")
+    if not isinstance(status, int) or isinstance(status, bool):
+        _fail("status", "expected an integer")
+    head = ResponseHead(status, _headers(doc))
+    _validate(head)
+    return ResponseHeadFrame(stream_id, head)
+
+
+def _decode_data(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+    if len(payload) > MAX_DATA:
+        _fail("data_too_large", f"{len(payload)} > {MAX_DATA} bytes")
+    return DataFrame(stream_id, payload)
+
+
+def _decode_end(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+    if payload:
+        _fail("end_payload", "END carries no payload")
+    return EndFrame(stream_id)
+
+
+def _decode_reset(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+    if not 0 < len(payload) <= MAX_RESET_REASON:
+        _fail("reset_reason", f"reason of {len(payload)} bytes, expected 1..200")
+    try:
+        reason = payload.decode()
+    except UnicodeDecodeError:
+        _fail("reset_reason", "reason is not UTF-8", CLOSE_INVALID_PAYLOAD)
+    if _CONTROL.search(reason):  # reasons reach logs: no control characters
+        _fail("reset_reason", "reason holds control characters")
+    return ResetFrame(stream_id, reason)
+
+
+def _decode_window(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+    if len(payload) != _U32.size:
+        _fail("window_increment", f"{len(payload)} bytes, expected 4")
+    (increment,) = _U32.unpack(payload)
+    if increment == 0:
+        _fail("window_increment", "an increment of 0")
+    return WindowFrame(stream_id, increment)
+
+
+_DECODERS = {
+    FrameType.REQUEST_HEAD: _decode_request_head,
+    FrameType.RESPONSE_HEAD: _decode_response_head,
+    FrameType.DATA: _decode_data,
+    FrameType.END: _decode_end,
+    FrameType.RESET: _decode_reset,
+    FrameType.WINDOW: _decode_window,
+}
+
+
+def _head_doc(payload: bytes, max_head_bytes: int) -> dict[str, Any]:
+    if len(payload) > max_head_bytes:
+        _fail("head_too_large", f"{len(payload)} > {max_head_bytes} bytes")
+    try:
+        doc = json.loads(payload.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        _fail("head_json", "head is not UTF-8 JSON", CLOSE_INVALID_PAYLOAD)
+    if not isinstance(doc, dict):
+        _fail("head_json", "head is not a JSON object", CLOSE_INVALID_PAYLOAD)
+    return doc
+
+
+def _headers(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    raw = doc.get("headers")
+    if not isinstance(raw, list):
+        _fail("headers", "expected a list of [name, value] pairs")
+    headers: list[tuple[str, str]] = []
+    for pair in raw:
+        if not (isinstance(pair, list) and len(pair) == 2
+                and isinstance(pair[0], str) and isinstance(pair[1], str)):
+            _fail("headers", "expected a list of [name, value] string pairs")
+        headers.append((pair[0], pair[1]))
+    return headers
+
+
+def _validate(head: RequestHead | ResponseHead) -> None:
+    """The rules both directions share; what an HTTP/1.1 peer could write without injection."""
+    if isinstance(head, RequestHead):
+        if not _TOKEN.fullmatch(head.method):
+            _fail("method", "expected an HTTP method token")
+        if not _TARGET.fullmatch(head.path):
+            _fail("path", "expected a request target of visible ASCII characters")
+    elif isinstance(head.status, bool) or not 100 <= head.status <= 599:
+        _fail("status", "expected a status 100..599")
+    for name, value in head.headers:
+        if not _TOKEN.fullmatch(name):
+            _fail("headers", f"header name {name[:40]!r} is not a token")
+        if not _FIELD_VALUE.fullmatch(value):
+            _fail("headers", f"header {name[:40]!r} has a value with control characters")
+
+
+def _fail(what: str, detail: str, code: int = CLOSE_PROTOCOL_ERROR) -> NoReturn:
+    raise ProtocolError(f"invalid_frame:{what}", detail, code)

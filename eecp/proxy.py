@@ -1,0 +1,243 @@
+"""Forwarding HTTP requests to an app over its agents' tunnels, independent of the HTTP server
+in front (the data-plane proxy listener and ``POST /v1/proxy/{app}`` both use it).
+
+:func:`open_upstream` enforces the same allow decision as resolve, picks the least loaded
+routable agent, opens a stream on its tunnel, pumps the request body while waiting for the
+response head (bounded by ``EE_PROXY_TIMEOUT_SEC``), and yields the response for the caller to
+stream out. A request that failed before any response byte may be retried once on another agent
+when its method is idempotent and it has no body. Refusals are :class:`ProxyError` with the
+HTTP status and a stable reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from eecp.errors import EecpError
+from eecp.streams import RequestHead, ResponseHead, Stream, StreamError
+
+if TYPE_CHECKING:
+    from eecp.registry import AgentView
+    from eecp.service import Services
+
+log = logging.getLogger("eecp.proxy")
+
+#: how long a request waits for a stream slot on a busy agent before 503 agent_busy
+BUSY_WAIT_SEC = 2.0
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te",
+                        "trailer", "trailers", "proxy-connection", "proxy-authenticate",
+                        "proxy-authorization"})
+
+
+class ProxyError(EecpError):
+    """A request that cannot be forwarded: ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.http_status = status
+
+
+MAX_JSON_PROXY_BODY = 16 * 1024 * 1024
+_METHOD = re.compile(r"^[A-Z]{1,16}$")
+
+
+@dataclass(frozen=True)
+class ProxyCall:
+    """A ``POST /v1/proxy/{app}`` request, validated."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body_bytes: bytes | None
+
+    def body(self) -> AsyncIterator[bytes] | None:
+        if self.body_bytes is None:
+            return None
+        data = self.body_bytes
+
+        async def once() -> AsyncIterator[bytes]:
+            yield data
+        return once()
+
+
+def parse_proxy_call(doc: object) -> ProxyCall:
+    """Validate ``{"method","path","headers","body_b64"}``; ``ProxyError(400, ...)`` names
+    the bad field."""
+    if not isinstance(doc, dict):
+        raise ProxyError(400, "invalid_body", "expected a JSON object")
+    method = doc.get("method", "GET")
+    if not isinstance(method, str) or not _METHOD.match(method.upper()):
+        raise ProxyError(400, "invalid_field:method")
+    path = doc.get("path", "/")
+    if not isinstance(path, str) or not path.startswith("/") or path.startswith("//") \
+            or any(c in path for c in "\r\n ") or len(path) > 8192:
+        raise ProxyError(400, "invalid_field:path", "expected an origin-form path")
+    raw_headers = doc.get("headers") or {}
+    pairs = list(raw_headers.items()) if isinstance(raw_headers, dict) else raw_headers
+    if not isinstance(pairs, list) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p)
+            and not any(c in p[0] + p[1] for c in "\r\n\0") for p in pairs):
+        raise ProxyError(400, "invalid_field:headers")
+    body_b64 = doc.get("body_b64")
+    body = None
+    if body_b64 not in (None, ""):
+        if not isinstance(body_b64, str):
+            raise ProxyError(400, "invalid_field:body_b64")
+        try:
+            body = base64.b64decode(body_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProxyError(400, "invalid_field:body_b64") from None
+    return ProxyCall(method.upper(), path, [(str(n), str(v)) for n, v in pairs], body)
+
+
+@dataclass
+class Upstream:
+    """The app's answer: its head, then its body as it arrives."""
+
+    head: ResponseHead
+    stream: Stream
+    agent: AgentView
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The response body, chunk by chunk, as the agent sends it."""
+        while True:
+            chunk = await self.stream.receive()
+            if chunk is None:
+                return
+            yield chunk
+
+
+def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop hop-by-hop headers (and those a Connection header names); keep order and repeats."""
+    named = {token.strip().lower() for name, value in headers if name.lower() == "connection"
+             for token in value.split(",")}
+    return [(n, v) for n, v in headers
+            if n.lower() not in HOP_BY_HOP and n.lower() not in named
+            and not n.lower().startswith("proxy-")]
+
+
+def forwarded_headers(headers: list[tuple[str, str]], client_ip: str, proto: str
+                      ) -> list[tuple[str, str]]:
+    """The request headers to send upstream: hop-by-hop dropped, X-Forwarded-* added."""
+    out = strip_hop_by_hop(headers)
+    previous = [v for n, v in out if n.lower() == "x-forwarded-for"]
+    host = next((v for n, v in out if n.lower() == "host"), "")
+    out = [(n, v) for n, v in out
+           if n.lower() not in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")]
+    chain = ", ".join([*previous, client_ip]) if client_ip else ", ".join(previous)
+    if chain:
+        out.append(("X-Forwarded-For", chain))
+    out.append(("X-Forwarded-Proto", proto))
+    if host:
+        out.append(("X-Forwarded-Host", host))
+    return out
+
+
+@asynccontextmanager
+async def open_upstream(services: Services, app: str, head: RequestHead,
+                        body: AsyncIterable[bytes] | None) -> AsyncIterator[Upstream]:
+    """Forward one request to ``app``; yields the response (raises :class:`ProxyError`)."""
+    now = services.clock.now()
+    decision = services.registry.resolve(app, now)
+    if not decision.allowed:
+        raise ProxyError(403, decision.reason)
+    agents = [a for a in services.registry.routable(app, now) if a.mux is not None]
+    if not agents:
+        raise ProxyError(503, "no_tunnel")
+    retryable = body is None and head.method.upper() in IDEMPOTENT
+    candidates = agents[:2] if retryable else agents[:1]
+    for attempt, agent in enumerate(candidates):
+        last = attempt == len(candidates) - 1
+        answered = False
+        try:
+            async with _attempt(services, agent, head, body) as upstream:
+                answered = True
+                yield upstream
+                return
+        except ProxyError as exc:
+            if answered or last or exc.http_status not in (502, 503):
+                raise
+            log.info("retrying %s %s on another agent after %s", head.method, app, exc.reason)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@asynccontextmanager
+async def _attempt(services: Services, agent: AgentView, head: RequestHead,
+                   body: AsyncIterable[bytes] | None) -> AsyncIterator[Upstream]:
+    mux = agent.mux
+    assert mux is not None
+    stream: Stream | None = None
+    with trio.move_on_after(BUSY_WAIT_SEC):
+        try:
+            stream = await mux.open_stream(head)
+        except StreamError as exc:
+            raise ProxyError(502, exc.reason) from None
+    if stream is None:
+        raise ProxyError(503, "agent_busy")
+    agent.in_flight += 1
+    started = time.perf_counter()
+    try:
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_pump_body, stream, body)
+                response = await _response_head(services, stream)
+                yield Upstream(response, stream, agent)
+                nursery.cancel_scope.cancel()  # the app answered: a body it did not read is moot
+    finally:
+        agent.in_flight -= 1
+        with trio.CancelScope(shield=True):
+            await _finish(stream)
+        log.debug("stream %d done in %.3fs", stream.id, time.perf_counter() - started)
+
+
+@contextmanager
+def single_error() -> Iterator[None]:
+    """Re-raise a nursery's lone exception as itself, so callers can catch ``ProxyError`` (or a
+    consumer's own error) plainly; anything else stays grouped."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+async def _response_head(services: Services, stream: Stream) -> ResponseHead:
+    with trio.move_on_after(services.config.proxy_timeout_sec):
+        try:
+            return await stream.receive_head()
+        except StreamError as exc:
+            raise ProxyError(502, _public_reason(exc.reason), exc.detail) from None
+    raise ProxyError(504, "upstream_timeout")
+
+
+def _public_reason(reason: str) -> str:
+    """``tunnel_closed`` stays; an agent's reset (backend down, ...) is ``agent_error``."""
+    return "tunnel_closed" if reason == "tunnel_closed" else "agent_error"
+
+
+async def _pump_body(stream: Stream, body: AsyncIterable[bytes] | None) -> None:
+    try:
+        if body is not None:
+            async for chunk in body:
+                await stream.send(chunk)
+        await stream.end()
+    except StreamError:
+        pass  # the response side reports what went wrong
+
+
+async def _finish(stream: Stream) -> None:
+    with contextlib.suppress(StreamError):
+        await stream.aclose()

@@ -1,0 +1,491 @@
+"""Many HTTP exchanges over one tunnel: a stream multiplexer with per-stream flow control.
+
+Both ends use :class:`Mux`: eecp opens streams (``opener=True``: one per proxied request), the
+agent accepts them. Frames are :mod:`eecp.frames`'; the tunnel's reader hands every binary
+message to :meth:`Mux.feed`, and the mux writes through the ``send_message`` it was given
+(the tunnel's send, which serialises concurrent writers).
+
+Flow control, per stream and direction: a sender starts with
+:data:`~eecp.frames.INITIAL_WINDOW` (64 KiB) of credit; a receiver that grants a larger window
+sends the difference as a WINDOW frame when it opens (or accepts) the stream, and hands credit
+back as its consumer takes data (once half the window was consumed). So a receiver never holds
+more than its window per stream (per tunnel: ``max_streams × window``), :meth:`feed` never
+waits for a consumer, and a stream without credit stalls only itself: DATA frames are at most
+``max_frame`` bytes and writers on different streams take turns frame by frame.
+
+Lifecycle: a stream frees its slot (and its id may be reused, after 2³² - 1 others) once it is
+finished both ways (END sent and END received) or reset by either side; :meth:`Stream.aclose`
+(the ``async with`` exit) resets a stream that is not finished, so a slot is never leaked.
+A direction whose END arrived stays readable to its end even if the stream is then reset or
+the tunnel closes: the body is complete (HTTP/2's rule for a RST_STREAM after END_STREAM).
+
+Writes are shielded from cancellation: a frame is written whole, or not at all because the
+tunnel is gone (:meth:`Mux.close` cancels writes in progress). A cancelled caller stops
+between frames, never leaving half a message on the WebSocket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import NoReturn
+
+import trio
+
+from eecp import frames
+from eecp.errors import EecpError, ProtocolError
+from eecp.frames import (
+    INITIAL_WINDOW,
+    MAX_DATA,
+    DataFrame,
+    EndFrame,
+    Frame,
+    RequestHead,
+    RequestHeadFrame,
+    ResetFrame,
+    ResponseHead,
+    ResponseHeadFrame,
+    WindowFrame,
+)
+from eecp.protocol import CLOSE_PROTOCOL_ERROR
+
+__all__ = ["Mux", "RequestHead", "ResponseHead", "Stream", "StreamError"]
+
+log = logging.getLogger("eecp.streams")
+
+#: the most credit a sender may hold on one stream; more is a peer's bug
+MAX_CREDIT = 2**32 - 1
+
+
+class StreamError(EecpError):
+    """A stream cannot go on: ``tunnel_closed`` (or the reason given to :meth:`Mux.close`),
+    ``stream_reset:<reason>`` (either side reset it; the peer's reason, or ours),
+    ``flow_control_violation`` (the peer sent beyond its credit), ``invalid_head``
+    (a head the peer would refuse; ``detail`` names the field)."""
+
+    http_status = 502
+
+
+class _Signal:
+    """Wakes every task waiting at the moment it fires (waiters re-check their condition)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class Mux:
+    """One tunnel's streams. ``opener=True`` on eecp's side, ``False`` on the agent's."""
+
+    def __init__(self, send_message: Callable[[bytes], Awaitable[None]], *, opener: bool,
+                 max_streams: int = 100, initial_window: int = 256 * 1024,
+                 max_frame: int = MAX_DATA, max_head_bytes: int = 64 * 1024) -> None:
+        if max_streams < 1 or not 0 < max_frame <= MAX_DATA:
+            raise ValueError("max_streams must be >= 1 and max_frame within 1..64 KiB")
+        self._send_message = send_message
+        self.opener = opener
+        self.max_streams = max_streams
+        # every peer may send INITIAL_WINDOW before hearing from us: a smaller window is moot
+        self.window = max(initial_window, INITIAL_WINDOW)
+        self.max_frame = max_frame
+        self.max_head_bytes = max_head_bytes
+        self._streams: dict[int, Stream] = {}
+        self._next_id = 1
+        # accepted-to-be streams, in arrival order (dicts keep insertion order)
+        self._pending: dict[int, tuple[Stream, RequestHead]] = {}
+        self._slots = _Signal()  # a slot freed (or the mux closed)
+        self._arrived = _Signal()  # a stream to accept arrived (or the mux closed)
+        self._writes: set[trio.CancelScope] = set()
+        self._closed: str | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Streams open (not finished both ways nor reset), including ones not yet accepted."""
+        return len(self._streams)
+
+    @property
+    def buffered(self) -> int:
+        """Body bytes received on all streams and not yet consumed (≤ in_flight × window)."""
+        return sum(stream.buffered for stream in self._streams.values())
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed is not None
+
+    # ---- opening and accepting --------------------------------------------------------------
+
+    async def open_stream(self, head: RequestHead) -> Stream:
+        """Open a stream for ``head`` (eecp's side); waits while ``max_streams`` are open.
+
+        The caller bounds the wait (``move_on_after``). Raises :class:`StreamError`
+        (``invalid_head`` before waiting, the close reason once the tunnel is gone).
+        """
+        if not self.opener:
+            raise RuntimeError("only the opening side opens streams")
+        self._check_head(head)
+        while True:
+            self._raise_if_closed()
+            if len(self._streams) < self.max_streams:
+                break
+            await self._slots.wait()
+        stream = Stream(self, self._allocate_id())
+        self._streams[stream.id] = stream
+        try:
+            await self._write(RequestHeadFrame(stream.id, head))
+            await stream._grant_initial()
+        except BaseException:
+            stream._fail(StreamError("tunnel_closed", "the request head was not sent"))
+            raise
+        return stream
+
+    async def accept_stream(self) -> tuple[Stream, RequestHead]:
+        """The next stream the peer opened (the agent's side), in the order they arrived."""
+        if self.opener:
+            raise RuntimeError("the opening side does not accept streams")
+        while True:
+            self._raise_if_closed()
+            if self._pending:
+                stream, head = self._pending.pop(next(iter(self._pending)))
+                await stream._grant_initial()
+                return stream, head
+            await self._arrived.wait()
+
+    def _allocate_id(self) -> int:
+        # 1, 2, 3, … wrapping after 2**32 - 1, skipping ids still open
+        while True:
+            stream_id = self._next_id
+            self._next_id = stream_id % frames.MAX_STREAM_ID + 1
+            if stream_id not in self._streams:
+                return stream_id
+
+    def _check_head(self, head: RequestHead | ResponseHead) -> None:
+        try:
+            frames.check_head(head, max_head_bytes=self.max_head_bytes)
+        except ProtocolError as exc:
+            raise StreamError("invalid_head", f"{exc.reason}: {exc.detail}") from None
+
+    # ---- the tunnel's side ------------------------------------------------------------------
+
+    async def feed(self, data: bytes) -> None:
+        """Route one binary message from the tunnel to its stream.
+
+        Never waits for a consumer. Raises ``ProtocolError`` for a message that is not a valid
+        frame or breaks the protocol's order (the caller ends the tunnel with its close code);
+        a peer that overruns one stream's window gets that stream reset instead
+        (``flow_control_violation``). Frames for streams already finished are dropped: they
+        were in flight when the stream ended. After :meth:`close`, everything is dropped.
+        """
+        if self._closed is not None:
+            return
+        frame = frames.decode_frame(data, max_head_bytes=self.max_head_bytes)
+        if isinstance(frame, RequestHeadFrame):
+            await self._on_request_head(frame)
+            return
+        if isinstance(frame, ResponseHeadFrame) and not self.opener:
+            _unexpected("response_head", "only the accepting side sends a response head")
+        stream = self._streams.get(frame.stream_id)
+        if stream is None:
+            return
+        violation = stream._on_frame(frame)
+        if violation:
+            await self._reset_from_feed(stream, "flow_control_violation", violation)
+
+    async def _on_request_head(self, frame: RequestHeadFrame) -> None:
+        if self.opener:
+            _unexpected("request_head", "only the opening side sends a request head")
+        if frame.stream_id in self._streams:
+            _unexpected("request_head", f"stream {frame.stream_id} is open already")
+        if len(self._streams) >= self.max_streams:
+            # the opener should have waited: refuse this one stream, not the tunnel
+            await self._write_quietly(ResetFrame(frame.stream_id, "too_many_streams"))
+            return
+        stream = Stream(self, frame.stream_id, request=frame.head)
+        self._streams[stream.id] = stream
+        self._pending[stream.id] = (stream, frame.head)
+        self._arrived.fire()
+
+    async def _reset_from_feed(self, stream: Stream, reason: str, detail: str) -> None:
+        log.warning("stream %d: %s (%s)", stream.id, reason, detail)
+        stream._fail(StreamError(reason, detail))
+        # written from the reader: a rare, tiny frame, only when the peer misbehaved
+        await self._write_quietly(ResetFrame(stream.id, reason))
+
+    def close(self, reason: str = "tunnel_closed") -> None:
+        """The tunnel is gone: every open stream's pending and future calls raise
+        ``StreamError(reason)`` now (a direction whose END arrived stays readable), waiting
+        openers and accepters wake up with it, and writes in progress are abandoned."""
+        if self._closed is not None:
+            return
+        self._closed = reason
+        for stream in list(self._streams.values()):
+            stream._fail(StreamError(reason, "the tunnel is gone"))
+        self._streams.clear()
+        self._pending.clear()
+        for scope in self._writes:
+            scope.cancel()
+        self._slots.fire()
+        self._arrived.fire()
+
+    def _raise_if_closed(self) -> None:
+        if self._closed is not None:
+            raise StreamError(self._closed, "the tunnel is gone")
+
+    def _forget(self, stream: Stream) -> None:
+        """Free ``stream``'s slot (finished or reset); its id may be used again."""
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+            self._slots.fire()
+        pending = self._pending.get(stream.id)
+        if pending is not None and pending[0] is stream:  # reset before it was accepted
+            del self._pending[stream.id]
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    async def _write(self, frame: Frame) -> None:
+        """Write one frame whole: shielded, so only :meth:`close` can interrupt it (half a
+        WebSocket message would corrupt the tunnel for every stream)."""
+        self._raise_if_closed()
+        data = frames.encode_frame(frame)
+        with trio.CancelScope(shield=True) as scope:
+            self._writes.add(scope)
+            try:
+                await self._send_message(data)
+            except Exception as exc:  # the transport's own error type: the tunnel is unusable
+                log.info("tunnel write failed: %r", exc)
+                self.close("tunnel_closed")
+                raise StreamError("tunnel_closed", f"write failed: {exc!r}") from exc
+            finally:
+                self._writes.discard(scope)
+        if scope.cancelled_caught:
+            self._raise_if_closed()
+
+    async def _write_quietly(self, frame: Frame) -> None:
+        """Write a frame nobody waits on (a RESET): once the tunnel is gone it is moot."""
+        with contextlib.suppress(StreamError):
+            await self._write(frame)
+
+
+class Stream:
+    """One request/response exchange. Use it as ``async with stream:`` to always free it."""
+
+    def __init__(self, mux: Mux, stream_id: int, *, request: RequestHead | None = None) -> None:
+        self.id = stream_id
+        self._mux = mux
+        self._accepting = request is not None
+        self._response: ResponseHead | None = None  # the opener's received head
+        self._head_sent = not self._accepting  # the opener's head went with open_stream
+        self._buffer: deque[bytes] = deque()
+        self._buffered = 0
+        self._unacked = 0  # consumed, not yet granted back
+        self._recv_credit = INITIAL_WINDOW  # what the peer may still send
+        self._send_credit = INITIAL_WINDOW  # what we may still send
+        self._received_end = False
+        self._sent_end = False
+        self._error: StreamError | None = None
+        self._changed = _Signal()
+        self._send_lock = trio.Lock()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken by :meth:`receive` (never more than the window)."""
+        return self._buffered
+
+    @property
+    def finished(self) -> bool:
+        """Finished both ways, or reset, or the tunnel is gone: the slot is free."""
+        return self._error is not None or (self._sent_end and self._received_end)
+
+    # ---- heads ------------------------------------------------------------------------------
+
+    async def send_head(self, head: ResponseHead) -> None:
+        """Send the response head (the accepting side; once, before any body)."""
+        if not self._accepting or self._head_sent:
+            raise RuntimeError("send_head: only once, on the accepting side")
+        self._mux._check_head(head)
+        async with self._send_lock:
+            self._raise_if_failed()
+            await self._mux._write(ResponseHeadFrame(self.id, head))
+            self._head_sent = True
+
+    async def receive_head(self) -> ResponseHead:
+        """The response head (the opening side), once it arrives."""
+        if self._accepting:
+            raise RuntimeError("receive_head: the accepting side sends the head")
+        while self._response is None:
+            self._raise_if_failed()
+            await self._changed.wait()
+        return self._response
+
+    # ---- body -------------------------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        """Send body bytes: DATA frames of at most ``max_frame``, each when credit allows."""
+        self._check_can_send()
+        view = memoryview(data)
+        async with self._send_lock:
+            while view:
+                size = min(len(view), await self._credit(), self._mux.max_frame)
+                self._send_credit -= size  # spent now: a concurrent WINDOW adds to the rest
+                await self._mux._write(DataFrame(self.id, bytes(view[:size])))
+                view = view[size:]
+
+    async def _credit(self) -> int:
+        while True:
+            self._raise_if_failed()
+            if self._send_credit > 0:
+                return self._send_credit
+            await self._changed.wait()
+
+    async def end(self) -> None:
+        """This direction's body is complete (END). Idempotent."""
+        if self._sent_end:
+            return
+        self._check_can_send()
+        async with self._send_lock:  # after any DATA still being written
+            self._raise_if_failed()
+            await self._mux._write(EndFrame(self.id))
+            self._sent_end = True
+            self._maybe_finished()
+
+    async def receive(self) -> bytes | None:
+        """The next body chunk in arrival order; ``None`` after END.
+
+        Raises :class:`StreamError` once the stream is reset or the tunnel closed (unless END
+        arrived first: a complete body stays readable). Hands credit back to the peer once
+        half the window was consumed.
+        """
+        while not self._buffer:
+            if self._received_end:
+                return None
+            self._raise_if_failed()
+            await self._changed.wait()
+        chunk = self._buffer.popleft()
+        self._buffered -= len(chunk)
+        self._unacked += len(chunk)
+        if not self._received_end and self._unacked >= self._mux.window // 2:
+            increment, self._unacked = self._unacked, 0
+            # the tunnel may be gone: then the next call says so (this chunk did arrive)
+            with contextlib.suppress(StreamError):
+                await self._grant(increment)
+        return chunk
+
+    # ---- ending -----------------------------------------------------------------------------
+
+    async def reset(self, reason: str) -> None:
+        """Abort the stream both ways with ``reason`` (cut to fit a RESET frame)."""
+        if self.finished:
+            return
+        reason = frames.reset_reason(reason)
+        self._fail(StreamError(f"stream_reset:{reason}", "reset by this side"))
+        await self._mux._write_quietly(ResetFrame(self.id, reason))
+
+    async def aclose(self) -> None:
+        """Done with the stream: a stream not finished both ways is reset (``closed``)."""
+        await self.reset("closed")
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        with trio.CancelScope(shield=True):  # a cancelled holder still tells the peer
+            await self.aclose()
+
+    async def wait_failed(self) -> StreamError:
+        """Return once the stream is reset (by either side) or the tunnel closed; never for a
+        stream that finishes cleanly. For cancelling work (a backend call) that the stream
+        no longer needs."""
+        while self._error is None:
+            await self._changed.wait()
+        return StreamError(self._error.reason, self._error.detail)
+
+    # ---- the mux's side ---------------------------------------------------------------------
+
+    async def _grant_initial(self) -> None:
+        """Raise the peer's credit from the protocol's INITIAL_WINDOW to our window."""
+        if self._mux.window > INITIAL_WINDOW:
+            await self._grant(self._mux.window - INITIAL_WINDOW)
+
+    async def _grant(self, increment: int) -> None:
+        self._recv_credit += increment  # before the write: the peer may use it at once
+        await self._mux._write(WindowFrame(self.id, increment))
+
+    def _on_frame(self, frame: Frame) -> str | None:
+        """Apply a frame from the peer; a flow-control violation is returned, not raised."""
+        if isinstance(frame, ResponseHeadFrame):
+            if self._response is not None:
+                _unexpected("response_head", f"a second head on stream {self.id}")
+            self._response = frame.head
+        elif isinstance(frame, DataFrame):
+            return self._on_data(frame.data)
+        elif isinstance(frame, EndFrame):
+            self._check_body_order("end")
+            self._received_end = True
+            self._maybe_finished()
+        elif isinstance(frame, ResetFrame):
+            self._fail(StreamError(f"stream_reset:{frame.reason}", "reset by the peer"))
+        elif isinstance(frame, WindowFrame):
+            if self._send_credit + frame.increment > MAX_CREDIT:
+                return f"credit above {MAX_CREDIT}"
+            self._send_credit += frame.increment
+        self._changed.fire()
+        return None
+
+    def _on_data(self, data: bytes) -> str | None:
+        self._check_body_order("data")
+        if len(data) > self._recv_credit:
+            return f"{len(data)} bytes with {self._recv_credit} of credit"
+        self._recv_credit -= len(data)
+        if data:
+            self._buffer.append(data)
+            self._buffered += len(data)
+            self._changed.fire()
+        return None
+
+    def _check_body_order(self, kind: str) -> None:
+        if self._received_end:
+            _unexpected(kind, f"{kind.upper()} after END on stream {self.id}")
+        if not self._accepting and self._response is None:
+            _unexpected(kind, f"{kind.upper()} before the head on stream {self.id}")
+
+    def _fail(self, error: StreamError) -> None:
+        """Reset or tunnel gone: wake every waiter with ``error``; free the slot."""
+        if self._error is not None:
+            return
+        self._error = error
+        if not self._received_end:  # an incomplete body is worthless: drop it
+            self._buffer.clear()
+            self._buffered = 0
+        self._mux._forget(self)
+        self._changed.fire()
+
+    def _maybe_finished(self) -> None:
+        if self._sent_end and self._received_end:
+            self._mux._forget(self)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            # a fresh exception per raise: one instance raised in several tasks would collect
+            # every task's traceback
+            raise StreamError(self._error.reason, self._error.detail)
+
+    def _check_can_send(self) -> None:
+        self._raise_if_failed()
+        if not self._head_sent:
+            raise RuntimeError("send the response head before the body")
+        if self._sent_end:
+            raise RuntimeError("the body was ended already")
+
+
+def _unexpected(kind: str, detail: str) -> NoReturn:
+    raise ProtocolError(f"unexpected_frame:{kind}", detail, CLOSE_PROTOCOL_ERROR)

@@ -1,0 +1,254 @@
+"""The binary frame codec (eecp.frames): round trips, every malformed case, random bytes."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eecp.errors import ProtocolError
+from eecp.frames import (
+    INITIAL_WINDOW,
+    MAX_DATA,
+    DataFrame,
+    EndFrame,
+    Frame,
+    FrameType,
+    RequestHead,
+    RequestHeadFrame,
+    ResetFrame,
+    ResponseHead,
+    ResponseHeadFrame,
+    WindowFrame,
+    check_head,
+    decode_frame,
+    encode_frame,
+    reset_reason,
+)
+
+
+def raw(kind: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">BI", kind, stream_id) + payload
+
+
+def head_payload(doc: object) -> bytes:
+    return json.dumps(doc).encode()
+
+
+REQUEST = RequestHead("POST", "/v1/items?x=1&y=%20", [
+    ("Content-Type", "application/json"), ("X-Dup", "one"), ("x-dup", "two"), ("Empty", "")])
+RESPONSE = ResponseHead(201, [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Vary", "é")])
+
+
+@pytest.mark.parametrize("frame", [
+    RequestHeadFrame(1, REQUEST),
+    RequestHeadFrame(2**32 - 1, RequestHead("GET", "/", [])),
+    ResponseHeadFrame(7, RESPONSE),
+    DataFrame(3, b""),
+    DataFrame(3, b"\x00\xff" * 10),
+    DataFrame(3, bytes(MAX_DATA)),
+    EndFrame(9),
+    ResetFrame(4, "backend_unreachable"),
+    ResetFrame(4, "stream_reset:é" + "x" * 180),
+    WindowFrame(5, 1),
+    WindowFrame(5, 2**32 - 1),
+], ids=lambda f: type(f).__name__)
+def test_round_trip(frame: Frame) -> None:
+    data = encode_frame(frame)
+    assert decode_frame(data) == frame
+    assert data[0] == {RequestHeadFrame: 1, ResponseHeadFrame: 2, DataFrame: 3, EndFrame: 4,
+                       ResetFrame: 5, WindowFrame: 6}[type(frame)]
+    assert int.from_bytes(data[1:5], "big") == frame.stream_id
+
+
+def test_wire_layout_is_the_documented_one() -> None:
+    assert encode_frame(DataFrame(258, b"hi")) == b"\x03\x00\x00\x01\x02hi"
+    assert encode_frame(WindowFrame(1, 65536)) == b"\x06\x00\x00\x00\x01\x00\x01\x00\x00"
+    assert encode_frame(EndFrame(1)) == b"\x04\x00\x00\x00\x01"
+    assert encode_frame(RequestHeadFrame(1, RequestHead("GET", "/a", [("A", "1")]))) == (
+        b'\x01\x00\x00\x00\x01{"method":"GET","path":"/a","headers":[["A","1"]]}')
+    assert encode_frame(ResponseHeadFrame(1, ResponseHead(204, []))) == (
+        b'\x02\x00\x00\x00\x01{"status":204,"headers":[]}')
+    assert INITIAL_WINDOW == 64 * 1024
+
+
+def test_repeated_headers_keep_their_order() -> None:
+    frame = decode_frame(encode_frame(ResponseHeadFrame(1, RESPONSE)))
+    assert isinstance(frame, ResponseHeadFrame)
+    assert frame.head.headers == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Vary", "é")]
+
+
+def test_unknown_head_keys_are_ignored() -> None:
+    data = raw(1, 1, head_payload({"method": "GET", "path": "/", "headers": [], "new": 1}))
+    assert decode_frame(data) == RequestHeadFrame(1, RequestHead("GET", "/", []))
+
+
+_GOOD_REQ = {"method": "GET", "path": "/", "headers": []}
+_GOOD_RESP = {"status": 200, "headers": []}
+
+MALFORMED = [
+    ("empty", b"", "short", 4005),
+    ("four bytes", b"\x03\x00\x00\x00", "short", 4005),
+    ("type 0", raw(0, 1), "unknown_type", 4005),
+    ("type 7", raw(7, 1, b"x"), "unknown_type", 4005),
+    ("type 255", raw(255, 0), "unknown_type", 4005),
+    ("stream 0", raw(3, 0, b"x"), "stream_id", 4005),
+    ("data too large", raw(3, 1, bytes(MAX_DATA + 1)), "data_too_large", 4005),
+    ("end with payload", raw(4, 1, b"x"), "end_payload", 4005),
+    ("reset empty", raw(5, 1), "reset_reason", 4005),
+    ("reset too long", raw(5, 1, b"x" * 201), "reset_reason", 4005),
+    ("reset not utf-8", raw(5, 1, b"\xff\xfe"), "reset_reason", 1007),
+    ("reset control", raw(5, 1, b"a\nb"), "reset_reason", 4005),
+    ("window short", raw(6, 1, b"\x00\x01"), "window_increment", 4005),
+    ("window long", raw(6, 1, b"\x00\x00\x00\x01\x00"), "window_increment", 4005),
+    ("window zero", raw(6, 1, bytes(4)), "window_increment", 4005),
+    ("head not json", raw(1, 1, b"{nope"), "head_json", 1007),
+    ("head not utf-8", raw(1, 1, b'{"method":"\xff"}'), "head_json", 1007),
+    ("head an array", raw(1, 1, b"[]"), "head_json", 1007),
+    ("head nests deep", raw(1, 1, b"[" * 60000), "head_json", 1007),
+    ("head too large", raw(1, 1, head_payload({**_GOOD_REQ, "pad": "x" * 70000})),
+     "head_too_large", 4005),
+    ("method missing", raw(1, 1, head_payload({"path": "/", "headers": []})), "method", 4005),
+    ("method not token", raw(1, 1, head_payload({**_GOOD_REQ, "method": "G T"})), "method", 4005),
+    ("method trailing newline", raw(1, 1, head_payload({**_GOOD_REQ, "method": "GET\n"})),
+     "method", 4005),
+    ("path missing", raw(1, 1, head_payload({"method": "GET", "headers": []})), "path", 4005),
+    ("path empty", raw(1, 1, head_payload({**_GOOD_REQ, "path": ""})), "path", 4005),
+    ("path with space", raw(1, 1, head_payload({**_GOOD_REQ, "path": "/a b"})), "path", 4005),
+    ("path with CRLF", raw(1, 1, head_payload({**_GOOD_REQ, "path": "/a\r\nX: y"})),
+     "path", 4005),
+    ("path not ascii", raw(1, 1, head_payload({**_GOOD_REQ, "path": "/é"})), "path", 4005),
+    ("headers missing", raw(1, 1, head_payload({"method": "GET", "path": "/"})),
+     "headers", 4005),
+    ("headers an object", raw(1, 1, head_payload({**_GOOD_REQ, "headers": {"a": "b"}})),
+     "headers", 4005),
+    ("header not a pair", raw(1, 1, head_payload({**_GOOD_REQ, "headers": [["a"]]})),
+     "headers", 4005),
+    ("header name a number", raw(1, 1, head_payload({**_GOOD_REQ, "headers": [[1, "b"]]})),
+     "headers", 4005),
+    ("header value a number", raw(1, 1, head_payload({**_GOOD_REQ, "headers": [["a", 1]]})),
+     "headers", 4005),
+    ("header name with colon", raw(1, 1, head_payload({**_GOOD_REQ, "headers": [["a:b", "c"]]})),
+     "headers", 4005),
+    ("header value with CRLF",
+     raw(1, 1, head_payload({**_GOOD_REQ, "headers": [["a", "b\r\nSet-Cookie: x"]]})),
+     "headers", 4005),
+    ("header value with NUL", raw(1, 1, head_payload({**_GOOD_REQ, "headers": [["a", "\x00"]]})),
+     "headers", 4005),
+    ("header value beyond latin-1",
+     raw(1, 1, head_payload({**_GOOD_REQ, "headers": [["a", "€"]]})), "headers", 4005),
+    ("status missing", raw(2, 1, head_payload({"headers": []})), "status", 4005),
+    ("status a string", raw(2, 1, head_payload({**_GOOD_RESP, "status": "200"})), "status", 4005),
+    ("status a bool", raw(2, 1, head_payload({**_GOOD_RESP, "status": True})), "status", 4005),
+    ("status a float", raw(2, 1, head_payload({**_GOOD_RESP, "status": 200.0})), "status", 4005),
+    ("status 99", raw(2, 1, head_payload({**_GOOD_RESP, "status": 99})), "status", 4005),
+    ("status 600", raw(2, 1, head_payload({**_GOOD_RESP, "status": 600})), "status", 4005),
+    ("response headers bad", raw(2, 1, head_payload({**_GOOD_RESP, "headers": "x"})),
+     "headers", 4005),
+]
+
+
+@pytest.mark.parametrize(("data", "what", "code"), [m[1:] for m in MALFORMED],
+                         ids=[m[0] for m in MALFORMED])
+def test_malformed_frames_are_refused_with_their_reason(data: bytes, what: str, code: int
+                                                        ) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_frame(data)
+    assert caught.value.reason == f"invalid_frame:{what}"
+    assert caught.value.close_code == code
+
+
+def test_max_head_bytes_is_the_receivers_choice() -> None:
+    data = encode_frame(RequestHeadFrame(1, RequestHead("GET", "/" + "a" * 200, [])))
+    decode_frame(data, max_head_bytes=len(data) - 5)
+    with pytest.raises(ProtocolError, match="head_too_large"):
+        decode_frame(data, max_head_bytes=len(data) - 6)
+
+
+@pytest.mark.parametrize("frame", [
+    DataFrame(0, b""),
+    DataFrame(2**32, b""),
+    DataFrame(1, bytes(MAX_DATA + 1)),
+    ResetFrame(1, ""),
+    ResetFrame(1, "x" * 201),
+    ResetFrame(1, "a\nb"),
+    WindowFrame(1, 0),
+    WindowFrame(1, 2**32),
+    RequestHeadFrame(1, RequestHead("GET", "/a b", [])),
+    RequestHeadFrame(1, RequestHead("GET", "/", [("X", "a\r\nb")])),
+    ResponseHeadFrame(1, ResponseHead(42, [])),
+], ids=repr)
+def test_encoding_refuses_what_a_peer_would_refuse(frame: Frame) -> None:
+    with pytest.raises(ValueError):
+        encode_frame(frame)
+
+
+def test_check_head_names_the_field_and_the_size() -> None:
+    assert check_head(RequestHead("GET", "/", [])) == b'{"method":"GET","path":"/","headers":[]}'
+    with pytest.raises(ProtocolError, match="invalid_frame:headers"):
+        check_head(ResponseHead(200, [("Bad Name", "x")]))
+    with pytest.raises(ProtocolError, match="invalid_frame:head_too_large"):
+        check_head(RequestHead("GET", "/", [("X", "y" * 100)]), max_head_bytes=64)
+
+
+def test_reset_reason_always_fits() -> None:
+    assert reset_reason("backend_timeout") == "backend_timeout"
+    assert reset_reason("") == "unspecified"
+    assert reset_reason("a\r\nb") == "a??b"
+    long = reset_reason("é" * 300)
+    assert len(long.encode()) <= 200 and long == "é" * 100
+    encode_frame(ResetFrame(1, reset_reason("\x00" * 1000)))
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_raise_nothing_but_protocol_error(data: bytes) -> None:
+    try:
+        decode_frame(data, max_head_bytes=200)
+    except ProtocolError as exc:
+        assert exc.reason.startswith("invalid_frame:")
+        assert exc.close_code in (1007, 4005)
+
+
+@given(st.sampled_from(list(FrameType)), st.integers(0, 2**32 - 1), st.binary(max_size=300))
+def test_random_payloads_raise_nothing_but_protocol_error(kind: FrameType, stream_id: int,
+                                                          payload: bytes) -> None:
+    try:
+        frame = decode_frame(raw(kind, stream_id, payload))
+    except ProtocolError as exc:
+        assert exc.close_code in (1007, 4005)
+    else:  # whatever decodes re-encodes to a frame that decodes the same
+        assert decode_frame(encode_frame(frame)) == frame
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=12)
+
+
+@given(st.sampled_from([1, 2]), st.dictionaries(
+    st.sampled_from(["method", "path", "headers", "status", "other"]), _JSONISH))
+def test_random_heads_raise_nothing_but_protocol_error(kind: int, doc: dict[str, object]
+                                                       ) -> None:
+    try:
+        decode_frame(raw(kind, 1, json.dumps(doc).encode()))
+    except ProtocolError as exc:
+        assert exc.reason.startswith("invalid_frame:")
+
+
+_TOKENS = st.text(alphabet="!#$%&'*+-.^_`|~abcXYZ019", min_size=1, max_size=12)
+_VALUES = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF,
+                                         blacklist_characters="\x7f"), max_size=30)
+
+
+@given(_TOKENS, st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E),
+                        min_size=1, max_size=40),
+       st.lists(st.tuples(_TOKENS, _VALUES), max_size=8), st.integers(1, 2**32 - 1))
+def test_valid_request_heads_round_trip(method: str, path: str,
+                                        headers: list[tuple[str, str]], stream_id: int) -> None:
+    frame = RequestHeadFrame(stream_id, RequestHead(method, path, headers))
+    assert decode_frame(encode_frame(frame)) == frame

@@ -1,0 +1,288 @@
+"""Requests over the tunnel: the proxy listener, the auth listener and ``POST /v1/proxy/{app}``,
+against fake agents that forward to real local backends (real sockets, MockClock)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from trio.testing import MockClock
+
+from tests import quotefactory as qf
+from tests.fakehttp import FakeServer, Request, Response, open_fake_http
+from tests.harness import (
+    ControlPlane,
+    FakeAgent,
+    control_plane_env,
+    open_control_plane,
+    open_upstreams,
+    running_agent,
+)
+
+
+@dataclass
+class Backend:
+    """A scriptable app: its name is in every answer so tests can tell agents apart."""
+
+    name: str
+    server: FakeServer | None = None
+    release: trio.Event = field(default_factory=trio.Event)
+    entered: trio.Event = field(default_factory=trio.Event)
+    events: list[trio.Event] = field(default_factory=lambda: [trio.Event() for _ in range(3)])
+
+    async def handle(self, request: Request) -> Response:
+        if request.path == "/hello":
+            return Response(200, f"hello from {self.name}".encode(),
+                            [("x-backend", self.name), ("connection", "keep-alive")])
+        if request.path == "/echo":
+            return Response(201, request.body, [("x-method", request.method)])
+        if request.path == "/headers":
+            return Response.json(json.dumps(request.headers))
+        if request.path == "/cookies":
+            return Response(200, b"", [("set-cookie", "a=1"), ("set-cookie", "b=2"),
+                                       ("set-cookie", "c=3")])
+        if request.path == "/hang":
+            self.entered.set()
+            await self.release.wait()
+            return Response(200, b"late")
+        if request.path == "/sse":
+            return Response(200, headers=[("content-type", "text/event-stream")],
+                            chunks=self._events())
+        return Response(404, b"nope")
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        for index, gate in enumerate(self.events):
+            await gate.wait()
+            yield f"data: event {index}\n\n".encode()
+
+
+@dataclass
+class World:
+    cp: ControlPlane
+    pki: qf.TestPki
+    clock: MockClock
+
+    def agent(self, backend: FakeServer, **kwargs: object) -> FakeAgent:
+        return FakeAgent(self.cp.ws_url, self.pki, backend_url=backend.url,  # type: ignore[arg-type]
+                         **kwargs)
+
+
+@asynccontextmanager
+async def open_backend(name: str) -> AsyncIterator[tuple[Backend, FakeServer]]:
+    backend = Backend(name)
+    async with open_fake_http(backend.handle) as server:
+        backend.server = server
+        yield backend, server
+
+
+@pytest.fixture(scope="session")
+def pki() -> qf.TestPki:
+    return qf.make_pki(seed=31)
+
+
+@pytest.fixture
+async def world(tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> AsyncIterator[World]:
+    assert trio.lowlevel.current_clock() is mock_clock, "request mock_clock in the test"
+    async with open_upstreams(pki) as (pccs, github):
+        env = control_plane_env(tmp_path, pki, pccs.url, github.url)
+        async with open_control_plane(env, pki, pccs, github) as cp:
+            yield World(cp, pki, mock_clock)
+
+
+async def proxy_get(cp: ControlPlane, path: str, host: str = "shop.app.example.com",
+                    headers: dict[str, str] | None = None) -> httpx.Response:
+    # no client timeout: the mock clock jumps, and the server's timeouts are under test
+    async with httpx.AsyncClient(timeout=None) as client:
+        return await client.get(cp.proxy_url + path, headers=headers or {"Host": host})
+
+
+async def test_requests_reach_the_app(mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        response = await proxy_get(world.cp, "/hello?x=1")
+        assert (response.status_code, response.text) == (200, "hello from one")
+        assert response.headers["x-backend"] == "one"
+        assert "keep-alive" not in response.headers.get("connection", "")
+        async with httpx.AsyncClient() as client:
+            echoed = await client.post(world.cp.proxy_url + "/echo", content=b"x" * 300_000,
+                                       headers={"X-EE-App": "shop", "Host": "elsewhere"})
+        assert (echoed.status_code, len(echoed.content)) == (201, 300_000)
+        assert echoed.headers["x-method"] == "POST"
+        seen = (await proxy_get(world.cp, "/headers",
+                                headers={"Host": "shop.app.example.com",
+                                         "X-Forwarded-For": "6.6.6.6",
+                                         "Connection": "keep-alive, x-secret",
+                                         "X-Secret": "hop", "Proxy-Authorization": "p"})).json()
+        assert seen["x-forwarded-for"] == "6.6.6.6, 127.0.0.1"
+        assert seen["x-forwarded-proto"] == "http"
+        assert seen["x-forwarded-host"] == "shop.app.example.com"
+        assert "x-secret" not in seen and "proxy-authorization" not in seen
+        cookies = await proxy_get(world.cp, "/cookies")
+        assert cookies.headers.get_list("set-cookie") == ["a=1", "b=2", "c=3"]
+
+
+async def test_refusals_mirror_resolve(mock_clock: MockClock, world: World) -> None:
+    response = await proxy_get(world.cp, "/hello", host="nosuch.app.example.com")
+    assert response.status_code == 403
+    assert response.json() == {"allowed": False, "reason": "unknown_app"}
+    async with httpx.AsyncClient() as client:
+        missing = await client.get(world.cp.proxy_url + "/hello", headers={"Host": ""})
+    assert (missing.status_code, missing.json()["reason"]) == (400, "missing_app")
+    async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        await agent.health("fail")
+        await agent.wait_status("health_fail")
+        sick = await proxy_get(world.cp, "/hello")
+        assert (sick.status_code, sick.json()["reason"]) == (403, "health_fail")
+
+
+async def test_backend_down_is_agent_error(mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (_, server):
+        down = FakeServer(url=server.url)
+    agent = FakeAgent(world.cp.ws_url, world.pki, backend_url=down.url)  # nothing listens
+    async with running_agent(agent):
+        await agent.wait_status("attested")
+        response = await proxy_get(world.cp, "/hello")
+        assert (response.status_code, response.json()["reason"]) == (502, "agent_error")
+
+
+async def test_upstream_timeout(mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (backend, server), \
+            running_agent(world.agent(server)) as agent, trio.open_nursery() as nursery:
+        await agent.wait_status("attested")
+        result: list[httpx.Response] = []
+
+        async def call() -> None:
+            result.append(await proxy_get(world.cp, "/hang"))
+        nursery.start_soon(call)
+        await backend.entered.wait()
+        world.clock.jump(61)
+        while not result:
+            await trio.to_thread.run_sync(__import__("time").sleep, 0.01)
+        assert (result[0].status_code, result[0].json()["reason"]) == (504, "upstream_timeout")
+        backend.release.set()
+
+
+async def test_tunnel_loss_fails_requests_in_flight(mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (backend, server), trio.open_nursery() as nursery:
+        result: list[httpx.Response] = []
+        async with running_agent(world.agent(server)) as agent:
+            await agent.wait_status("attested")
+
+            async def call() -> None:
+                result.append(await proxy_get(world.cp, "/hang"))
+            nursery.start_soon(call)
+            await backend.entered.wait()
+        # the agent's tunnel is gone while the request waits for its answer
+        while not result:
+            await trio.to_thread.run_sync(__import__("time").sleep, 0.01)
+        assert (result[0].status_code, result[0].json()["reason"]) == (502, "tunnel_closed")
+        backend.release.set()
+
+
+async def test_server_sent_events_stream_through(mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (backend, server), \
+            running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        async with httpx.AsyncClient() as client, client.stream(
+                "GET", world.cp.proxy_url + "/sse",
+                headers={"Host": "shop.app.example.com"}) as response:
+            assert response.headers["content-type"] == "text/event-stream"
+            chunks = response.aiter_raw()
+            for index, gate in enumerate(backend.events):
+                gate.set()  # the backend sends event N only now
+                assert await chunks.__anext__() == f"data: event {index}\n\n".encode()
+
+
+async def test_least_loaded_agent_and_retry(mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (busy, one), open_backend("two") as (_, two), \
+            trio.open_nursery() as nursery, running_agent(world.agent(one)) as first, \
+                running_agent(world.agent(two)) as second:
+        await first.wait_status("attested")
+        await second.wait_status("attested")
+        held: list[httpx.Response] = []
+
+        async def hold() -> None:
+            held.append(await proxy_get(world.cp, "/hang"))
+        nursery.start_soon(hold)
+        await busy.entered.wait()  # agent one has a request in flight
+        for _ in range(3):
+            assert (await proxy_get(world.cp, "/hello")).text == "hello from two"
+        busy.release.set()
+
+
+async def test_idempotent_request_retried_on_another_agent(mock_clock: MockClock,
+                                                           world: World) -> None:
+    async with open_backend("two") as (_, two):
+        dead = FakeAgent(world.cp.ws_url, world.pki, backend_url="http://127.0.0.1:9")
+        async with running_agent(dead):
+            await dead.wait_status("attested")
+            async with running_agent(world.agent(two)) as good:
+                await good.wait_status("attested")
+                for _ in range(3):
+                    response = await proxy_get(world.cp, "/hello")
+                    assert (response.status_code, response.text) == (200, "hello from two")
+                async with httpx.AsyncClient() as client:
+                    posts = [await client.post(world.cp.proxy_url + "/echo", content=b"x",
+                                               headers={"Host": "shop.app.example.com"})
+                             for _ in range(4)]
+                # a request with a body is never replayed: some land on the dead backend
+                assert {p.status_code for p in posts} <= {201, 502}
+
+
+async def test_json_proxy_on_the_control_port(mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(world.cp.url + "/v1/proxy/shop", json={
+                "method": "POST", "path": "/echo", "headers": {"x-a": "1"},
+                "body_b64": base64.b64encode(b"ping").decode()})
+            assert answer.status_code == 200
+            doc = answer.json()
+            assert doc["status"] == 201 and base64.b64decode(doc["body_b64"]) == b"ping"
+            assert ["x-method", "POST"] in doc["headers"]
+            bad = await client.post(world.cp.url + "/v1/proxy/shop",
+                                    json={"path": "http://evil/"})
+            assert (bad.status_code, bad.json()["reason"]) == (400, "invalid_field:path")
+            unknown = await client.post(world.cp.url + "/v1/proxy/nosuch", json={"path": "/"})
+            assert (unknown.status_code, unknown.json()["reason"]) == (403, "unknown_app")
+
+
+async def test_auth_listener_answers_like_resolve(mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        async with httpx.AsyncClient() as client:
+            fast = await client.get(world.cp.auth_url + "/v1/resolve/shop")
+            slow = await client.get(world.cp.url + "/v1/resolve/shop")
+            assert (fast.status_code, fast.json()) == (slow.status_code, slow.json())
+            assert fast.headers["x-ee-allowed"] == "true"
+            by_host = await client.get(world.cp.auth_url + "/v1/resolve",
+                                       headers={"X-Original-Host": "shop.app.example.com"})
+            assert by_host.status_code == 200
+            other = await client.get(world.cp.auth_url + "/v1/apps")
+            assert other.status_code == 404
+            denied = await client.get(world.cp.auth_url + "/v1/resolve/nosuch")
+            assert (denied.status_code, denied.json()["reason"]) == (403, "unknown_app")
+
+
+async def test_metrics(mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        assert (await proxy_get(world.cp, "/hello")).status_code == 200
+        assert (await proxy_get(world.cp, "/x", host="nosuch.app")).status_code == 403
+        text = (await world.cp.get("/metrics")).text
+    assert 'eecp_attestations_total{reason="attested",result="accepted"} 1.0' in text
+    assert 'eecp_proxy_requests_total{app="shop",status="200"} 1.0' in text
+    assert 'eecp_proxy_requests_total{app="nosuch",status="403"} 1.0' in text
+    assert "eecp_agents_connected 1.0" in text
+    assert 'eecp_apps{state="ok"} 1.0' in text
+    assert "eecp_attestation_seconds_count 1.0" in text
+    assert "eecp_proxy_seconds_count 1.0" in text
+    assert 'eecp_proxy_bytes_total{direction="out"} 14.0' in text

@@ -1,0 +1,620 @@
+"""The stream multiplexer (eecp.streams): two Muxes back to back over an in-memory tunnel.
+
+Each direction of the "tunnel" is a memory channel drained by a pump task that feeds the other
+mux, so sending and receiving are asynchronous as over a WebSocket. Every frame that crosses is
+recorded, so tests can count DATA bytes in flight per stream. Every test is bounded by
+``WAIT`` seconds (a hang fails instead of blocking the run); nothing asserts on speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from eecp.errors import ProtocolError
+from eecp.frames import (
+    INITIAL_WINDOW,
+    DataFrame,
+    EndFrame,
+    Frame,
+    RequestHeadFrame,
+    ResetFrame,
+    ResponseHeadFrame,
+    WindowFrame,
+    decode_frame,
+    encode_frame,
+)
+from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
+
+WAIT = 10.0
+GET = RequestHead("GET", "/", [])
+OK = ResponseHead(200, [])
+
+
+@dataclass
+class Wire:
+    """What crossed one direction of the tunnel."""
+
+    frames: list[Frame] = field(default_factory=list)
+    data_bytes: Counter[int] = field(default_factory=Counter)
+
+    def record(self, data: bytes) -> None:
+        frame = decode_frame(data)
+        self.frames.append(frame)
+        if isinstance(frame, DataFrame):
+            self.data_bytes[frame.stream_id] += len(frame.data)
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [f for f in self.frames if isinstance(f, kind)]
+
+
+@dataclass
+class Pair:
+    """eecp's mux (the opener) and the agent's, connected."""
+
+    eecp: Mux
+    agent: Mux
+    to_agent: Wire
+    to_eecp: Wire
+    #: the most body bytes each side ever held unconsumed (sampled after every frame fed)
+    max_buffered: Counter[str] = field(default_factory=Counter)
+
+
+def _link(wire: Wire, tx: trio.MemorySendChannel[bytes]) -> Callable[[bytes], Awaitable[None]]:
+    async def send_message(data: bytes) -> None:
+        wire.record(data)
+        await tx.send(data)
+    return send_message
+
+
+async def _pump(rx: trio.MemoryReceiveChannel[bytes], mux: Mux, name: str,
+                max_buffered: Counter[str]) -> None:
+    async for data in rx:
+        await mux.feed(data)
+        max_buffered[name] = max(max_buffered[name], mux.buffered)
+
+
+@asynccontextmanager
+async def mux_pair(eecp: dict[str, Any] | None = None, agent: dict[str, Any] | None = None,
+                   *, wait: float = WAIT) -> AsyncIterator[Pair]:
+    """Two muxes back to back; the whole ``async with`` must finish within ``wait``."""
+    to_agent_tx, to_agent_rx = trio.open_memory_channel[bytes](math.inf)
+    to_eecp_tx, to_eecp_rx = trio.open_memory_channel[bytes](math.inf)
+    to_agent, to_eecp = Wire(), Wire()
+    pair = Pair(Mux(_link(to_agent, to_agent_tx), opener=True, **(eecp or {})),
+                Mux(_link(to_eecp, to_eecp_tx), opener=False, **(agent or {})),
+                to_agent, to_eecp)
+    with trio.fail_after(wait):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pump, to_agent_rx, pair.agent, "agent", pair.max_buffered)
+            nursery.start_soon(_pump, to_eecp_rx, pair.eecp, "eecp", pair.max_buffered)
+            yield pair
+            nursery.cancel_scope.cancel()
+
+
+async def read_all(stream: Stream) -> bytes:
+    out = bytearray()
+    while (chunk := await stream.receive()) is not None:
+        out += chunk
+    return bytes(out)
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """``size`` bytes that differ from stream to stream (and from offset to offset)."""
+    block = bytes((seed * 7 + i) % 251 for i in range(251))
+    return (block * (size // 251 + 1))[:size]
+
+
+async def echo_server(mux: Mux, *, headers: list[tuple[str, str]] | None = None) -> None:
+    """Accept streams forever; answer each with its request body, reversed chunks and all."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                stream, head = await mux.accept_stream()
+            except StreamError:
+                return
+
+            async def serve(stream: Stream = stream, head: RequestHead = head) -> None:
+                # a client may leave early (RESET) or the tunnel close: that ends this one
+                with contextlib.suppress(StreamError):
+                    await _echo(stream, head, headers)
+            nursery.start_soon(serve)
+
+
+async def _echo(stream: Stream, head: RequestHead, headers: list[tuple[str, str]] | None
+                ) -> None:
+    async with stream:
+        body = await read_all(stream)
+        await stream.send_head(ResponseHead(200, headers or head.headers))
+        await stream.send(body)
+        await stream.end()
+
+
+# ---- basics -----------------------------------------------------------------------------------
+
+
+async def test_one_exchange_then_both_slots_are_free() -> None:
+    async with mux_pair() as p:
+        stream = await p.eecp.open_stream(RequestHead("POST", "/echo", [("A", "1")]))
+        assert stream.id == 1 and p.eecp.in_flight == 1
+        accepted, head = await p.agent.accept_stream()
+        assert head == RequestHead("POST", "/echo", [("A", "1")])
+        await stream.send(b"hello")
+        await stream.end()
+        assert await read_all(accepted) == b"hello"
+        await accepted.send_head(ResponseHead(201, [("B", "2")]))
+        await accepted.send(b"world")
+        await accepted.end()
+        assert await stream.receive_head() == ResponseHead(201, [("B", "2")])
+        assert await read_all(stream) == b"world"
+        assert stream.finished and accepted.finished
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.eecp.in_flight == 0 and p.agent.in_flight == 0
+        assert p.to_agent.of(ResetFrame) == [] and p.to_eecp.of(ResetFrame) == []
+
+
+async def test_repeated_headers_keep_their_order_both_ways() -> None:
+    request = [("Cookie", "a=1"), ("X-Dup", "1"), ("x-dup", "2"), ("X-Dup", "3")]
+    response = [("Set-Cookie", "a=1; Path=/"), ("Vary", "A"), ("Set-Cookie", "b=2"),
+                ("set-cookie", "c=3")]
+    async with mux_pair() as p, trio.open_nursery() as nursery:
+        nursery.start_soon(echo_server, p.agent)
+        async with await p.eecp.open_stream(RequestHead("GET", "/", request)) as stream:
+            await stream.end()
+            assert (await stream.receive_head()).headers == request
+            assert await read_all(stream) == b""
+        async with await p.eecp.open_stream(RequestHead("GET", "/", response)) as stream:
+            await stream.end()
+            assert (await stream.receive_head()).headers == response
+            assert await read_all(stream) == b""
+        p.agent.close()  # ends the echo server
+
+
+async def test_many_concurrent_streams_interleave_and_each_gets_its_own_bytes() -> None:
+    count, size = 40, 300 * 1024
+    results: dict[int, bytes] = {}
+    async with (mux_pair(eecp={"max_streams": count}, agent={"max_streams": count}) as p,
+                trio.open_nursery() as servers):
+        servers.start_soon(echo_server, p.agent)
+
+        async def client(n: int) -> None:
+            async with await p.eecp.open_stream(RequestHead("PUT", f"/{n}", [])) as stream:
+                await stream.send(pattern(n, size))
+                await stream.end()
+                await stream.receive_head()
+                results[n] = await read_all(stream)
+
+        async with trio.open_nursery() as clients:
+            for n in range(count):
+                clients.start_soon(client, n)
+        p.agent.close()
+    assert all(results[n] == pattern(n, size) for n in range(count))
+    # frame by frame, not stream by stream: consecutive DATA frames switch streams often
+    ids = [f.stream_id for f in p.to_eecp.of(DataFrame)]
+    switches = sum(1 for a, b in itertools.pairwise(ids) if a != b)
+    assert switches > count
+    assert len(set(ids)) == count
+
+
+# ---- flow control -----------------------------------------------------------------------------
+
+
+async def test_a_reader_that_does_not_read_stops_its_sender_and_only_its_sender() -> None:
+    window = 256 * 1024
+    big = pattern(1, 4 * 1024 * 1024)
+    async with mux_pair(eecp={"initial_window": window}, agent={"initial_window": window}) as p:
+        stalled = await p.eecp.open_stream(RequestHead("POST", "/stalled", []))
+        stalled_peer, _ = await p.agent.accept_stream()
+        other = await p.eecp.open_stream(RequestHead("POST", "/other", []))
+        other_peer, _ = await p.agent.accept_stream()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stalled.send, big)  # nobody reads stalled_peer yet
+            await trio.testing.wait_all_tasks_blocked()
+            # the other stream, on the same mux, flows through completely meanwhile
+            nursery.start_soon(other.send, big)
+            assert await _read_exactly(other_peer, len(big)) == big
+            await trio.testing.wait_all_tasks_blocked()
+            # the stalled one sent exactly its window, and the receiver holds no more than that
+            assert p.to_agent.data_bytes[stalled.id] == window
+            assert stalled_peer.buffered == window
+            # reading resumes it, and the receiver never holds more than the window
+            received = bytearray()
+            while len(received) < len(big):
+                assert stalled_peer.buffered <= window
+                assert p.to_agent.data_bytes[stalled.id] - len(received) <= window
+                chunk = await stalled_peer.receive()
+                assert chunk is not None
+                received += chunk
+            assert received == big
+        assert max(len(f.data) for f in p.to_agent.of(DataFrame)) <= 64 * 1024
+        assert p.max_buffered["agent"] <= 2 * window  # two streams, each within its window
+        p.eecp.close()
+
+
+async def _read_exactly(stream: Stream, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        chunk = await stream.receive()
+        assert chunk is not None
+        out += chunk
+    return bytes(out)
+
+
+async def test_a_window_at_most_the_initial_credit_needs_no_top_up() -> None:
+    async with mux_pair(eecp={"initial_window": 1024}, agent={"initial_window": 1024}) as p:
+        assert p.eecp.window == INITIAL_WINDOW  # smaller windows are moot: the peer may send
+        stream = await p.eecp.open_stream(GET)  # that much before it hears from us
+        peer, _ = await p.agent.accept_stream()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.send, bytes(200 * 1024))
+            await trio.testing.wait_all_tasks_blocked()
+            assert p.to_agent.data_bytes[stream.id] == INITIAL_WINDOW
+            assert p.to_agent.of(WindowFrame) == [] and p.to_eecp.of(WindowFrame) == []
+            assert len(await _read_exactly(peer, 200 * 1024)) == 200 * 1024
+        p.eecp.close()
+
+
+async def test_small_frames_split_and_credit_comes_back_as_the_reader_reads() -> None:
+    async with mux_pair(eecp={"max_frame": 1000}, agent={"max_frame": 1000}) as p:
+        stream = await p.eecp.open_stream(GET)
+        peer, _ = await p.agent.accept_stream()
+        await peer.send_head(OK)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.send, pattern(3, 1_000_000))
+            assert await stream.receive_head() == OK
+            assert await _read_exactly(stream, 1_000_000) == pattern(3, 1_000_000)
+        assert {len(f.data) for f in p.to_eecp.of(DataFrame)} == {1000}
+        # the opener grants its window on open, then half-windows as it reads
+        grants = [f.increment for f in p.to_agent.of(WindowFrame)]
+        assert grants[0] == 256 * 1024 - INITIAL_WINDOW
+        assert all(g >= 128 * 1024 for g in grants[1:])
+        p.eecp.close()
+
+
+async def test_a_peer_that_overruns_its_window_gets_the_stream_reset() -> None:
+    sent: list[Frame] = []
+
+    async def capture(data: bytes) -> None:
+        sent.append(decode_frame(data))
+
+    agent = Mux(capture, opener=False)
+    await agent.feed(encode_frame(RequestHeadFrame(1, GET)))
+    await agent.feed(encode_frame(DataFrame(1, bytes(INITIAL_WINDOW))))  # all its credit
+    # not accepted yet, so no more credit was granted: one byte more is a violation
+    await agent.feed(encode_frame(DataFrame(1, b"x")))
+    assert sent == [ResetFrame(1, "flow_control_violation")]
+    assert agent.in_flight == 0
+    with trio.move_on_after(0.01) as nothing_to_accept:
+        await agent.accept_stream()  # a reset stream is not handed out
+    assert nothing_to_accept.cancelled_caught
+    # a WINDOW that overflows the credit counter is one too
+    await agent.feed(encode_frame(RequestHeadFrame(3, GET)))
+    with trio.fail_after(WAIT):
+        stream, _ = await agent.accept_stream()
+    await agent.feed(encode_frame(WindowFrame(3, 2**32 - 1)))
+    assert sent[-1] == ResetFrame(3, "flow_control_violation")
+    with pytest.raises(StreamError, match="flow_control_violation"):
+        await stream.receive()
+
+
+# ---- resets -----------------------------------------------------------------------------------
+
+
+async def test_a_reset_by_the_agent_reaches_every_call_on_eecps_side() -> None:
+    async with mux_pair() as p:
+        stream = await p.eecp.open_stream(GET)
+        peer, _ = await p.agent.accept_stream()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_expect_error, stream.receive_head, "stream_reset:backend_down")
+            nursery.start_soon(_expect_error, stream.receive, "stream_reset:backend_down")
+            nursery.start_soon(_expect_error, lambda: stream.send(bytes(1 << 20)),
+                               "stream_reset:backend_down")  # waits for credit, then fails
+            await trio.testing.wait_all_tasks_blocked()
+            await peer.reset("backend_down")
+        with pytest.raises(StreamError, match="stream_reset:backend_down"):
+            await peer.receive()  # this side's calls fail too
+        assert p.eecp.in_flight == 0 and p.agent.in_flight == 0
+        await stream.aclose()  # nothing more to say: no RESET back
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.to_agent.of(ResetFrame) == []
+        p.eecp.close()
+
+
+async def test_a_reset_by_eecp_wakes_the_agents_reader_and_sender() -> None:
+    async with mux_pair() as p:
+        stream = await p.eecp.open_stream(GET)
+        peer, _ = await p.agent.accept_stream()
+        await peer.send_head(OK)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_expect_error, peer.receive, "stream_reset:client_gone")
+            nursery.start_soon(_expect_error, lambda: peer.send(bytes(1 << 20)),
+                               "stream_reset:client_gone")
+            nursery.start_soon(_expect_error, lambda: _wait_failed_raising(peer),
+                               "stream_reset:client_gone")
+            await trio.testing.wait_all_tasks_blocked()
+            await stream.reset("client_gone")
+        p.eecp.close()
+
+
+async def test_a_complete_body_stays_readable_after_a_reset_or_close() -> None:
+    async with mux_pair() as p:
+        stream = await p.eecp.open_stream(GET)
+        peer, _ = await p.agent.accept_stream()
+        await peer.send_head(OK)
+        await peer.send(b"all of it")
+        await peer.end()
+        await peer.aclose()  # eecp never ended its body: the agent resets ("closed")
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.to_eecp.of(ResetFrame) == [ResetFrame(stream.id, "closed")]
+        assert await stream.receive_head() == OK
+        assert await read_all(stream) == b"all of it"
+        with pytest.raises(StreamError, match="stream_reset:closed"):
+            await stream.send(b"more")
+        # an incomplete body is not: it is dropped with the reset
+        second = await p.eecp.open_stream(GET)
+        peer, _ = await p.agent.accept_stream()
+        await peer.send_head(OK)
+        await peer.send(b"half")
+        await trio.testing.wait_all_tasks_blocked()
+        await peer.reset("backend_error")
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(StreamError, match="stream_reset:backend_error"):
+            await second.receive()
+        p.eecp.close()
+
+
+async def test_leaving_a_stream_unfinished_resets_it_and_frees_its_slot() -> None:
+    async with mux_pair() as p:
+        with pytest.raises(RuntimeError, match="boom"):
+            async with await p.eecp.open_stream(GET) as stream:
+                raise RuntimeError("boom")
+        assert p.eecp.in_flight == 0
+        peer, _ = await p.agent.accept_stream()
+        with pytest.raises(StreamError, match="stream_reset:closed"):
+            await peer.receive()
+        assert p.agent.in_flight == 0
+        assert p.to_agent.of(ResetFrame) == [ResetFrame(stream.id, "closed")]
+        p.eecp.close()
+
+
+async def test_the_agent_refuses_streams_beyond_its_own_limit() -> None:
+    async with mux_pair(eecp={"max_streams": 3}, agent={"max_streams": 2}) as p:
+        streams = [await p.eecp.open_stream(GET) for _ in range(3)]
+        with pytest.raises(StreamError, match="stream_reset:too_many_streams"):
+            await streams[2].receive_head()
+        assert p.agent.in_flight == 2
+        p.eecp.close()
+
+
+# ---- the tunnel closing -----------------------------------------------------------------------
+
+
+async def test_close_fails_everything_in_flight_at_once_and_wakes_every_waiter() -> None:
+    async with mux_pair(eecp={"max_streams": 3}) as p:
+        streams = [await p.eecp.open_stream(GET) for _ in range(3)]
+        peers = [(await p.agent.accept_stream())[0] for _ in range(3)]
+        await peers[1].send_head(OK)
+        await peers[2].send_head(OK)
+        eecp_calls: list[Callable[[], Awaitable[object]]] = [
+            streams[0].receive_head, streams[2].receive, lambda: p.eecp.open_stream(GET),
+            lambda: streams[1].send(bytes(1 << 20)),  # nobody reads streams[1]: no credit
+            lambda: _wait_failed_raising(streams[0])]
+        agent_calls: list[Callable[[], Awaitable[object]]] = [
+            peers[0].receive, p.agent.accept_stream, lambda: peers[1].send(bytes(1 << 20))]
+        woken: list[str] = []
+        async with trio.open_nursery() as nursery:
+            for call in eecp_calls:
+                nursery.start_soon(_expect_error, call, "tunnel_closed", woken)
+            for call in agent_calls:
+                nursery.start_soon(_expect_error, call, "agent_gone", woken)
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == []
+            p.eecp.close()
+            p.agent.close("agent_gone")
+            await trio.testing.wait_all_tasks_blocked()
+            # at once: every waiter is woken without any time passing or frame crossing
+            assert len(woken) == len(eecp_calls) + len(agent_calls)
+        assert p.eecp.in_flight == 0 and p.agent.in_flight == 0
+        for call in (streams[0].receive, lambda: p.eecp.open_stream(GET), streams[1].end):
+            with pytest.raises(StreamError, match="tunnel_closed"):
+                await call()
+        await streams[0].aclose()  # harmless once the tunnel is gone
+        await streams[0].reset("late")
+
+
+async def test_a_cancelled_caller_still_writes_its_frame_whole() -> None:
+    release = trio.Event()
+    written: list[bytes] = []
+
+    async def slow_send(data: bytes) -> None:
+        await release.wait()  # a tunnel whose socket buffer is full
+        written.append(data)
+
+    mux = Mux(slow_send, opener=True, initial_window=INITIAL_WINDOW)
+    opened: list[Stream] = []
+    caller = trio.CancelScope()
+
+    async def open_one() -> None:
+        with caller:
+            opened.append(await mux.open_stream(GET))
+            await trio.sleep_forever()
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_one)
+            await trio.testing.wait_all_tasks_blocked()
+            caller.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert written == [] and opened == []  # the write goes on despite the cancel
+            release.set()
+    assert [decode_frame(d) for d in written] == [RequestHeadFrame(1, GET)]
+    assert caller.cancelled_caught and opened[0].id == 1  # cancelled after, between frames
+    await opened[0].aclose()  # its holder must still release it
+    assert mux.in_flight == 0
+
+
+async def test_close_abandons_a_write_that_cannot_finish() -> None:
+    gave_up: list[bool] = []
+
+    async def stuck(data: bytes) -> None:
+        await trio.sleep(2 * WAIT)  # a peer that stopped reading, until the tunnel gives up
+        gave_up.append(False)  # (only if close() did not abandon this write; then fail)
+
+    mux = Mux(stuck, opener=True)
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_expect_error, lambda: mux.open_stream(GET), "tunnel_closed")
+            await trio.testing.wait_all_tasks_blocked()
+            assert mux.in_flight == 1
+            mux.close()
+    assert mux.in_flight == 0 and gave_up == []
+
+
+async def test_a_failing_transport_closes_the_mux() -> None:
+    async def broken(data: bytes) -> None:
+        raise OSError("connection reset")
+
+    mux = Mux(broken, opener=True)
+    with pytest.raises(StreamError, match="tunnel_closed"):
+        await mux.open_stream(GET)
+    assert mux.closed and mux.in_flight == 0
+
+
+# ---- slots and ids ----------------------------------------------------------------------------
+
+
+async def test_the_next_open_waits_for_a_free_slot() -> None:
+    async with mux_pair(eecp={"max_streams": 2}) as p:
+        first = await p.eecp.open_stream(GET)
+        second = await p.eecp.open_stream(GET)
+        third: list[Stream] = []
+
+        async def open_third() -> None:
+            third.append(await p.eecp.open_stream(GET))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_third)
+            await trio.testing.wait_all_tasks_blocked()
+            assert third == [] and p.eecp.in_flight == 2
+            # finishing a stream both ways frees its slot
+            peer, _ = await p.agent.accept_stream()
+            await first.end()
+            await peer.send_head(OK)
+            await peer.end()
+            assert await read_all(peer) == b""
+            await first.receive_head()
+            assert await first.receive() is None
+        assert [s.id for s in (first, second, third[0])] == [1, 2, 3]
+        # a caller bounds the wait itself (eecp answers 503 agent_busy)
+        with trio.move_on_after(0.05) as busy:
+            await p.eecp.open_stream(GET)
+        assert busy.cancelled_caught and p.eecp.in_flight == 2
+        p.eecp.close()
+
+
+async def test_ids_wrap_around_but_are_never_reused_while_open() -> None:
+    async with mux_pair() as p:
+        p.eecp._next_id = 2**32 - 2  # as after four billion streams
+        ids = []
+        for _ in range(2):
+            ids.append((await p.eecp.open_stream(GET)).id)
+            await p.agent.accept_stream()
+        still_open = await p.eecp.open_stream(GET)
+        await p.agent.accept_stream()
+        p.eecp._next_id = still_open.id  # the next candidate is taken: it is skipped
+        skipped = await p.eecp.open_stream(GET)
+        assert ids == [2**32 - 2, 2**32 - 1] and still_open.id == 1 and skipped.id == 2
+        p.eecp.close()
+
+
+# ---- garbage --------------------------------------------------------------------------------
+
+
+async def _capture(data: bytes) -> None:
+    pass
+
+
+@pytest.mark.parametrize(("opener", "frames", "reason"), [
+    (True, [RequestHeadFrame(1, GET)], "unexpected_frame:request_head"),
+    (False, [ResponseHeadFrame(1, OK)], "unexpected_frame:response_head"),
+    (False, [RequestHeadFrame(1, GET), RequestHeadFrame(1, GET)],
+     "unexpected_frame:request_head"),
+    (False, [RequestHeadFrame(1, GET), EndFrame(1), DataFrame(1, b"x")],
+     "unexpected_frame:data"),
+    (False, [RequestHeadFrame(1, GET), EndFrame(1), EndFrame(1)], "unexpected_frame:end"),
+], ids=["head to opener", "response head to acceptor", "id in use", "data after end",
+        "end twice"])
+async def test_frames_out_of_order_are_protocol_errors(opener: bool, frames: list[Frame],
+                                                       reason: str) -> None:
+    mux = Mux(_capture, opener=opener)
+    with pytest.raises(ProtocolError) as caught:
+        for frame in frames:
+            await mux.feed(encode_frame(frame))
+    assert caught.value.reason == reason and caught.value.close_code == 4005
+
+
+async def test_out_of_order_on_the_opener_and_garbage_bytes() -> None:
+    mux = Mux(_capture, opener=True)
+    stream = await mux.open_stream(GET)
+    with pytest.raises(ProtocolError, match="unexpected_frame:data"):
+        await mux.feed(encode_frame(DataFrame(stream.id, b"before the head")))
+    with pytest.raises(ProtocolError, match="invalid_frame:unknown_type"):
+        await mux.feed(b"\x00\x01binary")
+    with pytest.raises(ProtocolError, match="invalid_frame:short"):
+        await mux.feed(b"\x03")
+
+
+async def test_frames_for_finished_streams_are_dropped() -> None:
+    mux = Mux(_capture, opener=True)
+    for frame in (DataFrame(9, b"late"), EndFrame(9), ResetFrame(9, "late"),
+                  WindowFrame(9, 10), ResponseHeadFrame(9, OK)):
+        await mux.feed(encode_frame(frame))
+    assert mux.in_flight == 0
+    mux.close()
+    await mux.feed(b"garbage after close is ignored too")
+
+
+async def test_heads_the_peer_would_refuse_are_not_sent() -> None:
+    sent: list[bytes] = []
+
+    async def capture(data: bytes) -> None:
+        sent.append(data)
+
+    mux = Mux(capture, opener=True, max_head_bytes=100)
+    for head in (RequestHead("GET", "/" + "a" * 200, []),
+                 RequestHead("GET", "/", [("X", "a\r\nInjected: 1")])):
+        with pytest.raises(StreamError, match="invalid_head"):
+            await mux.open_stream(head)
+    assert sent == [] and mux.in_flight == 0
+    acceptor = Mux(capture, opener=False)
+    await acceptor.feed(encode_frame(RequestHeadFrame(1, GET)))
+    stream, _ = await acceptor.accept_stream()
+    with pytest.raises(StreamError, match="invalid_head"):
+        await stream.send_head(ResponseHead(200, [("Bad Name", "x")]))
+    with pytest.raises(RuntimeError):
+        await stream.send(b"body before head")
+
+
+async def _expect_error(call: Callable[[], Awaitable[object]], reason: str,
+                        woken: list[str] | None = None) -> None:
+    with pytest.raises(StreamError) as caught:
+        await call()
+    assert caught.value.reason == reason
+    if woken is not None:
+        woken.append(reason)
+
+
+async def _wait_failed_raising(stream: Stream) -> None:
+    error = await stream.wait_failed()
+    raise error
+
