@@ -146,6 +146,7 @@ class Request:
         "_consumed",
         "_error",
         "_expect_continue",
+        "_forgotten",
         "_received",
         "client",
         "content_length",
@@ -176,6 +177,7 @@ class Request:
         self._complete = False  # the parser saw the end of the body
         self._error: RequestError | None = None  # raised once the buffered chunks are taken
         self._expect_continue = expect_continue  # a 100 Continue is still owed
+        self._forgotten = False  # answered: the rest of the body is skipped, not kept
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), or None."""
@@ -458,7 +460,9 @@ class _Connection:
             log.exception("handler failed on %s %s", request.method, request.path)
             await self._fail(responder, RequestError(500, "internal_error"))
             return False
-        return not responder._close and await self._drain(request)
+        if request._chunks or not request._complete:
+            self._forget_body(request)
+        return not responder._close
 
     async def _fail(self, responder: Responder, error: RequestError) -> None:
         if responder.head_sent:
@@ -473,17 +477,14 @@ class _Connection:
             await self.write(b"%scontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
                              % (head, len(body), _CLOSE, body))
 
-    async def _drain(self, request: Request) -> bool:
-        """Discard what is left of an unread body; False when the connection must close."""
-        budget = DRAIN_BYTES
-        try:
-            while (chunk := await self.next_body_chunk(request)) is not None:
-                budget -= len(chunk)
-                if budget < 0:
-                    return False
-        except (RequestError, ClientDisconnected):
-            return False
-        return True
+    def _forget_body(self, request: Request) -> None:
+        """The answer is out: drop what the handler left of the body. What has not arrived
+        yet (at most DRAIN_BYTES, or the connection closes: see may_keep_alive) is skipped by
+        the parser while the next request is read."""
+        request._forgotten = True
+        self.buffered -= request._received - request._consumed
+        request._consumed = request._received
+        request._chunks.clear()
 
     def _become_idle(self) -> None:
         self.active = False
@@ -762,6 +763,9 @@ class _Connection:
         limit = self.limits.max_body_bytes
         if limit is not None and request._received > limit:
             self._fail_parse(413, "body_too_large")
+        if request._forgotten:
+            request._consumed += len(body)
+            return
         request._chunks.append(body)
         self.buffered += len(body)
 

@@ -1,0 +1,746 @@
+"""The data plane's HTTP/1.1 server (``eecp.httpserver``), over real loopback sockets.
+
+Raw ``trio.open_tcp_stream`` clients where the bytes on the wire matter (pipelining, 100
+Continue, malformed input, framing), httpx where a real client's view is enough. Every test is
+bounded in time: ``fail_after`` in real time, or the autojump clock where server timeouts are
+the subject (the clock jumps to the next deadline whenever every task is blocked).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import httptools
+import httpx
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eecp.httpserver import (
+    DEFAULT_LIMITS,
+    ClientDisconnected,
+    Handler,
+    Limits,
+    Request,
+    Responder,
+    serve_http,
+)
+
+WAIT = 10  # real seconds any single step may take before the test fails
+
+
+@asynccontextmanager
+async def running(handler: Handler, limits: Limits = DEFAULT_LIMITS) -> AsyncIterator[int]:
+    """Serve ``handler`` on 127.0.0.1 (a free port) for the block; yields the port."""
+    async with trio.open_nursery() as nursery:
+        port: int = await nursery.start(partial(serve_http, handler, "127.0.0.1", 0,
+                                                limits=limits))
+        yield port
+        nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class RawClient:
+    """A raw socket plus an httptools response parser: replies come off the wire in order."""
+
+    stream: trio.SocketStream
+    replies: deque[Reply] = field(default_factory=deque)
+    _headers: dict[str, str] = field(default_factory=dict)
+    _body: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+
+    @classmethod
+    async def open(cls, port: int) -> RawClient:
+        return cls(await trio.open_tcp_stream("127.0.0.1", port))
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def reply(self) -> Reply:
+        while not self.replies:
+            data = await self.stream.receive_some()
+            if not data:
+                raise EOFError("connection closed before a whole reply")
+            self.parser.feed_data(data)
+        return self.replies.popleft()
+
+    async def closed(self) -> bool:
+        """True when the server closes the connection without sending anything more."""
+        try:
+            return await self.stream.receive_some() == b""
+        except trio.BrokenResourceError:
+            return True
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._headers, self._body = {}, bytearray()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode().lower()] = value.decode()
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.replies.append(Reply(status, self._headers, bytes(self._body)))
+
+
+async def read_all(stream: trio.SocketStream) -> bytes:
+    """Everything the server sends until it closes."""
+    data = bytearray()
+    while chunk := await stream.receive_some():
+        data += chunk
+    return bytes(data)
+
+
+def error_of(reply: Reply) -> str:
+    assert reply.headers["content-type"] == "application/json"
+    reason: str = json.loads(reply.body)["error"]
+    return reason
+
+
+async def echo(request: Request, responder: Responder) -> None:
+    """Answers with what it saw: method, target, one header, and the body."""
+    body = await request.read_body(1 << 20)
+    doc = {"method": request.method, "path": request.path, "query": request.query,
+           "version": request.http_version, "x": request.header("X-Test"), "body": body.decode()}
+    await responder.respond(200, [("content-type", "application/json")], json.dumps(doc).encode())
+
+
+def get(path: str = "/", *extra: str) -> bytes:
+    return "\r\n".join([f"GET {path} HTTP/1.1", "Host: t", *extra, "", ""]).encode()
+
+
+# ---- the basics ---------------------------------------------------------------------------
+
+
+async def test_get_with_httpx() -> None:
+    async with running(echo) as port, httpx.AsyncClient() as client:
+        with trio.fail_after(WAIT):
+            response = await client.get(f"http://127.0.0.1:{port}/a/b?c=d&e",
+                                        headers={"X-Test": "yes"})
+    assert response.status_code == 200
+    assert response.json() == {"method": "GET", "path": "/a/b", "query": "c=d&e",
+                               "version": "1.1", "x": "yes", "body": ""}
+    assert response.headers["content-length"] == str(len(response.content))
+    assert "date" in response.headers
+
+
+async def test_request_headers_keep_order_and_repeats() -> None:
+    seen: list[Request] = []
+
+    async def record(request: Request, responder: Responder) -> None:
+        seen.append(request)
+        await responder.respond(204, [], b"")
+
+    async with running(record) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(get("/", "X-A: 1", "x-b: 2", "X-A: 3"))
+            reply = await client.reply()
+    assert reply.status == 204 and "content-length" not in reply.headers
+    request = seen[0]
+    assert request.headers == [("host", "t"), ("x-a", "1"), ("x-b", "2"), ("x-a", "3")]
+    assert request.header("X-a") == "1" and request.header("missing") is None
+    assert request.client[0] == "127.0.0.1" and request.client[1] > 0
+
+
+async def test_keep_alive_reuses_one_connection() -> None:
+    clients: set[tuple[str, int]] = set()
+
+    async def handler(request: Request, responder: Responder) -> None:
+        clients.add(request.client)
+        await responder.respond(200, [], request.path.encode())
+
+    async with running(handler) as port, httpx.AsyncClient() as client:
+        with trio.fail_after(WAIT):
+            bodies = [(await client.get(f"http://127.0.0.1:{port}/{i}")).content for i in range(5)]
+    assert bodies == [b"/0", b"/1", b"/2", b"/3", b"/4"]
+    assert len(clients) == 1  # one accepted connection carried all five
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    first_may_finish = trio.Event()
+
+    async def handler(request: Request, responder: Responder) -> None:
+        if request.path == "/slow":
+            await first_may_finish.wait()
+        await responder.respond(200, [], request.path.encode())
+
+    async with running(handler) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(get("/slow") + get("/b") + get("/c"))
+            # the later requests are complete, yet nothing may overtake the first answer
+            await trio.testing.wait_all_tasks_blocked()
+            first_may_finish.set()
+            replies = [await client.reply() for _ in range(3)]
+    assert [r.body for r in replies] == [b"/slow", b"/b", b"/c"]
+
+
+async def test_connection_close_is_honoured() -> None:
+    async with running(echo) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(get("/", "Connection: close"))
+            reply = await client.reply()
+            assert await client.closed()
+    assert reply.status == 200 and reply.headers["connection"] == "close"
+
+
+async def test_head_has_headers_but_no_body() -> None:
+    async def handler(request: Request, responder: Responder) -> None:
+        await responder.respond(200, [("x-kind", "full")], b"0123456789")
+
+    async with running(handler) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(WAIT):
+            await stream.send_all(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n"
+                                  + get("/", "Connection: close"))
+            data = await read_all(stream)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 10" in head
+    # the very next bytes are the second answer: no body leaked after the HEAD answer
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\n0123456789")
+
+
+async def test_http10_response_without_length_ends_with_the_connection() -> None:
+    async def handler(request: Request, responder: Responder) -> None:
+        await responder.send_head(200, [("content-type", "text/plain")])
+        await responder.send(b"first,")
+        await responder.send(b"second")
+        await responder.end()
+
+    async with running(handler) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(WAIT):
+            await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+            data = await read_all(stream)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"content-length" not in head and b"transfer-encoding" not in head
+    assert b"connection: close" in head
+    assert body == b"first,second"
+
+
+async def test_http10_keep_alive_only_when_asked() -> None:
+    async with running(echo) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(b"GET /1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            first = await client.reply()
+            await client.send(b"GET /2 HTTP/1.0\r\n\r\n")
+            second = await client.reply()
+            assert await client.closed()
+    assert first.headers["connection"] == "keep-alive"
+    assert second.headers["connection"] == "close"
+    assert json.loads(second.body)["path"] == "/2"
+
+
+# ---- streaming ----------------------------------------------------------------------------
+
+
+async def test_chunked_request_body_reaches_the_handler_as_it_arrives() -> None:
+    chunks: list[bytes] = []
+    got_first = trio.Event()
+
+    async def handler(request: Request, responder: Responder) -> None:
+        async for chunk in request.body_chunks():
+            chunks.append(chunk)
+            got_first.set()
+        await responder.respond(200, [], b"|".join(chunks))
+
+    async with running(handler) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"5\r\nhello\r\n")
+            await got_first.wait()  # the request is far from over
+            assert chunks == [b"hello"]
+            await client.send(b"6\r\n world\r\n0\r\n\r\n")
+            reply = await client.reply()
+    assert reply.status == 200 and reply.body == b"hello| world"
+
+
+async def test_streamed_response_is_read_incrementally() -> None:
+    client_has_first = trio.Event()
+
+    async def events(request: Request, responder: Responder) -> None:
+        await responder.send_head(200, [("content-type", "text/event-stream")])
+        await responder.send(b"data: one\n\n")
+        await client_has_first.wait()  # the next event only once the first was received
+        await responder.send(b"data: two\n\n")
+        await responder.end()
+
+    async with running(events) as port, httpx.AsyncClient() as client:
+        with trio.fail_after(WAIT):
+            async with client.stream("GET", f"http://127.0.0.1:{port}/events") as response:
+                assert response.headers["transfer-encoding"] == "chunked"
+                received = []
+                async for chunk in response.aiter_bytes():
+                    received.append(chunk)
+                    client_has_first.set()
+    assert received == [b"data: one\n\n", b"data: two\n\n"]
+
+
+async def test_response_with_length_streams_and_keeps_the_connection() -> None:
+    async def handler(request: Request, responder: Responder) -> None:
+        await responder.send_head(200, [("Content-Length", "6")])
+        await responder.send(b"abc")
+        await responder.send(b"def")
+        await responder.end()
+
+    async with running(handler) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(get("/1") + get("/2"))
+            replies = [await client.reply(), await client.reply()]
+    assert [r.body for r in replies] == [b"abcdef", b"abcdef"]
+    assert "transfer-encoding" not in replies[0].headers
+
+
+async def test_server_stops_reading_while_the_handler_does_not_consume(
+        autojump_clock: trio.testing.MockClock) -> None:
+    size = 32 * 1024 * 1024  # far more than the kernel buffers on both sides hold
+    may_read = trio.Event()
+
+    async def handler(request: Request, responder: Responder) -> None:
+        await may_read.wait()
+        total = 0
+        async for chunk in request.body_chunks():
+            total += len(chunk)
+        await responder.respond(200, [], str(total).encode())
+
+    # 100s of (mock) time pass while the server holds back: no body timeout may count them
+    async with running(handler, Limits(body_read_timeout_sec=10)) as port:
+        client = await RawClient.open(port)
+        sent = trio.Event()
+
+        async def upload() -> None:
+            await client.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
+            await client.send(b"x" * size)
+            sent.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload)
+            await trio.sleep(100)
+            assert not sent.is_set()  # the server stopped taking bytes
+            may_read.set()
+            with trio.fail_after(1000):
+                reply = await client.reply()
+    assert reply.status == 200 and reply.body == str(size).encode()
+
+
+# ---- Expect: 100-continue and unread bodies -------------------------------------------------
+
+
+async def test_100_continue_is_sent_before_the_body() -> None:
+    async with running(echo) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(b"POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                              b"Expect: 100-continue\r\n\r\n")
+            interim = await client.reply()
+            assert interim.status == 100
+            await client.send(b"hello")
+            final = await client.reply()
+    assert final.status == 200 and json.loads(final.body)["body"] == "hello"
+
+
+async def test_no_100_continue_when_the_handler_answers_first() -> None:
+    async def refuse(request: Request, responder: Responder) -> None:
+        await responder.respond(403, [], b"no")
+
+    async with running(refuse) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(b"POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                              b"Expect: 100-continue\r\n\r\n")
+            reply = await client.reply()
+            assert await client.closed()  # the body may or may not follow: not reusable
+    assert reply.status == 403 and reply.headers["connection"] == "close"
+
+
+async def test_small_unread_body_is_drained_and_the_connection_kept() -> None:
+    async def ignore_body(request: Request, responder: Responder) -> None:
+        await responder.respond(200, [], request.path.encode())
+
+    async with running(ignore_body) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(b"POST /1 HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n")
+            first = await client.reply()  # answered before the body is even sent
+            await client.send(b"0123456789" + get("/2"))
+            second = await client.reply()
+    assert "connection" not in first.headers
+    assert (first.body, second.body) == (b"/1", b"/2")
+
+
+async def test_large_unread_body_closes_the_connection() -> None:
+    async def ignore_body(request: Request, responder: Responder) -> None:
+        await responder.respond(200, [], b"ok")
+
+    async with running(ignore_body) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n"
+                              + b"x" * 1000)
+            reply = await client.reply()
+            assert await client.closed()
+    assert reply.status == 200 and reply.headers["connection"] == "close"
+
+
+# ---- refusals -------------------------------------------------------------------------------
+
+
+async def refused(port: int, data: bytes) -> Reply:
+    """Send ``data``, expect one answer and then the end of the connection."""
+    client = await RawClient.open(port)
+    await client.send(data)
+    reply = await client.reply()
+    assert await client.closed()
+    assert reply.headers["connection"] == "close"
+    return reply
+
+
+async def test_malformed_request_line_is_400() -> None:
+    async with running(echo) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, b"GET / HTTP/1.1 extra\r\n\r\n")
+    assert reply.status == 400 and error_of(reply) == "bad_request"
+
+
+@pytest.mark.parametrize(("version", "status"), [("2.0", 505), ("1.2", 505), ("0.9", 505)])
+async def test_unsupported_versions_are_505(version: str, status: int) -> None:
+    async with running(echo) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, f"GET / HTTP/{version}\r\nHost: t\r\n\r\n".encode())
+    assert reply.status == status and error_of(reply) == "http_version_not_supported"
+
+
+async def test_unsupported_transfer_encoding_is_501() -> None:
+    async with running(echo) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, b"POST / HTTP/1.1\r\nHost: t\r\n"
+                                        b"Transfer-Encoding: gzip, chunked\r\n\r\n")
+    assert reply.status == 501 and error_of(reply) == "unsupported_transfer_encoding"
+
+
+async def test_header_too_large_is_431() -> None:
+    async with running(echo, Limits(max_head_bytes=1024)) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, get("/", "X-Big: " + "a" * 2000))
+    assert reply.status == 431 and error_of(reply) == "header_too_large"
+
+
+async def test_header_dripped_without_end_is_431() -> None:
+    # The value never ends, so no parser callback ever reports it: the byte count must.
+    async with running(echo, Limits(max_head_bytes=4096)) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(b"GET / HTTP/1.1\r\nX-Drip: ")
+            for _ in range(8):
+                await trio.testing.wait_all_tasks_blocked()  # one read per piece
+                await client.send(b"a" * 1024)
+            reply = await client.reply()
+    assert reply.status == 431 and error_of(reply) == "header_too_large"
+
+
+async def test_too_many_headers_is_431() -> None:
+    async with running(echo, Limits(max_headers=10)) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, get("/", *[f"X-{i}: {i}" for i in range(11)]))
+            fine = await RawClient.open(port)
+            await fine.send(get("/", *[f"X-{i}: {i}" for i in range(9)]))  # 9 + Host = 10
+            assert (await fine.reply()).status == 200
+    assert reply.status == 431 and error_of(reply) == "too_many_headers"
+
+
+async def test_body_over_the_limit_by_content_length_is_413_before_the_handler() -> None:
+    calls: list[str] = []
+
+    async def handler(request: Request, responder: Responder) -> None:
+        calls.append(request.path)
+        await echo(request, responder)
+
+    async with running(handler, Limits(max_body_bytes=100)) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, b"POST /big HTTP/1.1\r\nHost: t\r\n"
+                                        b"Content-Length: 101\r\n\r\n")
+    assert reply.status == 413 and error_of(reply) == "body_too_large"
+    assert calls == []
+
+
+async def test_chunked_body_over_the_limit_is_413() -> None:
+    async with running(echo, Limits(max_body_bytes=100)) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: "
+                                        b"chunked\r\n\r\n64\r\n" + b"a" * 100 + b"\r\n1\r\nb\r\n")
+    assert reply.status == 413 and error_of(reply) == "body_too_large"
+
+
+async def test_read_body_limit_is_413() -> None:
+    async def small(request: Request, responder: Responder) -> None:
+        await responder.respond(200, [], await request.read_body(4))
+
+    async with running(small) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: "
+                                        b"chunked\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n")
+    assert reply.status == 413 and error_of(reply) == "body_too_large"
+
+
+# ---- timeouts (mock time) -------------------------------------------------------------------
+
+
+async def test_slowloris_head_gets_408(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(echo, Limits(header_timeout_sec=10)) as port:
+        client = await RawClient.open(port)
+        start = trio.current_time()
+        with trio.fail_after(1000):
+            await client.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slo")  # ... and nothing more
+            reply = await client.reply()
+            answered = trio.current_time()
+            assert await client.closed()
+    assert reply.status == 408 and error_of(reply) == "header_timeout"
+    assert answered - start >= 10
+
+
+async def test_slow_second_head_gets_408(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(echo, Limits(header_timeout_sec=10, idle_timeout_sec=300)) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(1000):
+            await client.send(get("/1"))
+            assert (await client.reply()).status == 200
+            await trio.sleep(100)  # idle, well within idle_timeout
+            await client.send(b"GET /2 HTTP/1.1\r\n")
+            start = trio.current_time()
+            reply = await client.reply()
+            assert trio.current_time() - start >= 10
+    assert reply.status == 408
+
+
+async def test_idle_keep_alive_connection_is_closed(autojump_clock: trio.testing.MockClock
+                                                    ) -> None:
+    async with running(echo, Limits(idle_timeout_sec=30)) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(1000):
+            await client.send(get("/"))
+            assert (await client.reply()).status == 200
+            start = trio.current_time()
+            assert await client.closed()  # no answer, just the end of the connection
+            assert trio.current_time() - start >= 30
+
+
+async def test_stalled_body_gets_408(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(echo, Limits(body_read_timeout_sec=20)) as port:
+        with trio.fail_after(1000):
+            reply = await refused(port, b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n"
+                                        b"\r\nabc")
+    assert reply.status == 408 and error_of(reply) == "body_timeout"
+
+
+async def test_100_continue_wait_does_not_count_against_the_client(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async def slow_reader(request: Request, responder: Responder) -> None:
+        await trio.sleep(100)  # busy elsewhere; the client waits for our 100 Continue
+        await echo(request, responder)
+
+    async with running(slow_reader, Limits(body_read_timeout_sec=10)) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(1000):
+            await client.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+                              b"Expect: 100-continue\r\n\r\n")
+            assert (await client.reply()).status == 100
+            await client.send(b"ok")
+            reply = await client.reply()
+    assert reply.status == 200 and json.loads(reply.body)["body"] == "ok"
+
+
+# ---- while a handler is slow (the guard reads for it) ---------------------------------------
+
+
+async def test_request_sent_during_a_slow_handler_is_answered_next(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async def handler(request: Request, responder: Responder) -> None:
+        if request.path == "/slow":
+            await trio.sleep(50)
+        await responder.respond(200, [], request.path.encode())
+
+    async with running(handler) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(1000):
+            await client.send(get("/slow"))
+            await trio.sleep(10)  # the handler is slow by now: the guard reads meanwhile
+            await client.send(get("/next"))
+            replies = [await client.reply(), await client.reply()]
+            await client.send(get("/after"))  # the serving task reads again
+            replies.append(await client.reply())
+    assert [r.body for r in replies] == [b"/slow", b"/next", b"/after"]
+
+
+async def test_stalled_head_during_a_slow_handler_gets_408_after_its_answer(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async def handler(request: Request, responder: Responder) -> None:
+        await trio.sleep(100)
+        await responder.respond(200, [], b"done")
+
+    async with running(handler, Limits(header_timeout_sec=10)) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(1000):
+            await client.send(get("/slow") + b"GET /2 HTTP/1.1\r\nHo")
+            first = await client.reply()
+            second = await client.reply()
+            assert await client.closed()
+    assert first.body == b"done"
+    assert second.status == 408 and error_of(second) == "header_timeout"
+
+
+# ---- failures -------------------------------------------------------------------------------
+
+
+async def test_handler_exception_is_500_and_the_server_carries_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def handler(request: Request, responder: Responder) -> None:
+        if request.path == "/boom":
+            raise ValueError("kaboom")
+        await responder.respond(200, [], b"fine")
+
+    async with running(handler) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, get("/boom"))
+            async with httpx.AsyncClient() as client:
+                after = await client.get(f"http://127.0.0.1:{port}/ok")
+    assert reply.status == 500 and error_of(reply) == "internal_error"
+    assert after.status_code == 200 and after.content == b"fine"
+    assert any(r.exc_info and "kaboom" in str(r.exc_info[1]) for r in caplog.records)
+
+
+async def test_handler_exception_after_the_head_closes_the_connection() -> None:
+    async def handler(request: Request, responder: Responder) -> None:
+        await responder.send_head(200, [])
+        await responder.send(b"partial")
+        raise ValueError("mid-stream")
+
+    async with running(handler) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(WAIT):
+            await stream.send_all(get("/"))
+            data = await read_all(stream)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert data.endswith(b"7\r\npartial\r\n")  # no last chunk: the client sees the truncation
+
+
+async def test_handler_that_does_not_answer_is_500() -> None:
+    async def silent(request: Request, responder: Responder) -> None:
+        pass
+
+    async with running(silent) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, get("/"))
+    assert reply.status == 500
+
+
+async def test_client_leaving_mid_body_cancels_the_handler() -> None:
+    got_some = trio.Event()
+    finished = trio.Event()
+    outcome: list[str] = []
+
+    async def handler(request: Request, responder: Responder) -> None:
+        try:
+            async for _ in request.body_chunks():
+                got_some.set()
+            outcome.append("body read")
+        except (trio.Cancelled, ClientDisconnected) as exc:
+            outcome.append(type(exc).__name__)
+            raise
+        finally:
+            finished.set()
+
+    async with running(handler) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(WAIT):
+            await stream.send_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n"
+                                  b"0123456789")
+            await got_some.wait()
+            await stream.aclose()
+            await finished.wait()
+    assert outcome in (["Cancelled"], ["ClientDisconnected"])
+
+
+async def test_client_leaving_while_the_handler_waits_cancels_it() -> None:
+    started = trio.Event()
+    finished = trio.Event()
+
+    async def handler(request: Request, responder: Responder) -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()  # an upstream that never answers
+        finally:
+            finished.set()
+
+    async with running(handler) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(WAIT):
+            await stream.send_all(get("/"))
+            await started.wait()
+            await stream.aclose()
+            await finished.wait()
+
+
+# ---- random input ---------------------------------------------------------------------------
+
+_ANSWERS = {200, 400, 408, 413, 431, 500, 501, 505}
+_HEADS = st.sampled_from([b"", b"GET / HTTP/1.1\r\n", b"POST / HTTP/1.1\r\nHost: t\r\n",
+                          b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+                          b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"])
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(head=_HEADS, noise=st.binary(max_size=600))
+async def test_random_bytes_never_break_the_server(head: bytes, noise: bytes) -> None:
+    errors = _Errors()
+    logging.getLogger("eecp.httpserver").addHandler(errors)
+    try:
+        async with running(echo, Limits(max_head_bytes=256, max_headers=8)) as port:
+            with trio.fail_after(WAIT):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(head + noise)
+                await stream.send_eof()  # nothing more is coming: the server must decide
+                data = await read_all(stream)
+                for status in re.findall(rb"^HTTP/1\.1 (\d{3}) ", data, re.MULTILINE):
+                    assert int(status) in _ANSWERS
+                assert not data or data.startswith(b"HTTP/1.1 ")
+                async with httpx.AsyncClient() as client:
+                    assert (await client.get(f"http://127.0.0.1:{port}/")).status_code == 200
+    finally:
+        logging.getLogger("eecp.httpserver").removeHandler(errors)
+    assert errors.records == []
