@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint venv clean
+.PHONY: run demo test lint venv clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,10 @@ venv: $(STAMP)
 ## Set up and run the control plane on the embedded SQLite default (Ctrl-C stops it).
 run: $(STAMP)
 	$(BIN)/eecp serve
+
+## The whole path on loopback: eecp, a dev-PKI agent and a tiny app (see README, "Demo").
+demo: $(STAMP)
+	$(BIN)/eecp demo
 
 ## Set up and run the whole test suite: ruff, mypy (strict on eecp/), pytest.
 test: $(STAMP)

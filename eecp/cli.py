@@ -1,4 +1,4 @@
-"""The ``eecp`` command: ``eecp serve`` and ``eecp verify-quote``.
+"""The ``eecp`` command: ``eecp serve``, ``eecp verify-quote`` and ``eecp demo``.
 
 Configuration errors print one line naming the variable and exit with status 2.
 """
@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the control plane (configured by EE_* variables)")
     verify = sub.add_parser("verify-quote", help="verify a DCAP quote and judge it by policy")
     verify_quote.add_arguments(verify)
+    demo = sub.add_parser("demo", help="run eecp, a dev-PKI agent and a tiny app on loopback")
+    demo.add_argument("--dir", default="data/demo", help="where the demo keeps its files")
+    for name, default in (("control", 8088), ("proxy", 9090), ("auth", 8089)):
+        demo.add_argument(f"--{name}-port", type=int, default=default, metavar="PORT",
+                          help=f"loopback port of the {name} listener (0: any free port)")
     return parser
 
 
@@ -39,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # that did not answer, ...) would only repeat them
         logging.getLogger().addHandler(logging.NullHandler())
         return verify_quote.run(args, env)
+    if args.command == "demo":
+        return demo_command(args, env)
     return serve_command(env)
 
 
@@ -61,6 +69,36 @@ def serve_command(env: dict[str, str]) -> int:
         print(f"eecp: store error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def demo_command(args: argparse.Namespace, env: dict[str, str]) -> int:
+    """``eecp demo``: print the URLs to try once the agent is attested; run until a signal."""
+    from eecp.demo import DemoError, DemoSettings, serve_demo
+
+    try:
+        # only the log settings are taken from the environment (validated as `serve` does)
+        logging_config = from_env({k: v for k, v in env.items()
+                                   if k in ("EE_LOG_FORMAT", "EE_LOG_LEVEL")})
+    except ConfigError as exc:
+        print(f"eecp: configuration error: {exc.detail}", file=sys.stderr)
+        return 2
+    settings = DemoSettings(Path(args.dir), args.control_port, args.proxy_port, args.auth_port,
+                            logging_config.log_format, logging_config.log_level)
+    setup_logging(settings.log_format, settings.log_level)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(serve_demo, settings)
+            print("\n".join(urls.lines()), flush=True)
+
+    failures: list[BaseException] = []
+    try:
+        trio.run(run)
+    except* (DemoError, OSError) as group:  # not attested; a port in use, an unwritable --dir
+        failures.extend(group.exceptions)
+    for failure in failures[:1]:
+        print(f"eecp demo: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
