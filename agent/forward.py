@@ -44,6 +44,7 @@ import httpx
 import trio
 
 from eecp.errors import EecpError
+from eecp.frames import is_origin_form
 from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 
 log = logging.getLogger("agent.forward")
@@ -137,12 +138,23 @@ async def _forward(stream: Stream, head: RequestHead, client: httpx.AsyncClient,
     if progress.cancelled_caught:
         raise ForwardError("backend_timeout", f"no response head within {timeout_sec:g}s")
     try:
-        await stream.send_head(ResponseHead(response.status_code,
-                                            response_headers(response.headers.raw)))
+        await _send_head(stream, ResponseHead(response.status_code,
+                                              response_headers(response.headers.raw)))
         await _relay_body(stream, response, timeout_sec)
     finally:
         with trio.CancelScope(shield=True):  # release the backend connection whatever happened
             await response.aclose()
+
+
+async def _send_head(stream: Stream, head: ResponseHead) -> None:
+    """The backend's response head to eecp; one the protocol cannot carry (a status over 599,
+    a header over the head limit) is the backend's fault, not eecp's."""
+    try:
+        await stream.send_head(head)
+    except StreamError as exc:
+        if exc.reason != "invalid_head":
+            raise
+        raise ForwardError("backend_error", f"unsendable response head: {exc.detail}") from None
 
 
 async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
@@ -207,13 +219,9 @@ class _RequestBody:
 
 
 def backend_url_for(base: httpx.URL, path: str) -> httpx.URL:
-    """``path`` (with its query) on the backend, or ``ForwardError("bad_path")``.
-
-    Only origin-form targets: ``//host/…`` (and ``/\\host``, which some servers read the
-    same way) could point a redirect or a URL join elsewhere, and an absolute URL or ``*``
-    is no path on this backend at all.
-    """
-    if not path.startswith("/") or path.startswith(("//", "/\\")):
+    """``path`` (with its query) on the backend, or ``ForwardError("bad_path")`` for anything
+    but an origin-form target (:func:`eecp.frames.is_origin_form`)."""
+    if not is_origin_form(path):
         raise ForwardError("bad_path", f"{path[:80]!r} is not an origin-form path")
     prefix = base.raw_path.rstrip(b"/")
     try:

@@ -27,10 +27,11 @@ from eecp.proxy import (
     forwarded_headers,
     open_upstream,
     parse_proxy_call,
+    public_reason,
     strip_hop_by_hop,
 )
 from eecp.resolve import ResolveAnswer, app_from_host, resolve
-from eecp.streams import RequestHead
+from eecp.streams import RequestHead, StreamError
 from eecp.tunnel import QuartSocket
 
 if TYPE_CHECKING:
@@ -111,11 +112,14 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
         async with open_upstream(services, app_name.lower(), head, call.body()) as upstream:
             parts: list[bytes] = []
             size = 0
-            async for chunk in upstream.chunks():
-                size += len(chunk)
-                if size > limit:
-                    raise ProxyError(502, "response_too_large", f"over {limit} bytes")
-                parts.append(chunk)
+            try:
+                async for chunk in upstream.chunks():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ProxyError(502, "response_too_large", f"over {limit} bytes")
+                    parts.append(chunk)
+            except StreamError as exc:  # the agent reset the stream, or the tunnel died
+                raise ProxyError(502, public_reason(exc.reason), exc.detail) from None
     except ProxyError as exc:
         return jsonify({"allowed": exc.http_status != 403 and exc.reason != "missing_app",
                         "reason": exc.reason}), exc.http_status

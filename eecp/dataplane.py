@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from eecp.frames import is_origin_form
 from eecp.httpserver import Limits, Request, Responder, serve_http
 from eecp.proxy import ProxyError, forwarded_headers, open_upstream, strip_hop_by_hop
 from eecp.resolve import app_from_host, resolve
@@ -71,6 +72,9 @@ class ProxyHandler:
         app = headers.get("x-ee-app") or app_from_host(headers)
         if not app:
             await responder.respond(400, _JSON, error_body("missing_app"))
+            return
+        if not is_origin_form(request.target):  # absolute-form, `*`, `//host`: no SSRF
+            await responder.respond(400, _JSON, error_body("invalid_target"))
             return
         head = RequestHead(request.method, request.target, forwarded_headers(
             [(n, v) for n, v in request.headers if n != "x-ee-app"],

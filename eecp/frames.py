@@ -147,6 +147,16 @@ def encode_frame(frame: Frame) -> bytes:
     return _PREFIX.pack(kind, frame.stream_id) + payload
 
 
+def is_origin_form(target: str) -> bool:
+    """Whether a request target names a path on the backend: it begins with one ``/``.
+
+    ``//host/…`` (and ``/\\host``, which some servers read the same way) could point a
+    redirect or a URL join elsewhere, and an absolute URL or ``*`` is no path on the backend
+    at all: eecp refuses to forward them and the agent refuses to send them on (no SSRF).
+    """
+    return target.startswith("/") and not target.startswith(("//", "/\\"))
+
+
 def check_head(head: RequestHead | ResponseHead, *,
                max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> bytes:
     """``head``'s payload if the peer will accept it, else the ``ProtocolError`` the peer would

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from eecp.errors import EecpError
+from eecp.errors import EecpError, ProtocolError
+from eecp.frames import check_head, is_origin_form
 from eecp.streams import RequestHead, ResponseHead, Stream, StreamError
 
 if TYPE_CHECKING:
@@ -81,8 +82,7 @@ def parse_proxy_call(doc: object) -> ProxyCall:
     if not isinstance(method, str) or not _METHOD.match(method.upper()):
         raise ProxyError(400, "invalid_field:method")
     path = doc.get("path", "/")
-    if not isinstance(path, str) or not path.startswith("/") or path.startswith("//") \
-            or any(c in path for c in "\r\n ") or len(path) > 8192:
+    if not isinstance(path, str) or not is_origin_form(path) or len(path) > 8192:
         raise ProxyError(400, "invalid_field:path", "expected an origin-form path")
     raw_headers = doc.get("headers") or {}
     pairs = list(raw_headers.items()) if isinstance(raw_headers, dict) else raw_headers
@@ -99,7 +99,13 @@ def parse_proxy_call(doc: object) -> ProxyCall:
             body = base64.b64decode(body_b64, validate=True)
         except (binascii.Error, ValueError):
             raise ProxyError(400, "invalid_field:body_b64") from None
-    return ProxyCall(method.upper(), path, [(str(n), str(v)) for n, v in pairs], body)
+    call = ProxyCall(method.upper(), path, [(str(n), str(v)) for n, v in pairs], body)
+    try:  # what the tunnel would refuse (header names, control characters, size) is a 400
+        check_head(RequestHead(call.method, call.path, call.headers))
+    except ProtocolError as exc:
+        field_name = exc.reason.removeprefix("invalid_frame:")
+        raise ProxyError(400, f"invalid_field:{field_name}", exc.detail) from None
+    return call
 
 
 @dataclass
@@ -183,6 +189,8 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
         try:
             stream = await mux.open_stream(head)
         except StreamError as exc:
+            if exc.reason == "invalid_head":  # the request itself, not the agent: no retry
+                raise ProxyError(400, "invalid_request", exc.detail) from None
             raise ProxyError(502, exc.reason) from None
     if stream is None:
         raise ProxyError(503, "agent_busy")
@@ -219,11 +227,11 @@ async def _response_head(services: Services, stream: Stream) -> ResponseHead:
         try:
             return await stream.receive_head()
         except StreamError as exc:
-            raise ProxyError(502, _public_reason(exc.reason), exc.detail) from None
+            raise ProxyError(502, public_reason(exc.reason), exc.detail) from None
     raise ProxyError(504, "upstream_timeout")
 
 
-def _public_reason(reason: str) -> str:
+def public_reason(reason: str) -> str:
     """``tunnel_closed`` stays; an agent's reset (backend down, ...) is ``agent_error``."""
     return "tunnel_closed" if reason == "tunnel_closed" else "agent_error"
 

@@ -353,9 +353,12 @@ class Stream:
         self._check_can_send()
         async with self._send_lock:  # after any DATA still being written
             self._raise_if_failed()
-            await self._mux._write(EndFrame(self.id))
+            # Committed before the write: the peer frees this stream's slot when the END
+            # arrives and may open the next stream at once; its head may reach us before our
+            # write returns, and must not find the slot still taken (too_many_streams).
             self._sent_end = True
             self._maybe_finished()
+            await self._mux._write(EndFrame(self.id))
 
     async def receive(self) -> bytes | None:
         """The next body chunk in arrival order; ``None`` after END.

@@ -280,6 +280,16 @@ async def test_a_backend_answering_garbage_resets_with_backend_error() -> None:
             await call(p, "GET", "/")
 
 
+async def test_a_response_head_the_protocol_cannot_carry_resets_with_backend_error() -> None:
+    async def odd_status(seen: Seen, reply: Reply) -> None:
+        await reply.raw(b"HTTP/1.1 600 Beyond\r\ncontent-length: 0\r\n\r\n")
+
+    async with open_backend(odd_status) as backend, forwarding(backend.url) as p:
+        with pytest.raises(StreamError, match="stream_reset:backend_error"):
+            await call(p, "GET", "/")
+        assert p.eecp.in_flight == 0 and p.agent.in_flight == 0
+
+
 async def test_a_slow_backend_resets_with_backend_timeout() -> None:
     async def silent(seen: Seen, reply: Reply) -> None:
         await reply.client_gone()  # never answers; the agent hangs up

@@ -53,10 +53,16 @@ class Backend:
             self.entered.set()
             await self.release.wait()
             return Response(200, b"late")
+        if request.path == "/cut":  # a head, part of the body, then the connection drops
+            return Response(200, headers=[("content-type", "text/plain")], chunks=self._cut())
         if request.path == "/sse":
             return Response(200, headers=[("content-type", "text/event-stream")],
                             chunks=self._events())
         return Response(404, b"nope")
+
+    async def _cut(self) -> AsyncIterator[bytes]:
+        yield b"partial"
+        raise trio.BrokenResourceError
 
     async def _events(self) -> AsyncIterator[bytes]:
         for index, gate in enumerate(self.events):
@@ -88,13 +94,20 @@ def pki() -> qf.TestPki:
     return qf.make_pki(seed=31)
 
 
-@pytest.fixture
-async def world(tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> AsyncIterator[World]:
+@asynccontextmanager
+async def open_world(tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
+                     **extra: str) -> AsyncIterator[World]:
     assert trio.lowlevel.current_clock() is mock_clock, "request mock_clock in the test"
     async with open_upstreams(pki) as (pccs, github):
-        env = control_plane_env(tmp_path, pki, pccs.url, github.url)
+        env = control_plane_env(tmp_path, pki, pccs.url, github.url, **extra)
         async with open_control_plane(env, pki, pccs, github) as cp:
             yield World(cp, pki, mock_clock)
+
+
+@pytest.fixture
+async def world(tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> AsyncIterator[World]:
+    async with open_world(tmp_path, pki, mock_clock) as world:
+        yield world
 
 
 async def proxy_get(cp: ControlPlane, path: str, host: str = "shop.app.example.com",
@@ -223,21 +236,107 @@ async def test_least_loaded_agent_and_retry(mock_clock: MockClock, world: World)
 
 async def test_idempotent_request_retried_on_another_agent(mock_clock: MockClock,
                                                            world: World) -> None:
-    async with open_backend("two") as (_, two):
-        dead = FakeAgent(world.cp.ws_url, world.pki, backend_url="http://127.0.0.1:9")
-        async with running_agent(dead):
+    async def drop(request: Request) -> Response:
+        raise trio.BrokenResourceError  # the connection closes without an answer
+
+    async with open_backend("two") as (good, two), open_fake_http(drop) as broken, \
+            trio.open_nursery() as nursery:
+        dead = FakeAgent(world.cp.ws_url, world.pki, backend_url=broken.url)
+        async with running_agent(dead), running_agent(world.agent(two)) as alive:
             await dead.wait_status("attested")
-            async with running_agent(world.agent(two)) as good:
-                await good.wait_status("attested")
-                for _ in range(3):
-                    response = await proxy_get(world.cp, "/hello")
-                    assert (response.status_code, response.text) == (200, "hello from two")
-                async with httpx.AsyncClient() as client:
-                    posts = [await client.post(world.cp.proxy_url + "/echo", content=b"x",
-                                               headers={"Host": "shop.app.example.com"})
-                             for _ in range(4)]
-                # a request with a body is never replayed: some land on the dead backend
-                assert {p.status_code for p in posts} <= {201, 502}
+            await alive.wait_status("attested")
+
+            async def hold() -> None:
+                await proxy_get(world.cp, "/hang")
+            nursery.start_soon(hold)
+            # whichever agent it tried first, the held request ends up on the good one (a GET
+            # is retried): the dead agent is now the least loaded and is picked first
+            await good.entered.wait()
+            tried = len(broken.requests)
+            for _ in range(3):
+                response = await proxy_get(world.cp, "/hello")
+                assert (response.status_code, response.text) == (200, "hello from two")
+            assert len(broken.requests) == tried + 3  # each GET failed there, then was retried
+            async with httpx.AsyncClient() as client:
+                post = await client.post(world.cp.proxy_url + "/echo", content=b"x",
+                                         headers={"Host": "shop.app.example.com"})
+            # a request with a body is never replayed
+            assert (post.status_code, post.json()["reason"]) == (502, "agent_error")
+            assert len(broken.requests) == tried + 4
+            good.release.set()
+
+
+async def test_an_agent_failing_health_is_drained_from_the_pick(mock_clock: MockClock,
+                                                                world: World) -> None:
+    async with open_backend("one") as (_, one), open_backend("two") as (_, two), \
+            running_agent(world.agent(one)) as first, running_agent(world.agent(two)) as second:
+        await first.wait_status("attested")
+        await second.wait_status("attested")
+        for sick, well in ((first, "two"), (second, "one")):
+            await sick.health("fail")
+            await sick.wait_status("health_fail")
+            answers = {(await proxy_get(world.cp, "/hello")).text for _ in range(4)}
+            assert answers == {f"hello from {well}"}
+            await sick.health("pass")
+            await eventually(lambda agent=sick: agent.statuses()[-1][0] == "ok")
+
+
+async def test_control_messages_flow_while_a_stream_is_open(mock_clock: MockClock,
+                                                            world: World) -> None:
+    async with open_backend("one") as (backend, server), \
+            running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        async with httpx.AsyncClient() as client, client.stream(
+                "GET", world.cp.proxy_url + "/sse",
+                headers={"Host": "shop.app.example.com"}) as response:
+            chunks = response.aiter_raw()
+            backend.events[0].set()
+            assert await chunks.__anext__() == b"data: event 0\n\n"
+            # the tunnel carries the stream's frames and the agent's JSON messages side by side
+            await agent.health("fail")
+            await agent.wait_status("health_fail")
+            assert (await world.cp.resolve("shop")).status_code == 403
+            await agent.health("pass")
+            await eventually(lambda: agent.statuses()[-1][0] == "ok")
+            assert (await world.cp.resolve("shop")).status_code == 200
+            for index in (1, 2):
+                backend.events[index].set()
+                assert await chunks.__anext__() == f"data: event {index}\n\n".encode()
+
+
+async def test_an_agent_at_its_stream_limit_answers_agent_busy(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+    async with open_world(tmp_path, pki, mock_clock, EE_TUNNEL_MAX_STREAMS="1") as world, \
+            open_backend("one") as (backend, server), \
+            running_agent(world.agent(server)) as agent, trio.open_nursery() as nursery:
+        await agent.wait_status("attested")
+        results: list[httpx.Response] = []
+
+        async def call(path: str) -> None:
+            results.append(await proxy_get(world.cp, path))
+        nursery.start_soon(call, "/hang")
+        await backend.entered.wait()
+        nursery.start_soon(call, "/hello")
+        while not results:  # the second request waits for the one slot, then gives up
+            world.clock.jump(0.5)
+            await trio.to_thread.run_sync(__import__("time").sleep, 0.01)
+        assert (results[0].status_code, results[0].json()["reason"]) == (503, "agent_busy")
+        backend.release.set()
+
+
+async def test_a_body_over_the_configured_limit_is_refused(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+    async with open_world(tmp_path, pki, mock_clock, EE_PROXY_MAX_BODY_BYTES="1000") as world, \
+            open_backend("one") as (_, server), running_agent(world.agent(server)) as agent, \
+            httpx.AsyncClient() as client:
+        await agent.wait_status("attested")
+        headers = {"Host": "shop.app.example.com"}
+        small = await client.post(world.cp.proxy_url + "/echo", content=b"s" * 1000,
+                                  headers=headers)
+        assert (small.status_code, small.content) == (201, b"s" * 1000)
+        large = await client.post(world.cp.proxy_url + "/echo", content=b"l" * 1001,
+                                  headers=headers)
+        assert large.status_code == 413
 
 
 async def test_json_proxy_on_the_control_port(mock_clock: MockClock, world: World) -> None:
@@ -256,6 +355,33 @@ async def test_json_proxy_on_the_control_port(mock_clock: MockClock, world: Worl
             assert (bad.status_code, bad.json()["reason"]) == (400, "invalid_field:path")
             unknown = await client.post(world.cp.url + "/v1/proxy/nosuch", json={"path": "/"})
             assert (unknown.status_code, unknown.json()["reason"]) == (403, "unknown_app")
+            for doc, reason in (({"path": "/\\\\evil.example/"}, "invalid_field:path"),
+                                ({"path": "/", "headers": {"bad name": "x"}},
+                                 "invalid_field:headers"),
+                                ({"path": "/", "headers": [["x-a", "v\u0001"]]},
+                                 "invalid_field:headers")):
+                refused = await client.post(world.cp.url + "/v1/proxy/shop", json=doc)
+                assert (refused.status_code, refused.json()["reason"]) == (400, reason), doc
+            # the agent resets the stream after the head: a JSON 502, not a 500
+            broken = await client.post(world.cp.url + "/v1/proxy/shop", json={"path": "/cut"})
+            assert (broken.status_code, broken.json()["reason"]) == (502, "agent_error")
+
+
+async def test_the_proxy_listener_forwards_only_origin_form_targets(mock_clock: MockClock,
+                                                                   world: World) -> None:
+    async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        for target in (b"http://169.254.169.254/latest", b"//evil.example/x", b"*"):
+            stream = await trio.open_tcp_stream("127.0.0.1", world.cp.bound.proxy_port)
+            async with stream:
+                await stream.send_all(b"GET " + target + b" HTTP/1.1\r\n"
+                                      b"Host: shop.app.example.com\r\n\r\n")
+                reply = b""
+                while b"invalid_target" not in reply and (data := await stream.receive_some()):
+                    reply += data
+            assert reply.startswith(b"HTTP/1.1 400 "), (target, reply)
+            assert b'"reason":"invalid_target"' in reply
+        assert server.requests == []  # nothing reached the backend
 
 
 async def test_auth_listener_answers_like_resolve(mock_clock: MockClock, world: World) -> None:
