@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
@@ -199,8 +199,14 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
     try:
         with single_error():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump_body, stream, body)
-                response = await _response_head(services, stream)
+                # the wait for the head, which every chunk of the upload extends
+                progress = Progress(services.config.proxy_timeout_sec)
+                nursery.start_soon(_pump_body, stream, body, progress)
+                with progress.scope:
+                    progress.moved()
+                    response = await _response_head(stream)
+                if progress.scope.cancelled_caught:
+                    raise ProxyError(504, "upstream_timeout")
                 yield Upstream(response, stream, agent)
                 nursery.cancel_scope.cancel()  # the app answered: a body it did not read is moot
     finally:
@@ -222,13 +228,22 @@ def single_error() -> Iterator[None]:
         raise
 
 
-async def _response_head(services: Services, stream: Stream) -> ResponseHead:
-    with trio.move_on_after(services.config.proxy_timeout_sec):
-        try:
-            return await stream.receive_head()
-        except StreamError as exc:
-            raise ProxyError(502, public_reason(exc.reason), exc.detail) from None
-    raise ProxyError(504, "upstream_timeout")
+@dataclass
+class Progress:
+    """A cancel scope whose deadline is ``patience_sec`` after the last sign of progress."""
+
+    patience_sec: float
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def moved(self) -> None:
+        self.scope.deadline = trio.current_time() + self.patience_sec
+
+
+async def _response_head(stream: Stream) -> ResponseHead:
+    try:
+        return await stream.receive_head()
+    except StreamError as exc:
+        raise ProxyError(502, public_reason(exc.reason), exc.detail) from None
 
 
 def public_reason(reason: str) -> str:
@@ -236,11 +251,15 @@ def public_reason(reason: str) -> str:
     return "tunnel_closed" if reason == "tunnel_closed" else "agent_error"
 
 
-async def _pump_body(stream: Stream, body: AsyncIterable[bytes] | None) -> None:
+async def _pump_body(stream: Stream, body: AsyncIterable[bytes] | None,
+                     progress: Progress) -> None:
+    """The request body to the agent; each chunk that leaves is progress, so a long upload is
+    no upstream timeout (a stalled one is, ``EE_PROXY_TIMEOUT_SEC`` after its last chunk)."""
     try:
         if body is not None:
             async for chunk in body:
                 await stream.send(chunk)
+                progress.moved()
         await stream.end()
     except StreamError:
         pass  # the response side reports what went wrong

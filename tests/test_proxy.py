@@ -184,6 +184,23 @@ async def test_upstream_timeout(mock_clock: MockClock, world: World) -> None:
         backend.release.set()
 
 
+async def test_a_slow_upload_that_keeps_moving_is_no_upstream_timeout(mock_clock: MockClock,
+                                                                     world: World) -> None:
+    async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+
+        async def upload() -> AsyncIterator[bytes]:
+            for _ in range(4):  # 80 s in all, more than EE_PROXY_TIMEOUT_SEC (60)
+                yield b"u" * 1000
+                await trio.to_thread.run_sync(__import__("time").sleep, 0.05)  # it leaves
+                world.clock.jump(20)
+
+        async with httpx.AsyncClient(timeout=None) as client:
+            response = await client.post(world.cp.proxy_url + "/echo", content=upload(),
+                                         headers={"Host": "shop.app.example.com"})
+        assert (response.status_code, response.content) == (201, b"u" * 4000)
+
+
 async def test_tunnel_loss_fails_requests_in_flight(mock_clock: MockClock, world: World) -> None:
     async with open_backend("one") as (backend, server), trio.open_nursery() as nursery:
         result: list[httpx.Response] = []
