@@ -77,23 +77,6 @@ WAIT = 10.0  # real seconds any single step may take before a test fails instead
 # ---- fixtures ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("dev-pki")
-    devpki.ensure_pki(path)
-    return path
-
-
-@pytest.fixture
-def agent_dir(tmp_path: Path) -> Path:
-    """A small stand-in agent directory, so measurements do not change with our sources."""
-    root = tmp_path / "agent-under-test"
-    (root / "pkg").mkdir(parents=True)
-    (root / "agent.py").write_text("print('hello from the agent')\n")
-    (root / "pkg" / "helper.py").write_text("VALUE = 1\n")
-    return root
-
-
 def agent_env(url: str, backend: str, pki_dir: Path, agent_dir: Path, **extra: str
               ) -> dict[str, str]:
     """The environment of an agent on the dev provider with short test intervals."""

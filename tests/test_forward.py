@@ -25,7 +25,6 @@ import trio
 import trio.testing
 
 from agent.forward import backend_url_for, forwarding_client, serve_forwarding
-from eecp import devpki
 from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 from tests.test_agent import open_world, running_agent
 from tests.test_streams import Pair, mux_pair, read_all
@@ -440,21 +439,6 @@ async def test_fifty_mib_up_and_down_match_and_stay_within_the_window() -> None:
 
 
 # ---- the whole agent, over a real WebSocket ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("dev-pki")
-    devpki.ensure_pki(path)
-    return path
-
-
-@pytest.fixture
-def agent_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "agent-under-test"
-    root.mkdir()
-    (root / "agent.py").write_text("print('hello from the agent')\n")
-    return root
 
 
 async def _feed_binary(ws: Any, mux: Mux) -> None:

@@ -1,0 +1,26 @@
+"""Fixtures shared by the agent's tests (tests/test_agent.py, tests/test_forward.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eecp import devpki
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dev-pki")
+    devpki.ensure_pki(path)
+    return path
+
+
+@pytest.fixture
+def agent_dir(tmp_path: Path) -> Path:
+    """A small stand-in agent directory, so measurements do not change with our sources."""
+    root = tmp_path / "agent-under-test"
+    (root / "pkg").mkdir(parents=True)
+    (root / "agent.py").write_text("print('hello from the agent')\n")
+    (root / "pkg" / "helper.py").write_text("VALUE = 1\n")
+    return root
