@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 from typing import TYPE_CHECKING, Any
 
-from quart import Response, jsonify, request, websocket
+from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 
@@ -32,7 +32,6 @@ from eecp.proxy import (
 )
 from eecp.resolve import ResolveAnswer, app_from_host, resolve
 from eecp.streams import RequestHead, StreamError
-from eecp.tunnel import QuartSocket
 
 if TYPE_CHECKING:
     from eecp.service import Services
@@ -47,14 +46,6 @@ def create_app(services: Services) -> QuartTrio:
     @app.get("/health")
     async def health() -> tuple[Response, int]:
         return await health_response(services)
-
-    @app.websocket("/v1/tunnel")
-    async def tunnel() -> None:
-        # the session keeps the object itself, outside quart's context-local lookups
-        ws: Any = websocket._get_current_object()  # type: ignore[attr-defined]
-        await ws.accept()
-        peer = ws.remote_addr or "?"
-        await services.tunnels.serve_session(QuartSocket(ws), peer)
 
     @app.get("/v1/resolve/<app_name>")
     async def resolve_named(app_name: str) -> Response:

@@ -46,7 +46,7 @@ from eecp.metrics import Metrics
 from eecp.quotes import load_root_ca
 from eecp.registry import Registry
 from eecp.store import Store, open_store
-from eecp.tunnel import Tunnels
+from eecp.tunnel import TunnelRouter, Tunnels
 
 log = logging.getLogger("eecp.service")
 
@@ -215,7 +215,8 @@ async def serve_control(services: Services, shutdown: trio.Event,
     # Twice our own limit, so that a message just over it still reaches the session, which
     # answers with a reason before closing; anything larger hypercorn closes with 1009 itself.
     cfg.websocket_max_message_size = 2 * services.config.tunnel_max_message_bytes
-    await hypercorn_serve(create_app(services), cfg, shutdown_trigger=shutdown.wait,
+    app = TunnelRouter(create_app(services), services.tunnels)  # tunnels skip quart
+    await hypercorn_serve(app, cfg, shutdown_trigger=shutdown.wait,
                           task_status=task_status)
 
 

@@ -47,10 +47,16 @@ log = logging.getLogger("eecp.session")
 CLEANUP_GRACE_SEC = 5.0
 
 
-class TunnelSocket(Protocol):
-    """The WebSocket as a session sees it (quart's websocket in production)."""
+#: the attestation interval's jitter; one for all sessions (a Random is 2.5 KiB per tunnel)
+_JITTER = random.Random()
 
-    async def receive(self) -> str | bytes: ...
+
+class TunnelSocket(Protocol):
+    """The WebSocket as a session sees it (:class:`eecp.tunnel.AsgiSocket` in production)."""
+
+    async def receive(self) -> str | bytes | None:
+        """The next message; None once the peer has closed or vanished."""
+        ...
 
     async def send(self, data: str | bytes) -> None: ...
 
@@ -78,7 +84,7 @@ class AgentSession:
         self.agent: AgentView | None = None
         self.ending: Ending | None = None
         self._on_registered = on_registered
-        self._rng = rng or random.Random()
+        self._rng = rng or _JITTER
         self._send_lock = trio.Lock()
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -194,6 +200,10 @@ class AgentSession:
         """The next valid message; ``None`` after a non-fatal problem was reported (or a
         binary data frame was handed to ``binary``)."""
         data = await self.socket.receive()
+        if data is None:  # the peer closed the tunnel, or it broke: the session is over
+            self.end(protocol.CLOSE_NORMAL, "peer_closed")
+            await trio.lowlevel.checkpoint()  # raises Cancelled: end() cancelled our scope
+            raise AssertionError("unreachable")  # pragma: no cover
         if isinstance(data, bytes) and binary is not None:
             await binary(data)
             return None

@@ -1,5 +1,10 @@
 """``GET /v1/tunnel``: accepting agents' WebSockets and running one session each.
 
+Tunnels are served at the ASGI level (:class:`TunnelRouter` sits in front of the quart app):
+an idle tunnel costs hypercorn's connection and eecp's session and nothing more — quart's
+per-WebSocket tasks, queues and request context cost about 15 KiB per tunnel, and a copy of
+every message on the data path. Everything else goes to the quart app.
+
 :class:`Tunnels` keeps the live sessions by agent id, so that an agent that reconnects before its
 old connection was noticed dead supersedes it (the old one is closed with ``superseded``).
 """
@@ -7,10 +12,11 @@ old connection was noticed dead supersedes it (the old one is closed with ``supe
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from eecp import protocol
-from eecp.session import AgentSession
+from eecp.session import AgentSession, TunnelSocket
 
 if TYPE_CHECKING:
     from eecp.service import Services
@@ -18,22 +24,66 @@ if TYPE_CHECKING:
 log = logging.getLogger("eecp.tunnel")
 
 
-class QuartSocket:
-    """A quart websocket as a :class:`~eecp.session.TunnelSocket`."""
+TUNNEL_PATH = "/v1/tunnel"
 
-    def __init__(self, websocket: Any) -> None:
-        self._ws = websocket
+# ASGI's callables, loosely typed: the messages are plain dicts whose keys we check ourselves
+Scope = Any
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[Any], Awaitable[None]]
 
-    async def receive(self) -> str | bytes:
-        data: str | bytes = await self._ws.receive()
-        return data
+
+class AsgiSocket:
+    """One ASGI WebSocket as a :class:`~eecp.session.TunnelSocket`."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+
+    async def accept(self) -> bool:
+        """Complete the handshake; False when the client left before it."""
+        if (await self._receive())["type"] != "websocket.connect":
+            return False
+        await self._send({"type": "websocket.accept"})
+        return True
+
+    async def receive(self) -> str | bytes | None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "websocket.receive":
+                text = message.get("text")
+                return text if text is not None else bytes(message.get("bytes") or b"")
+            if message["type"] == "websocket.disconnect":
+                return None
 
     async def send(self, data: str | bytes) -> None:
-        await self._ws.send(data)
+        # after a disconnect hypercorn drops what is sent: the session learns it from receive
+        if isinstance(data, str):
+            await self._send({"type": "websocket.send", "text": data})
+        else:
+            await self._send({"type": "websocket.send", "bytes": data})
 
     async def close(self, code: int, reason: str) -> None:
         # RFC 6455 limits a close reason to 123 bytes
-        await self._ws.close(code, reason.encode()[:123].decode(errors="ignore"))
+        await self._send({"type": "websocket.close", "code": code,
+                          "reason": reason.encode()[:123].decode(errors="ignore")})
+
+
+class TunnelRouter:
+    """ASGI: WebSockets on ``/v1/tunnel`` to a session of :class:`Tunnels`, all else to
+    ``app``."""
+
+    def __init__(self, app: Any, tunnels: Tunnels) -> None:
+        self._app = app
+        self._tunnels = tunnels
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope.get("path") == TUNNEL_PATH:
+            socket = AsgiSocket(receive, send)
+            if await socket.accept():
+                client = scope.get("client")
+                await self._tunnels.serve_session(socket, str(client[0]) if client else "?")
+            return
+        await self._app(scope, receive, send)
 
 
 class Tunnels:
@@ -49,7 +99,7 @@ class Tunnels:
         """How many sessions have registered."""
         return len(self.sessions)
 
-    async def serve_session(self, socket: QuartSocket, peer: str) -> None:
+    async def serve_session(self, socket: TunnelSocket, peer: str) -> None:
         """Run one agent's session to its end (the caller owns the WebSocket)."""
         session = AgentSession(self._services, socket, peer, on_registered=self._registered)
         self._live.add(session)
