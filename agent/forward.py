@@ -66,14 +66,20 @@ class ForwardError(EecpError):
     http_status = 502
 
 
-def forwarding_client(max_keepalive: int = 20) -> httpx.AsyncClient:
+def forwarding_client(max_streams: int = 100) -> httpx.AsyncClient:
     """An httpx client fit for forwarding: no proxy from the environment (the backend is on
     the VM's loopback), no timeouts of its own, no redirects followed, and no cookie jar (a
-    proxy must not remember its clients' cookies)."""
+    proxy must not remember its clients' cookies).
+
+    It keeps as many backend connections alive as the tunnel serves streams at once: httpcore
+    counts its keep-alive limit against *all* its connections, so a smaller limit would close
+    a connection after every request once that many were busy (a new TCP connection per
+    request under load)."""
     jar = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     return httpx.AsyncClient(trust_env=False, timeout=None, follow_redirects=False,
                              cookies=jar, limits=httpx.Limits(
-                                 max_connections=None, max_keepalive_connections=max_keepalive))
+                                 max_connections=max_streams,
+                                 max_keepalive_connections=max_streams))
 
 
 async def serve_forwarding(mux: Mux, client: httpx.AsyncClient, backend_url: str, *,

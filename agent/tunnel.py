@@ -163,7 +163,7 @@ async def run_agent(config: AgentConfig, provider: QuoteProvider, measurements: 
     # trust_env=False: a proxy configured for the VM's outbound traffic must not be asked to
     # reach a backend on the VM's own loopback
     async with (httpx.AsyncClient(trust_env=False) as http,
-                forwarding_client() as forward_http):
+                forwarding_client(config.max_streams) as forward_http):
         tunnel = Tunnel(config, provider, measurements, state, http, stop,
                         forward_http=forward_http)
         task_status.started(state)

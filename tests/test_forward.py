@@ -25,6 +25,7 @@ import trio
 import trio.testing
 
 from agent.forward import backend_url_for, forwarding_client, serve_forwarding
+from eecp.httpserver import Request, Responder, serve_http
 from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 from tests.test_agent import open_world, running_agent
 from tests.test_streams import Pair, mux_pair, read_all
@@ -390,6 +391,37 @@ async def test_a_streamed_response_arrives_chunk_by_chunk() -> None:
 
 def _download_block(i: int) -> bytes:
     return i.to_bytes(4, "big") * (16 * 1024)  # 64 KiB, different for every i
+
+
+async def test_backend_connections_are_kept_alive_beyond_twenty_at_once() -> None:
+    """Many requests at once, twice over: the second round reuses the first round's
+    connections (no new TCP connection per request once many are busy)."""
+    at_once = 40
+    peers: set[tuple[str, int]] = set()
+    arrived = 0
+    all_in = trio.Event()
+
+    async def held(request: Request, responder: Responder) -> None:
+        nonlocal arrived
+        assert request.client is not None
+        peers.add(request.client)
+        arrived += 1
+        if arrived % at_once == 0:
+            all_in.set()
+        await all_in.wait()
+        await responder.respond(200, [("content-type", "text/plain")], b"ok")
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_http, held, "127.0.0.1", 0)
+        async with forwarding(f"http://127.0.0.1:{port}") as p:
+            for _ in range(2):
+                all_in = trio.Event()
+                async with trio.open_nursery() as calls:
+                    for _ in range(at_once):
+                        calls.start_soon(call, p, "GET", "/")
+            assert arrived == 2 * at_once
+            assert len(peers) == at_once
+        nursery.cancel_scope.cancel()
 
 
 async def test_fifty_mib_up_and_down_match_and_stay_within_the_window() -> None:
