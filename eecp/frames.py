@@ -41,8 +41,8 @@ MAX_RESET_REASON = 200
 MAX_STREAM_ID = 2**32 - 1
 MAX_WINDOW_INCREMENT = 2**32 - 1
 #: credit each side has for each stream, each direction, before any WINDOW frame: 64 KiB
-#: (one full DATA frame). A receiver that grants more sends a WINDOW frame when it opens or
-#: accepts the stream.
+#: (one full DATA frame). A receiver with a larger window grants the rest with the first chunk
+#: its consumer takes of a body still coming (most bodies never need it).
 INITIAL_WINDOW = 64 * 1024
 DEFAULT_MAX_HEAD_BYTES = 64 * 1024
 

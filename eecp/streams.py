@@ -142,7 +142,6 @@ class Mux:
         self._streams[stream.id] = stream
         try:
             await self._write(RequestHeadFrame(stream.id, head))
-            await stream._grant_initial()
         except BaseException:
             stream._fail(StreamError("tunnel_closed", "the request head was not sent"))
             raise
@@ -156,7 +155,6 @@ class Mux:
             self._raise_if_closed()
             if self._pending:
                 stream, head = self._pending.pop(next(iter(self._pending)))
-                await stream._grant_initial()
                 return stream, head
             await self._arrived.wait()
 
@@ -287,6 +285,7 @@ class Stream:
         self._buffer: deque[bytes] = deque()
         self._buffered = 0
         self._unacked = 0  # consumed, not yet granted back
+        self._topped_up = False  # the peer's credit was raised to our window (_top_up)
         self._recv_credit = INITIAL_WINDOW  # what the peer may still send
         self._send_credit = INITIAL_WINDOW  # what we may still send
         self._received_end = False
@@ -375,11 +374,14 @@ class Stream:
         chunk = self._buffer.popleft()
         self._buffered -= len(chunk)
         self._unacked += len(chunk)
-        if not self._received_end and self._unacked >= self._mux.window // 2:
-            increment, self._unacked = self._unacked, 0
-            # the tunnel may be gone: then the next call says so (this chunk did arrive)
-            with contextlib.suppress(StreamError):
-                await self._grant(increment)
+        if not self._received_end:
+            increment = self._top_up()
+            if self._unacked >= self._mux.window // 2:
+                increment, self._unacked = increment + self._unacked, 0
+            if increment:
+                # the tunnel may be gone: then the next call says so (this chunk did arrive)
+                with contextlib.suppress(StreamError):
+                    await self._grant(increment)
         return chunk
 
     # ---- ending -----------------------------------------------------------------------------
@@ -414,10 +416,16 @@ class Stream:
 
     # ---- the mux's side ---------------------------------------------------------------------
 
-    async def _grant_initial(self) -> None:
-        """Raise the peer's credit from the protocol's INITIAL_WINDOW to our window."""
-        if self._mux.window > INITIAL_WINDOW:
-            await self._grant(self._mux.window - INITIAL_WINDOW)
+    def _top_up(self) -> int:
+        """Once per stream, the credit that raises the peer's from INITIAL_WINDOW to our window.
+
+        Granted with the first chunk the consumer takes of a body still coming, not when the
+        stream opens: most bodies (none at all, or a small one) end within the initial credit,
+        and a WINDOW frame per stream and direction would cost more than they carry."""
+        if self._topped_up:
+            return 0
+        self._topped_up = True
+        return max(0, self._mux.window - INITIAL_WINDOW)
 
     async def _grant(self, increment: int) -> None:
         self._recv_credit += increment  # before the write: the peer may use it at once

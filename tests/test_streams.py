@@ -163,6 +163,22 @@ async def test_one_exchange_then_both_slots_are_free() -> None:
         assert p.to_agent.of(ResetFrame) == [] and p.to_eecp.of(ResetFrame) == []
 
 
+async def test_a_small_exchange_is_four_messages_and_needs_no_credit() -> None:
+    async with mux_pair() as p:  # windows of 256 KiB both ways: more than the initial credit
+        stream = await p.eecp.open_stream(GET)
+        await stream.end()
+        accepted, _ = await p.agent.accept_stream()
+        assert await read_all(accepted) == b""
+        await accepted.send_head(OK)
+        await accepted.send(b"x" * 100)
+        await accepted.end()
+        assert await stream.receive_head() == OK
+        assert await read_all(stream) == b"x" * 100
+        await trio.testing.wait_all_tasks_blocked()
+        assert [type(f) for f in p.to_agent.frames] == [RequestHeadFrame, EndFrame]
+        assert [type(f) for f in p.to_eecp.frames] == [ResponseHeadFrame, DataFrame, EndFrame]
+
+
 async def test_repeated_headers_keep_their_order_both_ways() -> None:
     request = [("Cookie", "a=1"), ("X-Dup", "1"), ("x-dup", "2"), ("X-Dup", "3")]
     response = [("Set-Cookie", "a=1; Path=/"), ("Vary", "A"), ("Set-Cookie", "b=2"),
@@ -224,9 +240,10 @@ async def test_a_reader_that_does_not_read_stops_its_sender_and_only_its_sender(
             nursery.start_soon(other.send, big)
             assert await _read_exactly(other_peer, len(big)) == big
             await trio.testing.wait_all_tasks_blocked()
-            # the stalled one sent exactly its window, and the receiver holds no more than that
-            assert p.to_agent.data_bytes[stalled.id] == window
-            assert stalled_peer.buffered == window
+            # a reader that never read granted nothing beyond the protocol's initial credit:
+            # the stalled one sent exactly that, and the receiver holds no more
+            assert p.to_agent.data_bytes[stalled.id] == INITIAL_WINDOW
+            assert stalled_peer.buffered == INITIAL_WINDOW
             # reading resumes it, and the receiver never holds more than the window
             received = bytearray()
             while len(received) < len(big):
@@ -274,7 +291,8 @@ async def test_small_frames_split_and_credit_comes_back_as_the_reader_reads() ->
             assert await stream.receive_head() == OK
             assert await _read_exactly(stream, 1_000_000) == pattern(3, 1_000_000)
         assert {len(f.data) for f in p.to_eecp.of(DataFrame)} == {1000}
-        # the opener grants its window on open, then half-windows as it reads
+        # the opener tops the credit up to its window with the first chunk it reads, then
+        # grants half-windows as it reads
         grants = [f.increment for f in p.to_agent.of(WindowFrame)]
         assert grants[0] == 256 * 1024 - INITIAL_WINDOW
         assert all(g >= 128 * 1024 for g in grants[1:])
