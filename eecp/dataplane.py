@@ -88,12 +88,16 @@ class ProxyHandler:
             async with open_upstream(self._services, app.lower(), head, body) as upstream:
                 status = upstream.head.status
                 metrics.proxy_seconds.observe(time.perf_counter() - started)
-                await responder.send_head(status, strip_hop_by_hop(upstream.head.headers))
+                # what is already here goes out with what follows: a small answer is one write,
+                # and a stream (SSE) is flushed as soon as nothing more is waiting
+                stream = upstream.stream
+                await responder.send_head(status, strip_hop_by_hop(upstream.head.headers),
+                                          hold=stream.ready)
                 sent = 0
                 try:
                     async for chunk in upstream.chunks():
                         sent += len(chunk)
-                        await responder.send(chunk)
+                        await responder.send(chunk, hold=stream.ready)
                 finally:
                     metrics.proxy_bytes.labels("out").inc(sent)
                 await responder.end()

@@ -70,6 +70,8 @@ BODY_BUFFER_BYTES = 64 * 1024
 """The guard stops reading for a slow handler once this much body waits unread."""
 MAX_QUEUED_REQUESTS = 16
 """The guard stops reading for a slow handler once this many requests wait for their turn."""
+HOLD_BYTES = 64 * 1024
+"""Most response bytes a handler may hold back for its next write (``hold=True``)."""
 DRAIN_BYTES = 64 * 1024
 """Most unread request body discarded to keep a connection alive (more: close instead)."""
 LINGER_SEC = 2.0
@@ -225,7 +227,8 @@ class Responder:
     (HTTP/1.0). HEAD, 204 and 304 answers never carry a body (what is sent is discarded).
     """
 
-    __slots__ = ("_close", "_conn", "_ended", "_mode", "_remaining", "_request", "head_sent")
+    __slots__ = ("_close", "_conn", "_ended", "_held", "_held_bytes", "_mode", "_remaining",
+                 "_request", "head_sent")
 
     def __init__(self, conn: _Connection, request: Request) -> None:
         self._conn = conn
@@ -235,6 +238,8 @@ class Responder:
         self._close = False  # close the connection after this response
         self._mode = _NO_BODY
         self._remaining = 0  # bytes still owed under Content-Length
+        self._held: list[bytes] = []  # written, not yet sent (``hold=True``)
+        self._held_bytes = 0
 
     async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
         """The whole response, head and body, in one write (the fast path: pass ``headers``
@@ -257,8 +262,13 @@ class Responder:
         except trio.BrokenResourceError as exc:
             raise ClientDisconnected(str(exc)) from exc
 
-    async def send_head(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
-        """Start a streamed response; the body follows with :meth:`send` and :meth:`end`."""
+    async def send_head(self, status: int, headers: Sequence[tuple[str, str]], *,
+                        hold: bool = False) -> None:
+        """Start a streamed response; the body follows with :meth:`send` and :meth:`end`.
+
+        ``hold=True`` (here and in :meth:`send`) keeps the bytes back to go out with the next
+        write: for a caller that knows more follows at once (a small proxied answer is then
+        one write instead of three). At most :data:`HOLD_BYTES` are held."""
         self._start(status)
         request = self._request
         block, length, close = _header_block(headers)
@@ -274,15 +284,17 @@ class Responder:
         else:
             self._mode, close = _UNTIL_CLOSE, True
         self._close = close = close or not self._conn.may_keep_alive(request)
-        await self._conn.write(b"".join((
+        await self._write(b"".join((
             _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status, _date_line(), block,
-            framing, _connection_line(request, close), b"\r\n")))
+            framing, _connection_line(request, close), b"\r\n")), hold)
 
-    async def send(self, chunk: bytes) -> None:
+    async def send(self, chunk: bytes, *, hold: bool = False) -> None:
         """Write the next piece of the body (flow-controlled by the client)."""
         if not self.head_sent or self._ended:
             raise RuntimeError("send() before send_head() or after end()")
         if not chunk or self._mode == _NO_BODY:
+            if not hold:
+                await self._flush()
             return
         if self._mode == _CHUNK:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
@@ -290,7 +302,22 @@ class Responder:
             if len(chunk) > self._remaining:
                 raise RuntimeError("response body longer than its Content-Length")
             self._remaining -= len(chunk)
-        await self._conn.write(chunk)
+        await self._write(chunk, hold)
+
+    async def _write(self, data: bytes, hold: bool) -> None:
+        if hold and self._held_bytes + len(data) <= HOLD_BYTES:
+            self._held.append(data)
+            self._held_bytes += len(data)
+            return
+        if self._held:
+            data = b"".join((*self._held, data))
+            self._held.clear()
+            self._held_bytes = 0
+        await self._conn.write(data)
+
+    async def _flush(self) -> None:
+        if self._held:
+            await self._write(b"", False)
 
     async def end(self) -> None:
         """Finish the body. A body shorter than its Content-Length closes the connection, so
@@ -301,8 +328,10 @@ class Responder:
             return
         self._ended = True
         if self._mode == _CHUNK:
-            await self._conn.write(_LAST_CHUNK)
-        elif self._mode == _LENGTH and self._remaining:
+            await self._write(_LAST_CHUNK, False)
+            return
+        await self._flush()
+        if self._mode == _LENGTH and self._remaining:
             log.warning("response to %s %s ended %d bytes short of its Content-Length; closing",
                         self._request.method, self._request.path, self._remaining)
             self._close = True

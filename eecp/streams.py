@@ -300,6 +300,11 @@ class Stream:
         return self._buffered
 
     @property
+    def ready(self) -> bool:
+        """Whether :meth:`receive` would return at once (a chunk, the end, or the error)."""
+        return bool(self._buffer) or self._received_end or self._error is not None
+
+    @property
     def finished(self) -> bool:
         """Finished both ways, or reset, or the tunnel is gone: the slot is free."""
         return self._error is not None or (self._sent_end and self._received_end)

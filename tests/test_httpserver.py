@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from eecp.httpserver import (
     DEFAULT_LIMITS,
+    HOLD_BYTES,
     ClientDisconnected,
     Handler,
     Limits,
@@ -316,6 +317,52 @@ async def test_response_with_length_streams_and_keeps_the_connection() -> None:
             replies = [await client.reply(), await client.reply()]
     assert [r.body for r in replies] == [b"abcdef", b"abcdef"]
     assert "transfer-encoding" not in replies[0].headers
+
+
+async def test_held_bytes_wait_for_the_next_write_and_never_exceed_the_limit() -> None:
+    steps = [trio.Event() for _ in range(3)]
+    done = [trio.Event() for _ in range(3)]
+
+    async def handler(request: Request, responder: Responder) -> None:
+        await responder.send_head(200, [("content-type", "text/plain")], hold=True)
+        await responder.send(b"held", hold=True)
+        done[0].set()
+        await steps[0].wait()
+        await responder.send(b"+now")  # the held head and chunk go out with this write
+        done[1].set()
+        await steps[1].wait()
+        for _ in range(HOLD_BYTES // 1000 + 1):  # more than may be held: flushed on the way
+            await responder.send(b"x" * 1000, hold=True)
+        done[2].set()
+        await steps[2].wait()
+        await responder.end()
+
+    async with running(handler) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(WAIT):
+            await stream.send_all(get("/"))
+            await done[0].wait()
+            with trio.move_on_after(0.2):
+                assert await stream.receive_some() == b"", "nothing may leave while held"
+            steps[0].set()
+            await done[1].wait()
+            seen = bytearray()
+            while not seen.endswith(b"4\r\n+now\r\n"):
+                seen += await stream.receive_some()
+            assert seen.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert b"\r\n\r\n4\r\nheld\r\n4\r\n+now\r\n" in seen
+            steps[1].set()
+            await done[2].wait()
+            with trio.move_on_after(0.2):
+                while True:
+                    seen += await stream.receive_some()
+            # the chunk that would have held more than HOLD_BYTES sent everything out
+            framed = b"3e8\r\n" + b"x" * 1000 + b"\r\n"
+            assert seen.split(b"+now\r\n", 1)[1] == framed * (HOLD_BYTES // 1000 + 1)
+            steps[2].set()
+            while not seen.endswith(b"0\r\n\r\n"):
+                seen += await stream.receive_some()
+        await stream.aclose()
 
 
 async def test_server_stops_reading_while_the_handler_does_not_consume(
