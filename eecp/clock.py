@@ -8,6 +8,7 @@ together, so a test that jumps trio time 30 days also moves the wall clock 30 da
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import UTC, datetime
 from typing import Protocol
@@ -59,8 +60,12 @@ class TrioClock:
         return self._start_wall + (trio.current_time() - self._start_trio)
 
 
+@functools.lru_cache(maxsize=4096)
 def isoformat(ts: float) -> str:
-    """Unix seconds as an RFC 3339 UTC string with a ``Z`` suffix, second precision."""
+    """Unix seconds as an RFC 3339 UTC string with a ``Z`` suffix, second precision.
+
+    Remembered: every resolve answer formats its app's few timestamps (expiry, last
+    attestation) again, and strftime was a tenth of the auth listener's time."""
     return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
