@@ -398,13 +398,25 @@ async def test_leaving_a_stream_unfinished_resets_it_and_frees_its_slot() -> Non
     async with mux_pair() as p:
         with pytest.raises(RuntimeError, match="boom"):
             async with await p.eecp.open_stream(GET) as stream:
+                peer, _ = await p.agent.accept_stream()
                 raise RuntimeError("boom")
         assert p.eecp.in_flight == 0
-        peer, _ = await p.agent.accept_stream()
         with pytest.raises(StreamError, match="stream_reset:closed"):
             await peer.receive()
         assert p.agent.in_flight == 0
         assert p.to_agent.of(ResetFrame) == [ResetFrame(stream.id, "closed")]
+        p.eecp.close()
+
+
+async def test_a_stream_reset_before_it_was_accepted_is_never_accepted() -> None:
+    async with mux_pair(agent={"max_streams": 1}) as p:
+        async with await p.eecp.open_stream(GET):
+            pass  # left at once: RESET closed follows the head
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.agent.in_flight == 0  # its slot is free again
+        second = await p.eecp.open_stream(GET)
+        accepted, _ = await p.agent.accept_stream()
+        assert accepted.id == second.id
         p.eecp.close()
 
 
