@@ -203,25 +203,30 @@ async def serve_demo(settings: DemoSettings, *, shutdown: trio.Event | None = No
                                                                fmspc=provider.fmspc),
                                            "127.0.0.1", 0)
         config = from_env(eecp_env(directory, pccs_port, settings))
+        ready = False
         async with trio.open_nursery() as inner:
             bound: Bound = await inner.start(partial(serve, config, shutdown=shutdown,
                                                      handle_signals=False))
             agent = agent_config(directory, bound.control_port, backend_port, settings)
             state: AgentState = await inner.start(partial(
                 run_agent, agent, provider, measurements, stop=shutdown))
-            await _wait_attested(state, shutdown)
-            if not shutdown.is_set():
+            ready = await _wait_attested(state, shutdown)
+            if ready:
                 task_status.started(DemoUrls(bound))
         outer.cancel_scope.cancel()
+    if not ready:  # after a graceful stop of everything
+        raise DemoError("demo_stopped", "stopped before the agent was attested")
 
 
-async def _wait_attested(state: AgentState, shutdown: trio.Event) -> None:
+async def _wait_attested(state: AgentState, shutdown: trio.Event) -> bool:
+    """True once the agent is attested; False when the demo is stopped first."""
     with trio.move_on_after(ATTEST_WITHIN_SEC) as scope:
         await state.wait_for(lambda s: shutdown.is_set() or (
             s.last_status is not None and s.last_status.reason == "attested"))
-    if scope.cancelled_caught:
-        last = state.last_status.reason if state.last_status else state.last_error
-        shutdown.set()
-        raise DemoError("demo_not_attested",
-                        f"the agent was not attested within {ATTEST_WITHIN_SEC:.0f}s "
-                        f"(last: {last})")
+    if not scope.cancelled_caught:
+        return not shutdown.is_set()
+    last = state.last_status.reason if state.last_status else state.last_error
+    shutdown.set()
+    raise DemoError("demo_not_attested",
+                    f"the agent was not attested within {ATTEST_WITHIN_SEC:.0f}s "
+                    f"(last: {last})")

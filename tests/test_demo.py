@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from eecp import devpki
-from eecp.demo import APP, HELLO, REPO, TAG, DemoSettings, DemoUrls, serve_demo
+from eecp.demo import APP, HELLO, REPO, TAG, DemoError, DemoSettings, DemoUrls, serve_demo
 from eecp.devpccs import REISSUE_AFTER_SEC, DevPccs, pccs_answer
 
 WAIT = 30.0  # real seconds: PKI creation, attestation, shutdown (hypercorn lingers up to 5 s)
@@ -92,6 +92,16 @@ async def test_a_second_run_reuses_the_directory(tmp_path: Path) -> None:
         assert [e["verdict"] for e in app["audit"]] == ["accepted", "accepted"]
         allowlist = json.loads((directory / "allowlists" / REPO / f"{TAG}.json").read_text())
         assert allowlist["measurements"]["sealed"] is False
+
+
+async def test_a_demo_stopped_before_its_agent_is_attested_says_so(tmp_path: Path) -> None:
+    shutdown = trio.Event()
+    shutdown.set()
+    with trio.fail_after(WAIT), pytest.RaisesGroup(
+            pytest.RaisesExc(DemoError, match="demo_stopped"), flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_demo, DemoSettings(tmp_path / "demo", 0, 0, 0),
+                                        shutdown=shutdown, handle_signals=False))
 
 
 def test_eecp_demo_prints_what_to_try_and_stops_on_sigint(tmp_path: Path) -> None:
