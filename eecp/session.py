@@ -202,8 +202,7 @@ class AgentSession:
         data = await self.socket.receive()
         if data is None:  # the peer closed the tunnel, or it broke: the session is over
             self.end(protocol.CLOSE_NORMAL, "peer_closed")
-            await trio.lowlevel.checkpoint()  # raises Cancelled: end() cancelled our scope
-            raise AssertionError("unreachable")  # pragma: no cover
+            await trio.sleep_forever()  # end() cancelled our scope: this raises at once
         if isinstance(data, bytes) and binary is not None:
             await binary(data)
             return None

@@ -330,14 +330,20 @@ async def _body_of(stream: Stream) -> bytes:
     return await read_all(stream)
 
 
-async def test_a_reset_from_eecp_cancels_the_backend_request() -> None:
+def hanging_backend() -> tuple[Handler, trio.Event, trio.Event]:
+    """A backend that never answers: set ``arrived`` when asked, ``hung_up`` when the agent
+    closes the connection."""
     arrived, hung_up = trio.Event(), trio.Event()
 
     async def hangs(seen: Seen, reply: Reply) -> None:
         arrived.set()
         await reply.client_gone()
         hung_up.set()
+    return hangs, arrived, hung_up
 
+
+async def test_a_reset_from_eecp_cancels_the_backend_request() -> None:
+    hangs, arrived, hung_up = hanging_backend()
     async with open_backend(hangs) as backend, forwarding(backend.url) as p:
         stream = await p.eecp.open_stream(RequestHead("GET", "/forever", []))
         await stream.end()
@@ -350,13 +356,7 @@ async def test_a_reset_from_eecp_cancels_the_backend_request() -> None:
 
 
 async def test_the_tunnel_closing_cancels_backend_requests_and_forwarding_returns() -> None:
-    arrived, hung_up = trio.Event(), trio.Event()
-
-    async def hangs(seen: Seen, reply: Reply) -> None:
-        arrived.set()
-        await reply.client_gone()
-        hung_up.set()
-
+    hangs, arrived, hung_up = hanging_backend()
     async with open_backend(hangs) as backend, forwarding(backend.url) as p:
         stream = await p.eecp.open_stream(RequestHead("GET", "/forever", []))
         await stream.end()
