@@ -24,7 +24,7 @@ def authorized(expected: str | None, authorization: str | None) -> bool:
 
 def list_apps(registry: Registry, now: float) -> dict[str, Any]:
     """Every registered app with its resolve decision."""
-    apps = [registry.resolve(name, now).body for name in sorted(registry.apps)]
+    apps = [registry.resolve(name, now).document() for name in sorted(registry.apps)]
     return {"apps": apps, "count": len(apps)}
 
 
@@ -34,7 +34,7 @@ def app_detail(registry: Registry, name: str, now: float, audit: list[AuditEntry
     view = registry.apps.get(name)
     if view is None:
         return None
-    doc = registry.resolve(name, now).body
+    doc = registry.resolve(name, now).document()
     doc["registered_at"] = isoformat(view.record.registered_at)
     doc["agents"] = [agent_doc(a) for a in view.agents.values()]
     doc["audit"] = [audit_doc(e) for e in audit]

@@ -5,10 +5,21 @@ another session's) and persist through the store themselves.
 :func:`decide` is the allow decision, pure: an app may be served when its registration has not
 expired and at least one of its agents serving the current repo/tag is connected, attested,
 not failing health, and sealed where the network requires it.
+
+Resolve is the hot path (every request through nginx or Caddy asks it), so
+:meth:`Registry.resolve` remembers each registered app's decision. A remembered decision is
+never stale: it is kept only while nothing it was computed from has changed (every write to a
+field :func:`decide` reads bumps one process-wide generation — see :class:`AgentView`,
+:class:`AppView`) and while ``now`` stays inside the registration state it was computed in
+(``active`` ends at ``expires_at - warn``, ``warning`` at ``expires_at``). There is no TTL: an
+agent drained at one instant is refused at that instant.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -22,6 +33,52 @@ from eecp.streams import Mux
 Health = Literal["pass", "fail", "unknown"]
 
 
+class _Generation:
+    """Bumped by every change to what a decision reads; remembered decisions compare it."""
+
+    value = 0
+
+
+def _changed() -> None:
+    _Generation.value += 1
+
+
+#: the AgentView fields :func:`decide` reads (``in_flight``, ``mux``, ``health_at`` are not)
+_DECISION_FIELDS = frozenset({"record", "connected", "attested", "health"})
+
+
+class _AgentMap(dict[str, "AgentView"]):
+    """An app's agents by id; adding or removing one is a change to the app's decision."""
+
+    def __setitem__(self, key: str, value: AgentView) -> None:
+        _changed()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        _changed()
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        _changed()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, AgentView]:
+        _changed()
+        return super().popitem()
+
+    def clear(self) -> None:
+        _changed()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        _changed()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        _changed()
+        return super().setdefault(key, default)
+
+
 @dataclass
 class AgentView:
     """One agent as this process sees it. ``connected`` is never persisted."""
@@ -33,6 +90,11 @@ class AgentView:
     health_at: float | None = None
     in_flight: int = 0
     mux: Mux | None = None  # the tunnel's stream multiplexer while connected
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _DECISION_FIELDS:
+            _changed()
+        object.__setattr__(self, name, value)
 
     @property
     def agent_id(self) -> str:
@@ -51,25 +113,48 @@ class AppView:
     """An app registration and the agents known to serve it."""
 
     record: AppRecord
-    agents: dict[str, AgentView] = field(default_factory=dict)
+    agents: dict[str, AgentView] = field(default_factory=_AgentMap)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _changed()
+        if name == "agents" and not isinstance(value, _AgentMap):
+            value = _AgentMap(value)
+        object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Resolve's answer for one app."""
+    """Resolve's answer for one app. Shared by every caller while it stays valid, so its
+    document is handed out as a copy (:meth:`document`)."""
 
     allowed: bool
     reason: str
     app: str
-    body: dict[str, Any]
+    _body: dict[str, Any] = field(repr=False)
+    #: the stretch of time it holds for, ``[valid_from, valid_until)`` (registration state)
+    valid_from: float = -math.inf
+    valid_until: float = math.inf
+
+    @functools.cached_property
+    def json(self) -> bytes:
+        """The document as compact JSON (computed once per decision)."""
+        return json.dumps(self._body, separators=(",", ":")).encode()
+
+    def document(self) -> dict[str, Any]:
+        """The decision as resolve's JSON document, a fresh copy the caller may extend."""
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self._body.items()}
 
     @property
     def registration_state(self) -> str:
-        return str(self.body.get("registration_state", ""))
+        return str(self._body.get("registration_state", ""))
 
     @property
     def release_tag(self) -> str:
-        return str(self.body.get("release_tag", ""))
+        return str(self._body.get("release_tag", ""))
+
+    def holds(self, now: float) -> bool:
+        """Is ``now`` inside the registration state it was computed in?"""
+        return self.valid_from <= now < self.valid_until
 
 
 class Registry:
@@ -79,9 +164,12 @@ class Registry:
         self.apps: dict[str, AppView] = {}
         self._networks = {n.name: n for n in networks}
         self._warn_sec = warn_sec
+        #: app name -> (generation, decision): registered apps only, so it is bounded
+        self._decisions: dict[str, tuple[int, Decision]] = {}
 
     def load(self, apps: Iterable[AppRecord], agents: Iterable[AgentRecord]) -> None:
         """Fill from the store at start-up: every agent reads disconnected until it dials in."""
+        _changed()
         for app in apps:
             self.apps[app.name] = AppView(app)
         for agent in agents:
@@ -99,6 +187,7 @@ class Registry:
     def put_app(self, record: AppRecord) -> None:
         """Insert or replace an app's record, keeping its agents."""
         view = self.apps.get(record.name)
+        _changed()
         if view is None:
             self.apps[record.name] = AppView(record)
         else:
@@ -125,9 +214,16 @@ class Registry:
         return agent.record
 
     def resolve(self, name: str, now: float) -> Decision:
-        """The allow decision for app ``name`` at ``now``."""
+        """The allow decision for app ``name`` at ``now`` (remembered while it holds)."""
+        generation = _Generation.value
+        cached = self._decisions.get(name)
+        if cached is not None and cached[0] == generation and cached[1].holds(now):
+            return cached[1]
         view = self.apps.get(name)
-        return decide(view, name, now, self._networks, self._warn_sec)
+        decision = decide(view, name, now, self._networks, self._warn_sec)
+        if view is not None:
+            self._decisions[name] = (generation, decision)
+        return decision
 
     def routable(self, name: str, now: float) -> list[AgentView]:
         """Agents that may serve ``name`` now, least loaded first."""
@@ -155,7 +251,17 @@ def decide(view: AppView | None, name: str, now: float, networks: dict[str, Netw
     best = _best_agent(current, app, network)
     reason = _deny_reason(state, best, app, network)
     body = _body(app, state, best, current, reason)
-    return Decision(reason == "ok", reason, name, body)
+    return Decision(reason == "ok", reason, name, body, *_state_span(state, app, warn_sec))
+
+
+def _state_span(state: RegistrationState, app: AppRecord, warn_sec: float
+                ) -> tuple[float, float]:
+    """When ``state`` began and ends (see :func:`eecp.registration.registration_state`)."""
+    if state == "active":
+        return -math.inf, app.expires_at - warn_sec
+    if state == "warning":
+        return app.expires_at - warn_sec, app.expires_at
+    return app.expires_at, math.inf
 
 
 def _best_agent(agents: list[AgentView], app: AppRecord, network: Network | None

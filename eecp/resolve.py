@@ -10,7 +10,6 @@ answer byte for byte alike.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,15 +41,27 @@ def app_from_host(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+#: app name -> (decision, its answer): rendered once per decision the registry remembers
+_ANSWERS: dict[str, tuple[Decision, ResolveAnswer]] = {}
+_ANSWERS_MAX = 65536
+
+
 def resolve(registry: Registry, app: str | None, now: float) -> ResolveAnswer:
     """The answer for ``app`` (None or a malformed name: refused like an unknown app)."""
     name = (app or "").lower()
     if not _DNS_LABEL.match(name):
-        decision = Decision(False, "unknown_app", name, {"allowed": False,
-                                                         "reason": "unknown_app", "app": name})
-    else:
-        decision = registry.resolve(name, now)
-    return answer_for(decision)
+        return answer_for(Decision(False, "unknown_app", name, {
+            "allowed": False, "reason": "unknown_app", "app": name}))
+    decision = registry.resolve(name, now)
+    cached = _ANSWERS.get(name)
+    if cached is not None and cached[0] is decision:
+        return cached[1]
+    answer = answer_for(decision)
+    if decision.reason != "unknown_app":  # unregistered names are not remembered: unbounded
+        if len(_ANSWERS) >= _ANSWERS_MAX:
+            _ANSWERS.clear()
+        _ANSWERS[name] = (decision, answer)
+    return answer
 
 
 def answer_for(decision: Decision) -> ResolveAnswer:
@@ -63,5 +74,4 @@ def answer_for(decision: Decision) -> ResolveAnswer:
         ("x-ee-registration-state", decision.registration_state),
         ("x-ee-release-tag", decision.release_tag),
     )
-    body = json.dumps(decision.body, separators=(",", ":")).encode()
-    return ResolveAnswer(200 if decision.allowed else 403, headers, body)
+    return ResolveAnswer(200 if decision.allowed else 403, headers, decision.json)

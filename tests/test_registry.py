@@ -1,0 +1,159 @@
+"""The in-memory registry: the allow decision, and the remembered decisions resolve is served
+from. A remembered decision must never be stale: every change to what it reads, and every
+registration-state boundary, is seen by the very next resolve."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from eecp import resolve as resolve_module
+from eecp.config import Network
+from eecp.records import AgentRecord, AppRecord
+from eecp.registry import AgentView, Registry, decide
+from eecp.resolve import answer_for, resolve
+
+WARN = 3 * 86400.0
+EXPIRES = 1_000_000.0
+NETWORKS = (Network("forge-1", True), Network("sandbox-1", False))
+
+
+def make_registry(network: str = "forge-1") -> tuple[Registry, AgentView]:
+    registry = Registry(NETWORKS, WARN)
+    registry.put_app(AppRecord("shop", "acme/shop", "v1", network, 0.0, EXPIRES))
+    agent = AgentView(AgentRecord("a1", "shop", "acme/shop", "v1", network, 0.0, 0.0,
+                                  sealed=True), connected=True, attested=True, health="pass")
+    registry.attach(agent)
+    return registry, agent
+
+
+def fresh(registry: Registry, name: str, now: float) -> tuple[bool, str, dict[str, object]]:
+    """The decision computed from scratch, bypassing anything remembered."""
+    d = decide(registry.apps.get(name), name, now, {n.name: n for n in NETWORKS}, WARN)
+    return d.allowed, d.reason, d.document()
+
+
+def seen(registry: Registry, name: str, now: float) -> tuple[bool, str, dict[str, object]]:
+    d = registry.resolve(name, now)
+    return d.allowed, d.reason, d.document()
+
+
+def test_an_unchanged_decision_is_reused_and_load_does_not_count() -> None:
+    registry, agent = make_registry()
+    first = registry.resolve("shop", 10.0)
+    agent.in_flight += 5  # load changes on every request: not part of the decision
+    assert registry.resolve("shop", 11.0) is first
+    assert resolve(registry, "shop", 12.0) is resolve(registry, "shop", 13.0)
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda r, a: setattr(a, "attested", False), "not_attested"),
+    (lambda r, a: setattr(a, "health", "fail"), "health_fail"),
+    (lambda r, a: setattr(a, "connected", False), "not_connected"),
+    (lambda r, a: r.detach(a), "not_connected"),
+    (lambda r, a: r.update_agent(a, sealed=False), "sealed_required"),
+    (lambda r, a: setattr(a, "record", replace(a.record, sealed=None)), "sealed_required"),
+    (lambda r, a: r.put_app(replace(r.apps["shop"].record, release_tag="v2")), "not_connected"),
+    (lambda r, a: r.put_app(replace(r.apps["shop"].record, expires_at=5.0)),
+     "registration_expired"),
+    (lambda r, a: r.apps["shop"].agents.pop("a1"), "not_connected"),
+    (lambda r, a: r.apps["shop"].agents.clear(), "not_connected"),
+    (lambda r, a: setattr(r.apps["shop"], "agents", {}), "not_connected"),
+])
+def test_every_change_is_seen_by_the_next_resolve(change, reason) -> None:  # type: ignore[no-untyped-def]
+    registry, agent = make_registry()
+    before = resolve(registry, "shop", 10.0)
+    assert before.status == 200
+    change(registry, agent)
+    after = resolve(registry, "shop", 10.0)
+    assert after.status == 403
+    assert ("x-ee-reason", reason) in after.headers
+    assert seen(registry, "shop", 10.0) == fresh(registry, "shop", 10.0)
+
+
+def test_an_agent_coming_back_is_seen_at_once() -> None:
+    registry, agent = make_registry()
+    agent.attested = False
+    assert resolve(registry, "shop", 10.0).status == 403
+    agent.attested = True
+    assert resolve(registry, "shop", 10.0).status == 200
+    other = AgentView(replace(agent.record, agent_id="a2"), connected=True, attested=True)
+    registry.detach(agent)
+    assert resolve(registry, "shop", 10.0).status == 403
+    registry.attach(other)
+    assert resolve(registry, "shop", 10.0).status == 200
+
+
+@pytest.mark.parametrize(("now", "state", "status"), [
+    (EXPIRES - WARN - 0.001, "active", 200),
+    (EXPIRES - WARN, "warning", 200),
+    (EXPIRES - 0.001, "warning", 200),
+    (EXPIRES, "expired", 403),
+])
+def test_registration_state_boundaries_end_a_remembered_decision(now: float, state: str,
+                                                                   status: int) -> None:
+    registry, _ = make_registry()
+    registry.resolve("shop", 0.0)  # remembered in another state (or the same one)
+    answer = resolve(registry, "shop", now)
+    assert ("x-ee-registration-state", state) in answer.headers
+    assert answer.status == status
+    # and back again: an injected clock may be set backwards in tests and tools
+    assert ("x-ee-registration-state", "active") in resolve(registry, "shop", 0.0).headers
+
+
+def test_the_document_handed_out_is_a_copy() -> None:
+    registry, _ = make_registry()
+    doc = registry.resolve("shop", 10.0).document()
+    doc["allowed"] = False
+    doc["attestation"]["status"] = "tampered"  # type: ignore[index]
+    again = registry.resolve("shop", 10.0).document()
+    assert again["allowed"] is True and again["attestation"]["status"] == "attested"  # type: ignore[index]
+
+
+def test_answers_match_a_fresh_decision_through_random_changes() -> None:
+    """Any sequence of changes: what resolve serves equals the decision made from scratch."""
+    rng = random.Random(7)
+    registry, agent = make_registry()
+    agents = [agent]
+    now = 0.0
+    for step in range(2000):
+        target = rng.choice(agents)
+        move = rng.randrange(9)
+        if move == 0:
+            target.attested = not target.attested
+        elif move == 1:
+            target.health = rng.choice(["pass", "fail", "unknown"])
+        elif move == 2:
+            target.connected = not target.connected
+        elif move == 3:
+            registry.update_agent(target, sealed=rng.choice([True, False, None]))
+        elif move == 4:
+            registry.put_app(replace(registry.apps["shop"].record,
+                                     release_tag=rng.choice(["v1", "v2"])))
+        elif move == 5:
+            new = AgentView(replace(agent.record, agent_id=f"a{step}",
+                                    release_tag=rng.choice(["v1", "v2"])),
+                            connected=True, attested=rng.random() < 0.5)
+            registry.attach(new)
+            agents.append(new)
+        elif move == 6:
+            registry.detach(target)
+        elif move == 7:
+            now = rng.choice([now + rng.uniform(0, WARN), EXPIRES - WARN, EXPIRES,
+                              rng.uniform(0, EXPIRES * 1.1)])
+        else:
+            target.in_flight = rng.randrange(10)
+        assert seen(registry, "shop", now) == fresh(registry, "shop", now), step
+        expected = answer_for(registry.resolve("shop", now))
+        assert resolve(registry, "shop", now) == expected, step
+
+
+def test_unknown_names_are_not_remembered() -> None:
+    registry, _ = make_registry()
+    before = len(resolve_module._ANSWERS)
+    for i in range(1000):
+        assert resolve(registry, f"nope{i}", 10.0).status == 403
+    assert len(resolve_module._ANSWERS) == before
+    assert "nope1" not in registry._decisions
