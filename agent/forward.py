@@ -11,9 +11,9 @@ A request goes to ``backend_url`` with the path eecp sent, which must be origin-
 an absolute URL or ``//host`` is refused (RESET ``bad_path``) before any request is made, so a
 request through the tunnel can reach the app and nothing else from inside the TD. Hop-by-hop
 headers are dropped both ways; ``Host`` becomes the backend's; repeated headers keep their
-order. Bodies stream both ways chunk by chunk (``aiter_raw``: SSE and chunked responses flow as
-the app writes them, and a large download never sits in memory), at the pace the tunnel's flow
-control allows.
+order. Bodies stream both ways chunk by chunk (SSE and chunked responses flow as the app writes
+them, and a large download never sits in memory), at the pace the tunnel's flow control allows.
+The HTTP client is :mod:`agent.backend` (kept-alive connections, one pool per tunnel client).
 
 A backend that cannot be reached, is too slow or answers garbage costs one stream, reset with
 a stable reason, never the tunnel:
@@ -34,15 +34,13 @@ a stable reason, never the tunnel:
 from __future__ import annotations
 
 import contextlib
-import http.cookiejar
 import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import cast
 
-import httpx
 import trio
 
+from agent.backend import BackendError, BackendExchange, BackendPool
 from eecp.errors import EecpError
 from eecp.frames import is_origin_form
 from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
@@ -50,13 +48,11 @@ from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 log = logging.getLogger("agent.forward")
 
 #: headers that describe one hop, not the message (RFC 9110 §7.6.1), plus ``Host`` (the
-#: backend's own is set) and ``Expect`` (the body is already on its way; httpx cannot honour
-#: 100-continue). ``Proxy-*`` are dropped by prefix.
+#: backend's own is set) and ``Expect`` (the body is already on its way). ``Proxy-*`` are
+#: dropped by prefix.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te",
                         "trailer", "trailers", "proxy-connection"})
 _REQUEST_ONLY = frozenset({"host", "expect"})
-#: httpx's own timeouts are off: every deadline here is a trio one, at its call site
-_NO_TIMEOUTS = httpx.Timeout(None).as_dict()
 
 
 class ForwardError(EecpError):
@@ -66,27 +62,18 @@ class ForwardError(EecpError):
     http_status = 502
 
 
-def forwarding_client(max_streams: int = 100) -> httpx.AsyncClient:
-    """An httpx client fit for forwarding: no proxy from the environment (the backend is on
-    the VM's loopback), no timeouts of its own, no redirects followed, and no cookie jar (a
-    proxy must not remember its clients' cookies).
-
-    It keeps as many backend connections alive as the tunnel serves streams at once: httpcore
-    counts its keep-alive limit against *all* its connections, so a smaller limit would close
-    a connection after every request once that many were busy (a new TCP connection per
-    request under load)."""
-    jar = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    return httpx.AsyncClient(trust_env=False, timeout=None, follow_redirects=False,
-                             cookies=jar, limits=httpx.Limits(
-                                 max_connections=max_streams,
-                                 max_keepalive_connections=max_streams))
+def open_backend_pool(backend_url: str, max_streams: int = 100) -> BackendPool:
+    """The connection pool forwarding uses (``async with``): it keeps as many idle backend
+    connections as the tunnel serves streams at once, so a busy tunnel never opens a new TCP
+    connection per request. No proxy from the environment (the backend is on the VM's
+    loopback), no redirects followed, no cookie jar: a proxy must not remember its clients'
+    cookies (see :mod:`agent.backend`)."""
+    return BackendPool(backend_url, max_idle=max_streams)
 
 
-async def serve_forwarding(mux: Mux, client: httpx.AsyncClient, backend_url: str, *,
-                           timeout_sec: float) -> None:
+async def serve_forwarding(mux: Mux, pool: BackendPool, *, timeout_sec: float) -> None:
     """Serve every stream ``mux`` accepts until the mux is closed (the tunnel is gone), then
     cancel what is still in flight and return."""
-    base = httpx.URL(backend_url)
     async with trio.open_nursery() as nursery:
         while True:
             try:
@@ -94,15 +81,15 @@ async def serve_forwarding(mux: Mux, client: httpx.AsyncClient, backend_url: str
             except StreamError:
                 nursery.cancel_scope.cancel()  # their tunnel is gone: nobody awaits answers
                 return
-            nursery.start_soon(_serve_stream, stream, head, client, base, timeout_sec,
+            nursery.start_soon(_serve_stream, stream, head, pool, timeout_sec,
                                name=f"forward:{stream.id}")
 
 
-async def _serve_stream(stream: Stream, head: RequestHead, client: httpx.AsyncClient,
-                        base: httpx.URL, timeout_sec: float) -> None:
+async def _serve_stream(stream: Stream, head: RequestHead, pool: BackendPool,
+                        timeout_sec: float) -> None:
     async with stream, trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_when_failed, stream, nursery.cancel_scope, name="watch")
-        await _exchange(stream, head, client, base, timeout_sec)
+        await _exchange(stream, head, pool, timeout_sec)
         nursery.cancel_scope.cancel()  # done: stop watching
 
 
@@ -114,12 +101,12 @@ async def _cancel_when_failed(stream: Stream, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _exchange(stream: Stream, head: RequestHead, client: httpx.AsyncClient,
-                    base: httpx.URL, timeout_sec: float) -> None:
+async def _exchange(stream: Stream, head: RequestHead, pool: BackendPool,
+                    timeout_sec: float) -> None:
     """One request/response; every failure ends as a RESET with its reason (or, when eecp
     reset the stream itself, quietly)."""
     try:
-        await _forward(stream, head, client, base, timeout_sec)
+        await _forward(stream, head, pool, timeout_sec)
     except ForwardError as exc:
         log.info("stream %d %s %s: %s", stream.id, head.method, head.path[:200], exc)
         await stream.reset(exc.reason)
@@ -130,26 +117,45 @@ async def _exchange(stream: Stream, head: RequestHead, client: httpx.AsyncClient
         await stream.reset("agent_error")
 
 
-async def _forward(stream: Stream, head: RequestHead, client: httpx.AsyncClient,
-                   base: httpx.URL, timeout_sec: float) -> None:
-    url = backend_url_for(base, head.path)  # before anything else: no request for a bad path
-    progress = trio.CancelScope()  # its deadline moves with the backend's progress
+async def _forward(stream: Stream, head: RequestHead, pool: BackendPool,
+                   timeout_sec: float) -> None:
+    target = backend_target(head.path)  # before anything else: no request for a bad path
+    headers = request_headers(head.headers)
     first = await stream.receive()  # a body or not: a GET's END follows its head at once
+    # a bodyless request can be sent again: once, on a fresh connection, when the kept-alive
+    # one it went out on turns out closed by the backend before any of the answer came
+    for fresh in (False, True):
+        exchange = BackendExchange(pool, fresh=fresh)
+        try:
+            await _answer(stream, head, target, headers, first, exchange, timeout_sec)
+            return
+        except BackendError as exc:
+            if exc.retryable and first is None and not fresh:  # (only before the head)
+                log.debug("stream %d: %s on a kept-alive connection; retrying", stream.id, exc)
+                continue
+            raise ForwardError(exc.reason, exc.detail) from None
+
+
+async def _answer(stream: Stream, head: RequestHead, target: str,
+                  headers: list[tuple[str, str]], first: bytes | None,
+                  exchange: BackendExchange, timeout_sec: float) -> None:
+    progress = trio.CancelScope()  # its deadline moves with the backend's progress
     body = None if first is None else _RequestBody(stream, first, progress, timeout_sec)
-    request = httpx.Request(head.method, url, headers=request_headers(head.headers),
-                            content=body, extensions={"timeout": _NO_TIMEOUTS})
-    with progress:
-        progress.deadline = trio.current_time() + timeout_sec
-        response = await _send(client, request)
-    if progress.cancelled_caught:
-        raise ForwardError("backend_timeout", f"no response head within {timeout_sec:g}s")
+    failed = True
     try:
-        await _send_head(stream, ResponseHead(response.status_code,
-                                              response_headers(response.headers.raw)))
-        await _relay_body(stream, response, timeout_sec)
+        with progress:
+            progress.deadline = trio.current_time() + timeout_sec
+            await exchange.open()
+            await exchange.send_request(head.method, target, headers, body)
+            status, raw = await exchange.receive_head()
+        if progress.cancelled_caught:
+            raise ForwardError("backend_timeout", f"no response head within {timeout_sec:g}s")
+        await _send_head(stream, ResponseHead(status, response_headers(raw)))
+        await _relay_body(stream, exchange, timeout_sec)
+        failed = False
     finally:
         with trio.CancelScope(shield=True):  # release the backend connection whatever happened
-            await response.aclose()
+            await exchange.close(failed=failed)
 
 
 async def _send_head(stream: Stream, head: ResponseHead) -> None:
@@ -163,33 +169,16 @@ async def _send_head(stream: Stream, head: ResponseHead) -> None:
         raise ForwardError("backend_error", f"unsendable response head: {exc.detail}") from None
 
 
-async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
-    """``client.send`` with httpx's errors turned into stable reasons."""
-    try:
-        return await client.send(request, stream=True)
-    except httpx.ConnectError as exc:
-        raise ForwardError("backend_unreachable", str(exc) or type(exc).__name__) from None
-    except httpx.TimeoutException as exc:
-        raise ForwardError("backend_timeout", str(exc) or type(exc).__name__) from None
-    except httpx.LocalProtocolError as exc:
-        raise ForwardError("bad_request", str(exc) or type(exc).__name__) from None
-    except httpx.TransportError as exc:
-        raise ForwardError("backend_error", str(exc) or type(exc).__name__) from None
-
-
-async def _relay_body(stream: Stream, response: httpx.Response, timeout_sec: float) -> None:
+async def _relay_body(stream: Stream, exchange: BackendExchange, timeout_sec: float) -> None:
     """The response body to eecp, chunk by chunk as the backend writes it, then END."""
-    # closed at once, not when collected: it holds the backend connection's read side
-    raw = cast(AsyncGenerator[bytes, None], response.aiter_raw())  # typed as an iterator
-    async with contextlib.aclosing(raw) as chunks:
+    # closed at once, not when collected: it holds the exchange's read side
+    body = exchange.body()
+    assert isinstance(body, AsyncGenerator)
+    async with contextlib.aclosing(body) as chunks:
         while True:
             chunk: bytes | None = None
             with trio.move_on_after(timeout_sec) as idle:
-                try:
-                    chunk = await anext(chunks, None)
-                except httpx.TransportError as exc:
-                    raise ForwardError("backend_error", str(exc) or type(exc).__name__
-                                       ) from None
+                chunk = await anext(chunks, None)
             if idle.cancelled_caught:
                 raise ForwardError("backend_timeout", f"response idle for {timeout_sec:g}s")
             if chunk is None:
@@ -224,16 +213,13 @@ class _RequestBody:
         return chunk_or_end
 
 
-def backend_url_for(base: httpx.URL, path: str) -> httpx.URL:
-    """``path`` (with its query) on the backend, or ``ForwardError("bad_path")`` for anything
-    but an origin-form target (:func:`eecp.frames.is_origin_form`)."""
+def backend_target(path: str) -> str:
+    """``path`` (with its query) as the request target for the backend, or
+    ``ForwardError("bad_path")`` for anything but an origin-form target
+    (:func:`eecp.frames.is_origin_form`): nothing but the backend can be reached."""
     if not is_origin_form(path):
         raise ForwardError("bad_path", f"{path[:80]!r} is not an origin-form path")
-    prefix = base.raw_path.rstrip(b"/")
-    try:
-        return base.copy_with(raw_path=prefix + path.encode("ascii"))
-    except (UnicodeEncodeError, httpx.InvalidURL) as exc:
-        raise ForwardError("bad_path", str(exc)) from None
+    return path
 
 
 def request_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -241,9 +227,9 @@ def request_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(n, v) for n, v in _end_to_end(headers) if n.lower() not in _REQUEST_ONLY]
 
 
-def response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+def response_headers(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """What to send eecp: the backend's headers, hop-by-hop dropped, order and repeats kept."""
-    return _end_to_end([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw])
+    return _end_to_end(raw)
 
 
 def _end_to_end(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -45,8 +45,9 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from agent.backend import BackendPool
 from agent.config import AgentConfig
-from agent.forward import forwarding_client, serve_forwarding
+from agent.forward import open_backend_pool, serve_forwarding
 from agent.health import HealthStatus, probe_backend
 from agent.providers import QuoteProvider, QuoteProviderError
 from eecp.errors import EecpError, ProtocolError
@@ -163,9 +164,8 @@ async def run_agent(config: AgentConfig, provider: QuoteProvider, measurements: 
     # trust_env=False: a proxy configured for the VM's outbound traffic must not be asked to
     # reach a backend on the VM's own loopback
     async with (httpx.AsyncClient(trust_env=False) as http,
-                forwarding_client(config.max_streams) as forward_http):
-        tunnel = Tunnel(config, provider, measurements, state, http, stop,
-                        forward_http=forward_http)
+                open_backend_pool(config.backend_url, config.max_streams) as backend):
+        tunnel = Tunnel(config, provider, measurements, state, http, stop, backend=backend)
         task_status.started(state)
         while not stop.is_set():
             started = trio.current_time()
@@ -193,15 +193,15 @@ class Tunnel:
     def __init__(self, config: AgentConfig, provider: QuoteProvider,
                  measurements: Measurements, state: AgentState,
                  http: httpx.AsyncClient, stop: trio.Event,
-                 forward_http: httpx.AsyncClient | None = None) -> None:
+                 backend: BackendPool | None = None) -> None:
         self.config = config
         self.provider = provider
         self.measurements = measurements
         self.state = state
         self.http = http
         self.stop = stop
-        #: proxied requests get their own client (pool), so they cannot starve health probes
-        self.forward_http = forward_http if forward_http is not None else http
+        #: proxied requests' connections to the backend (health probes use ``http``)
+        self.backend = backend if backend is not None else BackendPool(config.backend_url)
 
     async def run_once(self) -> tuple[str, bool]:
         """Dial and serve one tunnel until it ends: why it ended, and whether it had opened."""
@@ -244,7 +244,7 @@ class Tunnel:
                     nursery.start_soon(self._keepalive, ws, name="agent-keepalive")
                 nursery.start_soon(self._stop_watch, name="agent-stop")
                 nursery.start_soon(partial(
-                    serve_forwarding, mux, self.forward_http, self.config.backend_url,
+                    serve_forwarding, mux, self.backend,
                     timeout_sec=self.config.backend_timeout_sec), name="agent-forward")
                 try:
                     await self._receive_loop(ws, mux)

@@ -26,7 +26,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from agent.forward import serve_forwarding
+from agent.forward import open_backend_pool, serve_forwarding
 from eecp.clock import TrioClock
 from eecp.config import Config, from_env
 from eecp.measurements import Measurements, report_data_for
@@ -245,8 +245,8 @@ class FakeAgent:
 
     async def _forward(self, mux: Mux) -> None:
         assert self.backend_url is not None
-        async with httpx.AsyncClient() as client:
-            await serve_forwarding(mux, client, self.backend_url, timeout_sec=30)
+        async with open_backend_pool(self.backend_url) as pool:
+            await serve_forwarding(mux, pool, timeout_sec=30)
 
     def _notify(self) -> None:
         self._changed.set()

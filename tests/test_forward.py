@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import h11
-import httpx
 import pytest
 import trio
 import trio.testing
 
-from agent.forward import backend_url_for, forwarding_client, serve_forwarding
+from agent.forward import ForwardError, backend_target, open_backend_pool, serve_forwarding
 from eecp.httpserver import Request, Responder, serve_http
 from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 from tests.test_agent import open_world, running_agent
@@ -168,10 +167,9 @@ async def forwarding(backend_url: str, *, timeout_sec: float = WAIT, wait: float
                      ) -> AsyncIterator[Pair]:
     """eecp's mux and the agent's, with ``serve_forwarding`` on the agent's; at the end the
     agent's mux is closed, and ``serve_forwarding`` must return by itself for the block to."""
-    async with (mux_pair(wait=wait) as pair, forwarding_client() as client,
+    async with (mux_pair(wait=wait) as pair, open_backend_pool(backend_url) as pool,
                 trio.open_nursery() as nursery):
-        nursery.start_soon(partial(serve_forwarding, pair.agent, client, backend_url,
-                                   timeout_sec=timeout_sec))
+        nursery.start_soon(partial(serve_forwarding, pair.agent, pool, timeout_sec=timeout_sec))
         yield pair
         pair.agent.close()
 
@@ -255,9 +253,19 @@ async def test_paths_that_could_leave_the_backend_are_refused_without_a_request(
     assert backend.connections == 1  # only /fine's
 
 
-def test_a_backend_path_prefix_is_kept() -> None:
-    base = httpx.URL("http://127.0.0.1:8080/app/")
-    assert str(backend_url_for(base, "/x?y=1")) == "http://127.0.0.1:8080/app/x?y=1"
+async def test_a_backend_path_prefix_is_kept() -> None:
+    async with open_backend(echo) as backend, forwarding(backend.url + "/app/") as p:
+        assert (await call(p, "GET", "/x?y=1"))[0].status == 200
+    assert backend.seen[-1].target == "/app/x?y=1"
+    host = backend.url.removeprefix("http://")
+    assert backend.seen[-1].header("host") == [host]
+
+
+def test_only_origin_form_targets_pass() -> None:
+    assert backend_target("/x?y=1") == "/x?y=1"
+    for bad in ("//evil/x", "http://evil/", "x", "*"):
+        with pytest.raises(ForwardError):
+            backend_target(bad)
 
 
 # ---- failures ---------------------------------------------------------------------------------
