@@ -150,7 +150,9 @@ async def _answer(stream: Stream, head: RequestHead, target: str,
             status, raw = await exchange.receive_head()
         if progress.cancelled_caught:
             raise ForwardError("backend_timeout", f"no response head within {timeout_sec:g}s")
-        await _send_head(stream, ResponseHead(status, response_headers(raw)))
+        # a response without a body (204, 304, HEAD, empty) ends with its head: one message
+        await _send_head(stream, ResponseHead(status, response_headers(raw)),
+                         end=exchange.complete)
         await _relay_body(stream, exchange, timeout_sec)
         failed = False
     finally:
@@ -158,11 +160,11 @@ async def _answer(stream: Stream, head: RequestHead, target: str,
             await exchange.close(failed=failed)
 
 
-async def _send_head(stream: Stream, head: ResponseHead) -> None:
+async def _send_head(stream: Stream, head: ResponseHead, *, end: bool) -> None:
     """The backend's response head to eecp; one the protocol cannot carry (a status over 599,
     a header over the head limit) is the backend's fault, not eecp's."""
     try:
-        await stream.send_head(head)
+        await stream.send_head(head, end=end)
     except StreamError as exc:
         if exc.reason != "invalid_head":
             raise
@@ -170,7 +172,9 @@ async def _send_head(stream: Stream, head: ResponseHead) -> None:
 
 
 async def _relay_body(stream: Stream, exchange: BackendExchange, timeout_sec: float) -> None:
-    """The response body to eecp, chunk by chunk as the backend writes it, then END."""
+    """The response body to eecp, chunk by chunk as the backend writes it; the last chunk
+    carries the end when it is known to be the last (the response is complete), else END
+    follows."""
     # closed at once, not when collected: it holds the exchange's read side
     body = exchange.body()
     assert isinstance(body, AsyncGenerator)
@@ -183,8 +187,9 @@ async def _relay_body(stream: Stream, exchange: BackendExchange, timeout_sec: fl
                 raise ForwardError("backend_timeout", f"response idle for {timeout_sec:g}s")
             if chunk is None:
                 break
-            await stream.send(chunk)  # waits for eecp's credit: not under the idle deadline
-    await stream.end()
+            # waits for eecp's credit: not under the idle deadline
+            await stream.send(chunk, end=exchange.complete)
+    await stream.end()  # (nothing is sent when the last chunk carried the end)
 
 
 class _RequestBody:

@@ -2,7 +2,7 @@
 
 ::
 
-    byte 0       frame type
+    byte 0       bit 7 (0x80): FIN; bits 0..6: frame type
     bytes 1..4   stream id, unsigned 32-bit big-endian, never 0 (eecp allocates 1, 2, 3, …)
     bytes 5..    payload, by type:
 
@@ -13,14 +13,22 @@
     5 RESET          both          utf-8 reason, 1..200 bytes: the stream is aborted both ways
     6 WINDOW         both          u32 big-endian credit increment (> 0), in body bytes
 
+FIN (:data:`FIN`, the ``fin`` field) says "this direction's body is complete after this
+frame", exactly as an END right after it would: a head with FIN has no body, a DATA with FIN is
+the last chunk. It saves a WebSocket message per direction whenever the sender knows the end
+when it writes the frame (a small GET is 1 + 2 messages instead of 2 + 3). It is allowed on
+REQUEST_HEAD, RESPONSE_HEAD and DATA only; END stays for a sender that learns of the end later
+(a chunked body). There are no other flag bits.
+
 Headers travel as a list of pairs so repeated headers (``Set-Cookie``) and their order survive.
 Unknown JSON keys in a head are ignored (newer peers may add some).
 
 Every decoding failure is a :class:`~eecp.errors.ProtocolError` with a stable
 ``invalid_frame:<what>`` reason and the WebSocket close code to end the tunnel with: 1007
 (invalid payload) when a head is not UTF-8 JSON or a RESET reason is not UTF-8, 4005 (protocol
-error) for everything else. ``invalid_frame:unknown_type`` is the one a receiver may choose to
-tolerate (a newer peer's frame type).
+error) for everything else. ``invalid_frame:unknown_type`` (bits 0..6 name no type, whatever
+bit 7 says) is the one a receiver may choose to tolerate (a newer peer's frame type);
+``invalid_frame:fin_not_allowed`` is FIN on END, RESET or WINDOW.
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ MAX_WINDOW_INCREMENT = 2**32 - 1
 #: its consumer takes of a body still coming (most bodies never need it).
 INITIAL_WINDOW = 64 * 1024
 DEFAULT_MAX_HEAD_BYTES = 64 * 1024
+#: the flag bit of the type byte: this direction's body is complete after this frame
+FIN = 0x80
+_TYPE_BITS = 0x7F
 
 _PREFIX = struct.Struct(">BI")
 _U32 = struct.Struct(">I")
@@ -58,7 +69,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class FrameType(IntEnum):
-    """The first byte of a frame."""
+    """The first byte of a frame, without its :data:`FIN` bit."""
 
     REQUEST_HEAD = 1
     RESPONSE_HEAD = 2
@@ -87,26 +98,29 @@ class ResponseHead:
 
 @dataclass(frozen=True)
 class RequestHeadFrame:
-    """Opens ``stream_id``: eecp → agent."""
+    """Opens ``stream_id``: eecp → agent; ``fin``: the request has no body."""
 
     stream_id: int
     head: RequestHead
+    fin: bool = False
 
 
 @dataclass(frozen=True)
 class ResponseHeadFrame:
-    """The response's head on ``stream_id``: agent → eecp."""
+    """The response's head on ``stream_id``: agent → eecp; ``fin``: the response has no body."""
 
     stream_id: int
     head: ResponseHead
+    fin: bool = False
 
 
 @dataclass(frozen=True)
 class DataFrame:
-    """A piece of one direction's body."""
+    """A piece of one direction's body; ``fin``: the last one."""
 
     stream_id: int
     data: bytes
+    fin: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +158,8 @@ def encode_frame(frame: Frame) -> bytes:
     if not 0 < frame.stream_id <= MAX_STREAM_ID:
         raise ValueError(f"stream id {frame.stream_id} out of range")
     kind, payload = _payload(frame)
+    if isinstance(frame, RequestHeadFrame | ResponseHeadFrame | DataFrame) and frame.fin:
+        kind |= FIN
     return _PREFIX.pack(kind, frame.stream_id) + payload
 
 
@@ -185,7 +201,7 @@ def reset_reason(text: str) -> str:
     return cleaned.encode()[:MAX_RESET_REASON].decode(errors="ignore") or "unspecified"
 
 
-def _payload(frame: Frame) -> tuple[FrameType, bytes]:
+def _payload(frame: Frame) -> tuple[int, bytes]:
     if isinstance(frame, RequestHeadFrame | ResponseHeadFrame):
         try:
             _validate(frame.head)
@@ -217,17 +233,20 @@ def decode_frame(data: bytes, *, max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -
     """Decode one binary message, or raise ``ProtocolError("invalid_frame:<what>")``."""
     if len(data) < HEADER_BYTES:
         _fail("short", f"{len(data)} bytes, a frame has at least {HEADER_BYTES}")
-    kind, stream_id = _PREFIX.unpack_from(data)
+    first, stream_id = _PREFIX.unpack_from(data)
+    kind, fin = first & _TYPE_BITS, bool(first & FIN)
     # the type is checked first, so a receiver can tell a newer peer's frame from garbage
     if kind not in _DECODERS:
-        _fail("unknown_type", f"frame type {kind}")
+        _fail("unknown_type", f"frame type {kind}" + (" with FIN" if fin else ""))
+    if fin and kind not in _FIN_TYPES:
+        _fail("fin_not_allowed", f"FIN on a {FrameType(kind).name} frame")
     if stream_id == 0:
         _fail("stream_id", "stream id 0 is reserved")
     payload = bytes(data[HEADER_BYTES:])
-    return _DECODERS[kind](stream_id, payload, max_head_bytes)
+    return _DECODERS[kind](stream_id, payload, fin, max_head_bytes)
 
 
-def _decode_request_head(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+def _decode_request_head(stream_id: int, payload: bytes, fin: bool, max_head_bytes: int) -> Frame:
     doc = _head_doc(payload, max_head_bytes)
     method, path = doc.get("method"), doc.get("path")
     if not isinstance(method, str):
@@ -236,32 +255,32 @@ def _decode_request_head(stream_id: int, payload: bytes, max_head_bytes: int) ->
         _fail("path", "expected a string")
     head = RequestHead(method, path, _headers(doc))
     _validate(head)
-    return RequestHeadFrame(stream_id, head)
+    return RequestHeadFrame(stream_id, head, fin)
 
 
-def _decode_response_head(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+def _decode_response_head(stream_id: int, payload: bytes, fin: bool, max_head_bytes: int) -> Frame:
     doc = _head_doc(payload, max_head_bytes)
     status = doc.get("status")
     if not isinstance(status, int) or isinstance(status, bool):
         _fail("status", "expected an integer")
     head = ResponseHead(status, _headers(doc))
     _validate(head)
-    return ResponseHeadFrame(stream_id, head)
+    return ResponseHeadFrame(stream_id, head, fin)
 
 
-def _decode_data(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+def _decode_data(stream_id: int, payload: bytes, fin: bool, max_head_bytes: int) -> Frame:
     if len(payload) > MAX_DATA:
         _fail("data_too_large", f"{len(payload)} > {MAX_DATA} bytes")
-    return DataFrame(stream_id, payload)
+    return DataFrame(stream_id, payload, fin)
 
 
-def _decode_end(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+def _decode_end(stream_id: int, payload: bytes, fin: bool, max_head_bytes: int) -> Frame:
     if payload:
         _fail("end_payload", "END carries no payload")
     return EndFrame(stream_id)
 
 
-def _decode_reset(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+def _decode_reset(stream_id: int, payload: bytes, fin: bool, max_head_bytes: int) -> Frame:
     if not 0 < len(payload) <= MAX_RESET_REASON:
         _fail("reset_reason", f"reason of {len(payload)} bytes, expected 1..200")
     try:
@@ -273,7 +292,7 @@ def _decode_reset(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
     return ResetFrame(stream_id, reason)
 
 
-def _decode_window(stream_id: int, payload: bytes, max_head_bytes: int) -> Frame:
+def _decode_window(stream_id: int, payload: bytes, fin: bool, max_head_bytes: int) -> Frame:
     if len(payload) != _U32.size:
         _fail("window_increment", f"{len(payload)} bytes, expected 4")
     (increment,) = _U32.unpack(payload)
@@ -290,6 +309,8 @@ _DECODERS = {
     FrameType.RESET: _decode_reset,
     FrameType.WINDOW: _decode_window,
 }
+# the frames after which a body may end; END is an end already, RESET and WINDOW are no body
+_FIN_TYPES = frozenset({FrameType.REQUEST_HEAD, FrameType.RESPONSE_HEAD, FrameType.DATA})
 
 
 def _head_doc(payload: bytes, max_head_bytes: int) -> dict[str, Any]:

@@ -7,6 +7,12 @@ response head (bounded by ``EE_PROXY_TIMEOUT_SEC``), and yields the response for
 stream out. A request that failed before any response byte may be retried once on another agent
 when its method is idempotent and it has no body. Refusals are :class:`ProxyError` with the
 HTTP status and a stable reason.
+
+A request's end travels on its last frame where eecp knows it when it writes that frame (the
+FIN flag, docs/tunnel-data-protocol.md): a request without a body is one message (its head),
+and the chunk that completes a declared ``Content-Length`` is the body's last. A chunked body
+ends with a separate END once its source is exhausted: waiting for the next chunk to learn
+that this one was the last would delay it.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class ProxyError(EecpError):
 
 MAX_JSON_PROXY_BODY = 16 * 1024 * 1024
 _METHOD = re.compile(r"^[A-Z]{1,16}$")
+# a Content-Length eecp relies on to mark the last chunk: plain decimal digits, below 10**19
+_LENGTH = re.compile(r"[0-9]{1,19}")
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,8 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
     stream: Stream | None = None
     with trio.move_on_after(BUSY_WAIT_SEC):
         try:
-            stream = await mux.open_stream(head)
+            # no body: the head says so (FIN), and no END follows
+            stream = await mux.open_stream(head, end=body is None)
         except StreamError as exc:
             if exc.reason == "invalid_head":  # the request itself, not the agent: no retry
                 raise ProxyError(400, "invalid_request", exc.detail) from None
@@ -201,7 +210,9 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
             async with trio.open_nursery() as nursery:
                 # the wait for the head, which every chunk of the upload extends
                 progress = Progress(services.config.proxy_timeout_sec)
-                nursery.start_soon(_pump_body, stream, body, progress)
+                if body is not None:
+                    nursery.start_soon(_pump_body, stream, body,
+                                       declared_length(head.headers), progress)
                 with progress.scope:
                     progress.moved()
                     response = await _response_head(stream)
@@ -251,16 +262,38 @@ def public_reason(reason: str) -> str:
     return "tunnel_closed" if reason == "tunnel_closed" else "agent_error"
 
 
-async def _pump_body(stream: Stream, body: AsyncIterable[bytes] | None,
+def declared_length(headers: list[tuple[str, str]]) -> int | None:
+    """The body length a request's ``Content-Length`` declares; ``None`` without one, with
+    conflicting ones, or with one that is not a plain decimal number."""
+    values = {value.strip() for name, value in headers if name.lower() == "content-length"}
+    if len(values) != 1:
+        return None
+    (value,) = values
+    return int(value) if _LENGTH.fullmatch(value) else None
+
+
+async def _pump_body(stream: Stream, body: AsyncIterable[bytes], length: int | None,
                      progress: Progress) -> None:
     """The request body to the agent; each chunk that leaves is progress, so a long upload is
-    no upstream timeout (a stalled one is, ``EE_PROXY_TIMEOUT_SEC`` after its last chunk)."""
+    no upstream timeout (a stalled one is, ``EE_PROXY_TIMEOUT_SEC`` after its last chunk).
+
+    The chunk that completes ``length`` (the declared Content-Length) carries the end (FIN);
+    otherwise END follows once ``body`` is exhausted (chunked, or a body cut short, which the
+    agent reports). More bytes than declared are ``ProxyError(400, "invalid_request")``:
+    the agent could not send them on under that Content-Length anyway.
+    """
+    sent = 0
     try:
-        if body is not None:
-            async for chunk in body:
-                await stream.send(chunk)
-                progress.moved()
-        await stream.end()
+        async for chunk in body:
+            if not chunk:
+                continue
+            sent += len(chunk)
+            if length is not None and sent > length:
+                raise ProxyError(400, "invalid_request",
+                                 f"the body is longer than its Content-Length of {length}")
+            await stream.send(chunk, end=sent == length)
+            progress.moved()
+        await stream.end()  # a no-op when the last chunk carried the end
     except StreamError:
         pass  # the response side reports what went wrong
 

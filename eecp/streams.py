@@ -19,6 +19,12 @@ finished both ways (END sent and END received) or reset by either side; :meth:`S
 A direction whose END arrived stays readable to its end even if the stream is then reset or
 the tunnel closes: the body is complete (HTTP/2's rule for a RST_STREAM after END_STREAM).
 
+"END" above is either an END frame or the FIN flag on a head or DATA frame, which means the
+same and saves a message: a sender that knows the body ends with what it writes says so
+(``open_stream(head, end=True)``, ``send_head(head, end=True)``, ``send(data, end=True)``);
+one that learns it later calls :meth:`Stream.end`. Either way the end is committed before its
+frame is written (see :meth:`Stream.end`).
+
 Writes are shielded from cancellation: a frame is written whole, or not at all because the
 tunnel is gone (:meth:`Mux.close` cancels writes in progress). A cancelled caller stops
 between frames, never leaving half a message on the WebSocket.
@@ -124,11 +130,13 @@ class Mux:
 
     # ---- opening and accepting --------------------------------------------------------------
 
-    async def open_stream(self, head: RequestHead) -> Stream:
+    async def open_stream(self, head: RequestHead, *, end: bool = False) -> Stream:
         """Open a stream for ``head`` (eecp's side); waits while ``max_streams`` are open.
 
-        The caller bounds the wait (``move_on_after``). Raises :class:`StreamError`
-        (``invalid_head`` before waiting, the close reason once the tunnel is gone).
+        ``end=True``: the request has no body, and its head says so (FIN): one message, no
+        END to follow. The caller bounds the wait (``move_on_after``). Raises
+        :class:`StreamError` (``invalid_head`` before waiting, the close reason once the
+        tunnel is gone).
         """
         if not self.opener:
             raise RuntimeError("only the opening side opens streams")
@@ -140,8 +148,10 @@ class Mux:
             await self._slots.wait()
         stream = Stream(self, self._allocate_id())
         self._streams[stream.id] = stream
+        if end:  # before the write, as in Stream.end: the answer may be fed before it returns
+            stream._commit_end()
         try:
-            await self._write(RequestHeadFrame(stream.id, head))
+            await self._write(RequestHeadFrame(stream.id, head, end))
         except BaseException:
             stream._fail(StreamError("tunnel_closed", "the request head was not sent"))
             raise
@@ -210,6 +220,8 @@ class Mux:
         stream = Stream(self, frame.stream_id, request=frame.head)
         self._streams[stream.id] = stream
         self._pending[stream.id] = (stream, frame.head)
+        if frame.fin:  # no request body: as if its END had arrived already
+            stream._on_end()
         self._arrived.fire()
 
     async def _reset_from_feed(self, stream: Stream, reason: str, detail: str) -> None:
@@ -311,14 +323,20 @@ class Stream:
 
     # ---- heads ------------------------------------------------------------------------------
 
-    async def send_head(self, head: ResponseHead) -> None:
-        """Send the response head (the accepting side; once, before any body)."""
+    async def send_head(self, head: ResponseHead, *, end: bool = False) -> None:
+        """Send the response head (the accepting side; once, before any body).
+
+        ``end=True``: the response has no body, and its head says so (FIN), as if
+        :meth:`end` followed: one message instead of two.
+        """
         if not self._accepting or self._head_sent:
             raise RuntimeError("send_head: only once, on the accepting side")
         self._mux._check_head(head)
         async with self._send_lock:
             self._raise_if_failed()
-            await self._mux._write(ResponseHeadFrame(self.id, head))
+            if end:  # committed before the write: see end()
+                self._commit_end()
+            await self._mux._write(ResponseHeadFrame(self.id, head, end))
             self._head_sent = True
 
     async def receive_head(self) -> ResponseHead:
@@ -332,15 +350,27 @@ class Stream:
 
     # ---- body -------------------------------------------------------------------------------
 
-    async def send(self, data: bytes) -> None:
-        """Send body bytes: DATA frames of at most ``max_frame``, each when credit allows."""
+    async def send(self, data: bytes, *, end: bool = False) -> None:
+        """Send body bytes: DATA frames of at most ``max_frame``, each when credit allows.
+
+        ``end=True``: ``data`` is the end of the body; its last DATA frame says so (FIN), as
+        if :meth:`end` followed (an empty ``data`` sends a plain END).
+        """
         self._check_can_send()
+        if end and not data:
+            await self.end()
+            return
         view = memoryview(data)
         async with self._send_lock:
+            if self._sent_end:  # a concurrent send(end=True) or end() got the lock first
+                raise RuntimeError("the body was ended already")
             while view:
                 size = min(len(view), await self._credit(), self._mux.max_frame)
                 self._send_credit -= size  # spent now: a concurrent WINDOW adds to the rest
-                await self._mux._write(DataFrame(self.id, bytes(view[:size])))
+                last = end and size == len(view)
+                if last:  # committed before the write: see end()
+                    self._commit_end()
+                await self._mux._write(DataFrame(self.id, bytes(view[:size]), last))
                 view = view[size:]
 
     async def _credit(self) -> int:
@@ -357,11 +387,14 @@ class Stream:
         self._check_can_send()
         async with self._send_lock:  # after any DATA still being written
             self._raise_if_failed()
+            if self._sent_end:  # a concurrent end() or send(end=True) got the lock first
+                return
             # Committed before the write: the peer frees this stream's slot when the END
             # arrives and may open the next stream at once; its head may reach us before our
             # write returns, and must not find the slot still taken (too_many_streams).
-            self._sent_end = True
-            self._maybe_finished()
+            # The same holds for a FIN, which send(), send_head() and open_stream() commit
+            # the same way.
+            self._commit_end()
             await self._mux._write(EndFrame(self.id))
 
     async def receive(self) -> bytes | None:
@@ -442,12 +475,17 @@ class Stream:
             if self._response is not None:
                 _unexpected("response_head", f"a second head on stream {self.id}")
             self._response = frame.head
+            if frame.fin:  # no response body: as an END right after the head
+                self._on_end()
         elif isinstance(frame, DataFrame):
-            return self._on_data(frame.data)
+            violation = self._on_data(frame.data)
+            if violation:  # the stream is reset: the FIN is moot
+                return violation
+            if frame.fin:  # the last chunk: as an END right after it
+                self._on_end()
         elif isinstance(frame, EndFrame):
             self._check_body_order("end")
-            self._received_end = True
-            self._maybe_finished()
+            self._on_end()
         elif isinstance(frame, ResetFrame):
             self._fail(StreamError(f"stream_reset:{frame.reason}", "reset by the peer"))
         elif isinstance(frame, WindowFrame):
@@ -468,6 +506,11 @@ class Stream:
             self._changed.fire()
         return None
 
+    def _on_end(self) -> None:
+        """The peer's direction is complete (END, or FIN on its last frame)."""
+        self._received_end = True
+        self._maybe_finished()
+
     def _check_body_order(self, kind: str) -> None:
         if self._received_end:
             _unexpected(kind, f"{kind.upper()} after END on stream {self.id}")
@@ -484,6 +527,11 @@ class Stream:
             self._buffered = 0
         self._mux._forget(self)
         self._changed.fire()
+
+    def _commit_end(self) -> None:
+        """Count this side's END (or FIN) as sent, before its frame is written: see end()."""
+        self._sent_end = True
+        self._maybe_finished()
 
     def _maybe_finished(self) -> None:
         if self._sent_end and self._received_end:

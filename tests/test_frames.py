@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from eecp.errors import ProtocolError
 from eecp.frames import (
+    FIN,
     INITIAL_WINDOW,
     MAX_DATA,
     DataFrame,
@@ -50,18 +52,52 @@ RESPONSE = ResponseHead(201, [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Va
     DataFrame(3, b""),
     DataFrame(3, b"\x00\xff" * 10),
     DataFrame(3, bytes(MAX_DATA)),
+    RequestHeadFrame(1, REQUEST, fin=True),
+    ResponseHeadFrame(7, RESPONSE, fin=True),
+    DataFrame(3, b"last", fin=True),
+    DataFrame(3, b"", fin=True),
+    DataFrame(3, bytes(MAX_DATA), fin=True),
     EndFrame(9),
     ResetFrame(4, "backend_unreachable"),
     ResetFrame(4, "stream_reset:é" + "x" * 180),
     WindowFrame(5, 1),
     WindowFrame(5, 2**32 - 1),
-], ids=lambda f: type(f).__name__)
+], ids=lambda f: type(f).__name__ + ("+FIN" if getattr(f, "fin", False) else ""))
 def test_round_trip(frame: Frame) -> None:
     data = encode_frame(frame)
     assert decode_frame(data) == frame
+    fin = getattr(frame, "fin", False)
     assert data[0] == {RequestHeadFrame: 1, ResponseHeadFrame: 2, DataFrame: 3, EndFrame: 4,
-                       ResetFrame: 5, WindowFrame: 6}[type(frame)]
+                       ResetFrame: 5, WindowFrame: 6}[type(frame)] | (FIN if fin else 0)
     assert int.from_bytes(data[1:5], "big") == frame.stream_id
+
+
+def test_fin_is_the_high_bit_of_the_type_byte_and_off_by_default() -> None:
+    assert FIN == 0x80
+    assert encode_frame(DataFrame(258, b"hi", fin=True)) == b"\x83\x00\x00\x01\x02hi"
+    assert encode_frame(RequestHeadFrame(1, RequestHead("GET", "/a", []), fin=True)) == (
+        b'\x81\x00\x00\x00\x01{"method":"GET","path":"/a","headers":[]}')
+    assert encode_frame(ResponseHeadFrame(1, ResponseHead(204, []), fin=True)) == (
+        b'\x82\x00\x00\x00\x01{"status":204,"headers":[]}')
+    # without the bit, a frame is not the last one of its direction
+    for data in (raw(3, 1, b"x"), raw(1, 1, head_payload(_GOOD_REQ)),
+                 raw(2, 1, head_payload(_GOOD_RESP))):
+        frame = decode_frame(data)
+        assert isinstance(frame, DataFrame | RequestHeadFrame | ResponseHeadFrame)
+        assert frame.fin is False
+        assert decode_frame(bytes([data[0] | FIN]) + data[1:]) == dataclasses.replace(
+            frame, fin=True)
+
+
+def test_fin_frames_keep_their_payload_rules() -> None:
+    with pytest.raises(ProtocolError, match="invalid_frame:data_too_large"):
+        decode_frame(raw(3 | FIN, 1, bytes(MAX_DATA + 1)))
+    with pytest.raises(ProtocolError, match="invalid_frame:status"):
+        decode_frame(raw(2 | FIN, 1, head_payload({**_GOOD_RESP, "status": 99})))
+    with pytest.raises(ProtocolError, match="invalid_frame:stream_id"):
+        decode_frame(raw(3 | FIN, 0, b"x"))
+    with pytest.raises(ValueError):
+        encode_frame(DataFrame(1, bytes(MAX_DATA + 1), fin=True))
 
 
 def test_wire_layout_is_the_documented_one() -> None:
@@ -95,6 +131,15 @@ MALFORMED = [
     ("type 0", raw(0, 1), "unknown_type", 4005),
     ("type 7", raw(7, 1, b"x"), "unknown_type", 4005),
     ("type 255", raw(255, 0), "unknown_type", 4005),
+    ("type 0 with FIN", raw(0x80, 1), "unknown_type", 4005),
+    ("type 7 with FIN", raw(0x87, 1, b"x"), "unknown_type", 4005),
+    ("type 127", raw(0x7F, 1, b"x"), "unknown_type", 4005),
+    ("FIN on END", raw(0x84, 1), "fin_not_allowed", 4005),
+    ("FIN on RESET", raw(0x85, 1, b"closed"), "fin_not_allowed", 4005),
+    ("FIN on WINDOW", raw(0x86, 1, b"\x00\x00\x00\x01"), "fin_not_allowed", 4005),
+    # the type and its flag are checked before the id, the id before the payload
+    ("FIN on END, stream 0", raw(0x84, 0, b"x"), "fin_not_allowed", 4005),
+    ("FIN on END with payload", raw(0x84, 1, b"x"), "fin_not_allowed", 4005),
     ("stream 0", raw(3, 0, b"x"), "stream_id", 4005),
     ("data too large", raw(3, 1, bytes(MAX_DATA + 1)), "data_too_large", 4005),
     ("end with payload", raw(4, 1, b"x"), "end_payload", 4005),
@@ -212,14 +257,18 @@ def test_random_bytes_raise_nothing_but_protocol_error(data: bytes) -> None:
         assert exc.close_code in (1007, 4005)
 
 
-@given(st.sampled_from(list(FrameType)), st.integers(0, 2**32 - 1), st.binary(max_size=300))
-def test_random_payloads_raise_nothing_but_protocol_error(kind: FrameType, stream_id: int,
-                                                          payload: bytes) -> None:
+@given(st.sampled_from(list(FrameType)), st.booleans(), st.integers(0, 2**32 - 1),
+       st.binary(max_size=300))
+def test_random_payloads_raise_nothing_but_protocol_error(kind: FrameType, fin: bool,
+                                                          stream_id: int, payload: bytes) -> None:
     try:
-        frame = decode_frame(raw(kind, stream_id, payload))
+        frame = decode_frame(raw(kind | (FIN if fin else 0), stream_id, payload))
     except ProtocolError as exc:
         assert exc.close_code in (1007, 4005)
-    else:  # whatever decodes re-encodes to a frame that decodes the same
+        if fin and kind in (FrameType.END, FrameType.RESET, FrameType.WINDOW):
+            assert exc.reason == "invalid_frame:fin_not_allowed"
+    else:  # whatever decodes re-encodes to a frame that decodes the same, its FIN included
+        assert getattr(frame, "fin", False) is fin
         assert decode_frame(encode_frame(frame)) == frame
 
 
@@ -247,8 +296,9 @@ _VALUES = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF,
 
 @given(_TOKENS, st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E),
                         min_size=1, max_size=40),
-       st.lists(st.tuples(_TOKENS, _VALUES), max_size=8), st.integers(1, 2**32 - 1))
-def test_valid_request_heads_round_trip(method: str, path: str,
-                                        headers: list[tuple[str, str]], stream_id: int) -> None:
-    frame = RequestHeadFrame(stream_id, RequestHead(method, path, headers))
+       st.lists(st.tuples(_TOKENS, _VALUES), max_size=8), st.integers(1, 2**32 - 1),
+       st.booleans())
+def test_valid_request_heads_round_trip(method: str, path: str, headers: list[tuple[str, str]],
+                                        stream_id: int, fin: bool) -> None:
+    frame = RequestHeadFrame(stream_id, RequestHead(method, path, headers), fin)
     assert decode_frame(encode_frame(frame)) == frame

@@ -15,14 +15,17 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+from eecp import proxy
 from eecp.errors import ProtocolError
 from eecp.frames import (
+    FIN,
     INITIAL_WINDOW,
     DataFrame,
     EndFrame,
@@ -163,7 +166,8 @@ async def test_one_exchange_then_both_slots_are_free() -> None:
         assert p.to_agent.of(ResetFrame) == [] and p.to_eecp.of(ResetFrame) == []
 
 
-async def test_a_small_exchange_is_five_messages_and_needs_no_credit() -> None:
+async def test_a_small_exchange_with_separate_ends_is_five_messages_and_needs_no_credit(
+        ) -> None:
     async with mux_pair() as p:  # windows of 256 KiB both ways: more than the initial credit
         stream = await p.eecp.open_stream(GET)
         await stream.end()
@@ -467,6 +471,288 @@ async def test_a_slot_is_free_for_the_next_stream_as_soon_as_its_end_is_on_the_w
             nursery.cancel_scope.cancel()
 
 
+# ---- FIN: the end on the last frame ------------------------------------------------------------
+
+
+async def test_a_small_exchange_with_fin_is_three_messages_and_needs_no_credit() -> None:
+    async with mux_pair() as p:  # windows of 256 KiB both ways: more than the initial credit
+        stream = await p.eecp.open_stream(GET, end=True)
+        accepted, head = await p.agent.accept_stream()
+        assert head == GET
+        assert accepted.ready and await accepted.receive() is None  # no request body
+        # eecp reads as soon as anything arrives: with a separate END it would top the
+        # agent's credit up after the first chunk; the FIN came with the chunk, so it does not
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_response, stream, OK, b"x" * 100)
+            await trio.testing.wait_all_tasks_blocked()
+            await accepted.send_head(OK)
+            await trio.testing.wait_all_tasks_blocked()
+            await accepted.send(b"x" * 100, end=True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.to_agent.frames == [RequestHeadFrame(1, GET, fin=True)]
+        assert p.to_eecp.frames == [ResponseHeadFrame(1, OK), DataFrame(1, b"x" * 100, fin=True)]
+        assert stream.finished and accepted.finished
+        assert p.eecp.in_flight == 0 and p.agent.in_flight == 0
+
+
+async def _read_response(stream: Stream, head: ResponseHead, body: bytes) -> None:
+    assert await stream.receive_head() == head
+    assert await read_all(stream) == body
+
+
+async def test_a_bodyless_exchange_with_fin_is_two_messages() -> None:
+    async with mux_pair() as p:
+        stream = await p.eecp.open_stream(GET, end=True)
+        accepted, _ = await p.agent.accept_stream()
+        assert await accepted.receive() is None
+        no_content = ResponseHead(204, [("X", "1")])
+        await accepted.send_head(no_content, end=True)
+        assert accepted.finished and p.agent.in_flight == 0  # ended both ways: slot free
+        assert await stream.receive_head() == no_content
+        assert await stream.receive() is None
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.to_agent.frames == [RequestHeadFrame(1, GET, fin=True)]
+        assert p.to_eecp.frames == [ResponseHeadFrame(1, no_content, fin=True)]
+        assert stream.finished and p.eecp.in_flight == 0
+        # the side that ended may not send more; ending again is a no-op, as after end()
+        with pytest.raises(RuntimeError, match="ended already"):
+            await stream.send(b"late")
+        await stream.end()
+        await stream.aclose()  # finished: no RESET
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(p.to_agent.frames) == 1 and len(p.to_eecp.frames) == 1
+
+
+async def test_send_with_end_marks_only_the_last_frame_and_stays_within_credit() -> None:
+    window, size = 256 * 1024, 1_000_000
+    async with mux_pair(eecp={"max_frame": 16 * 1024}, agent={"initial_window": window}) as p:
+        stream = await p.eecp.open_stream(RequestHead("PUT", "/blob", []))
+        peer, _ = await p.agent.accept_stream()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: stream.send(pattern(5, size), end=True))
+            await trio.testing.wait_all_tasks_blocked()
+            # a reader that has not read holds only the initial credit, FIN or not
+            assert p.to_agent.data_bytes[stream.id] == INITIAL_WINDOW
+            assert not peer.ready or peer.buffered == INITIAL_WINDOW
+            received = bytearray()
+            while (chunk := await peer.receive()) is not None:
+                assert peer.buffered <= window
+                assert p.to_agent.data_bytes[stream.id] - len(received) <= window
+                received += chunk
+        assert received == pattern(5, size)
+        data = p.to_agent.of(DataFrame)
+        assert [f.fin for f in data] == [False] * (len(data) - 1) + [True]
+        assert {len(f.data) for f in data[:-1]} == {16 * 1024}
+        assert p.to_agent.of(EndFrame) == []
+        assert p.to_eecp.of(WindowFrame)[0].increment == window - INITIAL_WINDOW  # the top-up
+        assert p.max_buffered["agent"] <= window
+        # the request side is done: answering finishes the stream and frees both slots
+        await peer.send_head(OK, end=True)
+        assert await stream.receive_head() == OK and await stream.receive() is None
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.eecp.in_flight == 0 and p.agent.in_flight == 0
+        assert p.to_agent.of(ResetFrame) == [] and p.to_eecp.of(ResetFrame) == []
+
+
+async def test_send_nothing_with_end_is_a_plain_end() -> None:
+    async with mux_pair() as p:
+        stream = await p.eecp.open_stream(GET)
+        peer, _ = await p.agent.accept_stream()
+        await stream.send(b"", end=True)
+        assert await peer.receive() is None
+        with pytest.raises(RuntimeError, match="ended already"):
+            await stream.send(b"x", end=True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.to_agent.frames == [RequestHeadFrame(1, GET), EndFrame(1)]
+        p.eecp.close()
+
+
+async def test_an_end_racing_a_send_with_end_writes_no_second_end() -> None:
+    async with mux_pair() as p:
+        stream = await p.eecp.open_stream(GET)
+        peer, _ = await p.agent.accept_stream()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: stream.send(bytes(INITIAL_WINDOW + 10), end=True))
+            await trio.testing.wait_all_tasks_blocked()  # out of credit, holding the lock
+            nursery.start_soon(stream.end)  # behind it, for the lock
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(await read_all(peer)) == INITIAL_WINDOW + 10
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.to_agent.of(EndFrame) == []
+        assert [f.fin for f in p.to_agent.of(DataFrame)] == [False, True]
+        p.eecp.close()
+
+
+@pytest.mark.parametrize("last", ["data", "head"])
+async def test_a_slot_is_free_for_the_next_stream_as_soon_as_its_fin_is_on_the_wire(last: str
+                                                                                    ) -> None:
+    """As for END: eecp frees its slot when the agent's FIN arrives and opens the next stream
+    at once; that head can reach the agent before the agent's FIN'd write has returned."""
+    release = trio.Event()
+    to_agent_tx, to_agent_rx = trio.open_memory_channel[bytes](math.inf)
+    to_eecp_tx, to_eecp_rx = trio.open_memory_channel[bytes](math.inf)
+
+    async def agent_send(data: bytes) -> None:
+        await to_eecp_tx.send(data)
+        if data[0] & FIN:
+            await release.wait()  # the write is out, but the sender has not been resumed yet
+
+    eecp = Mux(to_agent_tx.send, opener=True, max_streams=1)
+    agent = Mux(agent_send, opener=False, max_streams=1)
+    seen: Counter[str] = Counter()
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pump, to_agent_rx, agent, "agent", seen)
+            nursery.start_soon(_pump, to_eecp_rx, eecp, "eecp", seen)
+            try:
+                first = await eecp.open_stream(GET, end=True)
+                served, _ = await agent.accept_stream()
+                if last == "head":  # blocks in its (shielded) write until released
+                    nursery.start_soon(lambda: served.send_head(OK, end=True))
+                else:
+                    await served.send_head(OK)
+                    nursery.start_soon(lambda: served.send(b"body", end=True))
+                assert await first.receive_head() == OK
+                assert await read_all(first) == (b"body" if last == "data" else b"")
+                assert eecp.in_flight == 0  # the FIN arrived: eecp's slot is free
+                second = await eecp.open_stream(GET, end=True)
+                with trio.move_on_after(0.2):
+                    await second.receive_head()  # no answer comes, and no reset either
+                assert not second.finished and agent.in_flight == 1
+                accepted, _ = await agent.accept_stream()
+                assert accepted.id == second.id
+            finally:
+                release.set()
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_that_overtakes_the_fin_write_still_frees_the_openers_slot() -> None:
+    """eecp's FIN'd request head is on the wire but its write has not returned when the whole
+    answer arrives: the stream is finished at once, not leaked."""
+    release = trio.Event()
+    to_agent_tx, to_agent_rx = trio.open_memory_channel[bytes](math.inf)
+    to_eecp_tx, to_eecp_rx = trio.open_memory_channel[bytes](math.inf)
+
+    async def eecp_send(data: bytes) -> None:
+        await to_agent_tx.send(data)
+        if data[0] & FIN:
+            await release.wait()
+
+    eecp = Mux(eecp_send, opener=True, max_streams=1)
+    agent = Mux(to_eecp_tx.send, opener=False)
+    seen: Counter[str] = Counter()
+    opened: list[Stream] = []
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pump, to_agent_rx, agent, "agent", seen)
+            nursery.start_soon(_pump, to_eecp_rx, eecp, "eecp", seen)
+
+            async def open_first() -> None:
+                opened.append(await eecp.open_stream(GET, end=True))
+
+            nursery.start_soon(open_first)
+            try:
+                served, _ = await agent.accept_stream()
+                await served.send_head(OK, end=True)
+                await trio.testing.wait_all_tasks_blocked()
+                assert opened == []  # open_stream is still writing
+                assert eecp.in_flight == 0  # yet the stream is finished, its slot free
+            finally:
+                release.set()  # (a shielded write would outlast fail_after)
+            await trio.testing.wait_all_tasks_blocked()
+            first = opened[0]
+            assert first.finished
+            assert await first.receive_head() == OK and await first.receive() is None
+            second = await eecp.open_stream(GET)  # the only slot is free
+            assert second.id == 2
+            nursery.cancel_scope.cancel()
+
+
+async def _chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+@pytest.mark.parametrize(("headers", "body", "expected"), [
+    ([], None, [(RequestHeadFrame, True)]),
+    ([("content-length", "6")], [b"abc", b"", b"def"],
+     [(RequestHeadFrame, False), (DataFrame, False), (DataFrame, True)]),
+    ([("transfer-encoding", "chunked")], [b"abc", b"def"],
+     [(RequestHeadFrame, False), (DataFrame, False), (DataFrame, False), (EndFrame, False)]),
+    ([("content-length", "9")], [b"abc", b"def"],  # cut short: END, and the agent says so
+     [(RequestHeadFrame, False), (DataFrame, False), (DataFrame, False), (EndFrame, False)]),
+    ([("content-length", "6"), ("content-length", "7")], [b"abc", b"def"],  # conflicting
+     [(RequestHeadFrame, False), (DataFrame, False), (DataFrame, False), (EndFrame, False)]),
+], ids=["no body", "content-length", "chunked", "short", "two lengths"])
+async def test_the_proxy_ends_a_request_on_its_last_frame_when_it_knows_it(
+        headers: list[tuple[str, str]], body: list[bytes] | None,
+        expected: list[tuple[type[Any], bool]]) -> None:
+    """eecp's side (eecp.proxy): a GET is one message; an upload whose Content-Length is
+    reached ends on that chunk; one of unknown length ends with END once it is exhausted."""
+    services = SimpleNamespace(config=SimpleNamespace(proxy_timeout_sec=WAIT))
+    async with mux_pair() as p, trio.open_nursery() as nursery:
+        agent = SimpleNamespace(mux=p.eecp, in_flight=0)
+        received: list[bytes] = []
+
+        async def serve() -> None:
+            stream, _ = await p.agent.accept_stream()
+            received.append(await read_all(stream))
+            await stream.send_head(OK)
+            await stream.send(b"pong", end=True)
+
+        nursery.start_soon(serve)
+        head = RequestHead("POST", "/", headers)
+        source = None if body is None else _chunks(body)
+        attempt = proxy._attempt(services, agent, head, source)  # type: ignore[arg-type]
+        async with attempt as upstream:
+            assert upstream.head == OK
+            assert [chunk async for chunk in upstream.chunks()] == [b"pong"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == [b"".join(body or [])]
+        assert [(type(f), getattr(f, "fin", False)) for f in p.to_agent.frames] == expected
+        # (the agent, reading an upload as it comes, may top eecp's credit up: a WINDOW)
+        answer = [f for f in p.to_eecp.frames if not isinstance(f, WindowFrame)]
+        assert answer == [ResponseHeadFrame(1, OK), DataFrame(1, b"pong", fin=True)]
+        if body is None:  # a GET with a small answer: three messages in all
+            assert len(p.to_agent.frames) + len(p.to_eecp.frames) == 3
+        assert p.eecp.in_flight == 0 and p.agent.in_flight == 0
+        assert p.to_agent.of(ResetFrame) == []  # finished both ways: nothing to reset
+
+
+async def test_the_proxy_refuses_a_body_longer_than_its_content_length() -> None:
+    services = SimpleNamespace(config=SimpleNamespace(proxy_timeout_sec=WAIT))
+    async with mux_pair() as p:
+        agent = SimpleNamespace(mux=p.eecp, in_flight=0)
+        head = RequestHead("POST", "/", [("Content-Length", "3")])
+        with pytest.raises(proxy.ProxyError) as caught:
+            async with proxy._attempt(services, agent, head,  # type: ignore[arg-type]
+                                      _chunks([b"abc", b"d"])):
+                pytest.fail("no answer can come")
+        assert (caught.value.http_status, caught.value.reason) == (400, "invalid_request")
+        await trio.testing.wait_all_tasks_blocked()
+        # what was declared went, with its FIN; the extra byte did not; the stream is reset
+        assert p.to_agent.of(DataFrame) == [DataFrame(1, b"abc", fin=True)]
+        assert p.to_agent.of(ResetFrame) == [ResetFrame(1, "closed")]
+        assert p.eecp.in_flight == 0 and p.agent.in_flight == 0
+
+
+async def test_a_fin_beyond_the_credit_resets_the_stream_and_is_not_an_end() -> None:
+    sent: list[Frame] = []
+
+    async def capture(data: bytes) -> None:
+        sent.append(decode_frame(data))
+
+    agent = Mux(capture, opener=False)
+    await agent.feed(encode_frame(RequestHeadFrame(1, GET)))
+    stream, _ = await agent.accept_stream()
+    await agent.feed(encode_frame(DataFrame(1, bytes(INITIAL_WINDOW))))
+    await agent.feed(encode_frame(DataFrame(1, b"x", fin=True)))
+    assert sent == [ResetFrame(1, "flow_control_violation")]
+    assert agent.in_flight == 0
+    with pytest.raises(StreamError, match="flow_control_violation"):
+        await stream.receive()  # the body never completed: none of it is handed out
+
+
 # ---- the tunnel closing -----------------------------------------------------------------------
 
 
@@ -623,8 +909,15 @@ async def _capture(data: bytes) -> None:
     (False, [RequestHeadFrame(1, GET), EndFrame(1), DataFrame(1, b"x")],
      "unexpected_frame:data"),
     (False, [RequestHeadFrame(1, GET), EndFrame(1), EndFrame(1)], "unexpected_frame:end"),
+    (False, [RequestHeadFrame(1, GET, fin=True), DataFrame(1, b"x")], "unexpected_frame:data"),
+    (False, [RequestHeadFrame(1, GET, fin=True), EndFrame(1)], "unexpected_frame:end"),
+    (False, [RequestHeadFrame(1, GET), DataFrame(1, b"x", fin=True), EndFrame(1)],
+     "unexpected_frame:end"),
+    (False, [RequestHeadFrame(1, GET), DataFrame(1, b"x", fin=True), DataFrame(1, b"y")],
+     "unexpected_frame:data"),
 ], ids=["head to opener", "response head to acceptor", "id in use", "data after end",
-        "end twice"])
+        "end twice", "data after head fin", "end after head fin", "end after data fin",
+        "data after data fin"])
 async def test_frames_out_of_order_are_protocol_errors(opener: bool, frames: list[Frame],
                                                        reason: str) -> None:
     mux = Mux(_capture, opener=opener)
@@ -639,6 +932,9 @@ async def test_out_of_order_on_the_opener_and_garbage_bytes() -> None:
     stream = await mux.open_stream(GET)
     with pytest.raises(ProtocolError, match="unexpected_frame:data"):
         await mux.feed(encode_frame(DataFrame(stream.id, b"before the head")))
+    await mux.feed(encode_frame(ResponseHeadFrame(stream.id, OK, fin=True)))
+    with pytest.raises(ProtocolError, match="unexpected_frame:data"):
+        await mux.feed(encode_frame(DataFrame(stream.id, b"after the head's FIN")))
     with pytest.raises(ProtocolError, match="invalid_frame:unknown_type"):
         await mux.feed(b"\x00\x01binary")
     with pytest.raises(ProtocolError, match="invalid_frame:short"):
