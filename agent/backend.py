@@ -260,6 +260,14 @@ class BackendExchange:
             r.keep_alive = r.framed and self._parser.should_keep_alive()
         return r.status, r.headers
 
+    def take_buffered(self) -> bytes:
+        """The body bytes that have arrived and not been taken yet (they came with the head):
+        to go out with it. :meth:`body` goes on from what follows."""
+        chunks = self._response.chunks
+        data = b"".join(chunks)
+        chunks.clear()
+        return data
+
     async def body(self) -> AsyncIterator[bytes]:
         """The response body, chunk by chunk as it arrives."""
         r = self._response

@@ -150,8 +150,10 @@ async def _answer(stream: Stream, head: RequestHead, target: str,
             status, raw = await exchange.receive_head()
         if progress.cancelled_caught:
             raise ForwardError("backend_timeout", f"no response head within {timeout_sec:g}s")
-        # a response without a body (204, 304, HEAD, empty) ends with its head: one message
-        await _send_head(stream, ResponseHead(status, response_headers(raw)),
+        # what came with the head goes with it, and a response already complete ends with it:
+        # a small answer is one message
+        first_bytes = exchange.take_buffered()
+        await _send_head(stream, ResponseHead(status, response_headers(raw)), first_bytes,
                          end=exchange.complete)
         await _relay_body(stream, exchange, timeout_sec)
         failed = False
@@ -160,11 +162,11 @@ async def _answer(stream: Stream, head: RequestHead, target: str,
             await exchange.close(failed=failed)
 
 
-async def _send_head(stream: Stream, head: ResponseHead, *, end: bool) -> None:
+async def _send_head(stream: Stream, head: ResponseHead, body: bytes, *, end: bool) -> None:
     """The backend's response head to eecp; one the protocol cannot carry (a status over 599,
     a header over the head limit) is the backend's fault, not eecp's."""
     try:
-        await stream.send_head(head, end=end)
+        await stream.send_head(head, body=body, end=end)
     except StreamError as exc:
         if exc.reason != "invalid_head":
             raise

@@ -33,7 +33,8 @@ the CPU milliseconds per request of eecp and the agent (the figure least disturb
 machine), and how many TCP connections the backend accepted (more than wrk's concurrency means
 the agent's backend pool is opening a connection per request).
 
-``--profile DIR`` adds one more proxied ``/small`` run at c=64 with ``py-spy record`` (raw
+``--profile DIR`` adds one more proxied ``/small`` run at c=64 (``--profile-path /big``: ``/big``
+at c=16) with ``py-spy record`` (raw
 collapsed stacks) attached to eecp, the first agent and the backend, and prints their top
 functions; it is separate from the measured runs, so the sampling does not touch their figures.
 
@@ -718,7 +719,8 @@ def find_py_spy() -> str | None:
 
 
 async def profile_run(stack: Stack, out: Path) -> dict[str, Any]:
-    """A proxied /small c=64 run with py-spy sampling eecp, the first agent and the backend."""
+    """A proxied run (``--profile-path``: /small at c=64, /big at c=16) with py-spy sampling
+    eecp, the first agent and the backend."""
     py_spy = find_py_spy()
     if py_spy is None:
         print("  --profile: py-spy not found (pip install py-spy); skipped")
@@ -739,8 +741,10 @@ async def profile_run(stack: Stack, out: Path) -> dict[str, Any]:
         for name in targets:
             nursery.start_soon(record, name)
         await trio.sleep(1)  # py-spy attached
-        run = await stack.wrk("profile: proxy /small c=64 (py-spy)", stack.proxy_url
-                              + "/small", 64, host=HOST, seconds=seconds)
+        path = stack.args.profile_path
+        concurrency = 64 if path == "/small" else 16
+        run = await stack.wrk(f"profile: proxy {path} c={concurrency} (py-spy)",
+                              stack.proxy_url + path, concurrency, host=HOST, seconds=seconds)
     print(f"  profile run (not a measurement): {run.summary()}; {run.cpu_summary()}")
     print("  (self time in trio's get_events / _nonblocking_helper is epoll_wait / send / recv:"
           " the syscalls, plus time runnable but not yet running after a wake-up)")
@@ -994,6 +998,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--profile", metavar="DIR",
                         help="one more run with py-spy on eecp, agent and backend; raw stacks "
                              "written to DIR")
+    parser.add_argument("--profile-path", choices=("/small", "/big"), default="/small",
+                        help="what the --profile run loads: /small at c=64 (default) or /big "
+                        "(1 MiB) at c=16")
     parser.add_argument("--log-level", default="INFO", help="EE_LOG_LEVEL (INFO)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, db)")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")

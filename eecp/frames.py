@@ -2,7 +2,7 @@
 
 ::
 
-    byte 0       bit 7 (0x80): FIN; bits 0..6: frame type
+    byte 0       bit 7 (0x80): FIN; bit 6 (0x40): BODY; bits 0..5: frame type
     bytes 1..4   stream id, unsigned 32-bit big-endian, never 0 (eecp allocates 1, 2, 3, …)
     bytes 5..    payload, by type:
 
@@ -16,9 +16,14 @@
 FIN (:data:`FIN`, the ``fin`` field) says "this direction's body is complete after this
 frame", exactly as an END right after it would: a head with FIN has no body, a DATA with FIN is
 the last chunk. It saves a WebSocket message per direction whenever the sender knows the end
-when it writes the frame (a small GET is 1 + 2 messages instead of 2 + 3). It is allowed on
+when it writes the frame (with BODY below, a small GET is 1 + 1 messages instead of 2 + 3). It is allowed on
 REQUEST_HEAD, RESPONSE_HEAD and DATA only; END stays for a sender that learns of the end later
-(a chunked body). There are no other flag bits.
+(a chunked body).
+
+BODY (:data:`BODY`, a head frame's non-empty ``data``) lets a head carry the first body bytes:
+the payload is then a u32 big-endian head length, the head's JSON, and up to MAX_DATA body bytes
+(exactly what a DATA frame right after the head would carry, credit included). With FIN too, a
+whole small response is one message. It is allowed on REQUEST_HEAD and RESPONSE_HEAD only.
 
 Headers travel as a list of pairs so repeated headers (``Set-Cookie``) and their order survive.
 Unknown JSON keys in a head are ignored (newer peers may add some).
@@ -26,9 +31,10 @@ Unknown JSON keys in a head are ignored (newer peers may add some).
 Every decoding failure is a :class:`~eecp.errors.ProtocolError` with a stable
 ``invalid_frame:<what>`` reason and the WebSocket close code to end the tunnel with: 1007
 (invalid payload) when a head is not UTF-8 JSON or a RESET reason is not UTF-8, 4005 (protocol
-error) for everything else. ``invalid_frame:unknown_type`` (bits 0..6 name no type, whatever
-bit 7 says) is the one a receiver may choose to tolerate (a newer peer's frame type);
-``invalid_frame:fin_not_allowed`` is FIN on END, RESET or WINDOW.
+error) for everything else. ``invalid_frame:unknown_type`` (bits 0..5 name no type, whatever
+the flag bits say) is the one a receiver may choose to tolerate (a newer peer's frame type);
+``invalid_frame:fin_not_allowed`` is FIN on END, RESET or WINDOW, and
+``invalid_frame:body_not_allowed`` BODY on anything but a head.
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ INITIAL_WINDOW = 64 * 1024
 DEFAULT_MAX_HEAD_BYTES = 64 * 1024
 #: the flag bit of the type byte: this direction's body is complete after this frame
 FIN = 0x80
-_TYPE_BITS = 0x7F
+#: the flag bit of the type byte: a head frame carries the first body bytes after its JSON
+BODY = 0x40
+_TYPE_BITS = 0x3F
 
 _PREFIX = struct.Struct(">BI")
 _U32 = struct.Struct(">I")
@@ -103,6 +111,7 @@ class RequestHeadFrame:
     stream_id: int
     head: RequestHead
     fin: bool = False
+    data: bytes = b""  # the first body bytes, in the same message (BODY)
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,7 @@ class ResponseHeadFrame:
     stream_id: int
     head: ResponseHead
     fin: bool = False
+    data: bytes = b""  # the first body bytes, in the same message (BODY)
 
 
 @dataclass(frozen=True)
@@ -209,7 +219,12 @@ def _payload(frame: Frame) -> tuple[int, bytes]:
             raise ValueError(f"{exc.reason}: {exc.detail}") from None
         kind = (FrameType.REQUEST_HEAD if isinstance(frame, RequestHeadFrame)
                 else FrameType.RESPONSE_HEAD)
-        return kind, encode_head(frame.head)
+        head = encode_head(frame.head)
+        if not frame.data:
+            return kind, head
+        if len(frame.data) > MAX_DATA:
+            raise ValueError(f"a head's body of {len(frame.data)} bytes > {MAX_DATA}")
+        return kind | BODY, b"".join((_U32.pack(len(head)), head, frame.data))
     if isinstance(frame, DataFrame):
         if len(frame.data) > MAX_DATA:
             raise ValueError(f"DATA of {len(frame.data)} bytes > {MAX_DATA}")
@@ -234,19 +249,40 @@ def decode_frame(data: bytes, *, max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -
     if len(data) < HEADER_BYTES:
         _fail("short", f"{len(data)} bytes, a frame has at least {HEADER_BYTES}")
     first, stream_id = _PREFIX.unpack_from(data)
-    kind, fin = first & _TYPE_BITS, bool(first & FIN)
+    kind, fin, body = first & _TYPE_BITS, bool(first & FIN), bool(first & BODY)
     # the type is checked first, so a receiver can tell a newer peer's frame from garbage
     if kind not in _DECODERS:
-        _fail("unknown_type", f"frame type {kind}" + (" with FIN" if fin else ""))
+        _fail("unknown_type", f"frame type {kind}" + (" with FIN" if fin else "")
+              + (" with BODY" if body else ""))
     if fin and kind not in _FIN_TYPES:
         _fail("fin_not_allowed", f"FIN on a {FrameType(kind).name} frame")
+    if body and kind not in _HEAD_TYPES:
+        _fail("body_not_allowed", f"BODY on a {FrameType(kind).name} frame")
     if stream_id == 0:
         _fail("stream_id", "stream id 0 is reserved")
     payload = bytes(data[HEADER_BYTES:])
+    if body:
+        head, data = _split_body(payload)
+        return _HEAD_DECODERS[kind](stream_id, head, fin, max_head_bytes, data)
     return _DECODERS[kind](stream_id, payload, fin, max_head_bytes)
 
 
-def _decode_request_head(stream_id: int, payload: bytes, fin: bool, max_head_bytes: int) -> Frame:
+def _split_body(payload: bytes) -> tuple[bytes, bytes]:
+    """A BODY head's payload: u32 head length, the head's JSON, the first body bytes."""
+    if len(payload) < _U32.size:
+        _fail("head_length", f"{len(payload)} bytes, a head with BODY has at least 4")
+    (length,) = _U32.unpack_from(payload)
+    end = _U32.size + length
+    if end > len(payload):
+        _fail("head_length", f"a head of {length} bytes in {len(payload) - _U32.size}")
+    data = payload[end:]
+    if len(data) > MAX_DATA:
+        _fail("data_too_large", f"{len(data)} > {MAX_DATA} bytes")
+    return payload[_U32.size:end], data
+
+
+def _decode_request_head(stream_id: int, payload: bytes, fin: bool, max_head_bytes: int,
+                         data: bytes = b"") -> Frame:
     doc = _head_doc(payload, max_head_bytes)
     method, path = doc.get("method"), doc.get("path")
     if not isinstance(method, str):
@@ -255,17 +291,18 @@ def _decode_request_head(stream_id: int, payload: bytes, fin: bool, max_head_byt
         _fail("path", "expected a string")
     head = RequestHead(method, path, _headers(doc))
     _validate(head)
-    return RequestHeadFrame(stream_id, head, fin)
+    return RequestHeadFrame(stream_id, head, fin, data)
 
 
-def _decode_response_head(stream_id: int, payload: bytes, fin: bool, max_head_bytes: int) -> Frame:
+def _decode_response_head(stream_id: int, payload: bytes, fin: bool, max_head_bytes: int,
+                          data: bytes = b"") -> Frame:
     doc = _head_doc(payload, max_head_bytes)
     status = doc.get("status")
     if not isinstance(status, int) or isinstance(status, bool):
         _fail("status", "expected an integer")
     head = ResponseHead(status, _headers(doc))
     _validate(head)
-    return ResponseHeadFrame(stream_id, head, fin)
+    return ResponseHeadFrame(stream_id, head, fin, data)
 
 
 def _decode_data(stream_id: int, payload: bytes, fin: bool, max_head_bytes: int) -> Frame:
@@ -309,8 +346,14 @@ _DECODERS = {
     FrameType.RESET: _decode_reset,
     FrameType.WINDOW: _decode_window,
 }
+_HEAD_DECODERS = {
+    FrameType.REQUEST_HEAD: _decode_request_head,
+    FrameType.RESPONSE_HEAD: _decode_response_head,
+}
 # the frames after which a body may end; END is an end already, RESET and WINDOW are no body
 _FIN_TYPES = frozenset({FrameType.REQUEST_HEAD, FrameType.RESPONSE_HEAD, FrameType.DATA})
+# the frames that may carry the first body bytes (BODY)
+_HEAD_TYPES = frozenset(_HEAD_DECODERS)
 
 
 def _head_doc(payload: bytes, max_head_bytes: int) -> dict[str, Any]:

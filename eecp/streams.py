@@ -220,9 +220,10 @@ class Mux:
         stream = Stream(self, frame.stream_id, request=frame.head)
         self._streams[stream.id] = stream
         self._pending[stream.id] = (stream, frame.head)
-        if frame.fin:  # no request body: as if its END had arrived already
-            stream._on_end()
+        violation = stream._on_frame(frame)
         self._arrived.fire()
+        if violation:
+            await self._reset_from_feed(stream, "flow_control_violation", violation)
 
     async def _reset_from_feed(self, stream: Stream, reason: str, detail: str) -> None:
         log.warning("stream %d: %s (%s)", stream.id, reason, detail)
@@ -323,21 +324,30 @@ class Stream:
 
     # ---- heads ------------------------------------------------------------------------------
 
-    async def send_head(self, head: ResponseHead, *, end: bool = False) -> None:
+    async def send_head(self, head: ResponseHead, *, body: bytes = b"",
+                        end: bool = False) -> None:
         """Send the response head (the accepting side; once, before any body).
 
-        ``end=True``: the response has no body, and its head says so (FIN), as if
-        :meth:`end` followed: one message instead of two.
+        ``body``: the first body bytes, in the head's own message (BODY) when they fit in
+        one frame and the credit at hand, else as DATA after it. ``end=True``: the body ends
+        with them (FIN), as if :meth:`end` followed: a whole small response is one message.
         """
         if not self._accepting or self._head_sent:
             raise RuntimeError("send_head: only once, on the accepting side")
         self._mux._check_head(head)
+        inline = len(body) <= min(self._send_credit, self._mux.max_frame)
         async with self._send_lock:
             self._raise_if_failed()
-            if end:  # committed before the write: see end()
-                self._commit_end()
-            await self._mux._write(ResponseHeadFrame(self.id, head, end))
+            if inline:
+                self._send_credit -= len(body)
+                if end:  # committed before the write: see end()
+                    self._commit_end()
+                await self._mux._write(ResponseHeadFrame(self.id, head, end, body))
+            else:
+                await self._mux._write(ResponseHeadFrame(self.id, head))
             self._head_sent = True
+        if not inline:
+            await self.send(body, end=end)
 
     async def receive_head(self) -> ResponseHead:
         """The response head (the opening side), once it arrives."""
@@ -471,11 +481,16 @@ class Stream:
 
     def _on_frame(self, frame: Frame) -> str | None:
         """Apply a frame from the peer; a flow-control violation is returned, not raised."""
-        if isinstance(frame, ResponseHeadFrame):
-            if self._response is not None:
-                _unexpected("response_head", f"a second head on stream {self.id}")
-            self._response = frame.head
-            if frame.fin:  # no response body: as an END right after the head
+        if isinstance(frame, RequestHeadFrame | ResponseHeadFrame):
+            if isinstance(frame, ResponseHeadFrame):
+                if self._response is not None:
+                    _unexpected("response_head", f"a second head on stream {self.id}")
+                self._response = frame.head
+            # a head's BODY is a DATA frame right after it; its FIN an END after that
+            violation = self._on_data(frame.data) if frame.data else None
+            if violation:
+                return violation
+            if frame.fin:
                 self._on_end()
         elif isinstance(frame, DataFrame):
             violation = self._on_data(frame.data)

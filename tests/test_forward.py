@@ -24,7 +24,7 @@ import trio
 import trio.testing
 
 from agent.forward import ForwardError, backend_target, open_backend_pool, serve_forwarding
-from eecp.frames import DataFrame, ResponseHeadFrame
+from eecp.frames import ResponseHeadFrame
 from eecp.httpserver import Request, Responder, serve_http
 from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 from tests.test_agent import open_world, running_agent
@@ -526,8 +526,9 @@ async def test_a_malformed_frame_ends_the_tunnel_with_its_close_code(
         (await world.eecp.accept()).done.set()  # and it dials again
 
 
-async def test_a_whole_small_answer_carries_its_end_on_its_last_frame() -> None:
-    """A complete response ends on its last frame (FIN): no separate END message."""
+async def test_a_whole_small_answer_is_one_message() -> None:
+    """A response complete when its head arrives goes out as one frame: its head, its body
+    (BODY) and its end (FIN)."""
     async def answer(request: Request, responder: Responder) -> None:
         if request.path == "/empty":
             await responder.respond(204, [], b"")
@@ -537,12 +538,13 @@ async def test_a_whole_small_answer_carries_its_end_on_its_last_frame() -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_http, answer, "127.0.0.1", 0)
         async with forwarding(f"http://127.0.0.1:{port}") as p:
-            for path, kinds in (("/small", [(ResponseHeadFrame, False), (DataFrame, True)]),
-                                ("/empty", [(ResponseHeadFrame, True)])):
+            for path, body in (("/small", b"x" * 100), ("/empty", b"")):
                 p.to_eecp.frames.clear()
                 stream = await p.eecp.open_stream(RequestHead("GET", path, []), end=True)
                 async with stream:
                     await stream.receive_head()
-                    await read_all(stream)
-                assert [(type(f), f.fin) for f in p.to_eecp.frames] == kinds, path
+                    assert await read_all(stream) == body
+                (frame,) = p.to_eecp.frames
+                assert isinstance(frame, ResponseHeadFrame), path
+                assert frame.fin and frame.data == body, path
         nursery.cancel_scope.cancel()

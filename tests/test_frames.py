@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from eecp.errors import ProtocolError
 from eecp.frames import (
+    BODY,
     FIN,
     INITIAL_WINDOW,
     MAX_DATA,
@@ -109,6 +110,50 @@ def test_wire_layout_is_the_documented_one() -> None:
     assert encode_frame(ResponseHeadFrame(1, ResponseHead(204, []))) == (
         b'\x02\x00\x00\x00\x01{"status":204,"headers":[]}')
     assert INITIAL_WINDOW == 64 * 1024
+
+
+@pytest.mark.parametrize("frame", [
+    RequestHeadFrame(1, REQUEST, data=b"a=1&b=2"),
+    RequestHeadFrame(1, REQUEST, fin=True, data=b"\x00" * MAX_DATA),
+    ResponseHeadFrame(7, RESPONSE, data=b"first chunk"),
+    ResponseHeadFrame(7, RESPONSE, fin=True, data=b"{}"),
+], ids=["request", "request+FIN full", "response", "response+FIN"])
+def test_a_head_with_body_round_trips_with_the_body_flag(frame: Frame) -> None:
+    data = encode_frame(frame)
+    assert data[0] & BODY and data[0] & 0x3F == (1 if isinstance(frame, RequestHeadFrame) else 2)
+    assert decode_frame(data) == frame
+
+
+def test_a_head_with_body_is_length_head_then_body() -> None:
+    head = b'{"status":200,"headers":[]}'
+    assert BODY == 0x40
+    assert encode_frame(ResponseHeadFrame(1, ResponseHead(200, []), fin=True, data=b"ok")) == (
+        b"\xc2\x00\x00\x00\x01" + struct.pack(">I", len(head)) + head + b"ok")
+    # no body: no flag, no length (the plain form)
+    assert encode_frame(ResponseHeadFrame(1, ResponseHead(200, []), data=b"")) == (
+        b"\x02\x00\x00\x00\x01" + head)
+
+
+def test_a_head_with_body_keeps_the_limits() -> None:
+    head = head_payload(_GOOD_RESP)
+    framed = struct.pack(">I", len(head)) + head
+    for kind in (3, 4, 5, 6):
+        with pytest.raises(ProtocolError) as caught:
+            decode_frame(raw(kind | BODY, 1, framed))
+        assert caught.value.reason == "invalid_frame:body_not_allowed"
+        assert caught.value.close_code == 4005
+    for payload, what in ((b"\x00\x00", "head_length"),
+                          (struct.pack(">I", len(head) + 1) + head, "head_length"),
+                          (framed + bytes(MAX_DATA + 1), "data_too_large"),
+                          (struct.pack(">I", 3) + b"[1]" + b"x", "head_json")):
+        with pytest.raises(ProtocolError, match=f"invalid_frame:{what}"):
+            decode_frame(raw(2 | BODY, 1, payload))
+    big = RequestHeadFrame(1, RequestHead("GET", "/" + "a" * 200, []), data=b"body")
+    with pytest.raises(ProtocolError, match="head_too_large"):  # the head alone is measured
+        decode_frame(encode_frame(big), max_head_bytes=200)
+    assert decode_frame(encode_frame(big), max_head_bytes=250) == big
+    with pytest.raises(ValueError):
+        encode_frame(ResponseHeadFrame(1, ResponseHead(200, []), data=bytes(MAX_DATA + 1)))
 
 
 def test_repeated_headers_keep_their_order() -> None:

@@ -985,3 +985,62 @@ async def _wait_failed_raising(stream: Stream) -> None:
     error = await stream.wait_failed()
     raise error
 
+
+
+# ---- a head with the first body bytes (BODY) --------------------------------------------------
+
+
+async def test_a_whole_small_response_is_one_message() -> None:
+    async with mux_pair() as p:
+        stream = await p.eecp.open_stream(GET, end=True)
+        accepted, _ = await p.agent.accept_stream()
+        await accepted.send_head(OK, body=b"x" * 100, end=True)
+        assert accepted.finished
+        assert await stream.receive_head() == OK
+        assert await read_all(stream) == b"x" * 100
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.to_eecp.frames == [ResponseHeadFrame(1, OK, fin=True, data=b"x" * 100)]
+        assert stream.finished and p.eecp.in_flight == 0 and p.agent.in_flight == 0
+
+
+async def test_a_head_body_beyond_one_frame_goes_as_data_after_the_head() -> None:
+    async with mux_pair(agent={"max_frame": 1024}) as p:
+        stream = await p.eecp.open_stream(GET, end=True)
+        accepted, _ = await p.agent.accept_stream()
+        await accepted.send_head(OK, body=pattern(1, 2500), end=True)
+        assert await stream.receive_head() == OK
+        assert await read_all(stream) == pattern(1, 2500)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.to_eecp.frames[0] == ResponseHeadFrame(1, OK)
+        assert [len(f.data) for f in p.to_eecp.frames[1:]] == [1024, 1024, 452]
+        assert [f.fin for f in p.to_eecp.frames[1:]] == [False, False, True]
+
+
+async def test_a_head_body_spends_credit_like_data() -> None:
+    async with mux_pair() as p:  # eecp's window 256 KiB; the initial credit is 64 KiB
+        stream = await p.eecp.open_stream(GET, end=True)
+        accepted, _ = await p.agent.accept_stream()
+        await accepted.send_head(OK, body=bytes(INITIAL_WINDOW))  # all the credit there is
+        sent = trio.Event()
+
+        async def one_more() -> None:
+            await accepted.send(b"y", end=True)
+            sent.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_more)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not sent.is_set()  # no credit left: it waits for eecp to read
+            assert p.to_eecp.of(DataFrame) == []
+            assert await stream.receive_head() == OK
+            assert await read_all(stream) == bytes(INITIAL_WINDOW) + b"y"
+        assert p.max_buffered["eecp"] <= INITIAL_WINDOW
+
+
+async def test_a_request_head_may_carry_its_body() -> None:
+    async with mux_pair() as p:
+        head = RequestHead("POST", "/form", [("content-length", "7")])
+        await p.agent.feed(encode_frame(RequestHeadFrame(9, head, fin=True, data=b"a=1&b=2")))
+        accepted, got = await p.agent.accept_stream()
+        assert (accepted.id, got) == (9, head)
+        assert await read_all(accepted) == b"a=1&b=2"
