@@ -4,8 +4,8 @@
 each in its own task, in a nursery it owns (nothing outlives it)::
 
     forwarding nursery
-      └─ forward:<id>    one per stream: body in → backend → head and body out
-           └─ watch      eecp reset the stream (its client left) → cancel the backend call
+      └─ forward:<id>    one per stream: body in → backend → head and body out; eecp
+                         resetting the stream (its client left) cancels its backend call
 
 A request goes to ``backend_url`` with the path eecp sent, which must be origin-form (``/…``):
 an absolute URL or ``//host`` is refused (RESET ``bad_path``) before any request is made, so a
@@ -87,18 +87,14 @@ async def serve_forwarding(mux: Mux, pool: BackendPool, *, timeout_sec: float) -
 
 async def _serve_stream(stream: Stream, head: RequestHead, pool: BackendPool,
                         timeout_sec: float) -> None:
-    async with stream, trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_when_failed, stream, nursery.cancel_scope, name="watch")
-        await _exchange(stream, head, pool, timeout_sec)
-        nursery.cancel_scope.cancel()  # done: stop watching
-
-
-async def _cancel_when_failed(stream: Stream, scope: trio.CancelScope) -> None:
-    """eecp reset the stream (its client went away) or the tunnel closed: stop the backend
-    call, which may be waiting on a backend that will never answer."""
-    error = await stream.wait_failed()
-    log.debug("stream %d: %s; cancelling its backend request", stream.id, error.reason)
-    scope.cancel()
+    async with stream:
+        with trio.CancelScope() as scope:
+            # eecp reset the stream (its client went away) or the tunnel closed: stop the
+            # backend call, which may be waiting on a backend that will never answer
+            stream.cancel_on_failure(scope)
+            await _exchange(stream, head, pool, timeout_sec)
+        if scope.cancelled_caught:
+            log.debug("stream %d ended by eecp; its backend request was cancelled", stream.id)
 
 
 async def _exchange(stream: Stream, head: RequestHead, pool: BackendPool,

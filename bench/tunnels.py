@@ -390,7 +390,7 @@ async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         figures["verify_workers"] = args.verify_workers or "default (2)"
         if args.store_workers:
             env["EE_STORE_WORKERS"] = str(args.store_workers)
-        figures["store_workers"] = args.store_workers or "default (4)"
+        figures["store_workers"] = args.store_workers or "default (1 on SQLite)"
         log = work / "eecp.log"
         figures["switch_interval"] = args.switch_interval or "default (0.005)"
         with eecp_process(env, log, args.switch_interval) as process:

@@ -16,9 +16,9 @@
 FIN (:data:`FIN`, the ``fin`` field) says "this direction's body is complete after this
 frame", exactly as an END right after it would: a head with FIN has no body, a DATA with FIN is
 the last chunk. It saves a WebSocket message per direction whenever the sender knows the end
-when it writes the frame (with BODY below, a small GET is 1 + 1 messages instead of 2 + 3). It is allowed on
-REQUEST_HEAD, RESPONSE_HEAD and DATA only; END stays for a sender that learns of the end later
-(a chunked body).
+when it writes the frame (with BODY below, a small GET is 1 + 1 messages instead of 2 + 3).
+It is allowed on REQUEST_HEAD, RESPONSE_HEAD and DATA only; END stays for a sender that learns
+of the end later (a chunked body).
 
 BODY (:data:`BODY`, a head frame's non-empty ``data``) lets a head carry the first body bytes:
 the payload is then a u32 big-endian head length, the head's JSON, and up to MAX_DATA body bytes

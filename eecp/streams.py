@@ -306,6 +306,7 @@ class Stream:
         self._error: StreamError | None = None
         self._changed = _Signal()
         self._send_lock = trio.Lock()
+        self._on_failure: list[trio.CancelScope] = []
 
     @property
     def buffered(self) -> int:
@@ -462,6 +463,15 @@ class Stream:
             await self._changed.wait()
         return StreamError(self._error.reason, self._error.detail)
 
+    def cancel_on_failure(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` when the stream is reset (by either side) or the tunnel closes
+        (at once if that happened already): :meth:`wait_failed` without a task to run it,
+        for the one request per stream that must stop when nobody awaits its answer."""
+        if self._error is not None:
+            scope.cancel()
+        else:
+            self._on_failure.append(scope)
+
     # ---- the mux's side ---------------------------------------------------------------------
 
     def _top_up(self) -> int:
@@ -542,6 +552,9 @@ class Stream:
             self._buffered = 0
         self._mux._forget(self)
         self._changed.fire()
+        for scope in self._on_failure:
+            scope.cancel()
+        self._on_failure.clear()
 
     def _commit_end(self) -> None:
         """Count this side's END (or FIN) as sent, before its frame is written: see end()."""

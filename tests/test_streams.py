@@ -1044,3 +1044,26 @@ async def test_a_request_head_may_carry_its_body() -> None:
         accepted, got = await p.agent.accept_stream()
         assert (accepted.id, got) == (9, head)
         assert await read_all(accepted) == b"a=1&b=2"
+
+
+async def test_cancel_on_failure_cancels_on_reset_and_on_tunnel_loss_only() -> None:
+    async with mux_pair() as p:
+        first = await p.eecp.open_stream(GET, end=True)
+        await p.eecp.open_stream(GET, end=True)
+        clean = await p.eecp.open_stream(GET, end=True)
+        reset_one, _ = await p.agent.accept_stream()
+        lost_one, _ = await p.agent.accept_stream()
+        finished, _ = await p.agent.accept_stream()
+        scopes = [trio.CancelScope() for _ in range(3)]
+        for stream, scope in zip((reset_one, lost_one, finished), scopes, strict=True):
+            stream.cancel_on_failure(scope)
+        await finished.send_head(OK, end=True)
+        await clean.receive_head()
+        await first.reset("client_gone")  # eecp's client went away
+        await trio.testing.wait_all_tasks_blocked()
+        assert [s.cancel_called for s in scopes] == [True, False, False]
+        p.agent.close()
+        assert [s.cancel_called for s in scopes] == [True, True, False]  # finished: never
+        late = trio.CancelScope()
+        lost_one.cancel_on_failure(late)  # after the failure: cancelled at once
+        assert late.cancel_called
