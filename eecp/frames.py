@@ -173,6 +173,21 @@ def encode_frame(frame: Frame) -> bytes:
     return _PREFIX.pack(kind, frame.stream_id) + payload
 
 
+def encode_head_frame(frame: RequestHeadFrame | ResponseHeadFrame, payload: bytes) -> bytes:
+    """:func:`encode_frame` for a head frame whose head's ``payload`` came from
+    :func:`check_head`: the head is neither validated nor encoded a second time."""
+    if not 0 < frame.stream_id <= MAX_STREAM_ID:
+        raise ValueError(f"stream id {frame.stream_id} out of range")
+    kind = (FrameType.REQUEST_HEAD if isinstance(frame, RequestHeadFrame)
+            else FrameType.RESPONSE_HEAD) | (FIN if frame.fin else 0)
+    if not frame.data:
+        return _PREFIX.pack(kind, frame.stream_id) + payload
+    if len(frame.data) > MAX_DATA:
+        raise ValueError(f"a head's body of {len(frame.data)} bytes > {MAX_DATA}")
+    return b"".join((_PREFIX.pack(kind | BODY, frame.stream_id), _U32.pack(len(payload)),
+                     payload, frame.data))
+
+
 def is_origin_form(target: str) -> bool:
     """Whether a request target names a path on the backend: it begins with one ``/``.
 

@@ -140,7 +140,7 @@ class Mux:
         """
         if not self.opener:
             raise RuntimeError("only the opening side opens streams")
-        self._check_head(head)
+        payload = self._check_head(head)
         while True:
             self._raise_if_closed()
             if len(self._streams) < self.max_streams:
@@ -151,7 +151,7 @@ class Mux:
         if end:  # before the write, as in Stream.end: the answer may be fed before it returns
             stream._commit_end()
         try:
-            await self._write(RequestHeadFrame(stream.id, head, end))
+            await self._write(RequestHeadFrame(stream.id, head, end), payload)
         except BaseException:
             stream._fail(StreamError("tunnel_closed", "the request head was not sent"))
             raise
@@ -176,9 +176,10 @@ class Mux:
             if stream_id not in self._streams:
                 return stream_id
 
-    def _check_head(self, head: RequestHead | ResponseHead) -> None:
+    def _check_head(self, head: RequestHead | ResponseHead) -> bytes:
+        """The head's payload, or ``StreamError("invalid_head")`` for one the peer refuses."""
         try:
-            frames.check_head(head, max_head_bytes=self.max_head_bytes)
+            return frames.check_head(head, max_head_bytes=self.max_head_bytes)
         except ProtocolError as exc:
             raise StreamError("invalid_head", f"{exc.reason}: {exc.detail}") from None
 
@@ -262,11 +263,15 @@ class Mux:
 
     # ---- writing ----------------------------------------------------------------------------
 
-    async def _write(self, frame: Frame) -> None:
+    async def _write(self, frame: Frame, head_payload: bytes | None = None) -> None:
         """Write one frame whole: shielded, so only :meth:`close` can interrupt it (half a
-        WebSocket message would corrupt the tunnel for every stream)."""
+        WebSocket message would corrupt the tunnel for every stream). ``head_payload``: a
+        head frame's payload from :meth:`_check_head`, not to be encoded twice."""
         self._raise_if_closed()
-        data = frames.encode_frame(frame)
+        if head_payload is not None and isinstance(frame, RequestHeadFrame | ResponseHeadFrame):
+            data = frames.encode_head_frame(frame, head_payload)
+        else:
+            data = frames.encode_frame(frame)
         with trio.CancelScope(shield=True) as scope:
             self._writes.add(scope)
             try:
@@ -335,7 +340,7 @@ class Stream:
         """
         if not self._accepting or self._head_sent:
             raise RuntimeError("send_head: only once, on the accepting side")
-        self._mux._check_head(head)
+        payload = self._mux._check_head(head)
         inline = len(body) <= min(self._send_credit, self._mux.max_frame)
         async with self._send_lock:
             self._raise_if_failed()
@@ -343,9 +348,9 @@ class Stream:
                 self._send_credit -= len(body)
                 if end:  # committed before the write: see end()
                     self._commit_end()
-                await self._mux._write(ResponseHeadFrame(self.id, head, end, body))
+                await self._mux._write(ResponseHeadFrame(self.id, head, end, body), payload)
             else:
-                await self._mux._write(ResponseHeadFrame(self.id, head))
+                await self._mux._write(ResponseHeadFrame(self.id, head), payload)
             self._head_sent = True
         if not inline:
             await self.send(body, end=end)

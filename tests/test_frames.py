@@ -29,6 +29,7 @@ from eecp.frames import (
     check_head,
     decode_frame,
     encode_frame,
+    encode_head_frame,
     reset_reason,
 )
 
@@ -154,6 +155,15 @@ def test_a_head_with_body_keeps_the_limits() -> None:
     assert decode_frame(encode_frame(big), max_head_bytes=250) == big
     with pytest.raises(ValueError):
         encode_frame(ResponseHeadFrame(1, ResponseHead(200, []), data=bytes(MAX_DATA + 1)))
+
+
+@pytest.mark.parametrize("frame", [
+    RequestHeadFrame(1, REQUEST), RequestHeadFrame(5, REQUEST, fin=True, data=b"abc"),
+    ResponseHeadFrame(2**32 - 1, RESPONSE, fin=True), ResponseHeadFrame(3, RESPONSE, data=b"x"),
+])
+def test_a_checked_head_encodes_as_encode_frame_does(
+        frame: RequestHeadFrame | ResponseHeadFrame) -> None:
+    assert encode_head_frame(frame, check_head(frame.head)) == encode_frame(frame)
 
 
 def test_repeated_headers_keep_their_order() -> None:
