@@ -205,20 +205,17 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
         raise ProxyError(503, "agent_busy")
     agent.in_flight += 1
     started = time.perf_counter()
+    # the wait for the head, which every chunk of the upload extends
+    progress = Progress(services.config.proxy_timeout_sec)
     try:
+        if body is None:  # (the common case, without a nursery: nothing runs beside it)
+            yield Upstream(await _await_head(stream, progress), stream, agent)
+            return
         with single_error():
             async with trio.open_nursery() as nursery:
-                # the wait for the head, which every chunk of the upload extends
-                progress = Progress(services.config.proxy_timeout_sec)
-                if body is not None:
-                    nursery.start_soon(_pump_body, stream, body,
-                                       declared_length(head.headers), progress)
-                with progress.scope:
-                    progress.moved()
-                    response = await _response_head(stream)
-                if progress.scope.cancelled_caught:
-                    raise ProxyError(504, "upstream_timeout")
-                yield Upstream(response, stream, agent)
+                nursery.start_soon(_pump_body, stream, body, declared_length(head.headers),
+                                   progress)
+                yield Upstream(await _await_head(stream, progress), stream, agent)
                 nursery.cancel_scope.cancel()  # the app answered: a body it did not read is moot
     finally:
         agent.in_flight -= 1
@@ -248,6 +245,14 @@ class Progress:
 
     def moved(self) -> None:
         self.scope.deadline = trio.current_time() + self.patience_sec
+
+
+async def _await_head(stream: Stream, progress: Progress) -> ResponseHead:
+    """The response head, within ``EE_PROXY_TIMEOUT_SEC`` of the request's last progress."""
+    with progress.scope:
+        progress.moved()
+        return await _response_head(stream)
+    raise ProxyError(504, "upstream_timeout")
 
 
 async def _response_head(stream: Stream) -> ResponseHead:
