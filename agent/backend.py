@@ -37,6 +37,10 @@ import trio
 from eecp.errors import EecpError
 
 READ_BYTES = 64 * 1024
+#: the most a response head (status line, headers, interim 1xx heads) may take: what the
+#: tunnel could carry (its heads are at most 64 KiB of JSON), and a bound on a backend that
+#: never ends its headers
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 #: how long an idle connection is kept: under the keep-alive timeout of common servers
 #: (Node 5 s, gunicorn 2 s is shorter: a closed one is noticed and replaced, see retryable)
 DEFAULT_KEEPALIVE_SEC = 4.0
@@ -157,6 +161,7 @@ class BackendExchange:
         self._parser = self._response.parser = httptools.HttpResponseParser(self._response)
         self._head_request = False
         self._sent_whole = False
+        self._head_bytes = 0
 
     async def open(self) -> None:
         """Take a connection from the pool (a new one when ``fresh``)."""
@@ -290,6 +295,11 @@ class BackendExchange:
         if not data:
             self._on_eof(before_response)
             return
+        if not self._response.head_done:
+            self._head_bytes += len(data)  # (a body's first bytes may count: a bound only)
+            if self._head_bytes > MAX_RESPONSE_HEAD_BYTES + READ_BYTES:
+                raise BackendError("backend_error", "response head over "
+                                   f"{MAX_RESPONSE_HEAD_BYTES} bytes")
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:

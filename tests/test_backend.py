@@ -459,3 +459,17 @@ async def test_a_request_with_a_body_is_never_sent_twice() -> None:
             await call(p, "POST", "/pay", [("content-length", "3")], b"abc")
         assert caught.value.reason == "stream_reset:backend_error"
         assert [s.target for s in backend.seen] == ["/one", "/pay"]
+
+
+async def test_a_response_head_that_never_ends_is_a_backend_error() -> None:
+    async def endless(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\n")
+        while True:
+            await peer.send(b"x-filler: " + b"y" * 1000 + b"\r\n")
+
+    async with scripted(endless) as backend, BackendPool(backend.url) as pool:
+        with pytest.raises(BackendError) as caught:
+            await exchange(pool)
+        assert caught.value.reason == "backend_error"
+        assert "response head over" in caught.value.detail
