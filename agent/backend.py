@@ -27,6 +27,7 @@ connection the backend closed just as it was reused.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -37,6 +38,7 @@ import trio
 from eecp.errors import EecpError
 
 READ_BYTES = 64 * 1024
+_DIGITS = re.compile(r"[0-9]{1,18}")
 #: the most a response head (status line, headers, interim 1xx heads) may take: what the
 #: tunnel could carry (its heads are at most 64 KiB of JSON), and a bound on a backend that
 #: never ends its headers
@@ -101,13 +103,19 @@ class BackendPool:
             raise BackendError("backend_unreachable", f"{self.authority}: {exc}") from None
         self.opened += 1
         if self._ssl is not None:
-            tls = trio.SSLStream(stream, self._ssl, server_hostname=self.host)
+            # https_compatible: many servers close without close_notify, and a body delimited
+            # by the close must still end cleanly
+            tls = trio.SSLStream(stream, self._ssl, server_hostname=self.host,
+                                 https_compatible=True)
             try:
                 await tls.do_handshake()
             except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
                 await trio.aclose_forcefully(stream)
                 raise BackendError("backend_unreachable", f"{self.authority}: TLS: {exc}"
                                    ) from None
+            except BaseException:  # cancelled mid-handshake: no half-open socket left behind
+                await trio.aclose_forcefully(stream)
+                raise
             stream = tls
         return stream
 
@@ -161,7 +169,7 @@ class BackendExchange:
         self._parser = self._response.parser = httptools.HttpResponseParser(self._response)
         self._head_request = False
         self._sent_whole = False
-        self._head_bytes = 0
+        self._overhead = 0  # bytes read since the last body byte
 
     async def open(self) -> None:
         """Take a connection from the pool (a new one when ``fresh``)."""
@@ -295,18 +303,24 @@ class BackendExchange:
         if not data:
             self._on_eof(before_response)
             return
-        if not self._response.head_done:
-            self._head_bytes += len(data)  # (a body's first bytes may count: a bound only)
-            if self._head_bytes > MAX_RESPONSE_HEAD_BYTES + READ_BYTES:
-                raise BackendError("backend_error", "response head over "
-                                   f"{MAX_RESPONSE_HEAD_BYTES} bytes")
+        r = self._response
+        body_before = r.body_bytes
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # a 101 with Upgrade: no HTTP to relay after it
+            raise BackendError("backend_error", "the backend switched protocols") from None
         except httptools.HttpParserError as exc:
-            if self._response.complete:  # garbage after a whole response: retire, not fail
-                self._response.extra = True
+            if r.complete:  # garbage after a whole response: retire, not fail
+                r.extra = True
                 return
             raise BackendError("backend_error", f"invalid HTTP response: {exc}") from None
+        # Bytes that are not body (the head, chunk framing, trailers) are bounded: llhttp has
+        # no limit of its own, and a backend that never ends its headers or trailers must not
+        # grow the agent's memory for as long as its timeout.
+        self._overhead = 0 if r.body_bytes > body_before else self._overhead + len(data)
+        if self._overhead > MAX_RESPONSE_HEAD_BYTES + READ_BYTES and not r.complete:
+            raise BackendError("backend_error", "response head or trailers over "
+                               f"{MAX_RESPONSE_HEAD_BYTES} bytes")
 
     def _on_eof(self, before_response: bool) -> None:
         r = self._response
@@ -332,8 +346,9 @@ class _Response:
         self.keep_alive = False
         self.until_close = False
         self.extra = False
-        self.framed = False
+        self.framed = False  # a Content-Length, or a Transfer-Encoding ending in chunked
         self._interim = False
+        self.body_bytes = 0
 
     def on_message_begin(self) -> None:
         if self.head_done:  # bytes after the response: never reuse this connection
@@ -343,7 +358,10 @@ class _Response:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_done:
             return  # chunked trailers: dropped, as a proxy may
-        if name.lower() in (b"content-length", b"transfer-encoding"):
+        key = name.lower()
+        if key == b"content-length" or (
+                key == b"transfer-encoding"
+                and value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"):
             self.framed = True
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
@@ -360,8 +378,9 @@ class _Response:
         self.until_close = not self.framed and status not in (204, 304)
 
     def on_body(self, body: bytes) -> None:
-        if not self.extra:
+        if not self.extra and not self._interim:  # (a 1xx body is no part of the answer)
             self.chunks.append(body)
+            self.body_bytes += len(body)
 
     def on_message_complete(self) -> None:
         assert self.parser is not None
@@ -377,6 +396,6 @@ def _content_length(headers: list[tuple[str, str]]) -> int | None:
     values = {v.strip() for n, v in headers if n.lower() == "content-length"}
     if not values:
         return None
-    if len(values) > 1 or not next(iter(values)).isdigit():
+    if len(values) > 1 or not _DIGITS.fullmatch(next(iter(values))):
         raise BackendError("bad_request", f"invalid Content-Length {sorted(values)!r}")
     return int(next(iter(values)))

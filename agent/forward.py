@@ -53,6 +53,9 @@ log = logging.getLogger("agent.forward")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te",
                         "trailer", "trailers", "proxy-connection"})
 _REQUEST_ONLY = frozenset({"host", "expect"})
+#: requests the agent may send twice (see _forward): bodyless and safe, as Go's net/http has it;
+#: a POST or DELETE the backend may have acted on before its connection broke is not resent
+_REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 class ForwardError(EecpError):
@@ -118,15 +121,16 @@ async def _forward(stream: Stream, head: RequestHead, pool: BackendPool,
     target = backend_target(head.path)  # before anything else: no request for a bad path
     headers = request_headers(head.headers)
     first = await stream.receive()  # a body or not: a GET's END follows its head at once
-    # a bodyless request can be sent again: once, on a fresh connection, when the kept-alive
-    # one it went out on turns out closed by the backend before any of the answer came
+    # a bodyless safe request can be sent again: once, on a fresh connection, when the
+    # kept-alive one it went out on turns out closed by the backend before any answer came
+    replayable = first is None and head.method in _REPLAYABLE
     for fresh in (False, True):
         exchange = BackendExchange(pool, fresh=fresh)
         try:
             await _answer(stream, head, target, headers, first, exchange, timeout_sec)
             return
         except BackendError as exc:
-            if exc.retryable and first is None and not fresh:  # (only before the head)
+            if exc.retryable and replayable and not fresh:  # (only before the head)
                 log.debug("stream %d: %s on a kept-alive connection; retrying", stream.id, exc)
                 continue
             raise ForwardError(exc.reason, exc.detail) from None

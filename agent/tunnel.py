@@ -192,8 +192,7 @@ class Tunnel:
 
     def __init__(self, config: AgentConfig, provider: QuoteProvider,
                  measurements: Measurements, state: AgentState,
-                 http: httpx.AsyncClient, stop: trio.Event,
-                 backend: BackendPool | None = None) -> None:
+                 http: httpx.AsyncClient, stop: trio.Event, backend: BackendPool) -> None:
         self.config = config
         self.provider = provider
         self.measurements = measurements
@@ -201,7 +200,7 @@ class Tunnel:
         self.http = http
         self.stop = stop
         #: proxied requests' connections to the backend (health probes use ``http``)
-        self.backend = backend if backend is not None else BackendPool(config.backend_url)
+        self.backend = backend
 
     async def run_once(self) -> tuple[str, bool]:
         """Dial and serve one tunnel until it ends: why it ended, and whether it had opened."""

@@ -43,6 +43,8 @@ def _changed() -> None:
     _Generation.value += 1
 
 
+_UNSET = object()
+
 #: the AgentView fields :func:`decide` reads (``in_flight``, ``mux``, ``health_at`` are not)
 _DECISION_FIELDS = frozenset({"record", "connected", "attested", "health"})
 
@@ -78,6 +80,11 @@ class _AgentMap(dict[str, "AgentView"]):
         _changed()
         return super().setdefault(key, default)
 
+    def __ior__(self, other: Any) -> _AgentMap:  # type: ignore[override,misc]
+        _changed()
+        super().update(other)
+        return self
+
 
 @dataclass
 class AgentView:
@@ -92,7 +99,9 @@ class AgentView:
     mux: Mux | None = None  # the tunnel's stream multiplexer while connected
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _DECISION_FIELDS:
+        # only a real change counts: a health report repeating "pass" every 30 s must not
+        # throw away every app's remembered decision
+        if name in _DECISION_FIELDS and getattr(self, name, _UNSET) != value:
             _changed()
         object.__setattr__(self, name, value)
 

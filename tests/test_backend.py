@@ -472,4 +472,73 @@ async def test_a_response_head_that_never_ends_is_a_backend_error() -> None:
         with pytest.raises(BackendError) as caught:
             await exchange(pool)
         assert caught.value.reason == "backend_error"
-        assert "response head over" in caught.value.detail
+        assert "response head or trailers over" in caught.value.detail
+
+
+async def test_a_switch_of_protocols_is_a_backend_error() -> None:
+    async def upgrades(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+                        b"connection: upgrade\r\n\r\n\x81\x02hi")
+
+    async with scripted(upgrades) as backend, BackendPool(backend.url) as pool:
+        with pytest.raises(BackendError) as caught:
+            await exchange(pool)
+        assert caught.value.reason == "backend_error"
+
+
+async def test_a_non_chunked_transfer_coding_is_read_until_the_close() -> None:
+    async def gzip_until_close(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nzipped")
+        await peer.close()
+
+    async with scripted(gzip_until_close) as backend, BackendPool(backend.url) as pool:
+        assert (await exchange(pool))[2] == b"zipped"
+
+
+async def test_an_interim_response_with_a_body_adds_nothing_to_the_answer() -> None:
+    async def interim_body(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 150 Odd\r\ncontent-length: 3\r\n\r\nabc" + ok(b"final"))
+
+    async with scripted(interim_body) as backend, BackendPool(backend.url) as pool:
+        status, _, data = await exchange(pool)
+        assert (status, data) == (200, b"final")
+
+
+async def test_trailers_that_never_end_are_a_backend_error() -> None:
+    async def endless_trailer(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                        b"2\r\nhi\r\n0\r\nx-trailer: ")
+        while True:
+            await peer.send(b"z" * 4096)
+
+    async with scripted(endless_trailer) as backend, BackendPool(backend.url) as pool:
+        with pytest.raises(BackendError) as caught:
+            await exchange(pool)
+        assert caught.value.reason == "backend_error"
+
+
+async def test_an_https_body_delimited_by_the_close_ends_cleanly(tmp_path: Path) -> None:
+    server, client = tls_contexts(tmp_path)
+
+    async def until_close(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+        assert isinstance(peer.stream, trio.SSLStream)
+        await peer.stream.transport_stream.aclose()  # no close_notify, as many servers do
+
+    async with scripted(until_close, tls=server) as backend, \
+            BackendPool(backend.url, ssl_context=client) as pool:
+        assert (await exchange(pool))[2] == b"all of it"
+
+
+async def test_an_unsafe_bodyless_request_is_never_sent_twice() -> None:
+    async with scripted(closes_on_second_request) as backend, forwarding(backend.url) as p:
+        assert (await call(p, "GET", "/one"))[1] == b"/one"
+        with pytest.raises(StreamError) as caught:
+            await call(p, "POST", "/charge", [("content-length", "0")])
+        assert caught.value.reason == "stream_reset:backend_error"
+        assert [s.target for s in backend.seen] == ["/one", "/charge"]

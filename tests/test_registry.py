@@ -157,3 +157,21 @@ def test_unknown_names_are_not_remembered() -> None:
         assert resolve(registry, f"nope{i}", 10.0).status == 403
     assert len(resolve_module._ANSWERS) == before
     assert "nope1" not in registry._decisions
+
+
+def test_a_write_that_changes_nothing_keeps_the_decision() -> None:
+    registry, agent = make_registry()
+    first = registry.resolve("shop", 10.0)
+    agent.health = "pass"  # a health report repeating itself
+    agent.attested = True
+    agent.record = replace(agent.record)  # an equal record
+    assert registry.resolve("shop", 10.0) is first
+
+
+def test_merging_into_an_apps_agents_is_a_change() -> None:
+    registry, agent = make_registry()
+    agent.attested = False
+    assert resolve(registry, "shop", 10.0).status == 403
+    other = AgentView(replace(agent.record, agent_id="a2"), connected=True, attested=True)
+    registry.apps["shop"].agents |= {"a2": other}
+    assert resolve(registry, "shop", 10.0).status == 200
