@@ -30,6 +30,7 @@ from agent.tunnel import AgentState, run_agent
 from eecp import devpki
 from tests import frontproxies as fp
 from tests import harness
+from tests.selfsigned import make_self_signed
 
 KINDS = ("nginx", "caddy")
 MIB = 1024 * 1024
@@ -277,7 +278,7 @@ def test_shipped_nginx_conf_passes_nginx_t_with_tls(tmp_path: Path) -> None:
     require("nginx")
     binary = fp.nginx_binary()
     assert binary is not None
-    cert, key = make_self_signed(tmp_path)
+    cert, key = make_self_signed(tmp_path, "*.app.example.com")
     text = fp.NGINX_EXAMPLE.read_text()
     for site in ("app.example.com", "control.example.com"):
         text = text.replace(f"/etc/ssl/eecp/{site}/fullchain.pem", str(cert))
@@ -298,30 +299,6 @@ def test_shipped_nginx_conf_passes_nginx_t_with_tls(tmp_path: Path) -> None:
                    "proxy_cache_valid 200 403 1s;", "proxy_set_header X-EE-App $app;",
                    'proxy_set_header Connection "";', "keepalive 64;"):
         assert needle in text, needle
-
-
-def make_self_signed(directory: Path) -> tuple[Path, Path]:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "*.app.example.com")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 # ---------------------------------------------------------------------------------------------
