@@ -433,44 +433,6 @@ async def test_the_agent_refuses_streams_beyond_its_own_limit() -> None:
         p.eecp.close()
 
 
-async def test_a_slot_is_free_for_the_next_stream_as_soon_as_its_end_is_on_the_wire() -> None:
-    """eecp frees a slot when the agent's END arrives and may open the next stream at once;
-    that head can reach the agent before the agent's END write has returned."""
-    release = trio.Event()
-    to_agent_tx, to_agent_rx = trio.open_memory_channel[bytes](math.inf)
-    to_eecp_tx, to_eecp_rx = trio.open_memory_channel[bytes](math.inf)
-
-    async def agent_send(data: bytes) -> None:
-        await to_eecp_tx.send(data)
-        if isinstance(decode_frame(data), EndFrame):
-            await release.wait()  # the write is out, but the sender has not been resumed yet
-
-    eecp = Mux(to_agent_tx.send, opener=True, max_streams=1)
-    agent = Mux(agent_send, opener=False, max_streams=1)
-    seen: Counter[str] = Counter()
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_pump, to_agent_rx, agent, "agent", seen)
-            nursery.start_soon(_pump, to_eecp_rx, eecp, "eecp", seen)
-            try:
-                first = await eecp.open_stream(GET)
-                await first.end()
-                served, _ = await agent.accept_stream()
-                await served.send_head(OK)
-                nursery.start_soon(served.end)  # blocks in its (shielded) write until released
-                assert await first.receive_head() == OK
-                assert await first.receive() is None  # the END arrived: eecp's slot is free
-                second = await eecp.open_stream(GET)
-                with trio.move_on_after(0.2):
-                    await second.receive_head()  # no answer comes, and no reset either
-                assert not second.finished and agent.in_flight == 1
-                accepted, _ = await agent.accept_stream()
-                assert accepted.id == second.id
-            finally:
-                release.set()
-            nursery.cancel_scope.cancel()
-
-
 # ---- FIN: the end on the last frame ------------------------------------------------------------
 
 
@@ -583,18 +545,18 @@ async def test_an_end_racing_a_send_with_end_writes_no_second_end() -> None:
         p.eecp.close()
 
 
-@pytest.mark.parametrize("last", ["data", "head"])
-async def test_a_slot_is_free_for_the_next_stream_as_soon_as_its_fin_is_on_the_wire(last: str
+@pytest.mark.parametrize("last", ["end", "data", "head"])
+async def test_a_slot_is_free_for_the_next_stream_as_soon_as_its_end_is_on_the_wire(last: str
                                                                                     ) -> None:
-    """As for END: eecp frees its slot when the agent's FIN arrives and opens the next stream
-    at once; that head can reach the agent before the agent's FIN'd write has returned."""
+    """eecp frees a slot when the agent's END (or FIN) arrives and may open the next stream at
+    once; that head can reach the agent before the agent's ending write has returned."""
     release = trio.Event()
     to_agent_tx, to_agent_rx = trio.open_memory_channel[bytes](math.inf)
     to_eecp_tx, to_eecp_rx = trio.open_memory_channel[bytes](math.inf)
 
     async def agent_send(data: bytes) -> None:
         await to_eecp_tx.send(data)
-        if data[0] & FIN:
+        if data[0] & FIN or isinstance(decode_frame(data), EndFrame):
             await release.wait()  # the write is out, but the sender has not been resumed yet
 
     eecp = Mux(to_agent_tx.send, opener=True, max_streams=1)
@@ -607,14 +569,18 @@ async def test_a_slot_is_free_for_the_next_stream_as_soon_as_its_fin_is_on_the_w
             try:
                 first = await eecp.open_stream(GET, end=True)
                 served, _ = await agent.accept_stream()
-                if last == "head":  # blocks in its (shielded) write until released
+                # each blocks in its (shielded) ending write until released
+                if last == "head":
                     nursery.start_soon(lambda: served.send_head(OK, end=True))
-                else:
+                elif last == "data":
                     await served.send_head(OK)
                     nursery.start_soon(lambda: served.send(b"body", end=True))
+                else:
+                    await served.send_head(OK)
+                    nursery.start_soon(served.end)
                 assert await first.receive_head() == OK
                 assert await read_all(first) == (b"body" if last == "data" else b"")
-                assert eecp.in_flight == 0  # the FIN arrived: eecp's slot is free
+                assert eecp.in_flight == 0  # the end arrived: eecp's slot is free
                 second = await eecp.open_stream(GET, end=True)
                 with trio.move_on_after(0.2):
                     await second.receive_head()  # no answer comes, and no reset either
