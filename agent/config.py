@@ -185,7 +185,9 @@ def _missing(name: str) -> NoReturn:
 def _checked_register(**fields: str) -> Register:
     """The register message as eecp will read it, or a ConfigError naming the bad variable."""
     try:
-        message = decode_agent_message(encode_register(Register(**fields)))
+        message = decode_agent_message(encode_register(Register(
+            fields["repo"], fields["release_tag"], fields["app_name"], fields["network"],
+            fields["agent_id"])))
     except ProtocolError as exc:
         key = exc.reason.partition(":")[2]
         raise ConfigError(_REGISTER_VARIABLES.get(key, "EE_REPO"), exc.detail) from None

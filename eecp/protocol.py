@@ -3,7 +3,7 @@
 Agent → eecp::
 
     {"type":"register","repo":"org/repo","release_tag":"v0.1.3","app_name":"myapp",
-     "network":"forge-1","agent_id":"<uuid>"}              (extra fields are ignored)
+     "network":"forge-1","agent_id":"<uuid>","data_protocol":1}  (extra fields are ignored)
     {"type":"attest_response","nonce":"<64 hex>","quote":"<base64>","report_data":"<128 hex>",
      "measurements":{...}}
     {"type":"health","status":"pass"|"fail"}
@@ -35,6 +35,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_QUOTE_BYTES = 64 * 1024
 
 # WebSocket close codes. 1xxx are RFC 6455's; 4xxx are eecp's own, stable, documented in README.
+#: the tunnel data protocol (binary frames, docs/tunnel-data-protocol.md) this eecp speaks; an
+#: agent announces its own in ``register`` and one that speaks another is refused there, not
+#: left to fail on its first proxied request
+DATA_PROTOCOL = 1
+
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_INVALID_PAYLOAD = 1007
@@ -64,6 +69,7 @@ class Register:
     app_name: str
     network: str
     agent_id: str
+    data_protocol: int = DATA_PROTOCOL  # 0 when a register did not announce one
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,17 @@ def _register(doc: Mapping[str, Any]) -> Register:
         raise _invalid("agent_id", "expected a UUID") from None
     if canonical != agent_id.lower():
         raise _invalid("agent_id", "expected a UUID in its canonical 8-4-4-4-12 form")
-    return Register(repo, tag, app, network, canonical)
+    return Register(repo, tag, app, network, canonical, _data_protocol(doc))
+
+
+def _data_protocol(doc: Mapping[str, Any]) -> int:
+    """The data protocol a register announces; 0 when it announces none."""
+    value = doc.get("data_protocol")
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**16:
+        raise _invalid("data_protocol", "expected an integer 1..65535")
+    return value
 
 
 def _attest_response(doc: Mapping[str, Any]) -> AttestResponse:
@@ -212,7 +228,8 @@ def encode_register(message: Register, **extra: Any) -> str:
     """The wire form of a ``register`` (used by our agent and by tests)."""
     return json.dumps({"type": "register", "repo": message.repo,
                        "release_tag": message.release_tag, "app_name": message.app_name,
-                       "network": message.network, "agent_id": message.agent_id, **extra})
+                       "network": message.network, "agent_id": message.agent_id,
+                       "data_protocol": message.data_protocol, **extra})
 
 
 def encode_attest_response(message: AttestResponse) -> str:

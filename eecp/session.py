@@ -168,6 +168,10 @@ class AgentSession:
                 await self._on_registered(self)
 
     def _check_register(self, register: Register) -> None:
+        if register.data_protocol != protocol.DATA_PROTOCOL:
+            raise RegistrationError(
+                "data_protocol_unsupported", f"this eecp speaks data protocol "
+                f"{protocol.DATA_PROTOCOL}; the agent announced {register.data_protocol or 'none'}")
         if self.services.registry.network(register.network) is None:
             raise RegistrationError("network_unknown",
                                     f"network {register.network!r} is not served here")

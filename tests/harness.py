@@ -197,6 +197,7 @@ class FakeAgent:
     auto: bool = True
     answer_nonce: bytes | None = None
     backend_url: str | None = None  # forward proxied requests here (agent.forward)
+    register_extra: dict[str, Any] = field(default_factory=dict)  # fields to add or override
     received: list[dict[str, Any]] = field(default_factory=list)
     closed: tuple[int, str | None] | None = None
     ws: WebSocketConnection | None = None
@@ -204,7 +205,7 @@ class FakeAgent:
 
     def register_message(self, **extra: Any) -> str:
         return encode_register(Register(self.repo, self.tag, self.app, self.network,
-                                        self.agent_id), **extra)
+                                        self.agent_id), **{**self.register_extra, **extra})
 
     def answer(self, nonce: bytes) -> str:
         bound = self.answer_nonce if self.answer_nonce is not None else nonce

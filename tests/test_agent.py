@@ -59,6 +59,7 @@ from eecp.clock import isoformat
 from eecp.errors import ConfigError
 from eecp.measurements import Measurements, measurements_from_json, report_data_for
 from eecp.protocol import (
+    DATA_PROTOCOL,
     AttestRequest,
     AttestResponse,
     Register,
@@ -265,7 +266,8 @@ async def test_registers_with_configured_fields_then_reports_health(
         peer = await world.eecp.accept()
         first = await peer.next()
         assert first == {"type": "register", "repo": "acme/shop", "release_tag": "v1.2.0",
-                         "app_name": "shop", "network": "forge-1", "agent_id": AGENT_ID}
+                         "app_name": "shop", "network": "forge-1", "agent_id": AGENT_ID,
+                         "data_protocol": DATA_PROTOCOL}
         # eecp's own decoder accepts it as exactly the configured registration
         assert decode_agent_message(json.dumps(first)) == Register(
             "acme/shop", "v1.2.0", "shop", "forge-1", AGENT_ID)
@@ -888,7 +890,8 @@ async def test_script_connects_registers_and_stops_on_sigterm(
             peer = await eecp.accept()
             assert await peer.next() == {
                 "type": "register", "repo": "acme/shop", "release_tag": "v1.2.0",
-                "app_name": "shop", "network": "forge-1", "agent_id": AGENT_ID}
+                "app_name": "shop", "network": "forge-1", "agent_id": AGENT_ID,
+                "data_protocol": DATA_PROTOCOL}
             assert await peer.next() == {"type": "health", "status": "pass"}
             # the dev provider made its PKI, and answers with quotes under it
             await peer.send(AttestRequest(bytes(32), 30, "register").encode())

@@ -242,6 +242,20 @@ async def test_bad_register_fields(mock_clock: MockClock, world: World) -> None:
         assert await agent.wait_closed() == (4005, "invalid_field:app_name")
     async with running_agent(world.agent(network="moon-1")) as agent:
         assert await agent.wait_closed() == (4004, "network_unknown")
+    for bad in ("1", 0, True, 2**16):
+        async with running_agent(world.agent(register_extra={"data_protocol": bad})) as agent:
+            assert await agent.wait_closed() == (4005, "invalid_field:data_protocol"), bad
+
+
+@pytest.mark.parametrize("announced", [None, 2])
+async def test_an_agent_speaking_another_data_protocol_is_refused_at_register(
+        mock_clock: MockClock, world: World, announced: int | None) -> None:
+    """Not on its first proxied request: frames the other side cannot read would end the
+    tunnel (or lose the request) much later, and far from the cause."""
+    async with running_agent(world.agent(register_extra={"data_protocol": announced})) as agent:
+        assert await agent.wait_closed() == (4004, "data_protocol_unsupported")
+        assert agent.statuses()[-1] == ("invalid", "data_protocol_unsupported")
+    assert (await world.cp.resolve("shop")).status_code == 403
 
 
 async def test_unknown_message_type_is_answered_not_fatal(
