@@ -41,7 +41,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import trio
 
 from agent.backend import BackendError, BackendExchange, BackendPool
-from eecp.errors import EecpError
+from eecp.errors import EecpError, single_error
 from eecp.frames import is_origin_form
 from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 
@@ -143,23 +143,57 @@ async def _answer(stream: Stream, head: RequestHead, target: str,
     body = None if first is None else _RequestBody(stream, first, progress, timeout_sec)
     failed = True
     try:
-        with progress:
-            progress.deadline = trio.current_time() + timeout_sec
-            await exchange.open()
-            await exchange.send_request(head.method, target, headers, body)
-            status, raw = await exchange.receive_head()
-        if progress.cancelled_caught:
-            raise ForwardError("backend_timeout", f"no response head within {timeout_sec:g}s")
-        # what came with the head goes with it, and a response already complete ends with it:
-        # a small answer is one message
-        first_bytes = exchange.take_buffered()
-        await _send_head(stream, ResponseHead(status, response_headers(raw)), first_bytes,
-                         end=exchange.complete)
-        await _relay_body(stream, exchange, timeout_sec)
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                upload = _Upload(exchange, progress)
+                with progress:
+                    progress.deadline = trio.current_time() + timeout_sec
+                    await exchange.open()
+                    if body is None:
+                        await exchange.send_request(head.method, target, headers, None)
+                    else:  # beside the wait: the backend may answer before it read it all
+                        nursery.start_soon(upload.run, head.method, target, headers, body)
+                    status, raw = await exchange.receive_head()
+                upload.head_received = True
+                if upload.error is not None:  # it failed before any answer came
+                    raise upload.error
+                if progress.cancelled_caught:
+                    raise ForwardError("backend_timeout",
+                                       f"no response head within {timeout_sec:g}s")
+                # what came with the head goes with it, and a response already complete ends
+                # with it: a small answer is one message
+                first_bytes = exchange.take_buffered()
+                await _send_head(stream, ResponseHead(status, response_headers(raw)),
+                                 first_bytes, end=exchange.complete)
+                await _relay_body(stream, exchange, timeout_sec)
+                # answered: what the backend did not read of the body is moot (the connection
+                # is then not reused)
+                nursery.cancel_scope.cancel()
         failed = False
     finally:
         with trio.CancelScope(shield=True):  # release the backend connection whatever happened
             await exchange.close(failed=failed)
+
+
+class _Upload:
+    """The request body going to the backend while its answer is awaited and relayed: a
+    backend may answer early (a 413 before it read a large upload) and stop reading. A failure
+    before the answer's head is the exchange's failure; after it, only the upload's."""
+
+    def __init__(self, exchange: BackendExchange, progress: trio.CancelScope) -> None:
+        self._exchange = exchange
+        self._progress = progress
+        self.head_received = False
+        self.error: BackendError | None = None
+
+    async def run(self, method: str, target: str, headers: list[tuple[str, str]],
+                  body: AsyncIterator[bytes]) -> None:
+        try:
+            await self._exchange.send_request(method, target, headers, body)
+        except BackendError as exc:
+            if not self.head_received:
+                self.error = exc
+                self._progress.cancel()  # stop waiting for a head: this is the answer
 
 
 async def _send_head(stream: Stream, head: ResponseHead, body: bytes, *, end: bool) -> None:

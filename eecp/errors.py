@@ -22,6 +22,9 @@ audit log): they are lower_snake_case, optionally followed by ``:detail`` — fo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class EecpError(Exception):
     """Base of every deliberate eecp error.
@@ -106,3 +109,15 @@ class PolicyError(AttestationError):
     ``measurements_binding_mismatch``, ``measurement_mismatch:<key>``,
     ``quote_measurement_mismatch:<register>``, ``sealed_required``,
     ``allowlist_report_data_mismatch``, ``network_unknown``, ``measurements_invalid:<key>``."""
+
+
+@contextmanager
+def single_error() -> Iterator[None]:
+    """Re-raise a nursery's lone exception as itself, so callers can catch an ``EecpError``
+    (or a consumer's own error) plainly; anything else stays grouped."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

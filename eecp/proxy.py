@@ -23,14 +23,14 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
 
-from eecp.errors import EecpError, ProtocolError
+from eecp.errors import EecpError, ProtocolError, single_error
 from eecp.frames import check_head, is_origin_form
 from eecp.streams import RequestHead, ResponseHead, Stream, StreamError
 
@@ -222,18 +222,6 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
         with trio.CancelScope(shield=True):
             await _finish(stream)
         log.debug("stream %d done in %.3fs", stream.id, time.perf_counter() - started)
-
-
-@contextmanager
-def single_error() -> Iterator[None]:
-    """Re-raise a nursery's lone exception as itself, so callers can catch ``ProxyError`` (or a
-    consumer's own error) plainly; anything else stays grouped."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
 
 
 @dataclass

@@ -9,6 +9,7 @@ connection is sent again on a fresh one; a request with a body never is.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -21,9 +22,10 @@ import trio
 import trio.testing
 
 from agent.backend import BackendError, BackendExchange, BackendPool
-from eecp.streams import StreamError
+from eecp.streams import RequestHead, Stream, StreamError
 from tests.selfsigned import make_self_signed
 from tests.test_forward import call, forwarding
+from tests.test_streams import read_all
 
 WAIT = 10.0
 
@@ -523,3 +525,31 @@ async def test_an_unsafe_bodyless_request_is_never_sent_twice() -> None:
             await call(p, "POST", "/charge", [("content-length", "0")])
         assert caught.value.reason == "stream_reset:backend_error"
         assert [s.target for s in backend.seen] == ["/one", "/charge"]
+
+
+async def test_an_early_answer_is_relayed_while_the_upload_is_still_coming() -> None:
+    """A backend that refuses an upload before reading it (413) and stops reading: its answer
+    reaches eecp, instead of the agent waiting in a write the backend will never drain."""
+    answered = trio.Event()
+
+    async def refuses_early(peer: Peer) -> None:
+        while await peer._line():  # the request head only, not its body
+            pass
+        await peer.send(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
+        answered.set()
+        await trio.sleep_forever()  # and never reads, never closes
+
+    async def upload(stream: Stream) -> None:
+        with contextlib.suppress(StreamError):
+            for _ in range(1024):  # 64 MiB: far beyond what the sockets and windows hold
+                await stream.send(bytes(64 * 1024))
+            await stream.end()
+
+    async with scripted(refuses_early) as backend, forwarding(backend.url) as p:
+        head = RequestHead("PUT", "/blob", [("content-length", str(64 << 20))])
+        with trio.fail_after(WAIT):
+            async with await p.eecp.open_stream(head) as stream, trio.open_nursery() as nursery:
+                nursery.start_soon(upload, stream)
+                response = await stream.receive_head()
+                assert (response.status, await read_all(stream)) == (413, b"too big!")
+        assert answered.is_set() and backend.connections == 1
