@@ -140,39 +140,55 @@ async def _answer(stream: Stream, head: RequestHead, target: str,
                   headers: list[tuple[str, str]], first: bytes | None,
                   exchange: BackendExchange, timeout_sec: float) -> None:
     progress = trio.CancelScope()  # its deadline moves with the backend's progress
-    body = None if first is None else _RequestBody(stream, first, progress, timeout_sec)
     failed = True
     try:
-        with single_error():
-            async with trio.open_nursery() as nursery:
-                upload = _Upload(exchange, progress)
-                with progress:
-                    progress.deadline = trio.current_time() + timeout_sec
-                    await exchange.open()
-                    if body is None:
-                        await exchange.send_request(head.method, target, headers, None)
-                    else:  # beside the wait: the backend may answer before it read it all
+        if first is None:  # (the common case, without a nursery: nothing runs beside it)
+            with progress:
+                progress.deadline = trio.current_time() + timeout_sec
+                await exchange.open()
+                await exchange.send_request(head.method, target, headers, None)
+                status, raw = await exchange.receive_head()
+            _raise_if_late(progress, timeout_sec)
+            await _respond(stream, exchange, status, raw, timeout_sec)
+        else:
+            body = _RequestBody(stream, first, progress, timeout_sec)
+            with single_error():
+                async with trio.open_nursery() as nursery:
+                    upload = _Upload(exchange, progress)
+                    with progress:
+                        progress.deadline = trio.current_time() + timeout_sec
+                        await exchange.open()
+                        # beside the wait: the backend may answer before it read it all
                         nursery.start_soon(upload.run, head.method, target, headers, body)
-                    status, raw = await exchange.receive_head()
-                upload.head_received = True
-                if upload.error is not None:  # it failed before any answer came
-                    raise upload.error
-                if progress.cancelled_caught:
-                    raise ForwardError("backend_timeout",
-                                       f"no response head within {timeout_sec:g}s")
-                # what came with the head goes with it, and a response already complete ends
-                # with it: a small answer is one message
-                first_bytes = exchange.take_buffered()
-                await _send_head(stream, ResponseHead(status, response_headers(raw)),
-                                 first_bytes, end=exchange.complete)
-                await _relay_body(stream, exchange, timeout_sec)
-                # answered: what the backend did not read of the body is moot (the connection
-                # is then not reused)
-                nursery.cancel_scope.cancel()
+                        status, raw = await exchange.receive_head()
+                    upload.head_received = True
+                    if upload.error is not None:  # it failed before any answer came
+                        raise upload.error
+                    _raise_if_late(progress, timeout_sec)
+                    await _respond(stream, exchange, status, raw, timeout_sec)
+                    # answered: what the backend did not read of the body is moot (the
+                    # connection is then not reused)
+                    nursery.cancel_scope.cancel()
         failed = False
     finally:
         with trio.CancelScope(shield=True):  # release the backend connection whatever happened
             await exchange.close(failed=failed)
+
+
+def _raise_if_late(progress: trio.CancelScope, timeout_sec: float) -> None:
+    if progress.cancelled_caught:
+        raise ForwardError("backend_timeout", f"no response head within {timeout_sec:g}s")
+
+
+async def _respond(stream: Stream, exchange: BackendExchange, status: int,
+                   raw: list[tuple[str, str]], timeout_sec: float) -> None:
+    """The backend's answer to eecp, once its head is in."""
+    # what came with the head goes with it, and a response already complete ends with it: a
+    # small answer is one message
+    first_bytes = exchange.take_buffered()
+    await _send_head(stream, ResponseHead(status, response_headers(raw)), first_bytes,
+                     end=exchange.complete)
+    await _relay_body(stream, exchange, timeout_sec)
 
 
 class _Upload:
