@@ -27,7 +27,6 @@ connection the backend closed just as it was reused.
 
 from __future__ import annotations
 
-import re
 import ssl
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -36,9 +35,9 @@ import httptools
 import trio
 
 from eecp.errors import EecpError
+from eecp.frames import content_length
 
 READ_BYTES = 64 * 1024
-_DIGITS = re.compile(r"[0-9]{1,18}")
 #: the most a response head (status line, headers, interim 1xx heads) may take: what the
 #: tunnel could carry (its heads are at most 64 KiB of JSON), and a bound on a backend that
 #: never ends its headers
@@ -393,9 +392,7 @@ class _Response:
 
 
 def _content_length(headers: list[tuple[str, str]]) -> int | None:
-    values = {v.strip() for n, v in headers if n.lower() == "content-length"}
-    if not values:
-        return None
-    if len(values) > 1 or not _DIGITS.fullmatch(next(iter(values))):
-        raise BackendError("bad_request", f"invalid Content-Length {sorted(values)!r}")
-    return int(next(iter(values)))
+    try:
+        return content_length(headers)
+    except ValueError as exc:
+        raise BackendError("bad_request", str(exc)) from None

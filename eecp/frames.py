@@ -74,6 +74,7 @@ _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 # a request target: visible ASCII only (no spaces, no controls)
 _TARGET = re.compile(r"[\x21-\x7e]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 class FrameType(IntEnum):
@@ -165,10 +166,16 @@ Frame = (RequestHeadFrame | ResponseHeadFrame | DataFrame | EndFrame | ResetFram
 
 def encode_frame(frame: Frame) -> bytes:
     """The wire form of ``frame``; ``ValueError`` if it breaks a limit a peer would refuse."""
+    if isinstance(frame, RequestHeadFrame | ResponseHeadFrame):
+        try:
+            _validate(frame.head)
+        except ProtocolError as exc:
+            raise ValueError(f"{exc.reason}: {exc.detail}") from None
+        return encode_head_frame(frame, encode_head(frame.head))
     if not 0 < frame.stream_id <= MAX_STREAM_ID:
         raise ValueError(f"stream id {frame.stream_id} out of range")
     kind, payload = _payload(frame)
-    if isinstance(frame, RequestHeadFrame | ResponseHeadFrame | DataFrame) and frame.fin:
+    if isinstance(frame, DataFrame) and frame.fin:
         kind |= FIN
     return _PREFIX.pack(kind, frame.stream_id) + payload
 
@@ -186,6 +193,21 @@ def encode_head_frame(frame: RequestHeadFrame | ResponseHeadFrame, payload: byte
         raise ValueError(f"a head's body of {len(frame.data)} bytes > {MAX_DATA}")
     return b"".join((_PREFIX.pack(kind | BODY, frame.stream_id), _U32.pack(len(payload)),
                      payload, frame.data))
+
+
+def content_length(headers: list[tuple[str, str]]) -> int | None:
+    """The body length a head's ``Content-Length`` declares, ``None`` without one;
+    ``ValueError`` for conflicting values or one that is not plain ASCII digits (both sides
+    read a length the same way: eecp to mark the last chunk, the agent to frame the body)."""
+    values = {value.strip() for name, value in headers if name.lower() == "content-length"}
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValueError(f"conflicting Content-Length values {sorted(values)!r}")
+    (value,) = values
+    if not _DIGITS.fullmatch(value):
+        raise ValueError(f"invalid Content-Length {value[:40]!r}")
+    return int(value)
 
 
 def is_origin_form(target: str) -> bool:
@@ -226,20 +248,7 @@ def reset_reason(text: str) -> str:
     return cleaned.encode()[:MAX_RESET_REASON].decode(errors="ignore") or "unspecified"
 
 
-def _payload(frame: Frame) -> tuple[int, bytes]:
-    if isinstance(frame, RequestHeadFrame | ResponseHeadFrame):
-        try:
-            _validate(frame.head)
-        except ProtocolError as exc:
-            raise ValueError(f"{exc.reason}: {exc.detail}") from None
-        kind = (FrameType.REQUEST_HEAD if isinstance(frame, RequestHeadFrame)
-                else FrameType.RESPONSE_HEAD)
-        head = encode_head(frame.head)
-        if not frame.data:
-            return kind, head
-        if len(frame.data) > MAX_DATA:
-            raise ValueError(f"a head's body of {len(frame.data)} bytes > {MAX_DATA}")
-        return kind | BODY, b"".join((_U32.pack(len(head)), head, frame.data))
+def _payload(frame: DataFrame | EndFrame | ResetFrame | WindowFrame) -> tuple[int, bytes]:
     if isinstance(frame, DataFrame):
         if len(frame.data) > MAX_DATA:
             raise ValueError(f"DATA of {len(frame.data)} bytes > {MAX_DATA}")

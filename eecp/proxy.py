@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from eecp.errors import EecpError, ProtocolError, single_error
-from eecp.frames import check_head, is_origin_form
+from eecp.frames import check_head, content_length, is_origin_form
 from eecp.streams import RequestHead, ResponseHead, Stream, StreamError
 
 if TYPE_CHECKING:
@@ -58,8 +58,6 @@ class ProxyError(EecpError):
 
 MAX_JSON_PROXY_BODY = 16 * 1024 * 1024
 _METHOD = re.compile(r"^[A-Z]{1,16}$")
-# a Content-Length eecp relies on to mark the last chunk: plain decimal digits, below 10**19
-_LENGTH = re.compile(r"[0-9]{1,19}")
 
 
 @dataclass(frozen=True)
@@ -257,12 +255,12 @@ def public_reason(reason: str) -> str:
 
 def declared_length(headers: list[tuple[str, str]]) -> int | None:
     """The body length a request's ``Content-Length`` declares; ``None`` without one, with
-    conflicting ones, or with one that is not a plain decimal number."""
-    values = {value.strip() for name, value in headers if name.lower() == "content-length"}
-    if len(values) != 1:
+    conflicting ones, or with one that is not a plain decimal number (the body then ends with
+    END, and the agent reports the bad length)."""
+    try:
+        return content_length(headers)
+    except ValueError:
         return None
-    (value,) = values
-    return int(value) if _LENGTH.fullmatch(value) else None
 
 
 async def _pump_body(stream: Stream, body: AsyncIterable[bytes], length: int | None,
