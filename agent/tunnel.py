@@ -236,7 +236,8 @@ class Tunnel:
                      self.config.control_ws, self.config.app_name, self.config.repo,
                      self.config.release_tag, self.config.network, self.config.agent_id)
             await self.register(ws)
-            mux = Mux(ws.send_message, opener=False, max_streams=self.config.max_streams)
+            mux = Mux(ws.send_message, opener=False, max_streams=self.config.max_streams,
+                      skip_unknown=True)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._health_loop, ws, name="agent-health")
                 if self.config.ping_interval_sec > 0:
@@ -276,18 +277,15 @@ class Tunnel:
                 await self._on_status(ws, message)
 
     async def on_binary(self, mux: Mux, data: bytes) -> None:
-        """A binary message is a frame of a proxied request: the mux routes it to its stream.
+        """A binary message holds frames of proxied requests: the mux routes them to their
+        streams.
 
-        A frame type this agent does not know is dropped (a newer eecp must not be able to
-        break an older agent by sending one), like an unknown JSON message; any other
-        malformed frame ends the tunnel with the ``ProtocolError``'s close code.
+        A frame type this agent does not know is dropped by the mux (``skip_unknown``: a newer
+        eecp must not be able to break an older agent by sending one), like an unknown JSON
+        message; any other malformed frame ends the tunnel with the ``ProtocolError``'s close
+        code.
         """
-        try:
-            await mux.feed(data)
-        except ProtocolError as exc:
-            if exc.reason != "invalid_frame:unknown_type":
-                raise
-            log.warning("ignoring a binary message eecp sent: %s", exc.detail)
+        await mux.feed(data)
 
     async def _on_attest_request(self, ws: WebSocketConnection, request: AttestRequest
                                  ) -> None:

@@ -1,4 +1,5 @@
-"""The tunnel's binary data protocol, sans I/O: one binary WebSocket message is one frame.
+"""The tunnel's binary data protocol, sans I/O: a binary WebSocket message is one frame, or a
+BATCH of frames.
 
 ::
 
@@ -12,6 +13,13 @@
     4 END            both          empty: this direction's body is complete
     5 RESET          both          utf-8 reason, 1..200 bytes: the stream is aborted both ways
     6 WINDOW         both          u32 big-endian credit increment (> 0), in body bytes
+    7 BATCH          both          stream id 0; frames, each a u32 big-endian length + the
+                                   frame (never a BATCH), together at most MAX_BATCH bytes
+
+BATCH carries several frames in one message, exactly as if each had been its own message, in
+order. A sender writes one when frames queue up while it is still writing (several requests at
+once): the per-message cost of the WebSocket layers is then paid once for all of them, and a
+lone frame still goes out at once, alone. :func:`split_message` returns the frames of either.
 
 FIN (:data:`FIN`, the ``fin`` field) says "this direction's body is complete after this
 frame", exactly as an END right after it would: a head with FIN has no body, a DATA with FIN is
@@ -34,7 +42,8 @@ Every decoding failure is a :class:`~eecp.errors.ProtocolError` with a stable
 error) for everything else. ``invalid_frame:unknown_type`` (bits 0..5 name no type, whatever
 the flag bits say) is the one a receiver may choose to tolerate (a newer peer's frame type);
 ``invalid_frame:fin_not_allowed`` is FIN on END, RESET or WINDOW, and
-``invalid_frame:body_not_allowed`` BODY on anything but a head.
+``invalid_frame:body_not_allowed`` BODY on anything but a head, and ``invalid_frame:batch`` a
+BATCH whose lengths do not add up, that is empty or larger than MAX_BATCH, or holds a BATCH.
 """
 
 from __future__ import annotations
@@ -51,6 +60,9 @@ from eecp.protocol import CLOSE_INVALID_PAYLOAD, CLOSE_PROTOCOL_ERROR
 
 HEADER_BYTES = 5
 MAX_DATA = 64 * 1024
+#: the most bytes one BATCH message may carry (its frames with their length prefixes): no more
+#: than the largest DATA frame, so a batch fits wherever a frame does
+MAX_BATCH = 64 * 1024
 MAX_RESET_REASON = 200
 MAX_STREAM_ID = 2**32 - 1
 MAX_WINDOW_INCREMENT = 2**32 - 1
@@ -67,6 +79,7 @@ _TYPE_BITS = 0x3F
 
 _PREFIX = struct.Struct(">BI")
 _U32 = struct.Struct(">I")
+_BATCH_PREFIX = _PREFIX.pack(7, 0)
 # RFC 9110 token: header names and methods (always fullmatch: `$` would allow a trailing \n)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # field values: visible ASCII/obs-text, space and tab; never CR, LF or NUL (no header injection)
@@ -86,6 +99,7 @@ class FrameType(IntEnum):
     END = 4
     RESET = 5
     WINDOW = 6
+    BATCH = 7
 
 
 @dataclass(frozen=True)
@@ -195,6 +209,23 @@ def encode_head_frame(frame: RequestHeadFrame | ResponseHeadFrame, payload: byte
                      payload, frame.data))
 
 
+def batch_size(frame: bytes) -> int:
+    """The bytes ``frame`` (encoded) takes inside a BATCH: its length prefix included."""
+    return _U32.size + len(frame)
+
+
+def encode_batch(encoded: list[bytes]) -> bytes:
+    """One BATCH message carrying ``encoded`` frames (none a BATCH) in order; ``ValueError``
+    when they are more than :data:`MAX_BATCH` bytes together (count with :func:`batch_size`)."""
+    size = sum(batch_size(frame) for frame in encoded)
+    if not encoded or size > MAX_BATCH:
+        raise ValueError(f"a BATCH of {len(encoded)} frames, {size} bytes (1..{MAX_BATCH})")
+    parts = [_BATCH_PREFIX]
+    for frame in encoded:
+        parts += (_U32.pack(len(frame)), frame)
+    return b"".join(parts)
+
+
 def content_length(headers: list[tuple[str, str]]) -> int | None:
     """The body length a head's ``Content-Length`` declares, ``None`` without one;
     ``ValueError`` for conflicting values or one that is not plain ASCII digits (both sides
@@ -268,13 +299,53 @@ def _payload(frame: DataFrame | EndFrame | ResetFrame | WindowFrame) -> tuple[in
 # ---- decoding -------------------------------------------------------------------------------
 
 
-def decode_frame(data: bytes, *, max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> Frame:
-    """Decode one binary message, or raise ``ProtocolError("invalid_frame:<what>")``."""
+def split_message(data: bytes) -> list[bytes | memoryview]:
+    """The frames of one binary message, still encoded, in order: the message itself, or the
+    frames a BATCH carries (its layout checked here; each frame by :func:`decode_frame`)."""
+    if not data or data[0] & _TYPE_BITS != FrameType.BATCH:
+        return [data]
+    return list(_split_batch(data))
+
+
+def _split_batch(data: bytes) -> list[memoryview]:
+    """A BATCH message's frames (still encoded), its own layout checked."""
+    if len(data) < HEADER_BYTES:
+        _fail("short", f"{len(data)} bytes, a frame has at least {HEADER_BYTES}")
+    first, stream_id = _PREFIX.unpack_from(data)
+    if first & FIN:
+        _fail("fin_not_allowed", "FIN on a BATCH frame")
+    if first & BODY:
+        _fail("body_not_allowed", "BODY on a BATCH frame")
+    if stream_id != 0:
+        _fail("stream_id", f"a BATCH has stream id 0, not {stream_id}")
+    view = memoryview(data)
+    if not 0 < len(view) - HEADER_BYTES <= MAX_BATCH:
+        _fail("batch", f"{len(view) - HEADER_BYTES} bytes of frames, expected 1..{MAX_BATCH}")
+    encoded: list[memoryview] = []
+    offset = HEADER_BYTES
+    while offset < len(view):
+        if offset + _U32.size > len(view):
+            _fail("batch", "a frame's length is cut short")
+        (length,) = _U32.unpack_from(view, offset)
+        offset += _U32.size
+        if offset + length > len(view):
+            _fail("batch", f"a frame of {length} bytes in {len(view) - offset}")
+        encoded.append(view[offset:offset + length])
+        offset += length
+    return encoded
+
+
+def decode_frame(data: bytes | memoryview, *,
+                 max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> Frame:
+    """Decode one frame (not a BATCH: see :func:`split_message`), or raise
+    ``ProtocolError("invalid_frame:<what>")``."""
     if len(data) < HEADER_BYTES:
         _fail("short", f"{len(data)} bytes, a frame has at least {HEADER_BYTES}")
     first, stream_id = _PREFIX.unpack_from(data)
     kind, fin, body = first & _TYPE_BITS, bool(first & FIN), bool(first & BODY)
     # the type is checked first, so a receiver can tell a newer peer's frame from garbage
+    if kind == FrameType.BATCH:  # split_message unpacks one; none may hold another
+        _fail("batch", "a BATCH inside a BATCH")
     if kind not in _DECODERS:
         _fail("unknown_type", f"frame type {kind}" + (" with FIN" if fin else "")
               + (" with BODY" if body else ""))

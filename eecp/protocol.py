@@ -3,7 +3,7 @@
 Agent → eecp::
 
     {"type":"register","repo":"org/repo","release_tag":"v0.1.3","app_name":"myapp",
-     "network":"forge-1","agent_id":"<uuid>","data_protocol":1}  (extra fields are ignored)
+     "network":"forge-1","agent_id":"<uuid>","data_protocol":2}  (extra fields are ignored)
     {"type":"attest_response","nonce":"<64 hex>","quote":"<base64>","report_data":"<128 hex>",
      "measurements":{...}}
     {"type":"health","status":"pass"|"fail"}
@@ -38,7 +38,7 @@ MAX_QUOTE_BYTES = 64 * 1024
 #: the tunnel data protocol (binary frames, docs/tunnel-data-protocol.md) this eecp speaks; an
 #: agent announces its own in ``register`` and one that speaks another is refused there, not
 #: left to fail on its first proxied request
-DATA_PROTOCOL = 1
+DATA_PROTOCOL = 2
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001

@@ -3,7 +3,9 @@
 Both ends use :class:`Mux`: eecp opens streams (``opener=True``: one per proxied request), the
 agent accepts them. Frames are :mod:`eecp.frames`'; the tunnel's reader hands every binary
 message to :meth:`Mux.feed`, and the mux writes through the ``send_message`` it was given
-(the tunnel's send, which serialises concurrent writers).
+(the tunnel's send), one message at a time: frames that queue up while a message is being
+written go out together in the next one, as a BATCH (so at many requests at once, the
+WebSocket layers' cost per message is shared by many frames; a lone frame is never delayed).
 
 Flow control, per stream and direction: a sender starts with
 :data:`~eecp.frames.INITIAL_WINDOW` (64 KiB) of credit; a receiver that grants a larger window
@@ -94,7 +96,8 @@ class Mux:
 
     def __init__(self, send_message: Callable[[bytes], Awaitable[None]], *, opener: bool,
                  max_streams: int = 100, initial_window: int = 256 * 1024,
-                 max_frame: int = MAX_DATA, max_head_bytes: int = 64 * 1024) -> None:
+                 max_frame: int = MAX_DATA, max_head_bytes: int = 64 * 1024,
+                 skip_unknown: bool = False) -> None:
         if max_streams < 1 or not 0 < max_frame <= MAX_DATA:
             raise ValueError("max_streams must be >= 1 and max_frame within 1..64 KiB")
         self._send_message = send_message
@@ -104,6 +107,7 @@ class Mux:
         self.window = max(initial_window, INITIAL_WINDOW)
         self.max_frame = max_frame
         self.max_head_bytes = max_head_bytes
+        self.skip_unknown = skip_unknown
         self._streams: dict[int, Stream] = {}
         self._next_id = 1
         # accepted-to-be streams, in arrival order (dicts keep insertion order)
@@ -112,6 +116,12 @@ class Mux:
         self._arrived = _Signal()  # a stream to accept arrived (or the mux closed)
         self._writes: set[trio.CancelScope] = set()
         self._closed: str | None = None
+        # the outbox (see _write): frames queued in order; counts of frames queued and written
+        self._outbox: deque[bytes] = deque()
+        self._queued = 0
+        self._written = 0
+        self._writing = False
+        self._flushed = _Signal()  # a write ended (or failed)
 
     @property
     def in_flight(self) -> int:
@@ -186,17 +196,29 @@ class Mux:
     # ---- the tunnel's side ------------------------------------------------------------------
 
     async def feed(self, data: bytes) -> None:
-        """Route one binary message from the tunnel to its stream.
+        """Route one binary message from the tunnel (a frame, or a BATCH of them) to its
+        streams, frame by frame in order.
 
         Never waits for a consumer. Raises ``ProtocolError`` for a message that is not a valid
         frame or breaks the protocol's order (the caller ends the tunnel with its close code);
-        a peer that overruns one stream's window gets that stream reset instead
+        with ``skip_unknown``, a frame of a type this side does not know is dropped instead
+        (a newer peer's). A peer that overruns one stream's window gets that stream reset
         (``flow_control_violation``). Frames for streams already finished are dropped: they
         were in flight when the stream ended. After :meth:`close`, everything is dropped.
         """
-        if self._closed is not None:
-            return
-        frame = frames.decode_frame(data, max_head_bytes=self.max_head_bytes)
+        for encoded in frames.split_message(data):
+            if self._closed is not None:
+                return
+            try:
+                frame = frames.decode_frame(encoded, max_head_bytes=self.max_head_bytes)
+            except ProtocolError as exc:
+                if not (self.skip_unknown and exc.reason == "invalid_frame:unknown_type"):
+                    raise
+                log.warning("ignoring a frame: %s", exc.detail)
+                continue
+            await self._on_frame(frame)
+
+    async def _on_frame(self, frame: Frame) -> None:
         if isinstance(frame, RequestHeadFrame):
             await self._on_request_head(frame)
             return
@@ -243,6 +265,7 @@ class Mux:
             stream._fail(StreamError(reason, "the tunnel is gone"))
         self._streams.clear()
         self._pending.clear()
+        self._outbox.clear()
         for scope in self._writes:
             scope.cancel()
         self._slots.fire()
@@ -264,26 +287,57 @@ class Mux:
     # ---- writing ----------------------------------------------------------------------------
 
     async def _write(self, frame: Frame, head_payload: bytes | None = None) -> None:
-        """Write one frame whole: shielded, so only :meth:`close` can interrupt it (half a
-        WebSocket message would corrupt the tunnel for every stream). ``head_payload``: a
-        head frame's payload from :meth:`_check_head`, not to be encoded twice."""
+        """Write one frame whole, in the order of calls: shielded, so only :meth:`close` can
+        interrupt it (half a WebSocket message would corrupt the tunnel for every stream).
+        ``head_payload``: a head frame's payload from :meth:`_check_head`, not to be encoded
+        twice.
+
+        Frames queue in an outbox. A caller that finds no write in progress writes what is
+        queued (up to :data:`~eecp.frames.MAX_BATCH` bytes: one BATCH message, or the frame
+        alone); the others wait for the write that carries theirs. So a lone frame goes out
+        at once, and frames that pile up while a write is in progress share the next message.
+        """
         self._raise_if_closed()
         if head_payload is not None and isinstance(frame, RequestHeadFrame | ResponseHeadFrame):
             data = frames.encode_head_frame(frame, head_payload)
         else:
             data = frames.encode_frame(frame)
+        self._outbox.append(data)
+        self._queued += 1
+        mine = self._queued
         with trio.CancelScope(shield=True) as scope:
             self._writes.add(scope)
             try:
-                await self._send_message(data)
-            except Exception as exc:  # the transport's own error type: the tunnel is unusable
-                log.info("tunnel write failed: %r", exc)
-                self.close("tunnel_closed")
-                raise StreamError("tunnel_closed", f"write failed: {exc!r}") from exc
+                while self._written < mine:
+                    self._raise_if_closed()
+                    if self._writing:
+                        await self._flushed.wait()
+                    else:
+                        await self._flush()
             finally:
                 self._writes.discard(scope)
         if scope.cancelled_caught:
             self._raise_if_closed()
+
+    async def _flush(self) -> None:
+        """Write the frames at the head of the outbox as one message (see :meth:`_write`)."""
+        batch = [self._outbox.popleft()]
+        size = frames.batch_size(batch[0])
+        while self._outbox and size + frames.batch_size(self._outbox[0]) <= frames.MAX_BATCH:
+            size += frames.batch_size(self._outbox[0])
+            batch.append(self._outbox.popleft())
+        message = batch[0] if len(batch) == 1 else frames.encode_batch(batch)
+        self._writing = True
+        try:
+            await self._send_message(message)
+            self._written += len(batch)
+        except Exception as exc:  # the transport's own error type: the tunnel is unusable
+            log.info("tunnel write failed: %r", exc)
+            self.close("tunnel_closed")
+            raise StreamError("tunnel_closed", f"write failed: {exc!r}") from exc
+        finally:
+            self._writing = False
+            self._flushed.fire()
 
     async def _write_quietly(self, frame: Frame) -> None:
         """Write a frame nobody waits on (a RESET): once the tunnel is gone it is moot."""

@@ -15,6 +15,7 @@ from eecp.frames import (
     BODY,
     FIN,
     INITIAL_WINDOW,
+    MAX_BATCH,
     MAX_DATA,
     DataFrame,
     EndFrame,
@@ -26,12 +27,15 @@ from eecp.frames import (
     ResponseHead,
     ResponseHeadFrame,
     WindowFrame,
+    batch_size,
     check_head,
     content_length,
     decode_frame,
+    encode_batch,
     encode_frame,
     encode_head_frame,
     reset_reason,
+    split_message,
 )
 
 
@@ -185,10 +189,11 @@ MALFORMED = [
     ("empty", b"", "short", 4005),
     ("four bytes", b"\x03\x00\x00\x00", "short", 4005),
     ("type 0", raw(0, 1), "unknown_type", 4005),
-    ("type 7", raw(7, 1, b"x"), "unknown_type", 4005),
+    ("type 8", raw(8, 1, b"x"), "unknown_type", 4005),
     ("type 255", raw(255, 0), "unknown_type", 4005),
     ("type 0 with FIN", raw(0x80, 1), "unknown_type", 4005),
-    ("type 7 with FIN", raw(0x87, 1, b"x"), "unknown_type", 4005),
+    ("type 8 with FIN", raw(0x88, 1, b"x"), "unknown_type", 4005),
+    ("a BATCH is no single frame", raw(7, 0, b"x"), "batch", 4005),
     ("type 127", raw(0x7F, 1, b"x"), "unknown_type", 4005),
     ("FIN on END", raw(0x84, 1), "fin_not_allowed", 4005),
     ("FIN on RESET", raw(0x85, 1, b"closed"), "fin_not_allowed", 4005),
@@ -302,6 +307,76 @@ def test_reset_reason_always_fits() -> None:
     long = reset_reason("é" * 300)
     assert len(long.encode()) <= 200 and long == "é" * 100
     encode_frame(ResetFrame(1, reset_reason("\x00" * 1000)))
+
+
+# ---- BATCH ------------------------------------------------------------------------------------
+
+_MIXED = [RequestHeadFrame(1, REQUEST, fin=True), ResponseHeadFrame(2, RESPONSE, True, b"hi"),
+          DataFrame(3, b"x" * 1000), EndFrame(3), ResetFrame(4, "closed"), WindowFrame(5, 9)]
+
+
+def test_a_batch_carries_its_frames_in_order() -> None:
+    encoded = [encode_frame(frame) for frame in _MIXED]
+    message = encode_batch(encoded)
+    assert message[:5] == b"\x07\x00\x00\x00\x00"
+    assert len(message) == 5 + sum(batch_size(e) for e in encoded)
+    assert [decode_frame(e) for e in split_message(message)] == _MIXED
+    # a frame that is not a BATCH is its own message
+    assert split_message(encoded[2]) == [encoded[2]]
+    assert split_message(encode_batch(encoded[:1])) == encoded[:1]
+
+
+def test_a_batch_holds_at_most_max_batch_bytes() -> None:
+    full = encode_frame(DataFrame(1, bytes(MAX_BATCH - 4 - 5)))
+    assert batch_size(full) == MAX_BATCH
+    assert [decode_frame(e) for e in split_message(encode_batch([full]))] == [
+        DataFrame(1, bytes(MAX_BATCH - 9))]
+    with pytest.raises(ValueError):
+        encode_batch([full, encode_frame(EndFrame(1))])
+    with pytest.raises(ValueError):
+        encode_batch([])
+
+
+def _batch(*parts: bytes, kind: int = 7, stream_id: int = 0) -> bytes:
+    return raw(kind, stream_id, b"".join(struct.pack(">I", len(p)) + p for p in parts))
+
+
+_END = encode_frame(EndFrame(1))
+
+MALFORMED_BATCHES = [
+    ("short", b"\x07\x00\x00", "short"),
+    ("empty", raw(7, 0), "batch"),
+    ("FIN", _batch(_END, kind=0x87), "fin_not_allowed"),
+    ("BODY", _batch(_END, kind=0x47), "body_not_allowed"),
+    ("a stream id", _batch(_END, stream_id=1), "stream_id"),
+    ("a length cut short", raw(7, 0, b"\x00\x00\x05"), "batch"),
+    ("a length beyond the message", raw(7, 0, b"\x00\x00\x00\x09" + _END), "batch"),
+    ("a frame past the lengths", _batch(_END) + b"\x00", "batch"),
+    ("too large", _batch(encode_frame(DataFrame(1, bytes(MAX_DATA - 8)))), "batch"),
+    ("nested", _batch(_END, _batch(_END)), "batch"),
+    ("an invalid frame inside", _batch(_END, raw(3, 0, b"x")), "stream_id"),
+    ("an empty frame inside", _batch(_END, b""), "short"),
+]
+
+
+@pytest.mark.parametrize(("data", "what"), [m[1:] for m in MALFORMED_BATCHES],
+                         ids=[m[0] for m in MALFORMED_BATCHES])
+def test_malformed_batches_are_refused_with_their_reason(data: bytes, what: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        for encoded in split_message(data):
+            decode_frame(encoded)
+    assert caught.value.reason == f"invalid_frame:{what}"
+    assert caught.value.close_code == 4005
+
+
+@given(st.binary(max_size=300))
+def test_random_batches_raise_nothing_but_protocol_error(tail: bytes) -> None:
+    try:
+        for encoded in split_message(raw(7, 0, tail)):
+            decode_frame(encoded, max_head_bytes=200)
+    except ProtocolError as exc:
+        assert exc.reason.startswith("invalid_frame:")
+        assert exc.close_code in (1007, 4005)
 
 
 @given(st.binary(max_size=300))

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,15 +29,19 @@ from eecp.errors import ProtocolError
 from eecp.frames import (
     FIN,
     INITIAL_WINDOW,
+    MAX_BATCH,
     DataFrame,
     EndFrame,
     Frame,
+    FrameType,
     RequestHeadFrame,
     ResetFrame,
     ResponseHeadFrame,
     WindowFrame,
     decode_frame,
+    encode_batch,
     encode_frame,
+    split_message,
 )
 from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 
@@ -44,18 +50,27 @@ GET = RequestHead("GET", "/", [])
 OK = ResponseHead(200, [])
 
 
+def decode_all(data: bytes) -> list[Frame]:
+    """The frames of one message (one, or a BATCH's)."""
+    return [decode_frame(encoded) for encoded in split_message(data)]
+
+
 @dataclass
 class Wire:
     """What crossed one direction of the tunnel."""
 
     frames: list[Frame] = field(default_factory=list)
     data_bytes: Counter[int] = field(default_factory=Counter)
+    #: frames per message, in order (more than one: a BATCH)
+    messages: list[int] = field(default_factory=list)
 
     def record(self, data: bytes) -> None:
-        frame = decode_frame(data)
-        self.frames.append(frame)
-        if isinstance(frame, DataFrame):
-            self.data_bytes[frame.stream_id] += len(frame.data)
+        decoded = decode_all(data)
+        self.messages.append(len(decoded))
+        for frame in decoded:
+            self.frames.append(frame)
+            if isinstance(frame, DataFrame):
+                self.data_bytes[frame.stream_id] += len(frame.data)
 
     def of(self, kind: type[Any]) -> list[Any]:
         return [f for f in self.frames if isinstance(f, kind)]
@@ -310,7 +325,7 @@ async def test_a_peer_that_overruns_its_window_gets_the_stream_reset() -> None:
     sent: list[Frame] = []
 
     async def capture(data: bytes) -> None:
-        sent.append(decode_frame(data))
+        sent.extend(decode_all(data))
 
     agent = Mux(capture, opener=False)
     await agent.feed(encode_frame(RequestHeadFrame(1, GET)))
@@ -706,7 +721,7 @@ async def test_a_fin_beyond_the_credit_resets_the_stream_and_is_not_an_end() -> 
     sent: list[Frame] = []
 
     async def capture(data: bytes) -> None:
-        sent.append(decode_frame(data))
+        sent.extend(decode_all(data))
 
     agent = Mux(capture, opener=False)
     await agent.feed(encode_frame(RequestHeadFrame(1, GET)))
@@ -811,6 +826,148 @@ async def test_a_failing_transport_closes_the_mux() -> None:
     with pytest.raises(StreamError, match="tunnel_closed"):
         await mux.open_stream(GET)
     assert mux.closed and mux.in_flight == 0
+
+
+# ---- batching: frames that queue up while a write is in progress share one message ------------
+
+
+class GatedSend:
+    """A transport whose writes wait for ``gate`` (a socket buffer that is full), recording
+    each message as the frames it carried."""
+
+    def __init__(self) -> None:
+        self.gate = trio.Event()
+        self.messages: list[list[Frame]] = []
+        self.raw: list[bytes] = []
+
+    async def __call__(self, data: bytes) -> None:
+        await self.gate.wait()
+        self.raw.append(data)
+        self.messages.append(decode_all(data))
+
+
+async def test_frames_queued_behind_a_write_go_out_together_in_order() -> None:
+    send = GatedSend()
+    mux = Mux(send, opener=True)
+    opened: list[int] = []
+
+    async def open_one(n: int) -> None:
+        stream = await mux.open_stream(RequestHead("GET", f"/{n}", []), end=True)
+        opened.append(stream.id)  # only once its message is out
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            for n in range(6):
+                nursery.start_soon(open_one, n)
+                await trio.testing.wait_all_tasks_blocked()  # in this order
+            assert opened == [] and send.messages == []
+            send.gate.set()
+    # the first went out alone at once; the five that queued behind it, as one BATCH
+    assert [len(m) for m in send.messages] == [1, 5]
+    assert send.raw[0][0] == 0x81 and send.raw[1][0] == FrameType.BATCH
+    paths = [f.head.path for m in send.messages for f in m if isinstance(f, RequestHeadFrame)]
+    assert paths == [f"/{n}" for n in range(6)] and sorted(opened) == [1, 2, 3, 4, 5, 6]
+    # the peer takes a BATCH apart: six streams, in order
+    agent = Mux(_capture, opener=False)
+    for message in send.raw:
+        await agent.feed(message)
+    accepted = [(await agent.accept_stream())[1].path for _ in range(6)]
+    assert accepted == paths
+
+
+async def test_a_batch_never_exceeds_max_batch() -> None:
+    send = GatedSend()
+    mux = Mux(send, opener=False)
+    chunk = bytes(20_000)
+    for stream_id in range(1, 9):
+        await mux.feed(encode_frame(RequestHeadFrame(stream_id, GET, fin=True)))
+    streams = [(await mux.accept_stream())[0] for _ in range(8)]
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            for stream in streams:
+                nursery.start_soon(partial(stream.send_head, OK, body=chunk, end=True))
+                await trio.testing.wait_all_tasks_blocked()
+            send.gate.set()
+    # 1 alone, then 3 per message (4 would be 80 KiB), then the last one
+    assert [len(m) for m in send.messages] == [1, 3, 3, 1]
+    assert all(len(raw) <= 5 + MAX_BATCH for raw in send.raw)
+    assert [f.stream_id for m in send.messages for f in m] == list(range(1, 9))
+    assert mux.in_flight == 0
+
+
+async def test_close_fails_every_frame_still_queued_and_writes_none_of_them() -> None:
+    send = GatedSend()
+    mux = Mux(send, opener=True)
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(_expect_error, lambda: mux.open_stream(GET), "tunnel_closed")
+            await trio.testing.wait_all_tasks_blocked()
+            mux.close()
+            send.gate.set()
+    assert send.messages == [] and mux.in_flight == 0
+
+
+async def test_a_write_failure_fails_every_frame_of_its_batch() -> None:
+    gate = trio.Event()
+    calls: list[int] = []
+
+    async def breaks_on_the_second(data: bytes) -> None:
+        calls.append(len(decode_all(data)))
+        await gate.wait()
+        if len(calls) == 2:
+            raise OSError("connection reset")
+
+    mux = Mux(breaks_on_the_second, opener=True)
+    errors: list[str] = []
+
+    async def open_one() -> None:
+        try:
+            await mux.open_stream(GET, end=True)
+        except StreamError as exc:
+            errors.append(exc.reason)
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(open_one)
+                await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert calls == [1, 3] and errors == ["tunnel_closed"] * 3
+    assert mux.closed and mux.in_flight == 0
+
+
+async def test_an_unknown_frame_inside_a_batch_is_skipped_only_where_allowed() -> None:
+    unknown = struct.pack(">BI", 0x3E, 1) + b"from a newer peer"
+    message = encode_batch([encode_frame(RequestHeadFrame(1, GET, fin=True)), unknown,
+                            encode_frame(RequestHeadFrame(2, GET, fin=True))])
+    agent = Mux(_capture, opener=False, skip_unknown=True)
+    await agent.feed(message)
+    assert [(await agent.accept_stream())[0].id for _ in range(2)] == [1, 2]
+    strict = Mux(_capture, opener=False)
+    with pytest.raises(ProtocolError, match="invalid_frame:unknown_type"):
+        await strict.feed(message)
+
+
+async def test_many_streams_at_once_share_messages_end_to_end() -> None:
+    async with mux_pair() as p, trio.open_nursery() as nursery:
+        nursery.start_soon(echo_server, p.agent)
+        bodies: dict[int, bytes] = {}
+
+        async def call(n: int) -> None:
+            async with await p.eecp.open_stream(GET) as stream:
+                await stream.send(pattern(n, 100), end=True)
+                await stream.receive_head()
+                bodies[n] = await read_all(stream)
+
+        async with trio.open_nursery() as calls:
+            for n in range(50):
+                calls.start_soon(call, n)
+        nursery.cancel_scope.cancel()
+    assert bodies == {n: pattern(n, 100) for n in range(50)}
+    # frames did share messages, both ways
+    assert max(p.to_agent.messages) > 1 and max(p.to_eecp.messages) > 1
+    assert len(p.to_agent.messages) < len(p.to_agent.frames)
 
 
 # ---- slots and ids ----------------------------------------------------------------------------
