@@ -118,12 +118,13 @@ class BackendPool:
             stream = tls
         return stream
 
-    async def release(self, stream: trio.abc.Stream) -> None:
-        """Keep a cleanly finished connection for the next exchange (or close it)."""
+    def release(self, stream: trio.abc.Stream) -> bool:
+        """Keep a cleanly finished connection for the next exchange; False (not kept: the
+        caller closes it) when the pool is full."""
         if len(self._idle) >= self._max_idle:
-            await trio.aclose_forcefully(stream)
-            return
+            return False
         self._idle.append((trio.current_time(), stream))
+        return True
 
     async def aclose(self) -> None:
         """Close every idle connection (connections in use are closed by their exchanges)."""
@@ -176,14 +177,25 @@ class BackendExchange:
 
     async def close(self, *, failed: bool = False) -> None:
         """Give the connection back if the exchange completed cleanly, else close it."""
-        stream, self._stream = self._stream, None
-        if stream is None:
+        if self.release_nowait(failed=failed):
             return
+        stream, self._stream = self._stream, None
+        assert stream is not None
+        await trio.aclose_forcefully(stream)
+
+    def release_nowait(self, *, failed: bool = False) -> bool:
+        """:meth:`close` if it needs no wait: True once the connection went back to the pool
+        (or there was none); False when it must be closed, by :meth:`close` (the usual case
+        costs no cancel scope to shield a close that does not happen)."""
+        stream = self._stream
+        if stream is None:
+            return True
         r = self._response
-        if not failed and self._sent_whole and r.complete and r.keep_alive and not r.extra:
-            await self._pool.release(stream)
-        else:
-            await trio.aclose_forcefully(stream)
+        if (not failed and self._sent_whole and r.complete and r.keep_alive and not r.extra
+                and self._pool.release(stream)):
+            self._stream = None
+            return True
+        return False
 
     @property
     def complete(self) -> bool:

@@ -171,8 +171,9 @@ async def _answer(stream: Stream, head: RequestHead, target: str,
                     nursery.cancel_scope.cancel()
         failed = False
     finally:
-        with trio.CancelScope(shield=True):  # release the backend connection whatever happened
-            await exchange.close(failed=failed)
+        if not exchange.release_nowait(failed=failed):
+            with trio.CancelScope(shield=True):  # close the backend connection whatever happened
+                await exchange.close(failed=failed)
 
 
 def _raise_if_late(progress: trio.CancelScope, timeout_sec: float) -> None:
@@ -227,6 +228,9 @@ async def _relay_body(stream: Stream, exchange: BackendExchange, timeout_sec: fl
     """The response body to eecp, chunk by chunk as the backend writes it; the last chunk
     carries the end when it is known to be the last (the response is complete), else END
     follows."""
+    if exchange.complete:  # it all went with the head
+        await stream.end()  # (a no-op: the head carried the end)
+        return
     # closed at once, not when collected: it holds the exchange's read side
     body = exchange.body()
     assert isinstance(body, AsyncGenerator)

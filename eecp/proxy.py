@@ -32,7 +32,7 @@ import trio
 
 from eecp.errors import EecpError, ProtocolError, single_error
 from eecp.frames import check_head, content_length, is_origin_form
-from eecp.streams import RequestHead, ResponseHead, Stream, StreamError
+from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 
 if TYPE_CHECKING:
     from eecp.registry import AgentView
@@ -190,17 +190,7 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
                    body: AsyncIterable[bytes] | None) -> AsyncIterator[Upstream]:
     mux = agent.mux
     assert mux is not None
-    stream: Stream | None = None
-    with trio.move_on_after(BUSY_WAIT_SEC):
-        try:
-            # no body: the head says so (FIN), and no END follows
-            stream = await mux.open_stream(head, end=body is None)
-        except StreamError as exc:
-            if exc.reason == "invalid_head":  # the request itself, not the agent: no retry
-                raise ProxyError(400, "invalid_request", exc.detail) from None
-            raise ProxyError(502, exc.reason) from None
-    if stream is None:
-        raise ProxyError(503, "agent_busy")
+    stream = await _open_stream(mux, head, end=body is None)
     agent.in_flight += 1
     started = time.perf_counter()
     # the wait for the head, which every chunk of the upload extends
@@ -217,9 +207,32 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
                 nursery.cancel_scope.cancel()  # the app answered: a body it did not read is moot
     finally:
         agent.in_flight -= 1
-        with trio.CancelScope(shield=True):
-            await _finish(stream)
+        if not stream.finished:  # (a finished stream has nothing left to say: no scope)
+            with trio.CancelScope(shield=True):
+                await _finish(stream)
         log.debug("stream %d done in %.3fs", stream.id, time.perf_counter() - started)
+
+
+async def _open_stream(mux: Mux, head: RequestHead, *, end: bool) -> Stream:
+    """A stream for ``head`` on ``mux``; waits up to BUSY_WAIT_SEC for a free slot, then
+    ``ProxyError(503, "agent_busy")``. With a slot free there is no wait to bound (and no
+    cancel scope to pay for): writing the head can only stall if the tunnel stopped reading,
+    and the session's dead-peer check closes such a tunnel, failing the write."""
+    if mux.in_flight < mux.max_streams:
+        return await _opened(mux, head, end)
+    with trio.move_on_after(BUSY_WAIT_SEC):
+        return await _opened(mux, head, end)
+    raise ProxyError(503, "agent_busy")
+
+
+async def _opened(mux: Mux, head: RequestHead, end: bool) -> Stream:
+    try:
+        # no body: the head says so (FIN), and no END follows
+        return await mux.open_stream(head, end=end)
+    except StreamError as exc:
+        if exc.reason == "invalid_head":  # the request itself, not the agent: no retry
+            raise ProxyError(400, "invalid_request", exc.detail) from None
+        raise ProxyError(502, exc.reason) from None
 
 
 @dataclass

@@ -511,6 +511,8 @@ class Stream:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.finished:  # nothing to tell the peer: no scope to pay for
+            return
         with trio.CancelScope(shield=True):  # a cancelled holder still tells the peer
             await self.aclose()
 
