@@ -1,7 +1,10 @@
-"""eecp.store against SQLite (always) and PostgreSQL (when EECP_TEST_PG_URL names a server).
+"""eecp.store against SQLite and PostgreSQL.
 
-PostgreSQL runs get a fresh schema per test (``search_path`` set through the URL's ``options``),
-so the database named by EECP_TEST_PG_URL only needs to let its user create schemas, e.g.::
+PostgreSQL is the server EECP_TEST_PG_URL names, else a throwaway one this suite starts
+(:mod:`tests.pgserver`, when the postgresql package is installed: ``.ci/run`` installs it);
+without either the PostgreSQL runs are skipped, saying so. Each test gets a fresh schema
+(``search_path`` set through the URL's ``options``), so the database named by EECP_TEST_PG_URL
+only needs to let its user create schemas, e.g.::
 
     EECP_TEST_PG_URL=postgresql://eecp:secret@127.0.0.1:5432/eecp_test pytest tests/test_store.py
 """
@@ -25,6 +28,7 @@ from eecp.config import Config
 from eecp.errors import ConfigError, StoreError
 from eecp.records import AgentRecord, AppRecord, AuditEntry
 from eecp.store import LATEST_SCHEMA_VERSION, MIGRATIONS, Store, open_store
+from tests import pgserver
 
 T0 = 1_754_000_000.123456  # fractional on purpose: times must survive as 8-byte floats
 PG_URL_ENV = "EECP_TEST_PG_URL"
@@ -66,14 +70,29 @@ def _with_search_path(url: str, schema: str) -> str:
     return f"{url}{sep}options=-csearch_path%3D{schema}"
 
 
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str | None]:
+    """The PostgreSQL server of this run: EECP_TEST_PG_URL's, else a throwaway one (started
+    once, on first use), else None."""
+    url = os.environ.get(PG_URL_ENV, "").strip()
+    if url:
+        yield url
+    elif pgserver.unavailable() is not None:
+        yield None
+    else:
+        with pgserver.running_server() as url:
+            yield url
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
         yield Backend("sqlite", Config(db_path=tmp_path / "nested" / "dir" / "cp.db"))
         return
-    url = os.environ.get(PG_URL_ENV, "").strip()
-    if not url:
-        pytest.skip(f"{PG_URL_ENV} is not set: no PostgreSQL server to run the store suite on")
+    url = request.getfixturevalue("pg_url")
+    if url is None:
+        pytest.skip(f"no PostgreSQL to run the store suite on: {PG_URL_ENV} is not set and "
+                    f"no throwaway server can be started ({pgserver.unavailable()})")
     psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 missing (pip install .[postgres])")
     schema = f"eecp_test_{uuid.uuid4().hex[:12]}"
     admin = psycopg2.connect(url)
