@@ -875,6 +875,22 @@ async def test_frames_queued_behind_a_write_go_out_together_in_order() -> None:
     assert accepted == paths
 
 
+async def test_a_batch_takes_at_most_batch_frames_and_the_rest_follows() -> None:
+    """A backlog crosses in several messages, so the peer can start on its first part."""
+    send = GatedSend()
+    mux = Mux(send, opener=True, batch_frames=4)
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            for n in range(11):
+                nursery.start_soon(partial(mux.open_stream, RequestHead("GET", f"/{n}", []),
+                                           end=True))
+                await trio.testing.wait_all_tasks_blocked()
+            send.gate.set()
+    assert [len(m) for m in send.messages] == [1, 4, 4, 2]
+    paths = [f.head.path for m in send.messages for f in m if isinstance(f, RequestHeadFrame)]
+    assert paths == [f"/{n}" for n in range(11)]
+
+
 async def test_a_batch_never_exceeds_max_batch() -> None:
     send = GatedSend()
     mux = Mux(send, opener=False)
