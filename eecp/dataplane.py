@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -32,6 +32,8 @@ log = logging.getLogger("eecp.dataplane")
 
 _JSON = [("content-type", "application/json"), ("cache-control", "no-store")]
 _RESOLVE_PREFIX = "/v1/resolve/"
+#: the ``app`` label of proxied requests for names no app is registered under
+UNKNOWN_APP = "_unknown"
 
 
 def error_body(reason: str, allowed: bool = False) -> bytes:
@@ -66,6 +68,22 @@ class ProxyHandler:
 
     def __init__(self, services: Services) -> None:
         self._services = services
+        metrics = services.metrics
+        # metric children looked up once (labels() costs a lock and a lookup per call)
+        self._bytes_in = metrics.proxy_bytes.labels("in")
+        self._bytes_out = metrics.proxy_bytes.labels("out")
+        self._requests: dict[tuple[str, int], Any] = {}
+
+    def _count(self, app: str, status: int) -> None:
+        # an app name is the client's choice (its Host): only registered apps get a series of
+        # their own, or random names would grow the metrics (and this process) without bound
+        if self._services.registry.app(app) is None:
+            app = UNKNOWN_APP
+        counter = self._requests.get((app, status))
+        if counter is None:
+            counter = self._services.metrics.proxy_requests.labels(app, str(status))
+            self._requests[(app, status)] = counter
+        counter.inc()
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         headers = dict(request.headers)
@@ -95,11 +113,12 @@ class ProxyHandler:
                                           hold=stream.ready)
                 sent = 0
                 try:
-                    async for chunk in upstream.chunks():
+                    # (the stream itself, not upstream.chunks(): no generator per request)
+                    while (chunk := await stream.receive()) is not None:
                         sent += len(chunk)
                         await responder.send(chunk, hold=stream.ready)
                 finally:
-                    metrics.proxy_bytes.labels("out").inc(sent)
+                    self._bytes_out.inc(sent)
                 await responder.end()
         except ProxyError as exc:
             if responder.head_sent:
@@ -107,7 +126,7 @@ class ProxyHandler:
             status = exc.http_status
             await responder.respond(exc.http_status, _JSON, error_body(exc.reason))
         finally:
-            metrics.proxy_requests.labels(app.lower(), str(status)).inc()
+            self._count(app.lower(), status)
 
     def _body(self, request: Request) -> AsyncIterator[bytes] | None:
         chunked = (request.header("transfer-encoding") or "").lower().endswith("chunked")
@@ -116,9 +135,8 @@ class ProxyHandler:
         return self._counted(request.body_chunks())
 
     async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        counter = self._services.metrics.proxy_bytes.labels("in")
         async for chunk in chunks:
-            counter.inc(len(chunk))
+            self._bytes_in.inc(len(chunk))
             yield chunk
 
 
