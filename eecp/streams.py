@@ -128,8 +128,9 @@ class Mux:
         self._outbox: list[bytes] = []  # (a list: an empty deque is 600 bytes per tunnel)
         self._queued = 0
         self._written = 0
-        self._writing = False
-        self._flushed = _Signal()  # a write ended (or failed)
+        self._writing = False  # a task is writing (or has been handed the writing)
+        # tasks waiting for their frame to be written: (its number, the task), oldest first
+        self._parked: list[tuple[int, trio.lowlevel.Task]] = []
 
     @property
     def in_flight(self) -> int:
@@ -276,6 +277,9 @@ class Mux:
         self._outbox.clear()
         for scope in self._writes:
             scope.cancel()
+        parked, self._parked = self._parked, []
+        for _, task in parked:  # they find the mux closed
+            trio.lowlevel.reschedule(task)
         self._slots.fire()
         self._arrived.fire()
 
@@ -295,16 +299,18 @@ class Mux:
     # ---- writing ----------------------------------------------------------------------------
 
     async def _write(self, frame: Frame, head_payload: bytes | None = None) -> None:
-        """Write one frame whole, in the order of calls: shielded, so only :meth:`close` can
-        interrupt it (half a WebSocket message would corrupt the tunnel for every stream).
-        ``head_payload``: a head frame's payload from :meth:`_check_head`, not to be encoded
-        twice.
+        """Write one frame whole, in the order of calls: only :meth:`close` can interrupt it
+        (half a WebSocket message would corrupt the tunnel for every stream), and a cancelled
+        caller returns once its frame is out. ``head_payload``: a head frame's payload from
+        :meth:`_check_head`, not to be encoded twice.
 
-        Frames queue in an outbox. A caller that finds no write in progress writes what is
-        queued (up to ``batch_frames`` frames and :data:`~eecp.frames.MAX_BATCH` bytes: one
-        BATCH message, or the frame alone); the others wait for the write that carries theirs.
-        So a lone frame goes out at once, and frames that pile up while a write is in progress
-        share the next messages.
+        Frames queue in an outbox. A caller that finds no write in progress becomes the writer:
+        it writes what is queued (up to ``batch_frames`` frames and
+        :data:`~eecp.frames.MAX_BATCH` bytes: one BATCH message, or the frame alone) until its
+        own frame is out, then hands the rest to the owner of the next frame. The others park
+        until the write that carries theirs. So a lone frame goes out at once, frames that pile
+        up while a write is in progress share the next messages, and nobody writes for others
+        for long.
         """
         self._raise_if_closed()
         if head_payload is not None and isinstance(frame, RequestHeadFrame | ResponseHeadFrame):
@@ -314,17 +320,36 @@ class Mux:
         self._outbox.append(data)
         self._queued += 1
         mine = self._queued
+        if self._writing:
+            await self._park(mine)
+            if self._written >= mine:
+                return
+            self._raise_if_closed()  # woken by close(), else handed the writing
+        await self._lead(mine)
+
+    async def _park(self, mine: int) -> None:
+        """Wait, uncancellably (a parked task costs no cancel scope), until frame ``mine`` is
+        written, this task is to write it (:meth:`_lead` hands over), or the mux closes."""
+        self._parked.append((mine, trio.lowlevel.current_task()))
+        await trio.lowlevel.wait_task_rescheduled(_refuse_abort)
+
+    async def _lead(self, mine: int) -> None:
+        """Write batches until frame ``mine`` is out, shielded (close() cancels it); then hand
+        the writing to the owner of the oldest frame still queued, who is parked."""
+        self._writing = True
         with trio.CancelScope(shield=True) as scope:
             self._writes.add(scope)
             try:
                 while self._written < mine:
                     self._raise_if_closed()
-                    if self._writing:
-                        await self._flushed.wait()
-                    else:
-                        await self._flush()
+                    await self._flush()
             finally:
                 self._writes.discard(scope)
+                if self._closed is None and self._parked:
+                    # every queued frame's owner is parked, the oldest frame's owner first
+                    trio.lowlevel.reschedule(self._parked.pop(0)[1])  # (still _writing)
+                else:
+                    self._writing = False
         if scope.cancelled_caught:
             self._raise_if_closed()
 
@@ -339,17 +364,19 @@ class Mux:
         batch = outbox[:count]
         del outbox[:count]
         message = batch[0] if len(batch) == 1 else frames.encode_batch(batch)
-        self._writing = True
         try:
             await self._send_message(message)
-            self._written += len(batch)
         except Exception as exc:  # the transport's own error type: the tunnel is unusable
             log.info("tunnel write failed: %r", exc)
             self.close("tunnel_closed")
             raise StreamError("tunnel_closed", f"write failed: {exc!r}") from exc
-        finally:
-            self._writing = False
-            self._flushed.fire()
+        self._written += len(batch)
+        parked = self._parked
+        done = 0
+        while done < len(parked) and parked[done][0] <= self._written:
+            trio.lowlevel.reschedule(parked[done][1])
+            done += 1
+        del parked[:done]
 
     async def _write_quietly(self, frame: Frame) -> None:
         """Write a frame nobody waits on (a RESET): once the tunnel is gone it is moot."""
@@ -650,6 +677,12 @@ class Stream:
             raise RuntimeError("send the response head before the body")
         if self._sent_end:
             raise RuntimeError("the body was ended already")
+
+
+def _refuse_abort(_: object) -> trio.lowlevel.Abort:
+    """A parked writer is not woken by cancellation: its frame is committed to the outbox, so it
+    returns once that is written (a cancellation then shows at its next checkpoint)."""
+    return trio.lowlevel.Abort.FAILED
 
 
 def _unexpected(kind: str, detail: str) -> NoReturn:

@@ -891,6 +891,54 @@ async def test_a_batch_takes_at_most_batch_frames_and_the_rest_follows() -> None
     assert paths == [f"/{n}" for n in range(11)]
 
 
+async def test_a_writer_writes_for_others_only_until_its_own_frame_is_out() -> None:
+    send = GatedSend()
+    mux = Mux(send, opener=True, batch_frames=1)
+    returned: dict[str, int] = {}
+
+    async def open_one(name: str) -> None:
+        await mux.open_stream(RequestHead("GET", f"/{name}", []), end=True)
+        returned[name] = len(send.raw)  # messages out when this call returned
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            for name in "abc":
+                nursery.start_soon(open_one, name)
+                await trio.testing.wait_all_tasks_blocked()
+            send.gate.set()
+    assert [m[0].head.path for m in send.messages] == ["/a", "/b", "/c"]  # type: ignore[attr-defined]
+    assert returned == {"a": 1, "b": 2, "c": 3}  # each one wrote (or waited for) its own
+
+
+async def test_a_cancelled_caller_still_sees_its_queued_frame_written() -> None:
+    """A frame in the outbox is committed: its caller waits for it even when cancelled, and
+    the cancellation shows after (the stream is opened, and its holder must release it)."""
+    send = GatedSend()
+    mux = Mux(send, opener=True)
+    opened: list[Stream] = []
+    follower = trio.CancelScope()
+
+    async def open_second() -> None:
+        with follower:
+            opened.append(await mux.open_stream(GET))
+            await trio.sleep_forever()
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mux.open_stream, GET)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(open_second)
+            await trio.testing.wait_all_tasks_blocked()
+            follower.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert opened == [] and send.messages == []  # still waiting, despite the cancel
+            send.gate.set()
+    assert [len(m) for m in send.messages] == [1, 1]
+    assert follower.cancelled_caught and [s.id for s in opened] == [2]
+    await opened[0].aclose()
+    assert [type(f) for f in send.messages[-1]] == [ResetFrame]
+
+
 async def test_a_batch_never_exceeds_max_batch() -> None:
     send = GatedSend()
     mux = Mux(send, opener=False)
