@@ -19,6 +19,7 @@ if not __package__:
     # find this very file instead of the package. Put the repository root there instead.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import gc
 import logging
 import os
 import signal
@@ -98,6 +99,7 @@ def run(env: Mapping[str, str]) -> int:
         return 2
     setup_logging(config.log_format, config.log_level)
     _announce(config, provider, measurements)
+    gc.freeze()  # start-up's objects out of the collector's sight: see eecp.cli.serve_command
     trio.run(_serve, config, provider, measurements)
     return 0
 
