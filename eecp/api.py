@@ -112,8 +112,10 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
             except StreamError as exc:  # the agent reset the stream, or the tunnel died
                 raise ProxyError(502, public_reason(exc.reason), exc.detail) from None
     except ProxyError as exc:
+        services.metrics.proxied(app_name.lower(), exc.http_status)
         return jsonify({"allowed": exc.http_status != 403 and exc.reason != "missing_app",
                         "reason": exc.reason}), exc.http_status
+    services.metrics.proxied(app_name.lower(), upstream.head.status)
     return jsonify({"status": upstream.head.status,
                     "headers": [list(h) for h in strip_hop_by_hop(upstream.head.headers)],
                     "body_b64": base64.b64encode(b"".join(parts)).decode()}), 200

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -32,8 +32,6 @@ log = logging.getLogger("eecp.dataplane")
 
 _JSON = [("content-type", "application/json"), ("cache-control", "no-store")]
 _RESOLVE_PREFIX = "/v1/resolve/"
-#: the ``app`` label of proxied requests for names no app is registered under
-UNKNOWN_APP = "_unknown"
 
 
 def error_body(reason: str, allowed: bool = False) -> bytes:
@@ -72,18 +70,6 @@ class ProxyHandler:
         # metric children looked up once (labels() costs a lock and a lookup per call)
         self._bytes_in = metrics.proxy_bytes.labels("in")
         self._bytes_out = metrics.proxy_bytes.labels("out")
-        self._requests: dict[tuple[str, int], Any] = {}
-
-    def _count(self, app: str, status: int) -> None:
-        # an app name is the client's choice (its Host): only registered apps get a series of
-        # their own, or random names would grow the metrics (and this process) without bound
-        if self._services.registry.app(app) is None:
-            app = UNKNOWN_APP
-        counter = self._requests.get((app, status))
-        if counter is None:
-            counter = self._services.metrics.proxy_requests.labels(app, str(status))
-            self._requests[(app, status)] = counter
-        counter.inc()
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         headers = dict(request.headers)
@@ -126,7 +112,7 @@ class ProxyHandler:
             status = exc.http_status
             await responder.respond(exc.http_status, _JSON, error_body(exc.reason))
         finally:
-            self._count(app.lower(), status)
+            metrics.proxied(app.lower(), status)
 
     def _body(self, request: Request) -> AsyncIterator[bytes] | None:
         chunked = (request.header("transfer-encoding") or "").lower().endswith("chunked")

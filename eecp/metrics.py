@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from eecp.registry import Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: the ``app`` label of proxied requests for names no app is registered under
+UNKNOWN_APP = "_unknown"
 
 
 class Metrics:
@@ -44,6 +46,20 @@ class Metrics:
             "eecp_proxy_bytes", "Body bytes carried by the proxy", ["direction"],
             registry=self.prometheus)
         self.prometheus.register(_StateCollector(registry, now))
+        self._registry = registry
+        self._proxied: dict[tuple[str, int], Any] = {}  # metric children, looked up once
+
+    def proxied(self, app: str, status: int) -> None:
+        """Count one proxied request (either entry point). An app name is the client's choice
+        (its Host, or the URL): only registered apps get a series of their own, or random
+        names would grow the metrics, and the process, without bound."""
+        if self._registry.app(app) is None:
+            app = UNKNOWN_APP
+        counter = self._proxied.get((app, status))
+        if counter is None:
+            counter = self.proxy_requests.labels(app, str(status))
+            self._proxied[(app, status)] = counter
+        counter.inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -426,10 +426,15 @@ async def test_metrics(mock_clock: MockClock, world: World) -> None:
         # cannot grow the metrics (and eecp's memory) without bound
         for n in range(5):
             assert (await proxy_get(world.cp, "/x", host=f"nosuch{n}.app")).status_code == 403
+        # the control port's POST /v1/proxy counts the same way
+        async with httpx.AsyncClient() as client:
+            api = world.cp.url + "/v1/proxy/"
+            assert (await client.post(api + "shop", json={"path": "/hello"})).status_code == 200
+            assert (await client.post(api + "other", json={"path": "/"})).status_code == 403
         text = (await world.cp.get("/metrics")).text
     assert 'eecp_attestations_total{reason="attested",result="accepted"} 1.0' in text
-    assert 'eecp_proxy_requests_total{app="shop",status="200"} 1.0' in text
-    assert 'eecp_proxy_requests_total{app="_unknown",status="403"} 5.0' in text
+    assert 'eecp_proxy_requests_total{app="shop",status="200"} 2.0' in text
+    assert 'eecp_proxy_requests_total{app="_unknown",status="403"} 6.0' in text
     assert "nosuch" not in text
     assert "eecp_agents_connected 1.0" in text
     assert 'eecp_apps{state="ok"} 1.0' in text
