@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import random
 import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -937,6 +938,49 @@ async def test_a_cancelled_caller_still_sees_its_queued_frame_written() -> None:
     assert follower.cancelled_caught and [s.id for s in opened] == [2]
     await opened[0].aclose()
     assert [type(f) for f in send.messages[-1]] == [ResetFrame]
+
+
+async def _random_writes(seed: int) -> None:
+    rnd = random.Random(seed)
+    written: list[int] = []
+    fail_at = rnd.choice([None, 5, 20])
+
+    async def send(data: bytes) -> None:
+        for _ in range(rnd.randint(0, 2)):
+            await trio.lowlevel.checkpoint()
+        if fail_at is not None and len(written) >= fail_at:
+            raise OSError("connection reset")
+        written.extend(decode_frame(e).stream_id for e in split_message(data))
+
+    mux = Mux(send, opener=True, max_streams=1000, batch_frames=rnd.randint(1, 5))
+    opened: list[int] = []
+
+    async def open_one() -> None:
+        with trio.CancelScope() as scope:
+            if rnd.random() < 0.3:  # cancelled while queued, parked or writing
+                scope.deadline = trio.current_time() + rnd.random() / 1000
+            with contextlib.suppress(StreamError):
+                opened.append((await mux.open_stream(GET, end=True)).id)
+
+    with trio.fail_after(WAIT):  # nobody is left parked forever
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(open_one)
+                if rnd.random() < 0.3:
+                    await trio.lowlevel.checkpoint()
+            if rnd.random() < 0.2:
+                await trio.lowlevel.checkpoint()
+                mux.close()
+    assert written == sorted(written), seed  # in the order the frames were queued
+    assert set(opened) <= set(written), seed  # an open that returned was written
+    if not mux.closed:
+        assert len(written) == 40, seed  # nothing stranded in the outbox
+    assert (mux._parked == [] and mux._outbox == []) or mux.closed, seed
+
+
+async def test_random_writers_cancellations_and_failures_keep_order_and_lose_nothing() -> None:
+    for seed in range(300):
+        await _random_writes(seed)
 
 
 async def test_a_batch_never_exceeds_max_batch() -> None:
