@@ -370,6 +370,11 @@ class Mux:
             log.info("tunnel write failed: %r", exc)
             self.close("tunnel_closed")
             raise StreamError("tunnel_closed", f"write failed: {exc!r}") from exc
+        except BaseException:
+            # KeyboardInterrupt and the like (a Cancelled here came from close()): the batch
+            # left the outbox and maybe half of it the socket, so the tunnel is unusable
+            self.close("tunnel_closed")
+            raise
         self._written += len(batch)
         parked = self._parked
         done = 0
@@ -474,6 +479,8 @@ class Stream:
             if self._sent_end:  # a concurrent send(end=True) or end() got the lock first
                 raise RuntimeError("the body was ended already")
             while view:
+                # writes are not interrupted: a cancelled sender stops here, between frames
+                await trio.lowlevel.checkpoint_if_cancelled()
                 size = min(len(view), await self._credit(), self._mux.max_frame)
                 self._send_credit -= size  # spent now: a concurrent WINDOW adds to the rest
                 last = end and size == len(view)

@@ -983,6 +983,59 @@ async def test_random_writers_cancellations_and_failures_keep_order_and_lose_not
         await _random_writes(seed)
 
 
+class _Interrupt(BaseException):
+    pass
+
+
+async def test_a_base_exception_in_a_write_closes_the_mux() -> None:
+    """Not only the transport's errors: the batch left the outbox, the tunnel is unusable."""
+    gate = trio.Event()
+    calls: list[int] = []
+
+    async def interrupted(data: bytes) -> None:
+        calls.append(len(split_message(data)))
+        await gate.wait()
+        raise _Interrupt
+
+    mux = Mux(interrupted, opener=True, batch_frames=2)
+    errors: list[str] = []
+
+    async def open_one() -> None:
+        try:
+            await mux.open_stream(GET, end=True)
+        except StreamError as exc:
+            errors.append(exc.reason)
+
+    with pytest.raises(BaseExceptionGroup) as caught, trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(open_one)
+                await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert caught.value.subgroup(_Interrupt) is not None
+    assert mux.closed and calls == [1] and errors == ["tunnel_closed"] * 4
+    with pytest.raises(StreamError, match="tunnel_closed"):
+        await mux.open_stream(GET)
+
+
+async def test_a_cancelled_sender_stops_between_frames() -> None:
+    written: list[Frame] = []
+
+    async def capture(data: bytes) -> None:
+        written.extend(decode_all(data))
+        await trio.lowlevel.checkpoint()
+
+    agent = Mux(capture, opener=False)
+    await agent.feed(encode_frame(RequestHeadFrame(1, GET, fin=True)))
+    stream, _ = await agent.accept_stream()
+    await stream.send_head(OK)
+    with trio.CancelScope() as scope:
+        scope.deadline = trio.current_time()  # cancelled before the body's first frame
+        await stream.send(bytes(INITIAL_WINDOW), end=True)
+    assert scope.cancelled_caught
+    assert [type(f) for f in written] == [ResponseHeadFrame]
+
+
 async def test_a_batch_never_exceeds_max_batch() -> None:
     send = GatedSend()
     mux = Mux(send, opener=False)
