@@ -304,10 +304,10 @@ def split_message(data: bytes) -> list[bytes | memoryview]:
     frames a BATCH carries (its layout checked here; each frame by :func:`decode_frame`)."""
     if not data or data[0] & _TYPE_BITS != FrameType.BATCH:
         return [data]
-    return list(_split_batch(data))
+    return _split_batch(data)
 
 
-def _split_batch(data: bytes) -> list[memoryview]:
+def _split_batch(data: bytes) -> list[bytes | memoryview]:
     """A BATCH message's frames (still encoded), its own layout checked."""
     if len(data) < HEADER_BYTES:
         _fail("short", f"{len(data)} bytes, a frame has at least {HEADER_BYTES}")
@@ -321,7 +321,7 @@ def _split_batch(data: bytes) -> list[memoryview]:
     view = memoryview(data)
     if not 0 < len(view) - HEADER_BYTES <= MAX_BATCH:
         _fail("batch", f"{len(view) - HEADER_BYTES} bytes of frames, expected 1..{MAX_BATCH}")
-    encoded: list[memoryview] = []
+    encoded: list[bytes | memoryview] = []
     offset = HEADER_BYTES
     while offset < len(view):
         if offset + _U32.size > len(view):

@@ -771,34 +771,37 @@ async def test_close_fails_everything_in_flight_at_once_and_wakes_every_waiter()
         await streams[0].reset("late")
 
 
-async def test_a_cancelled_caller_still_writes_its_frame_whole() -> None:
-    release = trio.Event()
-    written: list[bytes] = []
-
-    async def slow_send(data: bytes) -> None:
-        await release.wait()  # a tunnel whose socket buffer is full
-        written.append(data)
-
-    mux = Mux(slow_send, opener=True, initial_window=INITIAL_WINDOW)
+async def test_cancelled_callers_still_see_their_frames_written_whole() -> None:
+    """A frame in the outbox is committed: its caller waits for it even when cancelled, the
+    one writing (shielded) and the one queued behind it (parked) alike, and the cancellation
+    shows after, between frames (the streams are opened, and their holders must release
+    them)."""
+    send = GatedSend()  # a tunnel whose socket buffer is full
+    mux = Mux(send, opener=True, initial_window=INITIAL_WINDOW)
     opened: list[Stream] = []
-    caller = trio.CancelScope()
+    callers = [trio.CancelScope(), trio.CancelScope()]
 
-    async def open_one() -> None:
+    async def open_one(caller: trio.CancelScope) -> None:
         with caller:
             opened.append(await mux.open_stream(GET))
             await trio.sleep_forever()
 
     with trio.fail_after(WAIT):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(open_one)
+            for caller in callers:  # the first writes, the second queues behind it
+                nursery.start_soon(open_one, caller)
+                await trio.testing.wait_all_tasks_blocked()
+            for caller in callers:
+                caller.cancel()
             await trio.testing.wait_all_tasks_blocked()
-            caller.cancel()
-            await trio.testing.wait_all_tasks_blocked()
-            assert written == [] and opened == []  # the write goes on despite the cancel
-            release.set()
-    assert [decode_frame(d) for d in written] == [RequestHeadFrame(1, GET)]
-    assert caller.cancelled_caught and opened[0].id == 1  # cancelled after, between frames
-    await opened[0].aclose()  # its holder must still release it
+            assert send.messages == [] and opened == []  # still waiting, despite the cancel
+            send.gate.set()
+    assert send.messages == [[RequestHeadFrame(1, GET)], [RequestHeadFrame(2, GET)]]
+    assert all(caller.cancelled_caught for caller in callers)
+    assert sorted(stream.id for stream in opened) == [1, 2]
+    for stream in opened:
+        await stream.aclose()
+    assert [type(f) for m in send.messages[2:] for f in m] == [ResetFrame, ResetFrame]
     assert mux.in_flight == 0
 
 
@@ -909,35 +912,6 @@ async def test_a_writer_writes_for_others_only_until_its_own_frame_is_out() -> N
             send.gate.set()
     assert [m[0].head.path for m in send.messages] == ["/a", "/b", "/c"]  # type: ignore[attr-defined]
     assert returned == {"a": 1, "b": 2, "c": 3}  # each one wrote (or waited for) its own
-
-
-async def test_a_cancelled_caller_still_sees_its_queued_frame_written() -> None:
-    """A frame in the outbox is committed: its caller waits for it even when cancelled, and
-    the cancellation shows after (the stream is opened, and its holder must release it)."""
-    send = GatedSend()
-    mux = Mux(send, opener=True)
-    opened: list[Stream] = []
-    follower = trio.CancelScope()
-
-    async def open_second() -> None:
-        with follower:
-            opened.append(await mux.open_stream(GET))
-            await trio.sleep_forever()
-
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(mux.open_stream, GET)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(open_second)
-            await trio.testing.wait_all_tasks_blocked()
-            follower.cancel()
-            await trio.testing.wait_all_tasks_blocked()
-            assert opened == [] and send.messages == []  # still waiting, despite the cancel
-            send.gate.set()
-    assert [len(m) for m in send.messages] == [1, 1]
-    assert follower.cancelled_caught and [s.id for s in opened] == [2]
-    await opened[0].aclose()
-    assert [type(f) for f in send.messages[-1]] == [ResetFrame]
 
 
 async def _random_writes(seed: int) -> None:
