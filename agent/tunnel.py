@@ -50,6 +50,7 @@ from agent.config import AgentConfig
 from agent.forward import open_backend_pool, serve_forwarding
 from agent.health import HealthStatus, probe_backend
 from agent.providers import QuoteProvider, QuoteProviderError
+from eecp import wsmask
 from eecp.errors import EecpError, ProtocolError
 from eecp.measurements import Measurements, report_data_for
 from eecp.protocol import (
@@ -157,6 +158,7 @@ async def run_agent(config: AgentConfig, provider: QuoteProvider, measurements: 
     open tunnel with 1001 ``agent_stopping`` (waiting up to ``CLOSE_TIMEOUT_SEC`` for eecp's
     answer) and returns; cancelling also sends that close, but cannot wait for the answer.
     """
+    wsmask.install()  # an agent masks every byte it sends: in C, not wsproto's Python
     stop = stop if stop is not None else trio.Event()
     state = state if state is not None else AgentState()
     backoff = backoff if backoff is not None else Backoff.from_config(config)
