@@ -20,11 +20,11 @@ from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 
 from eecp import __version__, admin
+from eecp.forwarded import FORWARDED_HEADERS, forwarded_headers, forwarding_of
 from eecp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from eecp.proxy import (
     MAX_JSON_PROXY_BODY,
     ProxyError,
-    forwarded_headers,
     open_upstream,
     parse_proxy_call,
     public_reason,
@@ -96,8 +96,13 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
         call = parse_proxy_call(doc)
     except ProxyError as exc:
         return jsonify({"allowed": False, "reason": exc.reason, "detail": exc.detail}), 400
-    head = RequestHead(call.method, call.path, forwarded_headers(
-        call.headers, request.remote_addr or "", request.scheme))
+    # the JSON's own X-Forwarded-* are the caller's claims: the HTTP request's count, and only
+    # from a trusted proxy (Caddy in front of the control port)
+    host = next((v for n, v in call.headers if n.lower() == "host"), None)
+    inbound = {name: ", ".join(request.headers.getlist(name)) for name in FORWARDED_HEADERS}
+    forwarding = forwarding_of(inbound, request.remote_addr or "", request.scheme, host,
+                               services.trusted_proxies, proxied_host=False)
+    head = RequestHead(call.method, call.path, forwarded_headers(call.headers, forwarding))
     limit = services.config.proxy_max_body_bytes or MAX_JSON_PROXY_BODY
     try:
         async with open_upstream(services, app_name.lower(), head, call.body()) as upstream:

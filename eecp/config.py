@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from eecp.errors import ConfigError
+from eecp.forwarded import DEFAULT_TRUSTED, IPNetwork, parse_trusted
 
 T = TypeVar("T")
 
@@ -87,6 +88,7 @@ class Config:
     proxy_max_body_bytes: int | None = None
     tunnel_max_streams: int = 100
     stream_window_bytes: int = 256 * 1024
+    trusted_proxies: tuple[IPNetwork, ...] = parse_trusted(DEFAULT_TRUSTED)
 
     @property
     def store_threads(self) -> int:
@@ -156,6 +158,8 @@ def from_env(env: Mapping[str, str]) -> Config:
         proxy_max_body_bytes=r.get("EE_PROXY_MAX_BODY_BYTES", None, _positive_int),
         tunnel_max_streams=r.get("EE_TUNNEL_MAX_STREAMS", 100, _positive_int),
         stream_window_bytes=r.get("EE_STREAM_WINDOW_BYTES", 256 * 1024, _positive_int),
+        trusted_proxies=r.get("EE_TRUSTED_PROXIES", parse_trusted(DEFAULT_TRUSTED),
+                              parse_trusted),
     )
     if cfg.registration_warn_days >= cfg.registration_ttl_days:
         raise ConfigError(

@@ -140,23 +140,6 @@ def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
             and not n.lower().startswith("proxy-")]
 
 
-def forwarded_headers(headers: list[tuple[str, str]], client_ip: str, proto: str
-                      ) -> list[tuple[str, str]]:
-    """The request headers to send upstream: hop-by-hop dropped, X-Forwarded-* added."""
-    out = strip_hop_by_hop(headers)
-    previous = [v for n, v in out if n.lower() == "x-forwarded-for"]
-    host = next((v for n, v in out if n.lower() == "host"), "")
-    out = [(n, v) for n, v in out
-           if n.lower() not in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")]
-    chain = ", ".join([*previous, client_ip]) if client_ip else ", ".join(previous)
-    if chain:
-        out.append(("X-Forwarded-For", chain))
-    out.append(("X-Forwarded-Proto", proto))
-    if host:
-        out.append(("X-Forwarded-Host", host))
-    return out
-
-
 @asynccontextmanager
 async def open_upstream(services: Services, app: str, head: RequestHead,
                         body: AsyncIterable[bytes] | None) -> AsyncIterator[Upstream]:

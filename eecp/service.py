@@ -42,6 +42,7 @@ from eecp.collateral import CollateralCache
 from eecp.config import Config
 from eecp.dataplane import serve_dataplane
 from eecp.errors import ConfigError, InputError
+from eecp.forwarded import TrustedProxies
 from eecp.metrics import Metrics
 from eecp.quotes import load_root_ca
 from eecp.registry import Registry
@@ -67,9 +68,11 @@ class Services:
     registry: Registry
     tunnels: Tunnels = field(init=False)
     metrics: Metrics = field(init=False)
+    trusted_proxies: TrustedProxies = field(init=False)
 
     def __post_init__(self) -> None:
         self.tunnels = Tunnels(self)
+        self.trusted_proxies = TrustedProxies(self.config.trusted_proxies)
         self.metrics = Metrics(self.registry, self.clock.now)
 
     @property

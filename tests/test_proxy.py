@@ -142,6 +142,48 @@ async def test_requests_reach_the_app(mock_clock: MockClock, world: World) -> No
         assert cookies.headers.get_list("set-cookie") == ["a=1", "b=2", "c=3"]
 
 
+
+SPOOFED = {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https",
+           "X-Forwarded-Host": "bank.example"}
+
+
+@pytest.mark.parametrize("trusted", ["10.0.0.0/8", "none"])
+async def test_forwarded_headers_from_an_untrusted_client_are_replaced(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock, trusted: str) -> None:
+    # this client (127.0.0.1) is not a trusted proxy here: what it claims must not reach the app
+    async with open_world(tmp_path, pki, mock_clock, EE_TRUSTED_PROXIES=trusted) as world, \
+            open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        seen = (await proxy_get(world.cp, "/headers", headers={
+            "Host": "shop.app.example.com", "X-EE-App": "shop", **SPOOFED})).json()
+        assert (seen["x-forwarded-for"], seen["x-forwarded-proto"]) == ("127.0.0.1", "http")
+        assert seen["x-forwarded-host"] == "shop.app.example.com"
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(world.cp.url + "/v1/proxy/shop", headers=SPOOFED, json={
+                "path": "/headers", "headers": {**SPOOFED, "Host": "shop.internal"}})
+        assert answer.status_code == 200, answer.text
+        seen = json.loads(base64.b64decode(answer.json()["body_b64"]))
+        assert (seen["x-forwarded-for"], seen["x-forwarded-proto"]) == ("127.0.0.1", "http")
+        assert seen["x-forwarded-host"] == "shop.internal"
+
+
+async def test_the_json_proxy_believes_a_trusted_front_proxy_only(
+        mock_clock: MockClock, world: World) -> None:
+    # loopback is trusted by default: the HTTP request's X-Forwarded-* (what Caddy set) count,
+    # the JSON's own never do
+    async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(world.cp.url + "/v1/proxy/shop", headers={
+                "X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https",
+                "X-Forwarded-Host": "eecp.example.com"}, json={
+                "path": "/headers", "headers": {**SPOOFED, "Host": "shop.internal"}})
+        assert answer.status_code == 200, answer.text
+        seen = json.loads(base64.b64decode(answer.json()["body_b64"]))
+        assert seen["x-forwarded-for"] == "198.51.100.7, 127.0.0.1"
+        assert seen["x-forwarded-proto"] == "https"
+        assert seen["x-forwarded-host"] == "shop.internal"
+
 async def test_refusals_mirror_resolve(mock_clock: MockClock, world: World) -> None:
     response = await proxy_get(world.cp, "/hello", host="nosuch.app.example.com")
     assert response.status_code == 403
