@@ -211,21 +211,28 @@ class Mux:
         Never waits for a consumer. Raises ``ProtocolError`` for a message that is not a valid
         frame or breaks the protocol's order (the caller ends the tunnel with its close code);
         with ``skip_unknown``, a frame of a type this side does not know is dropped instead
-        (a newer peer's). A peer that overruns one stream's window gets that stream reset
-        (``flow_control_violation``). Frames for streams already finished are dropped: they
-        were in flight when the stream ended. After :meth:`close`, everything is dropped.
+        (a newer peer's), with one warning per message however many it held. A peer that
+        overruns one stream's window gets that stream reset (``flow_control_violation``).
+        Frames for streams already finished are dropped: they were in flight when the stream
+        ended. After :meth:`close`, everything is dropped.
         """
-        for encoded in frames.split_message(data):
-            if self._closed is not None:
-                return
-            try:
-                frame = frames.decode_frame(encoded, max_head_bytes=self.max_head_bytes)
-            except ProtocolError as exc:
-                if not (self.skip_unknown and exc.reason == "invalid_frame:unknown_type"):
-                    raise
-                log.warning("ignoring a frame: %s", exc.detail)
-                continue
-            await self._on_frame(frame)
+        skipped, first = 0, ""
+        try:
+            for encoded in frames.split_message(data):
+                if self._closed is not None:
+                    return
+                try:
+                    frame = frames.decode_frame(encoded, max_head_bytes=self.max_head_bytes)
+                except ProtocolError as exc:
+                    if not (self.skip_unknown and exc.reason == "invalid_frame:unknown_type"):
+                        raise
+                    skipped, first = skipped + 1, first or exc.detail
+                    continue
+                await self._on_frame(frame)
+        finally:
+            if skipped:  # a 64 KiB batch holds thousands of frames: one line, not thousands
+                log.warning("ignoring %d frame(s) of unknown type, the first: %s",
+                            skipped, first)
 
     async def _on_frame(self, frame: Frame) -> None:
         if isinstance(frame, RequestHeadFrame):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 import random
 import struct
@@ -1072,13 +1073,18 @@ async def test_a_write_failure_fails_every_frame_of_its_batch() -> None:
     assert mux.closed and mux.in_flight == 0
 
 
-async def test_an_unknown_frame_inside_a_batch_is_skipped_only_where_allowed() -> None:
+async def test_an_unknown_frame_inside_a_batch_is_skipped_only_where_allowed(
+        caplog: pytest.LogCaptureFixture) -> None:
     unknown = struct.pack(">BI", 0x3E, 1) + b"from a newer peer"
-    message = encode_batch([encode_frame(RequestHeadFrame(1, GET, fin=True)), unknown,
-                            encode_frame(RequestHeadFrame(2, GET, fin=True))])
+    message = encode_batch([encode_frame(RequestHeadFrame(1, GET, fin=True)),
+                            *[unknown] * 500, encode_frame(RequestHeadFrame(2, GET, fin=True))])
     agent = Mux(_capture, opener=False, skip_unknown=True)
-    await agent.feed(message)
+    with caplog.at_level(logging.WARNING, logger="eecp.streams"):
+        await agent.feed(message)
     assert [(await agent.accept_stream())[0].id for _ in range(2)] == [1, 2]
+    # one line for the message, not one per frame: a batch would turn into a log flood
+    warnings = [r.getMessage() for r in caplog.records if r.name == "eecp.streams"]
+    assert len(warnings) == 1 and "ignoring 500 frame(s) of unknown type" in warnings[0]
     strict = Mux(_capture, opener=False)
     with pytest.raises(ProtocolError, match="invalid_frame:unknown_type"):
         await strict.feed(message)
