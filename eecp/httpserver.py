@@ -426,6 +426,11 @@ class _Connection:
         self.head_deadline = now + limits.header_timeout_sec
         self.head_bytes = 0  # request line and headers seen by callbacks
         self.head_fed = 0  # bytes fed while inside one head (what httptools may be holding)
+        # In a body, a read that made no progress (no body byte, chunk or trailer field) is
+        # all chunk framing or one unfinished trailer field: httptools holds the latter too.
+        self.body_fed = 0
+        self.progressed = False
+        self.trailer_bytes = self.trailer_fields = 0
         self.url = b""
         self.headers: list[tuple[str, str]] = []
         self.content_length: int | None = None
@@ -594,6 +599,7 @@ class _Connection:
         if self.reading_done:
             return  # nothing more is parsed (read only to notice the client leaving)
         head_of = self.messages if self.state == _HEAD else -1
+        self.progressed = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -616,6 +622,13 @@ class _Connection:
                     self.reading_done = True
                     return
             self._call_guard(self.head_deadline)  # a head split over reads: rare
+        elif self.state == _BODY and self.current is not None:
+            self.body_fed = 0 if self.progressed else self.body_fed + len(data)
+            if self.body_fed > self.limits.max_head_bytes:
+                # endless chunk extensions or trailer field: refused like an endless header
+                self.current._error = RequestError(431, "header_too_large",
+                                                   "chunk framing or trailer field too long")
+                self.reading_done = True
 
     def _on_eof(self) -> None:
         if self.active:
@@ -734,7 +747,8 @@ class _Connection:
         self.state = _HEAD
         self.url = b""
         self.headers = []
-        self.head_bytes = self.head_fed = 0
+        self.head_bytes = self.head_fed = self.body_fed = 0
+        self.trailer_bytes = self.trailer_fields = 0
         self.content_length = None
         self.expect_continue = False
 
@@ -745,6 +759,9 @@ class _Connection:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.state == _BODY:
+            self._on_trailer(name, value)
+            return
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > self.limits.max_head_bytes:
             self._fail_parse(431, "header_too_large")
@@ -755,6 +772,21 @@ class _Connection:
         self.headers.append((key, text))
         if key in _NOTABLE:
             self._notable_header(key, text)
+
+    def _on_trailer(self, name: bytes, value: bytes) -> None:
+        # A chunked body's trailer fields are read and dropped: never merged into the head
+        # (they would override headers already checked, such as X-Forwarded-* or X-EE-App)
+        # and never forwarded (the tunnel carries no trailers). Bounded like a head.
+        self.progressed = True
+        self.trailer_bytes += len(name) + len(value) + 4
+        self.trailer_fields += 1
+        if self.trailer_bytes > self.limits.max_head_bytes:
+            self._fail_parse(431, "header_too_large", "trailer section")
+        if self.trailer_fields > self.limits.max_headers:
+            self._fail_parse(431, "too_many_headers", "trailer section")
+
+    def on_chunk_header(self) -> None:
+        self.progressed = True
 
     def _notable_header(self, key: str, value: str) -> None:
         if key == "transfer-encoding":
@@ -788,6 +820,7 @@ class _Connection:
     def on_body(self, body: bytes) -> None:
         request = self.current
         assert request is not None
+        self.progressed = True
         request._received += len(body)
         limit = self.limits.max_body_bytes
         if limit is not None and request._received > limit:

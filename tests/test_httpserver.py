@@ -8,6 +8,7 @@ the subject (the clock jumps to the next deadline whenever every task is blocked
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -543,6 +544,64 @@ async def test_chunked_body_over_the_limit_is_413() -> None:
             reply = await refused(port, b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: "
                                         b"chunked\r\n\r\n64\r\n" + b"a" * 100 + b"\r\n1\r\nb\r\n")
     assert reply.status == 413 and error_of(reply) == "body_too_large"
+
+
+CHUNKED_HEAD = (b"POST /t HTTP/1.1\r\nHost: t\r\nX-Test: head\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+async def test_trailers_are_read_and_dropped_never_merged_into_the_head() -> None:
+    seen: list[list[tuple[str, str]]] = []
+
+    async def handler(request: Request, responder: Responder) -> None:
+        body = await request.read_body(1 << 20)
+        seen.append(list(request.headers))
+        await responder.respond(200, [], body)
+
+    async with running(handler) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            # head, body and trailers in one write: the parser has them all before the handler
+            await client.send(CHUNKED_HEAD + b"3\r\nabc\r\n0\r\nX-Test: trailer\r\n"
+                              b"X-Forwarded-For: 6.6.6.6\r\nHost: evil\r\n\r\n" + get("/next"))
+            first, second = await client.reply(), await client.reply()
+    assert (first.status, first.body, second.status) == (200, b"abc", 200)
+    assert seen[0] == [("host", "t"), ("x-test", "head"), ("transfer-encoding", "chunked")]
+    assert seen[1] == [("host", "t")]  # the next request's head starts afresh
+
+
+@pytest.mark.parametrize(("tail", "reason"), [
+    (b"0\r\nX-Drip: ", "header_too_large"),  # one trailer field that never ends
+    (b"3;ext=", "header_too_large"),  # a chunk extension that never ends
+])
+async def test_endless_chunk_framing_is_431_not_memory(tail: bytes, reason: str) -> None:
+    # httptools holds an unfinished field until it ends: the byte count must stop it
+    async with running(echo, Limits(max_head_bytes=4096)) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(WAIT):
+            await client.send(CHUNKED_HEAD + b"3\r\nabc\r\n" + tail)
+            with contextlib.suppress(trio.BrokenResourceError):
+                for _ in range(8):
+                    await trio.testing.wait_all_tasks_blocked()  # one read per piece
+                    await client.send(b"a" * 1024)
+            reply = await client.reply()
+    assert reply.status == 431 and error_of(reply) == reason
+
+
+@pytest.mark.parametrize(("trailers", "reason"), [
+    ([f"X-{i}: {i}" for i in range(11)], "too_many_headers"),
+    ([f"X-{i}: {'a' * 200}" for i in range(8)], "header_too_large"),
+])
+async def test_trailer_sections_are_bounded_like_heads(trailers: list[str], reason: str) -> None:
+    async with running(echo, Limits(max_head_bytes=1024, max_headers=10)) as port:
+        with trio.fail_after(WAIT):
+            section = "".join(f"{t}\r\n" for t in trailers).encode()
+            reply = await refused(port, CHUNKED_HEAD + b"3\r\nabc\r\n0\r\n" + section
+                                  + b"\r\n")
+            fine = await RawClient.open(port)
+            await fine.send(CHUNKED_HEAD + b"3\r\nabc\r\n0\r\nX-1: 1\r\n\r\n")
+            assert json.loads((await fine.reply()).body)["body"] == "abc"
+    assert reply.status == 431 and error_of(reply) == reason
 
 
 async def test_read_body_limit_is_413() -> None:
