@@ -49,6 +49,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -244,9 +245,9 @@ class Responder:
     async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
         """The whole response, head and body, in one write (the fast path: pass ``headers``
         as a tuple and their encoding is cached)."""
+        block, _, close = _header_block(headers)  # before _start: a bad head is still a 500
         self._start(status)
         request = self._request
-        block, _, close = _header_block(headers)
         self._close = close = close or not self._conn.may_keep_alive(request)
         if status == 204 or status == 304:
             framing, body = b"", b""
@@ -269,9 +270,9 @@ class Responder:
         ``hold=True`` (here and in :meth:`send`) keeps the bytes back to go out with the next
         write: for a caller that knows more follows at once (a small proxied answer is then
         one write instead of three). At most :data:`HOLD_BYTES` are held."""
+        block, length, close = _header_block(headers)  # before _start: a bad head is a 500
         self._start(status)
         request = self._request
-        block, length, close = _header_block(headers)
         framing = b"" if length is None else b"content-length: %d\r\n" % length
         if request.method == "HEAD" or status == 304:
             self._mode = _NO_BODY
@@ -878,6 +879,7 @@ def _classify(exc: httptools.HttpParserError) -> RequestError:
 
 
 _HeaderBlock = tuple[bytes, int | None, bool]
+_LENGTH = re.compile(r"[0-9]{1,19}")
 _HEADER_BLOCKS: dict[tuple[tuple[str, str], ...], _HeaderBlock] = {}
 _HEADER_BLOCKS_MAX = 256
 
@@ -905,6 +907,8 @@ def _encode_headers(headers: Sequence[tuple[str, str]]) -> _HeaderBlock:
         key = name.lower()
         if key in _FRAMING:
             if key == "content-length":
+                if not _LENGTH.fullmatch(value.strip()):  # int() takes "-1", "+5", "1_0"
+                    raise ValueError(f"invalid Content-Length {value[:40]!r}")
                 length = int(value)
             elif key == "connection":
                 close = close or "close" in value.lower()

@@ -741,6 +741,24 @@ async def test_handler_exception_is_500_and_the_server_carries_on(
     assert any(r.exc_info and "kaboom" in str(r.exc_info[1]) for r in caplog.records)
 
 
+@pytest.mark.parametrize("header", [("content-length", v) for v in (
+    "-1", "+5", "1_0", "５", "1" * 20, "5, 5")] + [("x-a", "1\r\nset-cookie: evil")])
+@pytest.mark.parametrize("streamed", [True, False])
+async def test_a_bad_response_head_never_reaches_the_wire(header: tuple[str, str],
+                                                          streamed: bool) -> None:
+    # int() takes most of these lengths, and a CR/LF would split the response: still a 500
+    async def handler(request: Request, responder: Responder) -> None:
+        if streamed:
+            await responder.send_head(200, [header])
+        else:
+            await responder.respond(200, [header], b"12345")
+
+    async with running(handler) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, get("/"))
+    assert reply.status == 500 and error_of(reply) == "internal_error"
+
+
 async def test_handler_exception_after_the_head_closes_the_connection() -> None:
     async def handler(request: Request, responder: Responder) -> None:
         await responder.send_head(200, [])
