@@ -879,7 +879,7 @@ def _classify(exc: httptools.HttpParserError) -> RequestError:
 
 
 _HeaderBlock = tuple[bytes, int | None, bool]
-_LENGTH = re.compile(r"[0-9]{1,19}")
+_DECIMAL = re.compile(r"[0-9]{1,19}")
 _HEADER_BLOCKS: dict[tuple[tuple[str, str], ...], _HeaderBlock] = {}
 _HEADER_BLOCKS_MAX = 256
 
@@ -907,7 +907,7 @@ def _encode_headers(headers: Sequence[tuple[str, str]]) -> _HeaderBlock:
         key = name.lower()
         if key in _FRAMING:
             if key == "content-length":
-                if not _LENGTH.fullmatch(value.strip()):  # int() takes "-1", "+5", "1_0"
+                if not _DECIMAL.fullmatch(value.strip()):  # int() takes "-1", "+5", "1_0"
                     raise ValueError(f"invalid Content-Length {value[:40]!r}")
                 length = int(value)
             elif key == "connection":
