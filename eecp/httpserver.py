@@ -93,7 +93,7 @@ _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) f
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _METHODS: dict[bytes, str] = {}
 # Request headers the parser callback has to look at; every other header is only stored.
-_NOTABLE = frozenset({"content-length", "transfer-encoding", "expect"})
+_NOTABLE = frozenset({"content-length", "transfer-encoding", "expect", "host"})
 
 # Parser states (where the next byte of input belongs).
 _BETWEEN, _HEAD, _BODY = 0, 1, 2
@@ -431,6 +431,7 @@ class _Connection:
         # all chunk framing or one unfinished trailer field: httptools holds the latter too.
         self.body_fed = 0
         self.progressed = False
+        self.host_seen = False
         self.trailer_bytes = self.trailer_fields = 0
         self.url = b""
         self.headers: list[tuple[str, str]] = []
@@ -749,6 +750,7 @@ class _Connection:
         self.url = b""
         self.headers = []
         self.head_bytes = self.head_fed = self.body_fed = 0
+        self.host_seen = False
         self.trailer_bytes = self.trailer_fields = 0
         self.content_length = None
         self.expect_continue = False
@@ -798,6 +800,10 @@ class _Connection:
             limit = self.limits.max_body_bytes
             if limit is not None and self.content_length > limit:
                 self._fail_parse(413, "body_too_large")
+        elif key == "host":
+            if self.host_seen:  # RFC 9112 3.2: which one names the app? refuse instead
+                self._fail_parse(400, "bad_request", "more than one Host")
+            self.host_seen = True
         elif value.strip().lower() == "100-continue":
             self.expect_continue = True
 

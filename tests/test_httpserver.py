@@ -513,6 +513,18 @@ async def test_header_dripped_without_end_is_431() -> None:
     assert reply.status == 431 and error_of(reply) == "header_too_large"
 
 
+async def test_two_host_headers_are_400() -> None:
+    # which one names the app? RFC 9112 says refuse; a pipelined request after a good one too
+    async with running(echo) as port:
+        with trio.fail_after(WAIT):
+            reply = await refused(port, get("/", "Host: other"))
+            client = await RawClient.open(port)
+            await client.send(get("/a") + get("/b", "HOST: other"))
+            first, second = await client.reply(), await client.reply()
+    assert reply.status == 400 and error_of(reply) == "bad_request"
+    assert (first.status, second.status) == (200, 400)
+
+
 async def test_too_many_headers_is_431() -> None:
     async with running(echo, Limits(max_headers=10)) as port:
         with trio.fail_after(WAIT):
