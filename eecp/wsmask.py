@@ -53,7 +53,7 @@ class CMasker:
             return bytes(data)
         assert _apply_mask is not None  # install() uses this class only when it loaded
         masked = _apply_mask(data, self._key)
-        turn = len(data) % 4
+        turn = len(masked) % 4  # bytes, not items: a memoryview of wider items counts less
         if turn:
             self._key = self._key[turn:] + self._key[:turn]
         return masked

@@ -3,6 +3,7 @@ wsproto client and server with it installed exchange messages intact."""
 
 from __future__ import annotations
 
+import array
 import os
 from collections.abc import Iterator
 
@@ -36,6 +37,13 @@ def test_same_bytes_as_wsprotos_masker_across_chunks(key: bytes, chunks: list[by
     ours, theirs = wsmask.CMasker(key), wsmask._ORIGINAL(bytearray(key))
     for chunk in chunks:
         assert bytes(ours.process(chunk)) == bytes(theirs.process(bytearray(chunk)))
+
+
+def test_a_memoryview_of_wider_items_rotates_the_key_by_bytes() -> None:
+    key, data = os.urandom(4), array.array("H", range(3))  # 3 items, 6 bytes
+    ours, theirs = wsmask.CMasker(key), wsmask._ORIGINAL(bytearray(key))
+    assert ours.process(memoryview(data)) == bytes(theirs.process(bytearray(data.tobytes())))
+    assert ours.process(b"abcdefg") == bytes(theirs.process(bytearray(b"abcdefg")))
 
 
 def test_masking_twice_with_one_key_is_the_identity() -> None:
