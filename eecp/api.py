@@ -102,7 +102,8 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
     inbound = {name: ", ".join(request.headers.getlist(name)) for name in FORWARDED_HEADERS}
     forwarding = forwarding_of(inbound, request.remote_addr or "", request.scheme, host,
                                services.trusted_proxies, proxied_host=False)
-    head = RequestHead(call.method, call.path, forwarded_headers(call.headers, forwarding))
+    head = RequestHead(call.method, call.path, forwarded_headers(call.headers, forwarding,
+                                                                 from_proxy=False))
     limit = services.config.proxy_max_body_bytes or MAX_JSON_PROXY_BODY
     try:
         async with open_upstream(services, app_name.lower(), head, call.body()) as upstream:

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from eecp.errors import ConfigError
-from eecp.forwarded import DEFAULT_TRUSTED, IPNetwork, parse_trusted
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_PCCS_URL = "https://api.trustedservices.intel.com"
 DEFAULT_NETWORKS = "forge-1:sealed,sandbox-1:open"
@@ -33,6 +33,8 @@ KNOWN_TCB_STATUSES = frozenset(
         "TDRelaunchAdvisedConfigurationNeeded",
     }
 )
+#: EE_TRUSTED_PROXIES' default: the front proxy on the same host
+DEFAULT_TRUSTED = "127.0.0.0/8,::1/128"
 _NETWORK_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -88,7 +90,8 @@ class Config:
     proxy_max_body_bytes: int | None = None
     tunnel_max_streams: int = 100
     stream_window_bytes: int = 256 * 1024
-    trusted_proxies: tuple[IPNetwork, ...] = parse_trusted(DEFAULT_TRUSTED)
+    trusted_proxies: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),
+                                              ipaddress.ip_network("::1/128"))
 
     @property
     def store_threads(self) -> int:
@@ -267,6 +270,32 @@ def _networks(raw: str) -> tuple[Network, ...]:
             raise ValueError(f"network {name!r} listed twice")
         nets.append(Network(name, kind == "sealed"))
     return tuple(nets)
+
+
+def parse_trusted(raw: str) -> tuple[IPNetwork, ...]:
+    """``EE_TRUSTED_PROXIES``: comma-separated addresses or CIDR networks, or ``none``.
+
+    An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) also yields its IPv4 form, since
+    peers are compared unmapped. Raises ValueError naming the first unusable item."""
+    if raw.strip().lower() == "none":
+        return ()
+    networks: list[IPNetwork] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        if "%" in item:
+            raise ValueError(f"{item!r}: scoped addresses (%zone) are not supported")
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is neither an IP address nor a CIDR network") from None
+        networks.append(network)
+        mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+        if mapped is not None and network.prefixlen >= 96:
+            networks.append(ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}"))
+    if not networks:
+        raise ValueError("no address given (use 'none' to trust no proxy)")
+    return tuple(networks)
 
 
 def tcb_statuses(raw: str) -> frozenset[str]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from eecp.forwarded import forwarded_headers, forwarding_of
+from eecp.forwarded import forwarded_headers, forwarding_of, inbound_forwarding
 from eecp.frames import is_origin_form
 from eecp.httpserver import Limits, Request, Responder, serve_http
 from eecp.proxy import ProxyError, open_upstream, strip_hop_by_hop
@@ -81,7 +81,8 @@ class ProxyHandler:
         if not is_origin_form(request.target):  # absolute-form, `*`, `//host`: no SSRF
             await responder.respond(400, _JSON, error_body("invalid_target"))
             return
-        forwarding = forwarding_of(headers, request.client[0] if request.client else "",
+        forwarding = forwarding_of(inbound_forwarding(request.headers),
+                                   request.client[0] if request.client else "",
                                    "http", headers.get("host"), self._services.trusted_proxies)
         head = RequestHead(request.method, request.target, forwarded_headers(
             [(n, v) for n, v in request.headers if n != "x-ee-app"], forwarding))

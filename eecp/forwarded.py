@@ -12,38 +12,19 @@ That is the rule nginx's ``set_real_ip_from`` and most servers' "forwarded-allow
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from eecp.config import IPNetwork
 from eecp.proxy import strip_hop_by_hop
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-#: EE_TRUSTED_PROXIES' default: the front proxy on the same host
-DEFAULT_TRUSTED = "127.0.0.0/8,::1/128"
-
+#: replaced on every request by what eecp establishes (inbound ones only inform it)
 FORWARDED_HEADERS = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
+#: other names apps read as a proxy's word about the client or the allow decision
+_PROXY_NAMES = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip"})
+_PROXY_PREFIXES = ("x-forwarded-", "x-ee-")
 _PROTOS = ("http", "https")
-
-
-def parse_trusted(raw: str) -> tuple[IPNetwork, ...]:
-    """``EE_TRUSTED_PROXIES``: comma-separated addresses or CIDR networks, or ``none``.
-
-    Raises ValueError naming the item that is neither."""
-    if raw.strip().lower() == "none":
-        return ()
-    networks: list[IPNetwork] = []
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ValueError(f"{item!r} is neither an IP address nor a CIDR network") from None
-    if not networks:
-        raise ValueError("no address given (use 'none' to trust no proxy)")
-    return tuple(networks)
 
 
 class TrustedProxies:
@@ -74,6 +55,7 @@ class Forwarding:
     chain: tuple[str, ...]  #: X-Forwarded-For, the client first and the nearest hop last
     proto: str  #: X-Forwarded-Proto
     host: str | None  #: X-Forwarded-Host
+    trusted: bool = False  #: the peer is a trusted proxy: its other proxy headers carry on
 
 
 def forwarding_of(headers: Mapping[str, str], peer: str, scheme: str, host: str | None,
@@ -86,19 +68,47 @@ def forwarding_of(headers: Mapping[str, str], peer: str, scheme: str, host: str 
     ``proxied_host`` (False on the control port, where the proxy's host is eecp's own)."""
     chain: tuple[str, ...] = (peer,) if peer else ()
     if peer not in trusted:
-        return Forwarding(chain, scheme, host)
+        return Forwarding(chain, scheme, host, trusted=False)
     previous = tuple(part.strip() for part in headers.get("x-forwarded-for", "").split(",")
                      if part.strip())
     proto = headers.get("x-forwarded-proto", "").strip().lower()
     named = headers.get("x-forwarded-host", "").strip() if proxied_host else ""
-    return Forwarding(previous + chain, proto if proto in _PROTOS else scheme, named or host)
+    return Forwarding(previous + chain, proto if proto in _PROTOS else scheme, named or host,
+                      trusted=True)
 
 
-def forwarded_headers(headers: list[tuple[str, str]], forwarding: Forwarding
-                      ) -> list[tuple[str, str]]:
-    """The request headers to send upstream: hop-by-hop and inbound ``X-Forwarded-*`` dropped,
-    ``forwarding`` added."""
-    out = [(n, v) for n, v in strip_hop_by_hop(headers) if n.lower() not in FORWARDED_HEADERS]
+def inbound_forwarding(headers: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The request's ``X-Forwarded-*`` by lower-case name, repeated lines joined with ", "
+    (as RFC 9110 combines a list field) so that no line is lost to the last one."""
+    found: dict[str, list[str]] = {}
+    for name, value in headers:
+        key = name.lower()
+        if key in FORWARDED_HEADERS:
+            found.setdefault(key, []).append(value)
+    return {key: ", ".join(values) for key, values in found.items()}
+
+
+def is_proxy_header(name: str) -> bool:
+    """A name an app may read as a proxy's word (``Forwarded``, ``X-Real-IP``,
+    ``X-Forwarded-*``, eecp's ``X-EE-*``), in any case and with ``_`` for ``-`` (CGI and
+    WSGI servers map both spellings to one variable)."""
+    key = name.lower().replace("_", "-")
+    return key in _PROXY_NAMES or key.startswith(_PROXY_PREFIXES)
+
+
+def forwarded_headers(headers: list[tuple[str, str]], forwarding: Forwarding, *,
+                      from_proxy: bool | None = None) -> list[tuple[str, str]]:
+    """The request headers to send upstream: hop-by-hop dropped, ``X-Forwarded-For/-Proto/
+    -Host`` replaced by ``forwarding``'s.
+
+    Other proxy headers (:func:`is_proxy_header`: ``Forwarded``, ``X-Real-IP``,
+    ``X-Forwarded-Port``, ``X-EE-Release-Tag``…) carry on only when ``headers`` came from a
+    trusted proxy (``from_proxy``, by default ``forwarding.trusted``), and never in an
+    underscore spelling, which no proxy sends and nginx drops."""
+    keep_proxy = forwarding.trusted if from_proxy is None else from_proxy
+    out = [(n, v) for n, v in strip_hop_by_hop(headers)
+           if not (is_proxy_header(n) and (not keep_proxy or "_" in n
+                                          or n.lower() in FORWARDED_HEADERS))]
     if forwarding.chain:
         out.append(("X-Forwarded-For", ", ".join(forwarding.chain)))
     out.append(("X-Forwarded-Proto", forwarding.proto))

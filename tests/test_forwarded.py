@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from eecp.config import from_env
+from eecp.config import DEFAULT_TRUSTED, Config, from_env, parse_trusted
 from eecp.errors import ConfigError
 from eecp.forwarded import (
     Forwarding,
     TrustedProxies,
     forwarded_headers,
     forwarding_of,
-    parse_trusted,
+    inbound_forwarding,
+    is_proxy_header,
 )
 
 LOOPBACK = TrustedProxies(parse_trusted("127.0.0.0/8,::1"))
@@ -24,7 +25,11 @@ def test_parse_trusted() -> None:
         "10.0.0.1/32", "192.168.0.0/16", "::1/128"]
     assert parse_trusted("none") == () and parse_trusted("NONE") == ()
     assert [str(n) for n in parse_trusted("10.1.2.3/8")] == ["10.0.0.0/8"]  # host bits allowed
-    for bad in ("10.0.0.300", "proxy.local", "10.0.0.0/33", ",", ""):
+    assert parse_trusted(DEFAULT_TRUSTED) == Config().trusted_proxies  # one default
+    # peers are compared unmapped, so a mapped network also trusts its IPv4 form
+    mapped = TrustedProxies(parse_trusted("::ffff:10.0.0.0/104"))
+    assert "10.1.2.3" in mapped and "::ffff:10.1.2.3" in mapped and "11.0.0.1" not in mapped
+    for bad in ("10.0.0.300", "proxy.local", "10.0.0.0/33", ",", "", "fe80::1%eth0"):
         with pytest.raises(ValueError):
             parse_trusted(bad)
 
@@ -50,7 +55,8 @@ def test_trusted_peers(peer: str, trusted: bool) -> None:
 
 def test_a_trusted_proxy_s_claims_carry_on_with_the_proxy_appended() -> None:
     got = forwarding_of(SPOOF, "127.0.0.1", "http", "shop.app.example.com", LOOPBACK)
-    assert got == Forwarding(("6.6.6.6", "7.7.7.7", "127.0.0.1"), "https", "bank.example")
+    assert got == Forwarding(("6.6.6.6", "7.7.7.7", "127.0.0.1"), "https", "bank.example",
+                             trusted=True)
 
 
 def test_an_untrusted_peer_s_claims_are_ignored() -> None:
@@ -61,9 +67,9 @@ def test_an_untrusted_peer_s_claims_are_ignored() -> None:
 def test_odd_claims_from_a_trusted_proxy() -> None:
     odd = {"x-forwarded-for": " , ", "x-forwarded-proto": "gopher", "x-forwarded-host": " "}
     got = forwarding_of(odd, "127.0.0.1", "http", "shop", LOOPBACK)
-    assert got == Forwarding(("127.0.0.1",), "http", "shop")  # proto is http or https only
+    assert got == Forwarding(("127.0.0.1",), "http", "shop", trusted=True)  # http/https only
     upper = forwarding_of({"x-forwarded-proto": "HTTPS"}, "::1", "http", None, LOOPBACK)
-    assert upper == Forwarding(("::1",), "https", None)
+    assert upper == Forwarding(("::1",), "https", None, trusted=True)
 
 
 def test_the_control_port_keeps_the_requested_host() -> None:
@@ -83,3 +89,40 @@ def test_forwarded_headers_replace_inbound_ones_and_drop_hop_by_hop() -> None:
                    ("X-Forwarded-Host", "shop")]
     bare = forwarded_headers([], Forwarding((), "http", None))
     assert bare == [("X-Forwarded-Proto", "http")]
+
+
+def test_inbound_forwarding_joins_repeated_lines() -> None:
+    got = inbound_forwarding([("x-forwarded-for", "1.1.1.1"), ("host", "shop"),
+                              ("X-Forwarded-For", "2.2.2.2"), ("x-forwarded-proto", "https")])
+    assert got == {"x-forwarded-for": "1.1.1.1, 2.2.2.2", "x-forwarded-proto": "https"}
+    chain = forwarding_of(got, "127.0.0.1", "http", None, LOOPBACK).chain
+    assert chain == ("1.1.1.1", "2.2.2.2", "127.0.0.1")
+
+
+@pytest.mark.parametrize(("name", "proxy"), [
+    ("Forwarded", True), ("X-Real-IP", True), ("x-forwarded-port", True),
+    ("X_Forwarded_For", True), ("x_forwarded_proto", True), ("X-EE-Release-Tag", True),
+    ("x_ee_registration_state", True), ("True-Client-IP", True),
+    ("X-Request-Id", False), ("Host", False), ("X-Forwardedfor", False), ("Cookie", False),
+])
+def test_is_proxy_header(name: str, proxy: bool) -> None:
+    assert is_proxy_header(name) is proxy
+
+
+PROXY_SAID = [("Host", "shop"), ("Forwarded", "for=6.6.6.6;proto=https"),
+              ("X-Real-IP", "6.6.6.6"), ("X-Forwarded-Port", "443"),
+              ("X_Forwarded_Proto", "https"), ("X-EE-Release-Tag", "v9"), ("X-Other", "1")]
+
+
+def test_proxy_headers_carry_on_only_from_a_trusted_proxy() -> None:
+    trusted = forwarding_of({}, "127.0.0.1", "http", "shop", LOOPBACK)
+    kept = forwarded_headers(PROXY_SAID, trusted)
+    # the underscore spelling never: no proxy sends it, and CGI would read it as the real one
+    assert [n for n, _ in kept] == ["Host", "Forwarded", "X-Real-IP", "X-Forwarded-Port",
+                                    "X-EE-Release-Tag", "X-Other", "X-Forwarded-For",
+                                    "X-Forwarded-Proto", "X-Forwarded-Host"]
+    untrusted = forwarding_of({}, "203.0.113.9", "http", "shop", LOOPBACK)
+    for forwarding, from_proxy in ((untrusted, None), (trusted, False)):
+        dropped = forwarded_headers(PROXY_SAID, forwarding, from_proxy=from_proxy)
+        assert [n for n, _ in dropped] == ["Host", "X-Other", "X-Forwarded-For",
+                                           "X-Forwarded-Proto", "X-Forwarded-Host"]

@@ -145,6 +145,9 @@ async def test_requests_reach_the_app(mock_clock: MockClock, world: World) -> No
 
 SPOOFED = {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https",
            "X-Forwarded-Host": "bank.example"}
+#: what apps also read as a proxy's word, and eecp's own decision headers
+ALSO_SPOOFED = {"X-Real-IP": "6.6.6.6", "X_Forwarded_For": "6.6.6.6", "Forwarded": "for=6.6.6.6",
+                "X-EE-Release-Tag": "forged"}
 
 
 @pytest.mark.parametrize("trusted", ["10.0.0.0/8", "none"])
@@ -155,14 +158,17 @@ async def test_forwarded_headers_from_an_untrusted_client_are_replaced(
             open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
         await agent.wait_status("attested")
         seen = (await proxy_get(world.cp, "/headers", headers={
-            "Host": "shop.app.example.com", "X-EE-App": "shop", **SPOOFED})).json()
+            "Host": "shop.app.example.com", "X-EE-App": "shop", **SPOOFED, **ALSO_SPOOFED})).json()
         assert (seen["x-forwarded-for"], seen["x-forwarded-proto"]) == ("127.0.0.1", "http")
         assert seen["x-forwarded-host"] == "shop.app.example.com"
+        assert not {name.lower() for name in ALSO_SPOOFED} & set(seen), seen
         async with httpx.AsyncClient() as client:
             answer = await client.post(world.cp.url + "/v1/proxy/shop", headers=SPOOFED, json={
-                "path": "/headers", "headers": {**SPOOFED, "Host": "shop.internal"}})
+                "path": "/headers",
+                "headers": {**SPOOFED, **ALSO_SPOOFED, "Host": "shop.internal"}})
         assert answer.status_code == 200, answer.text
         seen = json.loads(base64.b64decode(answer.json()["body_b64"]))
+        assert not {name.lower() for name in ALSO_SPOOFED} & set(seen), seen
         assert (seen["x-forwarded-for"], seen["x-forwarded-proto"]) == ("127.0.0.1", "http")
         assert seen["x-forwarded-host"] == "shop.internal"
 
