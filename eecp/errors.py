@@ -76,7 +76,7 @@ class ProtocolError(EecpError):
 
 class RegistrationError(EecpError):
     """A register eecp will not honour: ``app_name_taken`` (another repo owns the name),
-    ``network_unknown``."""
+    ``network_unknown``, ``agent_id_in_use`` (a live session of another app has it)."""
 
     http_status = 409
 

@@ -45,6 +45,8 @@ log = logging.getLogger("eecp.session")
 
 #: how long cleanup (closing the socket, persisting last_seen) may take once a session ends
 CLEANUP_GRACE_SEC = 5.0
+#: how long a refused agent gets to take the status that says why, before the close
+REFUSE_SEND_SEC = 1.0
 
 
 #: the attestation interval's jitter; one for all sessions (a Random is 2.5 KiB per tunnel)
@@ -95,6 +97,9 @@ class AgentSession:
         self._health_heard = trio.Event()
         self._renewed = trio.Event()
         self._ttl_started = False
+        self._told_unknown = False
+        #: the first attestation was accepted: the agent is in the registry and the store
+        self.admitted = False
         config = services.config
         #: request streams to the app over this tunnel (the forwarding scope of the session)
         self.mux = Mux(self.send, opener=True, max_streams=config.tunnel_max_streams,
@@ -138,7 +143,6 @@ class AgentSession:
         return None
 
     async def _serve(self, register: Register) -> None:
-        registry = self.services.registry
         try:
             self._check_register(register)
         except RegistrationError as exc:
@@ -153,8 +157,9 @@ class AgentSession:
             release_tag=register.release_tag, network=register.network,
             first_seen=known.first_seen if known else now, last_seen=now), connected=True,
             mux=self.mux)
-        if registry.app(register.app_name) is not None:
-            registry.attach(self.agent)
+        # Nothing of this session reaches the registry, the store or the live sessions before
+        # its first attestation is accepted (_admit): an agent_id is no secret, and a register
+        # alone must not supersede, hide or overwrite the attested agent that holds it.
         log.info("agent %s connected from %s for app %s (%s@%s, %s)", register.agent_id,
                  self.peer, register.app_name, register.repo, register.release_tag,
                  register.network)
@@ -164,8 +169,6 @@ class AgentSession:
             nursery.start_soon(self._attestation_loop, register,
                                name=f"attestation:{register.agent_id}")
             nursery.start_soon(self._health_watchdog, name=f"health:{register.agent_id}")
-            if self._on_registered is not None:
-                await self._on_registered(self)
 
     def _check_register(self, register: Register) -> None:
         if register.data_protocol != protocol.DATA_PROTOCOL:
@@ -181,7 +184,7 @@ class AgentSession:
     async def _cleanup(self) -> None:
         self.mux.close("tunnel_closed")  # every request in flight on this tunnel ends now
         agent = self.agent
-        if agent is not None:
+        if agent is not None and self.admitted:
             self.services.registry.detach(agent)
             record = self.services.registry.update_agent(agent,
                                                          last_seen=self.services.clock.now())
@@ -215,8 +218,11 @@ class AgentSession:
                 data, max_bytes=self.services.config.tunnel_max_message_bytes)
         except ProtocolError as exc:
             if exc.reason == "unknown_type":
-                # newer agents may speak messages we do not know yet: say so and carry on
-                await self.send_status("warning", exc.reason)
+                # newer agents may speak messages we do not know yet: say so (once: answering
+                # every one would let a peer that never reads pile up our writes) and carry on
+                if not self._told_unknown:
+                    self._told_unknown = True
+                    await self.send_status("warning", exc.reason)
                 return None
             await self._refuse(exc)
             return None
@@ -272,10 +278,11 @@ class AgentSession:
         close = code if code is not None else getattr(error, "close_code",
                                                       protocol.CLOSE_POLICY)
         log.info("refusing %s: %s", self.peer, error)
-        try:
+        # ended first: nothing else of the session runs on. Telling the agent why is a
+        # courtesy bounded in time, so a peer that stopped reading cannot hold the session.
+        self.end(close, error.reason)
+        with trio.CancelScope(shield=True), trio.move_on_after(REFUSE_SEND_SEC):
             await self.send_status("invalid", error.reason)
-        finally:
-            self.end(close, error.reason)
 
     # ---- attestation ----------------------------------------------------------------------
 
@@ -353,6 +360,8 @@ class AgentSession:
         agent = self.agent
         assert agent is not None
         agent.attested = False
+        if not self.admitted:
+            return  # never admitted: the audit log has the refusal; the agent's row is not ours
         record = self.services.registry.update_agent(
             agent, last_verdict="refused", last_reason=outcome.reason,
             last_seen=outcome.at)
@@ -367,6 +376,8 @@ class AgentSession:
         if trigger == "register":
             try:  # another session may have claimed the name while we verified
                 check_claim(registry.app(register.app_name), register, now)
+                if not self.admitted and self._on_registered is not None:
+                    await self._on_registered(self)  # may supersede, or refuse, a live session
             except RegistrationError as exc:
                 await self._refuse(exc, protocol.CLOSE_REGISTRATION_REFUSED)
                 return False
@@ -383,6 +394,7 @@ class AgentSession:
             last_attested_at=now, last_verdict="accepted", last_reason="attested",
             last_seen=now)
         agent.attested = True
+        self.admitted = True
         if registry.apps[register.app_name].agents.get(agent.agent_id) is not agent:
             registry.attach(agent)
         await self.services.store.save_agent(record)
@@ -416,12 +428,14 @@ class AgentSession:
                 self._health_scope = scope
                 await trio.sleep_forever()
             self._health_scope = None
+            # a fresh event before anything awaits: a health message that arrives while the
+            # warning below is being sent must still restart the watch
+            heard = self._health_heard = trio.Event()
             if self.agent is not None and self.agent.health != "fail":
                 self.agent.health = "fail"
                 log.info("agent %s silent for %.0fs: health fail", self.agent.agent_id, timeout)
                 await self.send_status("warning", "health_timeout")
-            self._health_heard = trio.Event()
-            await self._health_heard.wait()
+            await heard.wait()
 
     # ---- registration TTL -----------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from eecp import protocol
+from eecp.errors import RegistrationError
 from eecp.session import AgentSession, TunnelSocket
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ class Tunnels:
 
     @property
     def connected(self) -> int:
-        """How many sessions have registered."""
+        """How many sessions have been admitted (their first attestation accepted)."""
         return len(self.sessions)
 
     async def serve_session(self, socket: TunnelSocket, peer: str) -> None:
@@ -117,9 +118,18 @@ class Tunnels:
             session.end(protocol.CLOSE_GOING_AWAY, reason)
 
     async def _registered(self, session: AgentSession) -> None:
+        """``session``'s first attestation was accepted: it becomes the live session of its
+        agent_id. An older one of the same app and repo is superseded (the agent reconnected
+        before its old tunnel was noticed dead); one of another app keeps the id, and the
+        newcomer is refused ``agent_id_in_use``."""
         assert session.register is not None
         agent_id = session.register.agent_id
         old = self.sessions.get(agent_id)
+        if old is not None and old is not session and old.register is not None and (
+                old.register.app_name, old.register.repo) != (
+                session.register.app_name, session.register.repo):
+            raise RegistrationError("agent_id_in_use", f"agent {agent_id} serves "
+                                    f"{old.register.app_name} on another tunnel")
         self.sessions[agent_id] = session
         if old is not None and old is not session:
             log.info("agent %s reconnected: superseding its previous session", agent_id)

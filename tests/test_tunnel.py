@@ -3,6 +3,8 @@ time driven by trio's MockClock."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -17,6 +19,7 @@ from eecp.clock import isoformat
 from tests import quotefactory as qf
 from tests.harness import (
     MEAS,
+    REPO,
     START,
     ControlPlane,
     FakeAgent,
@@ -262,8 +265,14 @@ async def test_unknown_message_type_is_answered_not_fatal(
         mock_clock: MockClock, world: World) -> None:
     async with running_agent(world.agent()) as agent:
         await agent.wait_status("attested")
-        await agent.send('{"type":"telemetry","cpu":3}')
-        await agent.wait_status("unknown_type")
+        for _ in range(50):
+            await agent.send('{"type":"telemetry","cpu":3}')
+        await agent.health("fail")  # answered in order: every unknown one before it was read
+        await agent.wait_status("health_fail")
+        await agent.health("pass")
+        await agent.wait_status("health_restored")
+        # one answer for the lot: a peer that never reads cannot make eecp pile up writes
+        assert agent.statuses().count(("warning", "unknown_type")) == 1
         assert agent.closed is None
         assert (await world.cp.resolve("shop")).status_code == 200
 
@@ -367,6 +376,55 @@ async def test_reconnect_supersedes_the_old_session(mock_clock: MockClock, world
             await second.wait_status("attested")
             assert await first.wait_closed() == (4009, "superseded")
             assert (await world.cp.resolve("shop")).status_code == 200
+
+
+def agent_rows(world: World) -> list[tuple[Any, ...]]:
+    """The store's agent rows, straight from the SQLite file."""
+    with contextlib.closing(sqlite3.connect(world.cp.env["EE_DB_PATH"])) as db:
+        return db.execute("select agent_id, app_name, repo, last_verdict, last_attested_at "
+                          "from agent order by agent_id").fetchall()
+
+
+@pytest.mark.parametrize(("app", "repo"), [("evil", "mallory/evil"), ("shop", REPO)])
+async def test_an_unattested_register_with_a_live_agent_id_changes_nothing(
+        mock_clock: MockClock, world: World, app: str, repo: str) -> None:
+    # agent ids are no secret: a register alone must neither supersede the live agent, hide
+    # it from resolve, nor overwrite its stored row (it is admitted only once it attests)
+    async with running_agent(world.agent()) as victim:
+        await victim.wait_status("attested")
+        before = agent_rows(world)
+        attacker = world.agent(agent_id=victim.agent_id, app=app, repo=repo, auto=False)
+        async with running_agent(attacker):
+            await attacker.wait_for(lambda a: bool(a.challenges()))
+            body = (await world.cp.resolve("shop")).json()
+            assert (body["allowed"], body["agents"]) == (True, 1), body
+            await jump_until_closed(world, attacker, 31)
+        assert attacker.closed is not None and attacker.closed[1] == "attestation_timeout"
+        assert victim.closed is None
+        assert (await world.cp.resolve("shop")).json()["allowed"] is True
+        assert agent_rows(world) == before and before[0][3] == "accepted"
+
+
+async def test_unattested_sessions_leave_no_agents_behind(
+        mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent()) as victim:
+        await victim.wait_status("attested")
+        for _ in range(20):  # register, receive the challenge, hang up
+            async with running_agent(world.agent(auto=False)) as passer:
+                await passer.wait_for(lambda a: bool(a.challenges()))
+        await resolve_until(world, "shop", lambda b: True)
+        assert len((await world.cp.app("shop"))["agents"]) == 1
+        assert [row[0] for row in agent_rows(world)] == [victim.agent_id]
+
+
+async def test_an_attested_agent_of_another_app_cannot_take_a_live_agent_id(
+        mock_clock: MockClock, world: World) -> None:
+    async with running_agent(world.agent()) as first:
+        await first.wait_status("attested")
+        async with running_agent(world.agent(agent_id=first.agent_id, app="other")) as second:
+            assert await second.wait_closed() == (4004, "agent_id_in_use")
+        assert first.closed is None
+        assert (await world.cp.resolve("shop")).json()["allowed"] is True
 
 
 async def test_resolve_by_forwarded_host_and_unknown_apps(
