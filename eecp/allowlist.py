@@ -221,6 +221,12 @@ class _Slot:
     last_error: AllowlistError | None = None
 
 
+#: how long a release without a (valid) allowlist is answered from memory: any agent may name
+#: any repo and tag, and each miss would otherwise be a GitHub request on the operator's token
+NEGATIVE_TTL_SEC = 60.0
+_REMEMBERED_MISSES = ("allowlist_not_found", "allowlist_malformed")
+
+
 class _Unavailable(Exception):
     """GitHub could not answer (transport error, timeout, 5xx, 401/403/429, garbage)."""
 
@@ -256,6 +262,9 @@ class AllowlistSource:
         # Insertion-ordered; the oldest confirmation is evicted first when full.
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._slots: dict[tuple[str, str], _Slot] = {}
+        # (repo, tag) → the refusal and when: insertion-ordered, bounded like the cache
+        self._misses: dict[tuple[str, str], tuple[AllowlistError, float]] = {}
+        self._negative_ttl = min(cache_ttl_sec, NEGATIVE_TTL_SEC)
 
     @classmethod
     def from_config(
@@ -286,6 +295,9 @@ class AllowlistSource:
         entry = self._cache.get(key)
         if entry is not None and self._fresh(entry):
             return entry.allowlist
+        miss = self._misses.get(key)
+        if miss is not None and self._clock.now() - miss[1] < self._negative_ttl:
+            raise AllowlistError(miss[0].reason, miss[0].detail)
 
         slot = self._slots.get(key)
         if slot is None:
@@ -310,6 +322,7 @@ class AllowlistSource:
                 except AllowlistError as exc:
                     slot.last_error = exc
                     slot.attempts += 1
+                    self._remember_miss(key, exc)
                     raise
                 slot.last_error = None
                 slot.attempts += 1
@@ -318,6 +331,14 @@ class AllowlistSource:
             slot.users -= 1
             if slot.users == 0:
                 del self._slots[key]
+
+    def _remember_miss(self, key: tuple[str, str], exc: AllowlistError) -> None:
+        if not exc.reason.startswith(_REMEMBERED_MISSES) or self._negative_ttl <= 0:
+            return  # unavailable: GitHub may answer the next caller
+        self._misses.pop(key, None)
+        while len(self._misses) >= self._max_entries:
+            del self._misses[next(iter(self._misses))]
+        self._misses[key] = (exc, self._clock.now())
 
     def _fresh(self, entry: _Entry) -> bool:
         return self._clock.now() - entry.checked_at < self._ttl

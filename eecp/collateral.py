@@ -363,6 +363,11 @@ class _Entry:
     last_error: CollateralError | None = None
 
 
+#: entries kept that hold no collateral (only failures): the FMSPC comes from a quote not yet
+#: verified, so any agent can name new ones; real fleets have a handful of platforms
+MAX_EMPTY_ENTRIES = 256
+
+
 class CollateralCache:
     """Collateral per ``tee:FMSPC:ca`` from a PCCS/PCS, cached in memory and in persistence.
 
@@ -409,6 +414,7 @@ class CollateralCache:
         key = self.key(fmspc, ca, tee)
         entry = self._entries.get(key)
         if entry is None:
+            self._forget_empty()
             entry = self._entries[key] = _Entry(fmspc.upper(), ca, tee)
         seen_attempts = entry.attempts
         async with entry.lock:
@@ -427,6 +433,13 @@ class CollateralCache:
             if cached is not None and valid and now - entry.last_attempt < self._retry:
                 return cached
             return await self._refresh(key, entry, now)
+
+    def _forget_empty(self) -> None:
+        """Drop the oldest idle entries without collateral beyond :data:`MAX_EMPTY_ENTRIES`."""
+        empty = [k for k, e in self._entries.items() if e.parts is None and not e.lock.locked()
+                 and not e.lock.statistics().tasks_waiting]
+        for key in empty[:max(0, len(empty) - MAX_EMPTY_ENTRIES + 1)]:
+            del self._entries[key]
 
     async def refresh_ahead(self) -> None:
         """Refetch every known key whose collateral is within the margin (errors are logged)."""

@@ -17,7 +17,13 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eecp.allowlist import MAX_ALLOWLIST_BYTES, Allowlist, AllowlistSource, parse_allowlist
+from eecp.allowlist import (
+    MAX_ALLOWLIST_BYTES,
+    NEGATIVE_TTL_SEC,
+    Allowlist,
+    AllowlistSource,
+    parse_allowlist,
+)
 from eecp.clock import FixedClock
 from eecp.errors import AllowlistError
 from tests.fake_github import FakeGitHub, open_fake_github
@@ -291,6 +297,7 @@ async def source_for(
     ttl: float = 300.0,
     fetch_timeout: float = 5.0,
     url: str | None = None,
+    max_cache_entries: int = 4096,
 ) -> AsyncIterator[AllowlistSource]:
     async with httpx.AsyncClient() as client:
         yield AllowlistSource(
@@ -302,6 +309,7 @@ async def source_for(
             local_dir=local_dir,
             cache_ttl_sec=ttl,
             fetch_timeout_sec=fetch_timeout,
+            max_cache_entries=max_cache_entries,
         )
 
 
@@ -441,6 +449,7 @@ async def test_deleted_release_drops_cached_copy() -> None:
                 await src.get(REPO, TAG)
             assert info.value.reason == "allowlist_not_found"
             gh.server.up = False  # and the copy is not resurrected during an outage
+            clock.advance(61)  # (past the remembered miss)
             with pytest.raises(AllowlistError) as info:
                 await src.get(REPO, TAG)
             assert info.value.reason == "allowlist_unavailable"
@@ -483,19 +492,41 @@ async def test_slow_github_times_out() -> None:
         assert "timed out" in info.value.detail
 
 
-async def test_malformed_asset_is_not_cached() -> None:
+async def test_a_malformed_asset_is_remembered_briefly() -> None:
+    clock = FixedClock(T0)
     async with open_fake_github() as gh:
         bad = doc()
         bad["quote_measurements"]["rtmr2"] = "00"
         gh.add_release(REPO, TAG, {ASSET: enc(bad)})
-        async with source_for(gh, FixedClock(T0)) as src:
+        async with source_for(gh, clock) as src:
             for _ in range(2):
                 with pytest.raises(AllowlistError) as info:
                     await src.get(REPO, TAG)
                 assert info.value.reason == "allowlist_malformed:quote_measurements.rtmr2"
-            assert len(gh.requests) == 4  # asked again: nothing was cached
+            assert len(gh.requests) == 2  # the second answer came from memory
             gh.add_release(REPO, TAG, {ASSET: enc(doc())})
+            clock.advance(NEGATIVE_TTL_SEC)  # the operator's fix is seen within a minute
             assert (await src.get(REPO, TAG)).rtmrs[2] == b"\x02" * 48
+
+
+async def test_misses_are_remembered_per_release_and_bounded() -> None:
+    # any agent can name any repo and tag: a repeated miss must not be a GitHub request each
+    clock = FixedClock(T0)
+    async with open_fake_github() as gh, source_for(gh, clock, max_cache_entries=3) as src:
+
+        async def asks(tag: str) -> int:
+            before = len(gh.requests)
+            with pytest.raises(AllowlistError, match="allowlist_not_found"):
+                await src.get(REPO, tag)
+            return len(gh.requests) - before
+
+        first = await asks("v1")
+        assert first > 0 and await asks("v1") == 0  # remembered
+        assert await asks("v2") == first and await asks("v3") == first
+        assert await asks("v4") == first  # the fourth miss evicts the oldest (v1)
+        assert await asks("v4") == 0 and await asks("v1") == first
+        clock.advance(NEGATIVE_TTL_SEC)
+        assert await asks("v1") == first  # and a remembered miss ends after a minute
 
 
 async def test_oversized_asset_is_too_large() -> None:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from eecp import collateral
 from eecp.clock import FixedClock, parse_isoformat
 from eecp.collateral import (
     CollateralCache,
@@ -547,6 +548,26 @@ async def test_unknown_fmspc_is_unavailable(
         await make_cache(client, pccs, clock).get("00906ED50000", "platform", "tdx")
     assert err.value.reason == "collateral_unavailable"
     assert "HTTP 404" in err.value.detail
+
+
+async def test_entries_without_collateral_are_bounded(
+    client: httpx.AsyncClient, pccs: FakePccs, clock: FixedClock,
+    platform: tuple[str, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the FMSPC comes from a quote not verified yet: new names must not grow memory for ever
+    monkeypatch.setattr(collateral, "MAX_EMPTY_ENTRIES", 4)
+    cache = make_cache(client, pccs, clock)
+    good = await cache.get(*platform, "tdx")
+    for n in range(10):
+        with pytest.raises(CollateralError):
+            await cache.get(f"{0xA0000000 + n:012X}", "platform", "tdx")
+    keys = list(cache._entries)
+    assert len(keys) == 5 and keys[0] == cache.key(*platform, "tdx")
+    assert keys[1:] == [cache.key(f"{0xA0000000 + n:012X}", "platform", "tdx")
+                        for n in range(6, 10)]  # the newest failures, and the platform kept
+    before = hits(pccs)
+    assert await cache.get(*platform, "tdx") is good  # still cached: no fetch
+    assert hits(pccs) == before
 
 
 async def test_bad_key_is_a_value_error(
