@@ -1,10 +1,10 @@
 """The attestation engine: the thin async shell around the pure policy.
 
 One call, :meth:`AttestationEngine.attest`, takes what an agent answered to a challenge and
-returns an :class:`Outcome`: it fetches the allowlist (GitHub or a local dir) and the collateral
-(PCCS, cached), verifies the quote in a worker thread at the injected clock's time, then applies
-:mod:`eecp.policy`. It never raises for a bad quote: every refusal is an outcome with a reason,
-ready for the audit log.
+returns an :class:`Outcome`: it fetches the collateral (PCCS, cached), verifies the quote in a
+worker thread at the injected clock's time, fetches the allowlist (GitHub or a local dir; only
+for a quote that verified), then applies :mod:`eecp.policy`. It never raises for a bad quote:
+every refusal is an outcome with a reason, ready for the audit log.
 """
 
 from __future__ import annotations
@@ -138,13 +138,15 @@ class AttestationEngine:
         facts = parse_quote(challenge.quote)
         state["facts"] = facts
         state["measurements"] = measurements = measurements_from_json(challenge.measurements)
-        allowlist: Allowlist = await self._allowlists.get(challenge.repo, challenge.release_tag)
         tee: Literal["tdx", "sgx"] = "tdx" if facts.tee_type == "TDX" else "sgx"
         parts = await self._collateral.get(facts.fmspc, facts.ca, tee)
         now = self._clock.now()
         state["verified"] = verified = await run_blocking(
             self._workers.verify, verify_quote, challenge.quote, parts.to_dcap(), now, self._root
         )
+        # only a quote that verified makes eecp ask GitHub: the repo and tag are the agent's
+        # word, and any peer could otherwise spend the operator's API quota on names it picks
+        allowlist: Allowlist = await self._allowlists.get(challenge.repo, challenge.release_tag)
         policy.check(
             policy.Evidence(verified, challenge.claimed_report_data, measurements),
             nonce=challenge.nonce,

@@ -151,6 +151,18 @@ async def test_unsealed_refused_on_forge_accepted_on_sandbox(rig: Rig) -> None:
     assert sandbox.accepted and sandbox.measurements == UNSEALED
 
 
+async def test_only_a_verified_quote_makes_eecp_ask_github(rig: Rig) -> None:
+    # repo and tag are the agent's word: a quote that does not verify must cost no API call
+    nonce = rig.nonce()
+    before = len(rig.github.requests)
+    outcome = await rig.engine.attest(rig.challenge(rig.mint(nonce, corrupt_signature=True),
+                                                    nonce, repo="mallory/any", tag="v0"))
+    assert outcome.reason == "quote_invalid" and len(rig.github.requests) == before
+    outcome = await rig.engine.attest(rig.challenge(rig.mint(nonce), nonce,
+                                                    repo="mallory/any", tag="v0"))
+    assert outcome.reason == "allowlist_not_found" and len(rig.github.requests) > before
+
+
 async def test_revoked_pck_is_refused(rig: Rig) -> None:
     nonce = rig.nonce()
     minted = rig.mint(nonce, revoke_pck=True)
