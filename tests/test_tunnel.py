@@ -16,6 +16,7 @@ import trio
 from trio.testing import MockClock
 
 from eecp.clock import isoformat
+from eecp.session import AgentSession
 from tests import quotefactory as qf
 from tests.harness import (
     MEAS,
@@ -316,6 +317,35 @@ async def test_health_silence_and_recovery(mock_clock: MockClock, world: World) 
         assert (await world.cp.resolve("shop")).status_code == 200
         await agent.health("fail")
         await agent.wait_status("health_fail")
+        assert (await world.cp.resolve("shop")).json()["reason"] == "health_fail"
+
+
+async def test_health_heard_while_the_timeout_warning_is_sent_restarts_the_watch(
+        mock_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the watchdog sends "health_timeout" after marking the agent failed; a "pass" that comes
+    # in during that send must not be lost, or the agent is never watched again
+    original = AgentSession.send_status
+    sending, release = trio.Event(), trio.Event()
+
+    async def slow_warning(self: AgentSession, state: str, reason: str, **extra: object) -> None:
+        if reason == "health_timeout" and not release.is_set():
+            sending.set()
+            await release.wait()
+        await original(self, state, reason, **extra)
+
+    monkeypatch.setattr(AgentSession, "send_status", slow_warning)
+    async with running_agent(world.agent()) as agent:
+        await agent.wait_status("attested")
+        world.clock.jump(130)  # silent past EE_HEALTH_TIMEOUT_SEC (120)
+        async with real_deadline(10):
+            await sending.wait()
+        await agent.health()  # heard while the warning is still being sent
+        await health_seen(world, "shop", START + 130)
+        release.set()
+        await agent.wait_status("health_timeout")
+        assert (await world.cp.resolve("shop")).status_code == 200  # the pass counted
+        world.clock.jump(130)  # silent again: watched again
+        await agent.wait_for(lambda a: a.statuses().count(("warning", "health_timeout")) == 2)
         assert (await world.cp.resolve("shop")).json()["reason"] == "health_fail"
 
 
