@@ -158,8 +158,8 @@ class AgentSession:
             first_seen=known.first_seen if known else now, last_seen=now), connected=True,
             mux=self.mux)
         # Nothing of this session reaches the registry, the store or the live sessions before
-        # its first attestation is accepted (_admit): an agent_id is no secret, and a register
-        # alone must not supersede, hide or overwrite the attested agent that holds it.
+        # its first attestation is accepted (_record_acceptance): an agent_id is no secret, and a
+        # register alone must not supersede, hide or overwrite the attested agent holding it.
         log.info("agent %s connected from %s for app %s (%s@%s, %s)", register.agent_id,
                  self.peer, register.app_name, register.repo, register.release_tag,
                  register.network)
