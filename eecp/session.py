@@ -188,8 +188,11 @@ class AgentSession:
             self.services.registry.detach(agent)
             record = self.services.registry.update_agent(agent,
                                                          last_seen=self.services.clock.now())
+            # superseded: the new session owns the agent's row, so no stale write over it
+            superseded = self.ending is not None and self.ending.reason == "superseded"
             try:
-                await self.services.store.save_agent(record)
+                if not superseded:
+                    await self.services.store.save_agent(record)
             except EecpError as exc:
                 log.warning("could not record last_seen of %s: %s", agent.agent_id, exc)
         ending = self.ending or Ending(protocol.CLOSE_NORMAL, "closed")

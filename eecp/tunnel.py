@@ -125,7 +125,8 @@ class Tunnels:
         assert session.register is not None
         agent_id = session.register.agent_id
         old = self.sessions.get(agent_id)
-        if old is not None and old is not session and old.register is not None and (
+        if old is not None and old is not session and old.ending is None and (
+                old.register is not None) and (
                 old.register.app_name, old.register.repo) != (
                 session.register.app_name, session.register.repo):
             raise RegistrationError("agent_id_in_use", f"agent {agent_id} serves "
