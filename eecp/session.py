@@ -100,6 +100,8 @@ class AgentSession:
         self._told_unknown = False
         #: the first attestation was accepted: the agent is in the registry and the store
         self.admitted = False
+        #: a newer session took this agent_id: its row is the newcomer's, not ours to write
+        self.replaced = False
         config = services.config
         #: request streams to the app over this tunnel (the forwarding scope of the session)
         self.mux = Mux(self.send, opener=True, max_streams=config.tunnel_max_streams,
@@ -188,10 +190,8 @@ class AgentSession:
             self.services.registry.detach(agent)
             record = self.services.registry.update_agent(agent,
                                                          last_seen=self.services.clock.now())
-            # superseded: the new session owns the agent's row, so no stale write over it
-            superseded = self.ending is not None and self.ending.reason == "superseded"
             try:
-                if not superseded:
+                if not self.replaced:  # else a stale write over the newer session's row
                     await self.services.store.save_agent(record)
             except EecpError as exc:
                 log.warning("could not record last_seen of %s: %s", agent.agent_id, exc)

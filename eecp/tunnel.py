@@ -133,5 +133,7 @@ class Tunnels:
                                     f"{old.register.app_name} on another tunnel")
         self.sessions[agent_id] = session
         if old is not None and old is not session:
-            log.info("agent %s reconnected: superseding its previous session", agent_id)
-            old.end(protocol.CLOSE_SUPERSEDED, "superseded")
+            old.replaced = True  # even one already ending: its last write would be stale
+            if old.ending is None:
+                log.info("agent %s reconnected: superseding its previous session", agent_id)
+                old.end(protocol.CLOSE_SUPERSEDED, "superseded")

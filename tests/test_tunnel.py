@@ -16,7 +16,9 @@ import trio
 from trio.testing import MockClock
 
 from eecp.clock import isoformat
+from eecp.records import AgentRecord
 from eecp.session import AgentSession
+from eecp.store import Store
 from tests import quotefactory as qf
 from tests.harness import (
     MEAS,
@@ -455,6 +457,78 @@ async def test_an_attested_agent_of_another_app_cannot_take_a_live_agent_id(
             assert await second.wait_closed() == (4004, "agent_id_in_use")
         assert first.closed is None
         assert (await world.cp.resolve("shop")).json()["allowed"] is True
+
+
+_SAVE_AGENT = Store.save_agent
+
+
+def hold_saves(monkeypatch: pytest.MonkeyPatch, hold: Callable[[AgentRecord], bool]
+               ) -> list[tuple[Store, AgentRecord]]:
+    """Keep back (instead of writing) every agent row ``hold`` picks; the returned list
+    collects them, so a test can write them late, as a busy PostgreSQL pool might."""
+    held: list[tuple[Store, AgentRecord]] = []
+
+    async def save_agent(self: Store, record: AgentRecord) -> None:
+        if hold(record):
+            held.append((self, record))
+            return
+        await _SAVE_AGENT(self, record)
+
+    monkeypatch.setattr(Store, "save_agent", save_agent)
+    return held
+
+
+async def write_late(held: list[tuple[Store, AgentRecord]]) -> None:
+    for store, record in held:
+        await _SAVE_AGENT(store, record)
+
+
+async def test_a_superseded_session_leaves_the_agents_row_to_its_successor(
+        mock_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the old session's cleanup used to write its last_seen with its older attestation; with
+    # several store workers that write could land after the successor's and undo it
+    async with running_agent(world.agent()) as first:
+        await first.wait_status("attested")
+        [(_, _, _, _, first_attested)] = agent_rows(world)
+        held = hold_saves(monkeypatch, lambda r: r.last_attested_at == first_attested)
+        world.clock.jump(5)
+        async with running_agent(world.agent(agent_id=first.agent_id)) as second:
+            await second.wait_status("attested")
+            assert await first.wait_closed() == (4009, "superseded")  # after its cleanup
+            assert held == []
+            [(_, _, _, verdict, attested)] = agent_rows(world)
+            assert (verdict, attested) == ("accepted", first_attested + 5)
+
+
+async def test_an_ending_session_neither_keeps_its_agent_id_nor_writes_over_the_next(
+        mock_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a session that is ending (here: held while it tells its agent why it is refused) no
+    # longer holds its agent_id against an attested agent of another app, and once that one
+    # is admitted, the ending session's last write is not made
+    original = AgentSession.send_status
+    refusing, release = trio.Event(), trio.Event()
+
+    async def slow_refusal(self: AgentSession, state: str, reason: str, **extra: object) -> None:
+        if state == "invalid" and not release.is_set():
+            refusing.set()
+            await release.wait()
+        await original(self, state, reason, **extra)
+
+    monkeypatch.setattr(AgentSession, "send_status", slow_refusal)
+    held = hold_saves(monkeypatch, lambda r: r.app_name == "shop" and release.is_set())
+    async with running_agent(world.agent()) as first:
+        await first.wait_status("attested")
+        await first.send("not json")  # refused: the session ends, its status is held
+        async with real_deadline(10):
+            await refusing.wait()
+        async with running_agent(world.agent(agent_id=first.agent_id, app="other")) as second:
+            await second.wait_status("attested")
+            release.set()
+            assert (await first.wait_closed())[0] == 1007  # invalid payload
+            await write_late(held)
+            assert second.closed is None
+            assert (await world.cp.resolve("other")).json()["allowed"] is True
+            assert [row[:2] for row in agent_rows(world)] == [(first.agent_id, "other")]
 
 
 async def test_resolve_by_forwarded_host_and_unknown_apps(
