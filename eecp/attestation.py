@@ -9,6 +9,7 @@ every refusal is an outcome with a reason, ready for the audit log.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Collection, Mapping
@@ -23,10 +24,14 @@ from eecp.collateral import CollateralCache
 from eecp.config import Network
 from eecp.errors import AttestationError, PolicyError
 from eecp.measurements import Measurements, measurements_from_json
-from eecp.quotes import QuoteFacts, VerifiedQuote, parse_quote, verify_quote
+from eecp.quotes import QuoteFacts, VerifiedQuote, check_pck_chain, parse_quote, verify_quote
 from eecp.records import AuditEntry
 
 log = logging.getLogger("eecp.attestation")
+
+#: PCK chains found issued under the root, remembered (by digest) so that an agent's chain is
+#: checked once, not at every attestation; a machine's chain changes only with its PCK cert
+TRUSTED_CHAINS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ class AttestationEngine:
         self._networks = {n.name: n for n in networks}
         self._allowed = frozenset(allowed_statuses)
         self._root = root_ca_der
+        self._trusted_chains: dict[bytes, None] = {}
 
     async def attest(self, challenge: Challenge) -> Outcome:
         """Judge ``challenge``; refusals come back as outcomes, never as exceptions."""
@@ -139,6 +145,9 @@ class AttestationEngine:
         state["facts"] = facts
         state["measurements"] = measurements = measurements_from_json(challenge.measurements)
         tee: Literal["tdx", "sgx"] = "tdx" if facts.tee_type == "TDX" else "sgx"
+        # the FMSPC is read from the PCK leaf: only a chain issued under the root may make eecp
+        # ask the PCCS for it, or any peer could have us fetch collateral for names it makes up
+        await self._check_chain(facts.pck_chain)
         parts = await self._collateral.get(facts.fmspc, facts.ca, tee)
         now = self._clock.now()
         state["verified"] = verified = await run_blocking(
@@ -154,3 +163,12 @@ class AttestationEngine:
             sealed_network=network.sealed,
             allowed_statuses=self._allowed,
         )
+
+    async def _check_chain(self, pem: bytes) -> None:
+        digest = hashlib.sha256(pem).digest()
+        if digest in self._trusted_chains:
+            return
+        await run_blocking(self._workers.verify, check_pck_chain, pem, self._root)
+        if len(self._trusted_chains) >= TRUSTED_CHAINS_KEPT:
+            del self._trusted_chains[next(iter(self._trusted_chains))]  # the oldest
+        self._trusted_chains[digest] = None

@@ -88,8 +88,9 @@ class AttestationError(EecpError):
 
 
 class QuoteError(AttestationError):
-    """The quote itself: ``quote_malformed``, ``quote_invalid``, ``pck_revoked``,
-    ``tcb_level_unmatched``, ``tcb_status:<S>``, ``debug_td``, ``tee_type_unsupported``."""
+    """The quote itself: ``quote_malformed``, ``pck_chain_untrusted``, ``quote_invalid``,
+    ``pck_revoked``, ``tcb_level_unmatched``, ``tcb_status:<S>``, ``debug_td``,
+    ``tee_type_unsupported``."""
 
 
 class CollateralError(AttestationError):

@@ -11,18 +11,27 @@ quote bytes that dcap-qvl has just verified — never from anything the agent cl
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dcap_qvl
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from eecp.errors import CollateralError, InputError, QuoteError
 
 MAX_QUOTE_BYTES = 64 * 1024
 TD_ATTR_DEBUG = 1 << 0
+#: SHA-256 of Intel's SGX Root CA certificate (DER): the anchor dcap-qvl verifies under when no
+#: EE_DCAP_ROOT_CA replaces it. Every genuine quote carries that certificate at the end of its
+#: PCK chain.
+INTEL_ROOT_SHA256 = bytes.fromhex(
+    "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3")
+#: at most this many certificates above the PCK leaf (as dcap-qvl)
+MAX_CHAIN_ABOVE_LEAF = 4
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class QuoteFacts:
     td_attributes: int | None = None  # TDX TD attributes, little-endian u64
     mr_enclave: bytes | None = None  # SGX
     mr_signer: bytes | None = None  # SGX
+    #: the PCK certificate chain the quote carries (PEM, leaf first), for :func:`check_pck_chain`
+    pck_chain: bytes = field(default=b"", repr=False)
 
     @property
     def debug(self) -> bool:
@@ -67,6 +78,7 @@ def parse_quote(raw: bytes) -> QuoteFacts:
         ca = quote.ca()
         report = quote.report
         is_tdx = quote.is_tdx()
+        chain = bytes(quote.cert_chain_pem_bytes())
     except (ValueError, RuntimeError) as exc:
         raise QuoteError("quote_malformed", _short(exc)) from None
     if is_tdx:
@@ -80,6 +92,7 @@ def parse_quote(raw: bytes) -> QuoteFacts:
             rtmrs=tuple(bytes(r) for r in (report.rt_mr0, report.rt_mr1, report.rt_mr2,
                                             report.rt_mr3)),
             td_attributes=int.from_bytes(bytes(report.td_attributes), "little"),
+            pck_chain=chain,
         )
     return QuoteFacts(
         tee_type="SGX",
@@ -89,7 +102,52 @@ def parse_quote(raw: bytes) -> QuoteFacts:
         report_data=bytes(report.report_data),
         mr_enclave=bytes(report.mr_enclave),
         mr_signer=bytes(report.mr_signer),
+        pck_chain=chain,
     )
+
+
+def check_pck_chain(pem: bytes, root_ca_der: bytes | None) -> None:
+    """Check that a quote's PCK chain (``QuoteFacts.pck_chain``) is issued under the root —
+    Intel's (pinned by :data:`INTEL_ROOT_SHA256`, and then carried in the chain, as every genuine
+    quote does) or ``root_ca_der`` — before any collateral is fetched for the FMSPC that chain
+    names. Signatures only: dates, revocation and all the rest are dcap-qvl's, with collateral.
+
+    Raises ``QuoteError('pck_chain_untrusted')``.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(pem.rstrip(b"\0"))
+    except ValueError:
+        raise QuoteError("pck_chain_untrusted", "the PCK chain is not PEM certificates") from None
+    leaf, above = certs[0], certs[1:]
+    if len(above) > MAX_CHAIN_ABOVE_LEAF:
+        raise QuoteError("pck_chain_untrusted", f"{len(above)} certificates above the PCK leaf")
+    root = _anchor(above, root_ca_der)
+    current = leaf
+    for _ in range(len(above) + 1):
+        if _issued_by(current, root):
+            return
+        issuer = next((c for c in above if c.subject == current.issuer and c != current), None)
+        if issuer is None or not _issued_by(current, issuer):
+            break
+        current = issuer
+    raise QuoteError("pck_chain_untrusted", "the PCK leaf does not chain to the trusted root")
+
+
+def _anchor(chain: list[x509.Certificate], root_ca_der: bytes | None) -> x509.Certificate:
+    if root_ca_der is not None:
+        return x509.load_der_x509_certificate(root_ca_der)
+    for cert in chain:
+        if cert.fingerprint(hashes.SHA256()) == INTEL_ROOT_SHA256:
+            return cert
+    raise QuoteError("pck_chain_untrusted", "the PCK chain does not carry Intel's root")
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def verify_quote(raw: bytes, collateral: Any, now: float, root_ca_der: bytes | None

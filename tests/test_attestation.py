@@ -163,6 +163,23 @@ async def test_only_a_verified_quote_makes_eecp_ask_github(rig: Rig) -> None:
     assert outcome.reason == "allowlist_not_found" and len(rig.github.requests) > before
 
 
+async def test_only_a_pck_chain_under_the_root_makes_eecp_ask_the_pccs(rig: Rig) -> None:
+    # the FMSPC is read from the PCK leaf: quotes under another PKI, each naming a new FMSPC,
+    # must cost no PCCS request (nor keep a cache entry)
+    foreign = qf.make_pki(seed=4)
+    before = sum(rig.pccs.hits.values())
+    for fmspc in ("00A1B2C3D4E5", "00A1B2C3D4E6"):
+        nonce = rig.nonce()
+        minted = qf.mint_tdx_quote(foreign, now=NOW, report_data=report_data_for(MEAS, nonce),
+                                   fmspc=fmspc)
+        outcome = await rig.engine.attest(rig.challenge(minted, nonce))
+        assert (outcome.accepted, outcome.reason) == (False, "pck_chain_untrusted")
+        assert outcome.facts is not None and outcome.facts.fmspc == fmspc  # for the audit
+    assert sum(rig.pccs.hits.values()) == before
+    nonce = rig.nonce()  # our own PKI's quotes still go through, fetching as before
+    assert (await rig.engine.attest(rig.challenge(rig.mint(nonce), nonce))).accepted
+
+
 async def test_revoked_pck_is_refused(rig: Rig) -> None:
     nonce = rig.nonce()
     minted = rig.mint(nonce, revoke_pck=True)

@@ -6,11 +6,14 @@ import json
 
 import dcap_qvl
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from eecp.clock import parse_isoformat
 from eecp.errors import CollateralError, QuoteError
-from eecp.quotes import classify_failure, parse_quote, verify_quote
+from eecp.quotes import check_pck_chain, classify_failure, parse_quote, verify_quote
 from eecp.verify_quote import decode_quote
+from tests import quotefactory as qf
 from tests.vectors import vector
 
 INSIDE_WINDOW = parse_isoformat("2025-06-25T00:00:00Z")
@@ -46,8 +49,6 @@ def test_intel_vector_is_refused_under_another_root() -> None:
     chain = json.loads(vector("dcap/tdx_quote_collateral.json").read_text())[
         "tcb_info_issuer_chain"]
     # The TCB signing cert is not a root of the PCK chain: verification must fail.
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
     other = x509.load_pem_x509_certificates(chain.encode())[0].public_bytes(Encoding.DER)
     with pytest.raises(QuoteError):
         verify_quote(raw, collateral, INSIDE_WINDOW, other)
@@ -95,3 +96,52 @@ def test_garbage_is_malformed(data: bytes) -> None:
 )
 def test_failures_are_classified(message: str, reason: str) -> None:
     assert classify_failure(message).reason == reason
+
+
+# ---- the PCK chain, checked before any collateral is fetched for it ---------------------------
+
+def pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
+
+
+def chain_of(pki: qf.TestPki, **kwargs: object) -> list[x509.Certificate]:
+    minted = qf.mint_tdx_quote(pki, now=1_790_000_000.0, **kwargs)  # type: ignore[arg-type]
+    return x509.load_pem_x509_certificates(parse_quote(minted.quote).pck_chain.rstrip(b"\0"))
+
+
+@pytest.mark.parametrize("name", ["dcap/tdx_quote", "acceptance/sgx_quote",
+                                  "acceptance/tdx_quote_outdated"])
+def test_intel_vectors_chain_to_intels_root(name: str) -> None:
+    check_pck_chain(parse_quote(vector(name).read_bytes()).pck_chain, None)
+
+
+def test_an_intel_chain_is_untrusted_without_its_root_or_under_another() -> None:
+    chain = parse_quote(vector("dcap/tdx_quote").read_bytes()).pck_chain
+    leaf, ca, _root = x509.load_pem_x509_certificates(chain.rstrip(b"\0"))
+    with pytest.raises(QuoteError, match="carry Intel's root") as info:
+        check_pck_chain(pem(leaf, ca), None)  # dcap-qvl would accept it; we need the anchor
+    assert info.value.reason == "pck_chain_untrusted"
+    with pytest.raises(QuoteError, match="does not chain"):
+        check_pck_chain(chain, qf.make_pki(seed=5).root_der)
+
+
+def test_minted_chains_under_the_configured_root() -> None:
+    pki, foreign = qf.make_pki(seed=7), qf.make_pki(seed=8)
+    check_pck_chain(pem(*chain_of(pki)), pki.root_der)
+    check_pck_chain(pem(*chain_of(pki, include_root_in_chain=False)), pki.root_der)
+    leaf, ca, root = chain_of(foreign)
+    assert ca.subject == pki.pck_ca_cert.subject  # same names, other keys
+    refused = {
+        "another PKI": pem(leaf, ca, root),
+        "another PKI with our CA and root appended": pem(leaf, ca, pki.pck_ca_cert,
+                                                          pki.root_cert),
+        "our CA, their leaf": pem(leaf, pki.pck_ca_cert, pki.root_cert),
+        "the leaf alone": pem(chain_of(pki)[0]),
+        "too many certificates": pem(*chain_of(pki), *[pki.pck_ca_cert] * 3),
+        "not PEM": b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        "nothing": b"",
+    }
+    for what, chain in refused.items():
+        with pytest.raises(QuoteError) as info:
+            check_pck_chain(chain, pki.root_der)
+        assert info.value.reason == "pck_chain_untrusted", what
