@@ -84,6 +84,7 @@ class Config:
     tunnel_ping_interval_sec: float = 10.0
     tunnel_dead_peer_sec: float = 20.0
     audit_entries_shown: int = 20
+    audit_refusals_per_min: int = 60
     auth_bind: str = "127.0.0.1"
     auth_port: int = 8089
     proxy_timeout_sec: float = 60.0
@@ -155,6 +156,7 @@ def from_env(env: Mapping[str, str]) -> Config:
         tunnel_ping_interval_sec=r.get("EE_TUNNEL_PING_INTERVAL_SEC", 10.0, _non_negative),
         tunnel_dead_peer_sec=r.get("EE_TUNNEL_DEAD_PEER_SEC", 20.0, _positive),
         audit_entries_shown=r.get("EE_ADMIN_AUDIT_ENTRIES", 20, _positive_int),
+        audit_refusals_per_min=r.get("EE_AUDIT_REFUSALS_PER_MIN", 60, _whole),
         auth_bind=r.get("EE_AUTH_BIND", "127.0.0.1", _host),
         auth_port=r.get("EE_AUTH_PORT", 8089, _port),
         proxy_timeout_sec=r.get("EE_PROXY_TIMEOUT_SEC", 60.0, _positive),
@@ -222,6 +224,12 @@ def _non_negative(raw: str) -> float:
 def _positive_int(raw: str) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{raw!r} must be a whole number >= 1")
+    return int(raw)
+
+
+def _whole(raw: str) -> int:
+    if not raw.isdigit():
+        raise ValueError(f"{raw!r} must be a whole number >= 0")
     return int(raw)
 
 

@@ -35,6 +35,9 @@ class Metrics:
             "eecp_attestation_seconds", "Time to judge one answer (allowlist, collateral, "
             "verification, policy)", registry=self.prometheus,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+        self.audit_suppressed = Counter(
+            "eecp_audit_suppressed", "Refusals of not yet admitted attempts left out of the "
+            "audit log by EE_AUDIT_REFUSALS_PER_MIN", ["reason"], registry=self.prometheus)
         self.proxy_requests = Counter(
             "eecp_proxy_requests", "Proxied requests by app and status", ["app", "status"],
             registry=self.prometheus)

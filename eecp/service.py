@@ -45,6 +45,7 @@ from eecp.errors import ConfigError, InputError
 from eecp.forwarded import TrustedProxies
 from eecp.metrics import Metrics
 from eecp.quotes import load_root_ca
+from eecp.ratelimit import RefusedAuditLimit
 from eecp.registry import Registry
 from eecp.store import Store, open_store
 from eecp.tunnel import TunnelRouter, Tunnels
@@ -69,11 +70,13 @@ class Services:
     tunnels: Tunnels = field(init=False)
     metrics: Metrics = field(init=False)
     trusted_proxies: TrustedProxies = field(init=False)
+    refused_audit: RefusedAuditLimit = field(init=False)
 
     def __post_init__(self) -> None:
         self.tunnels = Tunnels(self)
         self.trusted_proxies = TrustedProxies(self.config.trusted_proxies)
         self.metrics = Metrics(self.registry, self.clock.now)
+        self.refused_audit = RefusedAuditLimit(self.config.audit_refusals_per_min)
 
     @property
     def dev_root_ca(self) -> bool:

@@ -340,7 +340,7 @@ class AgentSession:
         metrics.attestations.labels("accepted" if outcome.accepted else "refused",
                                     outcome.reason).inc()
         metrics.attestation_seconds.observe(outcome.duration_sec)
-        await self.services.store.append_audit(outcome.audit_entry(
+        await self._audit(outcome.audit_entry(
             challenge=challenge, app_name=register.app_name, agent_id=register.agent_id,
             trigger=trigger))
         if not outcome.accepted:
@@ -350,8 +350,25 @@ class AgentSession:
             return False
         return await self._record_acceptance(register, outcome, trigger)
 
+    async def _audit(self, entry: AuditEntry) -> None:
+        """Append ``entry`` to the audit log; refusals of an attempt not yet admitted only
+        within ``EE_AUDIT_REFUSALS_PER_MIN`` (any peer can cause those)."""
+        services = self.services
+        if entry.verdict != "accepted" and not self.admitted:
+            limit = services.refused_audit
+            if not limit.allow(entry.app_name, entry.at):
+                services.metrics.audit_suppressed.labels(entry.reason).inc()
+                left_out = limit.due_summary(entry.at)
+                if left_out:
+                    log.warning("audit log: %d refusals of attempts never admitted left out in "
+                                "the last minute or more (EE_AUDIT_REFUSALS_PER_MIN=%d); latest "
+                                "%s for app %s from %s", left_out, limit.per_minute,
+                                entry.reason, entry.app_name, self.peer)
+                return
+        await services.store.append_audit(entry)
+
     async def _audit_timeout(self, register: Register, trigger: str) -> None:
-        await self.services.store.append_audit(AuditEntry(
+        await self._audit(AuditEntry(
             at=self.services.clock.now(), app_name=register.app_name,
             agent_id=register.agent_id, repo=register.repo, release_tag=register.release_tag,
             network=register.network, trigger=trigger, verdict="refused",

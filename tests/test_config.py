@@ -25,6 +25,7 @@ def test_defaults_match_the_documented_ones() -> None:
         3600, 30, 120)
     assert (cfg.registration_ttl_days, cfg.registration_warn_days) == (30, 3)
     assert cfg.dcap_root_ca is None and cfg.admin_token is None
+    assert cfg.audit_refusals_per_min == 60
 
 
 def test_values_are_parsed(tmp_path: Path) -> None:
@@ -40,6 +41,7 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         "EE_PCCS_URL": "https://pccs.example/",
         "EE_ATTEST_INTERVAL_SEC": "60",
         "EE_ADMIN_TOKEN": "s3cret",
+        "EE_AUDIT_REFUSALS_PER_MIN": "0",
     })
     assert cfg.control_port == 18088
     assert cfg.networks == (Network("prod-a", True), Network("lab", False))
@@ -49,6 +51,7 @@ def test_values_are_parsed(tmp_path: Path) -> None:
     assert cfg.dcap_root_ca == root and cfg.allowlist_dir == tmp_path
     assert cfg.pccs_url == "https://pccs.example"
     assert cfg.attest_interval_sec == 60
+    assert cfg.audit_refusals_per_min == 0  # no limit
     assert "s3cret" not in repr(cfg)
 
 
@@ -69,6 +72,7 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         ("EE_ALLOWLIST_DIR", "/nonexistent-dir", "not a directory"),
         ("EE_ALLOWLIST_ASSET", "../x.json", "plain file name"),
         ("EE_REGISTRATION_WARN_DAYS", "40", "smaller than EE_REGISTRATION_TTL_DAYS"),
+        ("EE_AUDIT_REFUSALS_PER_MIN", "-1", "whole number >= 0"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, problem: str) -> None:

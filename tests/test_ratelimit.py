@@ -1,0 +1,56 @@
+"""eecp.ratelimit: pure, with the time passed in."""
+
+from __future__ import annotations
+
+from eecp import ratelimit
+from eecp.ratelimit import RefusedAuditLimit, TokenBucket
+
+T0 = 1_790_000_000.0
+
+
+def test_bucket_bursts_then_refills_at_its_rate() -> None:
+    bucket = TokenBucket.full(rate=2.0, burst=3, now=T0)
+    assert [bucket.take(T0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(T0 + 0.5) and not bucket.take(T0 + 0.5)  # 1 token per 0.5 s
+    assert [bucket.take(T0 + 100) for _ in range(4)] == [True, True, True, False]  # capped
+
+
+def test_bucket_ignores_a_clock_stepped_back() -> None:
+    bucket = TokenBucket.full(rate=1.0, burst=1, now=T0)
+    assert bucket.take(T0)
+    assert not bucket.take(T0 - 3600)  # no refill, no debt
+    assert not bucket.take(T0 + 0.5) and bucket.take(T0 + 1.0)
+
+
+def test_one_app_gets_a_share_and_the_rest_is_left_for_others() -> None:
+    limit = RefusedAuditLimit(per_minute=60)  # 12 a minute per app
+    assert sum(limit.allow("shop", T0) for _ in range(100)) == 12
+    assert sum(limit.allow(f"app-{i}", T0) for i in range(100)) == 48  # 60 in all
+    assert limit.suppressed == 88 + 52
+    assert limit.allow("shop", T0 + 5) and not limit.allow("shop", T0 + 5)  # 1 per 5 s
+
+
+def test_fresh_names_do_not_escape_the_overall_limit() -> None:
+    limit = RefusedAuditLimit(per_minute=30)
+    for minute in range(3):
+        now = T0 + 60 * minute
+        allowed = sum(limit.allow(f"n{minute}-{i}", now) for i in range(10_000))
+        assert allowed == 30
+    assert len(limit._apps) <= ratelimit.MAX_APPS_TRACKED
+
+
+def test_zero_means_no_limit() -> None:
+    limit = RefusedAuditLimit(per_minute=0)
+    assert all(limit.allow("shop", T0) for _ in range(1000))
+    assert limit.due_summary(T0) == 0
+
+
+def test_a_summary_at_most_once_a_minute() -> None:
+    limit = RefusedAuditLimit(per_minute=1)
+    assert limit.due_summary(T0) == 0  # nothing left out yet
+    assert limit.allow("a", T0) and not limit.allow("a", T0) and not limit.allow("b", T0)
+    assert limit.due_summary(T0) == 2
+    assert not limit.allow("c", T0 + 1)
+    assert limit.due_summary(T0 + 30) == 0  # counted, reported later
+    assert not limit.allow("c", T0 + 40)
+    assert limit.due_summary(T0 + 61) == 2 and limit.suppressed == 0
