@@ -9,7 +9,6 @@ every refusal is an outcome with a reason, ready for the audit log.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Collection, Mapping
@@ -28,10 +27,6 @@ from eecp.quotes import QuoteFacts, VerifiedQuote, check_pck_chain, parse_quote,
 from eecp.records import AuditEntry
 
 log = logging.getLogger("eecp.attestation")
-
-#: PCK chains found issued under the root, remembered (by digest) so that an agent's chain is
-#: checked once, not at every attestation; a machine's chain changes only with its PCK cert
-TRUSTED_CHAINS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -111,7 +106,7 @@ class AttestationEngine:
         self._networks = {n.name: n for n in networks}
         self._allowed = frozenset(allowed_statuses)
         self._root = root_ca_der
-        self._trusted_chains: dict[bytes, None] = {}
+        self._known_cas: set[bytes] = set()  # see check_pck_chain
 
     async def attest(self, challenge: Challenge) -> Outcome:
         """Judge ``challenge``; refusals come back as outcomes, never as exceptions."""
@@ -146,13 +141,16 @@ class AttestationEngine:
         state["measurements"] = measurements = measurements_from_json(challenge.measurements)
         tee: Literal["tdx", "sgx"] = "tdx" if facts.tee_type == "TDX" else "sgx"
         # the FMSPC is read from the PCK leaf: only a chain issued under the root may make eecp
-        # ask the PCCS for it, or any peer could have us fetch collateral for names it makes up
-        await self._check_chain(facts.pck_chain)
+        # ask the PCCS for a new one, or any peer could have us fetch collateral for names it
+        # makes up (for a platform already held, dcap-qvl's verification checks the chain)
+        if not self._collateral.holds(facts.fmspc, facts.ca, tee):
+            await run_blocking(self._workers.verify, check_pck_chain, facts.pck_chain,
+                               self._root, self._known_cas)
         parts = await self._collateral.get(facts.fmspc, facts.ca, tee)
         now = self._clock.now()
         state["verified"] = verified = await run_blocking(
-            self._workers.verify, verify_quote, challenge.quote, parts.to_dcap(), now, self._root
-        )
+            self._workers.verify, verify_quote, challenge.quote, parts.to_dcap(), now, self._root,
+            facts)
         # only a quote that verified makes eecp ask GitHub: the repo and tag are the agent's
         # word, and any peer could otherwise spend the operator's API quota on names it picks
         allowlist: Allowlist = await self._allowlists.get(challenge.repo, challenge.release_tag)
@@ -163,12 +161,3 @@ class AttestationEngine:
             sealed_network=network.sealed,
             allowed_statuses=self._allowed,
         )
-
-    async def _check_chain(self, pem: bytes) -> None:
-        digest = hashlib.sha256(pem).digest()
-        if digest in self._trusted_chains:
-            return
-        await run_blocking(self._workers.verify, check_pck_chain, pem, self._root)
-        if len(self._trusted_chains) >= TRUSTED_CHAINS_KEPT:
-            del self._trusted_chains[next(iter(self._trusted_chains))]  # the oldest
-        self._trusted_chains[digest] = None

@@ -402,6 +402,12 @@ class CollateralCache:
         """The cache (and persistence) key: ``tee:FMSPC:ca``."""
         return f"{tee}:{fmspc.upper()}:{ca}"
 
+    def holds(self, fmspc: str, ca: str, tee: Tee) -> bool:
+        """True when collateral for this platform is in memory (a :meth:`get` then fetches
+        only to refresh it)."""
+        entry = self._entries.get(self.key(fmspc, ca, tee))
+        return entry is not None and entry.parts is not None
+
     async def get(self, fmspc: str, ca: str, tee: Tee) -> CollateralParts:
         """Valid collateral for this platform, from cache or freshly fetched.
 

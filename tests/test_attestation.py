@@ -178,6 +178,13 @@ async def test_only_a_pck_chain_under_the_root_makes_eecp_ask_the_pccs(rig: Rig)
     assert sum(rig.pccs.hits.values()) == before
     nonce = rig.nonce()  # our own PKI's quotes still go through, fetching as before
     assert (await rig.engine.attest(rig.challenge(rig.mint(nonce), nonce))).accepted
+    fetched = sum(rig.pccs.hits.values())
+    assert fetched > before
+    # a platform whose collateral is held: dcap-qvl's verification refuses the foreign chain
+    nonce = rig.nonce()
+    minted = qf.mint_tdx_quote(foreign, now=NOW, report_data=report_data_for(MEAS, nonce))
+    outcome = await rig.engine.attest(rig.challenge(minted, nonce))
+    assert outcome.reason == "quote_invalid" and sum(rig.pccs.hits.values()) == fetched
 
 
 async def test_revoked_pck_is_refused(rig: Rig) -> None:

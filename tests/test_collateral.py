@@ -211,7 +211,10 @@ async def test_cache_hit_does_not_touch_pccs(
     client: httpx.AsyncClient, pccs: FakePccs, clock: FixedClock, platform: tuple[str, str]
 ) -> None:
     cache = make_cache(client, pccs, clock)
+    assert not cache.holds(*platform, "tdx")
     first = await cache.get(*platform, "tdx")
+    assert cache.holds("b0c06f000000", "platform", "tdx")
+    assert not cache.holds(platform[0], "processor", "tdx")
     clock.advance(86400)  # a day later, still far from the margin
     second = await cache.get("b0c06f000000", "platform", "tdx")  # key is case-insensitive
     assert second is first
@@ -243,9 +246,11 @@ async def test_pccs_down_nothing_cached_is_unavailable(
     client: httpx.AsyncClient, pccs: FakePccs, clock: FixedClock, platform: tuple[str, str]
 ) -> None:
     pccs.up = False
+    cache = make_cache(client, pccs, clock)
     with pytest.raises(CollateralError) as err:
-        await make_cache(client, pccs, clock).get(*platform, "tdx")
+        await cache.get(*platform, "tdx")
     assert err.value.reason == "collateral_unavailable"
+    assert not cache.holds(*platform, "tdx")  # a failure is no collateral
     assert err.value.http_status == 503
 
 

@@ -141,7 +141,12 @@ def test_minted_chains_under_the_configured_root() -> None:
         "not PEM": b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
         "nothing": b"",
     }
+    known: set[bytes] = set()
+    check_pck_chain(pem(*chain_of(pki)), pki.root_der, known)
+    assert len(known) == 2  # our PCK CA and root: not checked again for the next machine
+    check_pck_chain(pem(*chain_of(pki)), pki.root_der, known)
     for what, chain in refused.items():
-        with pytest.raises(QuoteError) as info:
-            check_pck_chain(chain, pki.root_der)
-        assert info.value.reason == "pck_chain_untrusted", what
+        for cache in (None, known):  # what is known never vouches for a leaf it did not sign
+            with pytest.raises(QuoteError) as info:
+                check_pck_chain(chain, pki.root_der, cache)
+            assert info.value.reason == "pck_chain_untrusted", what
