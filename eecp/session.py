@@ -17,7 +17,6 @@ nursery: nothing outlives the session. The socket is closed in ``finally``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -90,9 +89,12 @@ class AgentSession:
         self._send_lock = trio.Lock()
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
-        self._pending_nonce: bytes | None = None
-        self._answers_tx, self._answers_rx = trio.open_memory_channel[AttestResponse](1)
-        self._renew_tx, self._renew_rx = trio.open_memory_channel[Register](1)
+        # one-slot mailboxes (a memory channel pair is 1.8 KiB per tunnel): the answer to the
+        # challenge in flight (the event exists only while one is), and a renewal asked for
+        self._answer: AttestResponse | None = None
+        self._answered: trio.Event | None = None
+        self._renewal: Register | None = None
+        self._renewal_asked = trio.Event()
         self._health_scope: trio.CancelScope | None = None
         self._health_heard = trio.Event()
         self._renewed = trio.Event()
@@ -248,13 +250,11 @@ class AgentSession:
             await self._refuse(exc)
 
     async def _on_answer(self, answer: AttestResponse) -> None:
-        if self._pending_nonce is None:
+        if self._answered is None or self._answer is not None:  # none asked, or answered
             await self.send_status("warning", "unexpected_message")
             return
-        try:
-            self._answers_tx.send_nowait(answer)
-        except trio.WouldBlock:
-            await self.send_status("warning", "unexpected_message")
+        self._answer = answer
+        self._answered.set()
 
     async def _on_register_again(self, register: Register) -> None:
         current = self.register
@@ -265,8 +265,9 @@ class AgentSession:
                 "register_mismatch", "a tunnel serves one agent, app and repo",
                 protocol.CLOSE_PROTOCOL_ERROR))
             return
-        with contextlib.suppress(trio.WouldBlock):  # a renewal is already queued
-            self._renew_tx.send_nowait(register)
+        if self._renewal is None:  # else one is already waiting to be served
+            self._renewal = register
+            self._renewal_asked.set()
 
     async def send_status(self, state: str, reason: str, **extra: object) -> None:
         """Tell the agent about a decision."""
@@ -300,7 +301,10 @@ class AgentSession:
                 self._nursery.start_soon(self._ttl_watcher, name=f"ttl:{register.agent_id}")
             trigger = "periodic"
             with trio.move_on_after(self._next_interval()):
-                register = await self._renew_rx.receive()
+                await self._renewal_asked.wait()
+            if self._renewal is not None:
+                register, self._renewal = self._renewal, None
+                self._renewal_asked = trio.Event()
                 trigger = "register"
 
     def _next_interval(self) -> float:
@@ -313,19 +317,14 @@ class AgentSession:
         """One challenge/answer/verdict round; False when the session must end."""
         deadline = self.services.config.attest_deadline_sec
         nonce = secrets.token_bytes(32)
-        while True:  # drop an answer that arrived late for an earlier challenge
-            try:
-                self._answers_rx.receive_nowait()
-            except trio.WouldBlock:
-                break
-        self._pending_nonce = nonce
-        answer: AttestResponse | None = None
+        # a fresh mailbox: an answer that arrived late for an earlier challenge was refused
+        answered = self._answered = trio.Event()
         # the agent's time starts when the challenge leaves, not when our send returns
         with trio.move_on_after(deadline):
             await self.send(protocol.AttestRequest(nonce, max(1, math.ceil(deadline)),
                                                    trigger).encode())  # type: ignore[arg-type]
-            answer = await self._answers_rx.receive()
-        self._pending_nonce = None
+            await answered.wait()
+        answer, self._answer, self._answered = self._answer, None, None
         if answer is None:
             await self._audit_timeout(register, trigger)
             await self._refuse(ProtocolError("attestation_timeout", "no answer in time",

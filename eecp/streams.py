@@ -88,13 +88,16 @@ class _Signal:
     """Wakes every task waiting at the moment it fires (waiters re-check their condition)."""
 
     def __init__(self) -> None:
-        self._event = trio.Event()
+        self._event: trio.Event | None = None  # made by the first waiter: most never have one
 
     def fire(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
+        if self._event is not None:
+            self._event.set()
+            self._event = None
 
     async def wait(self) -> None:
+        if self._event is None:
+            self._event = trio.Event()
         await self._event.wait()
 
 
