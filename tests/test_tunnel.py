@@ -350,20 +350,28 @@ async def test_health_silence_and_recovery(mock_clock: MockClock, world: World) 
         assert (await world.cp.resolve("shop")).json()["reason"] == "health_fail"
 
 
+def hold_status(monkeypatch: pytest.MonkeyPatch, pick: Callable[[str, str], bool]
+                ) -> tuple[trio.Event, trio.Event]:
+    """Hold the server's status messages that ``pick(state, reason)`` chooses until the second
+    event is set; the first is set once one is held."""
+    original = AgentSession.send_status
+    holding, release = trio.Event(), trio.Event()
+
+    async def held(self: AgentSession, state: str, reason: str, **extra: object) -> None:
+        if pick(state, reason) and not release.is_set():
+            holding.set()
+            await release.wait()
+        await original(self, state, reason, **extra)
+
+    monkeypatch.setattr(AgentSession, "send_status", held)
+    return holding, release
+
+
 async def test_health_heard_while_the_timeout_warning_is_sent_restarts_the_watch(
         mock_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     # the watchdog sends "health_timeout" after marking the agent failed; a "pass" that comes
     # in during that send must not be lost, or the agent is never watched again
-    original = AgentSession.send_status
-    sending, release = trio.Event(), trio.Event()
-
-    async def slow_warning(self: AgentSession, state: str, reason: str, **extra: object) -> None:
-        if reason == "health_timeout" and not release.is_set():
-            sending.set()
-            await release.wait()
-        await original(self, state, reason, **extra)
-
-    monkeypatch.setattr(AgentSession, "send_status", slow_warning)
+    sending, release = hold_status(monkeypatch, lambda state, reason: reason == "health_timeout")
     async with running_agent(world.agent()) as agent:
         await agent.wait_status("attested")
         world.clock.jump(130)  # silent past EE_HEALTH_TIMEOUT_SEC (120)
@@ -533,16 +541,7 @@ async def test_an_ending_session_neither_keeps_its_agent_id_nor_writes_over_the_
     # a session that is ending (here: held while it tells its agent why it is refused) no
     # longer holds its agent_id against an attested agent of another app, and once that one
     # is admitted, the ending session's last write is not made
-    original = AgentSession.send_status
-    refusing, release = trio.Event(), trio.Event()
-
-    async def slow_refusal(self: AgentSession, state: str, reason: str, **extra: object) -> None:
-        if state == "invalid" and not release.is_set():
-            refusing.set()
-            await release.wait()
-        await original(self, state, reason, **extra)
-
-    monkeypatch.setattr(AgentSession, "send_status", slow_refusal)
+    refusing, release = hold_status(monkeypatch, lambda state, reason: state == "invalid")
     held = hold_saves(monkeypatch, lambda r: r.app_name == "shop" and release.is_set())
     async with running_agent(world.agent()) as first:
         await first.wait_status("attested")
