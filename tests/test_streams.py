@@ -323,13 +323,18 @@ async def test_small_frames_split_and_credit_comes_back_as_the_reader_reads() ->
         p.eecp.close()
 
 
-async def test_a_peer_that_overruns_its_window_gets_the_stream_reset() -> None:
+def recording_agent_mux() -> tuple[Mux, list[Frame]]:
+    """An agent-side mux whose every written frame lands, decoded, in the returned list."""
     sent: list[Frame] = []
 
     async def capture(data: bytes) -> None:
         sent.extend(decode_all(data))
 
-    agent = Mux(capture, opener=False)
+    return Mux(capture, opener=False), sent
+
+
+async def test_a_peer_that_overruns_its_window_gets_the_stream_reset() -> None:
+    agent, sent = recording_agent_mux()
     await agent.feed(encode_frame(RequestHeadFrame(1, GET)))
     await agent.feed(encode_frame(DataFrame(1, bytes(INITIAL_WINDOW))))  # all its credit
     # not accepted yet, so no more credit was granted: one byte more is a violation
@@ -720,12 +725,7 @@ async def test_the_proxy_refuses_a_body_longer_than_its_content_length() -> None
 
 
 async def test_a_fin_beyond_the_credit_resets_the_stream_and_is_not_an_end() -> None:
-    sent: list[Frame] = []
-
-    async def capture(data: bytes) -> None:
-        sent.extend(decode_all(data))
-
-    agent = Mux(capture, opener=False)
+    agent, sent = recording_agent_mux()
     await agent.feed(encode_frame(RequestHeadFrame(1, GET)))
     stream, _ = await agent.accept_stream()
     await agent.feed(encode_frame(DataFrame(1, bytes(INITIAL_WINDOW))))
