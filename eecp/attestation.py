@@ -145,7 +145,7 @@ class AttestationEngine:
         # makes up (for a platform already held, dcap-qvl's verification checks the chain)
         if not self._collateral.holds(facts.fmspc, facts.ca, tee):
             await run_blocking(self._workers.verify, check_pck_chain, facts.pck_chain,
-                               self._root, self._known_cas)
+                               self._root, self._known_cas, facts.fmspc)
         parts = await self._collateral.get(facts.fmspc, facts.ca, tee)
         now = self._clock.now()
         state["verified"] = verified = await run_blocking(

@@ -80,7 +80,9 @@ def parse_quote(raw: bytes) -> QuoteFacts:
         ca = quote.ca()
         report = quote.report
         is_tdx = quote.is_tdx()
-        chain = bytes(quote.cert_chain_pem_bytes())
+        # None when the certification data is no PEM chain (type 4, a lone DER leaf)
+        pem_chain = quote.cert_chain_pem_bytes()
+        chain = bytes(pem_chain) if pem_chain is not None else b""
     except (ValueError, RuntimeError) as exc:
         raise QuoteError("quote_malformed", _short(exc)) from None
     if is_tdx:
@@ -109,14 +111,15 @@ def parse_quote(raw: bytes) -> QuoteFacts:
 
 
 def check_pck_chain(pem: bytes, root_ca_der: bytes | None,
-                    known_cas: set[bytes] | None = None) -> None:
+                    known_cas: set[bytes] | None = None, fmspc: str | None = None) -> None:
     """Check that a quote's PCK chain (``QuoteFacts.pck_chain``) is issued under the root —
     Intel's (pinned by :data:`INTEL_ROOT_SHA256`, and then carried in the chain, as every genuine
     quote does) or ``root_ca_der`` — before any collateral is fetched for the FMSPC that chain
     names. Signatures only: dates, revocation and all the rest are dcap-qvl's, with collateral.
 
     ``known_cas`` (SHA-256 digests of CA certificates already found under that root; the check
-    adds to it) saves re-checking the few PCK CAs every machine's chain shares.
+    adds to it) saves re-checking the few PCK CAs every machine's chain shares. ``fmspc``, when
+    given, must be the one in the leaf checked (what the collateral would be fetched for).
 
     Raises ``QuoteError('pck_chain_untrusted')``.
     """
@@ -124,7 +127,13 @@ def check_pck_chain(pem: bytes, root_ca_der: bytes | None,
         certs = x509.load_pem_x509_certificates(pem.rstrip(b"\0"))
     except ValueError:
         raise QuoteError("pck_chain_untrusted", "the PCK chain is not PEM certificates") from None
+    # cryptography skips PEM blocks of other labels, dcap-qvl takes the leaf from the first
+    # block of any label: both must see the same certificates
+    if pem.count(b"-----BEGIN ") != len(certs):
+        raise QuoteError("pck_chain_untrusted", "the PCK chain holds PEM blocks of other kinds")
     leaf, above = certs[0], certs[1:]
+    if fmspc is not None and _leaf_fmspc(leaf) != fmspc.upper():
+        raise QuoteError("pck_chain_untrusted", "the FMSPC is not the PCK leaf's")
     if len(above) > MAX_CHAIN_ABOVE_LEAF:
         raise QuoteError("pck_chain_untrusted", f"{len(above)} certificates above the PCK leaf")
     known = known_cas if known_cas is not None else set()
@@ -148,6 +157,14 @@ def check_pck_chain(pem: bytes, root_ca_der: bytes | None,
     if len(known) >= MAX_KNOWN_CAS:
         known.clear()  # only a cache: a PKI has a handful of CAs
     known.update(c.fingerprint(hashes.SHA256()) for c in issuers)
+
+
+def _leaf_fmspc(leaf: x509.Certificate) -> str | None:
+    try:
+        extension = dcap_qvl.parse_pck_extension_from_pem(leaf.public_bytes(Encoding.PEM))
+        return bytes(extension.fmspc).hex().upper()
+    except (ValueError, RuntimeError, TypeError):
+        return None
 
 
 def _anchor(chain: list[x509.Certificate], root_ca_der: bytes | None) -> x509.Certificate:

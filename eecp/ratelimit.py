@@ -3,9 +3,10 @@
 :class:`RefusedAuditLimit` bounds the audit-log rows that peers eecp has never admitted can
 cause. Reaching the audit log takes no more than a ``register`` and a parseable quote (or
 silence until the attest deadline), so without it any peer could grow the database without bound
-and push an app's real history out of the admin view. Accepted attestations, and every decision
-about an admitted agent, are always recorded; only refusals of not-yet-admitted attempts are
-limited, and what is left out is counted (``eecp_audit_suppressed``) and summarised in the log.
+and push an app's real history out of the admin view. Accepted attestations, refusals of quotes
+that verified, and every decision about an admitted agent are always recorded; only the other
+refusals are limited, and what is left out is counted (``eecp_audit_suppressed``) and summarised
+in the log.
 """
 
 from __future__ import annotations

@@ -350,10 +350,12 @@ class AgentSession:
         return await self._record_acceptance(register, outcome, trigger)
 
     async def _audit(self, entry: AuditEntry) -> None:
-        """Append ``entry`` to the audit log; refusals of an attempt not yet admitted only
-        within ``EE_AUDIT_REFUSALS_PER_MIN`` (any peer can cause those)."""
+        """Append ``entry`` to the audit log; refusals of an attempt not yet admitted whose
+        quote did not verify only within ``EE_AUDIT_REFUSALS_PER_MIN`` (any peer can cause
+        those; a verified quote takes a genuine TD, and may be a known agent's that
+        reconnected)."""
         services = self.services
-        if entry.verdict != "accepted" and not self.admitted:
+        if entry.verdict != "accepted" and not self.admitted and entry.tcb_status is None:
             limit = services.refused_audit
             if not limit.allow(entry.app_name, entry.at):
                 services.metrics.audit_suppressed.labels(entry.reason).inc()

@@ -150,3 +150,18 @@ def test_minted_chains_under_the_configured_root() -> None:
             with pytest.raises(QuoteError) as info:
                 check_pck_chain(chain, pki.root_der, cache)
             assert info.value.reason == "pck_chain_untrusted", what
+
+
+def test_the_leaf_checked_is_the_one_the_fmspc_comes_from() -> None:
+    # dcap-qvl takes the leaf (and the FMSPC) from the first PEM block of any label, while
+    # cryptography skips blocks of other labels: a made-up leaf hidden that way before a
+    # genuine chain must not pass, or it could make eecp fetch collateral for its FMSPC
+    pki, foreign = qf.make_pki(seed=7), qf.make_pki(seed=8)
+    genuine = pem(*chain_of(pki))
+    fake_leaf = pem(chain_of(foreign, fmspc="DEADBEEF0001")[0]).replace(b"CERTIFICATE", b"FOO")
+    with pytest.raises(QuoteError, match="other kinds"):
+        check_pck_chain(fake_leaf + genuine, pki.root_der)
+    check_pck_chain(genuine, pki.root_der, fmspc=qf.DEFAULT_FMSPC)
+    with pytest.raises(QuoteError, match="not the PCK leaf's") as info:
+        check_pck_chain(genuine, pki.root_der, fmspc="DEADBEEF0001")
+    assert info.value.reason == "pck_chain_untrusted"

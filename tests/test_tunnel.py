@@ -306,15 +306,22 @@ async def test_refusals_of_attempts_never_admitted_are_rate_limited_in_the_audit
         mock_clock: MockClock, world: World) -> None:
     # any peer can cause those rows: a flood must neither grow the log without bound nor
     # push an app's real history out of view; decisions about admitted agents always count
+    forged = {"mint_kwargs": {"corrupt_signature": True}}
     async with running_agent(world.agent()) as agent:
         await agent.wait_status("attested")
         for _ in range(6):  # 10 a minute in all, 2 of them per app name
-            async with running_agent(world.agent(answer_nonce=bytes(32))) as bad:
-                assert await bad.wait_closed() == (4003, "nonce_mismatch")
+            async with running_agent(world.agent(**forged)) as bad:
+                assert await bad.wait_closed() == (4003, "quote_invalid")
         audit = (await world.cp.app("shop"))["audit"]
-        assert [e["reason"] for e in audit] == ["nonce_mismatch"] * 2 + ["attested"]
+        assert [e["reason"] for e in audit] == ["quote_invalid"] * 2 + ["attested"]
         metrics = (await world.cp.get("/metrics")).text
-        assert 'eecp_audit_suppressed_total{reason="nonce_mismatch"} 4.0' in metrics
+        assert 'eecp_audit_suppressed_total{reason="quote_invalid"} 4.0' in metrics
+        # a refusal of a quote that verified is recorded all the same: it takes a genuine TD,
+        # maybe a known agent reconnecting, whose failure must not hide behind a flood
+        async with running_agent(world.agent(answer_nonce=bytes(32))) as bad:
+            assert await bad.wait_closed() == (4003, "nonce_mismatch")
+        audit = (await world.cp.app("shop"))["audit"]
+        assert audit[0]["reason"] == "nonce_mismatch" and len(audit) == 4
         # the admitted agent's own refusal is recorded, though the limit is spent
         agent.mint_kwargs = {"rtmrs": (*qf.DEFAULT_RTMRS[:3], b"\x09" * 48)}
         await agent.send(agent.register_message())  # renewal: challenged at once
@@ -322,11 +329,14 @@ async def test_refusals_of_attempts_never_admitted_are_rate_limited_in_the_audit
     audit = (await world.cp.app("shop"))["audit"]
     assert [e["reason"] for e in audit[:2]] == ["quote_measurement_mismatch:rtmr3",
                                                 "nonce_mismatch"]
+    async with running_agent(world.agent(**forged)) as bad:
+        assert await bad.wait_closed() == (4003, "quote_invalid")
+    assert len((await world.cp.app("shop"))["audit"]) == 5  # still spent
     world.clock.jump(30)  # half a minute on, there is room for one more
-    async with running_agent(world.agent(answer_nonce=bytes(32))) as bad:
-        assert await bad.wait_closed() == (4003, "nonce_mismatch")
+    async with running_agent(world.agent(**forged)) as bad:
+        assert await bad.wait_closed() == (4003, "quote_invalid")
     audit = (await world.cp.app("shop"))["audit"]
-    assert len(audit) == 5 and audit[0]["reason"] == "nonce_mismatch"
+    assert len(audit) == 6 and audit[0]["reason"] == "quote_invalid"
 
 
 async def test_health_silence_and_recovery(mock_clock: MockClock, world: World) -> None:
