@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import dcap_qvl
 import pytest
@@ -164,4 +165,28 @@ def test_the_leaf_checked_is_the_one_the_fmspc_comes_from() -> None:
     check_pck_chain(genuine, pki.root_der, fmspc=qf.DEFAULT_FMSPC)
     with pytest.raises(QuoteError, match="not the PCK leaf's") as info:
         check_pck_chain(genuine, pki.root_der, fmspc="DEADBEEF0001")
+    assert info.value.reason == "pck_chain_untrusted"
+
+
+def with_a_der_leaf(quote: bytes) -> bytes:
+    """``quote`` (a minted TDX v4 one) with its PEM chain (certification data type 5) replaced
+    by the PCK leaf alone in DER (type 4), the sizes around it adjusted."""
+    (size,) = struct.unpack_from("<I", quote, 1254)  # type 5 at 1252, its size, then the PEM
+    chain = x509.load_pem_x509_certificates(quote[1258:1258 + size].rstrip(b"\0"))
+    der = chain[0].public_bytes(Encoding.DER)
+    out = bytearray(quote[:1252]) + struct.pack("<HI", 4, len(der)) + der
+    for offset in (632, 766):  # the signature data's size, the type-6 data's size
+        (value,) = struct.unpack_from("<I", out, offset)
+        struct.pack_into("<I", out, offset, value + len(der) - size)
+    return bytes(out)
+
+
+def test_a_quote_without_a_pem_chain_parses_with_an_empty_one() -> None:
+    # dcap-qvl reads the FMSPC from a DER leaf but has no PEM chain to give (None): that was a
+    # TypeError out of the engine; now the (empty) chain is refused by the chain check
+    raw = with_a_der_leaf(qf.mint_tdx_quote(qf.make_pki(seed=7), now=1_790_000_000.0).quote)
+    facts = parse_quote(raw)
+    assert (facts.fmspc, facts.pck_chain) == (qf.DEFAULT_FMSPC.upper(), b"")
+    with pytest.raises(QuoteError) as info:
+        check_pck_chain(facts.pck_chain, None)
     assert info.value.reason == "pck_chain_untrusted"
