@@ -136,7 +136,8 @@ class AttestationEngine:
         network = self._networks.get(challenge.network)
         if network is None:
             raise PolicyError("network_unknown", f"network {challenge.network!r} is not served")
-        facts = parse_quote(challenge.quote)
+        # parsing is 0.3 ms of CPU: off the event loop, like the verification
+        facts = await run_blocking(self._workers.verify, parse_quote, challenge.quote)
         state["facts"] = facts
         state["measurements"] = measurements = measurements_from_json(challenge.measurements)
         tee: Literal["tdx", "sgx"] = "tdx" if facts.tee_type == "TDX" else "sgx"
