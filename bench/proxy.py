@@ -570,6 +570,7 @@ async def open_stack(args: argparse.Namespace, work: Path) -> AsyncIterator[Stac
                 "EE_ADMIN_TOKEN": ADMIN_TOKEN, "EE_LOG_LEVEL": args.log_level,
                 "EE_TUNNEL_MAX_STREAMS": str(args.max_streams),
                 "EE_PROXY_TIMEOUT_SEC": str(args.proxy_timeout),
+                "EE_STREAM_WINDOW_BYTES": str(args.stream_window),
             })
             eecp = children.spawn("eecp", [sys.executable, "-m", "eecp", "serve"], env,
                                   work / "eecp.log")
@@ -987,6 +988,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="EE_TUNNEL_MAX_STREAMS for eecp and EE_MAX_STREAMS for the agents")
     parser.add_argument("--proxy-timeout", type=float, default=60.0,
                         help="EE_PROXY_TIMEOUT_SEC for eecp (60)")
+    parser.add_argument("--stream-window", type=int, default=256 * 1024,
+                        help="EE_STREAM_WINDOW_BYTES for eecp (262144)")
     parser.add_argument("--slow-connections", type=int, default=32,
                         help="connections keeping /slow in flight in the mixed run (32)")
     parser.add_argument("--mixed-fast-connections", type=int, default=8,

@@ -1,4 +1,4 @@
-"""Two fixes to hypercorn's trio worker that eecp's tunnels need; :func:`apply` installs them
+"""Three changes to hypercorn's trio worker that eecp's tunnels need; :func:`apply` installs them
 once, before the control server starts (``eecp.service.serve_control``).
 
 1. **A close racing a write ends the whole server.** ``TCPServer._close`` sends EOF outside
@@ -13,9 +13,15 @@ once, before the control server starts (``eecp.service.serve_control``).
    ``closed`` only between sleeps, so each closed tunnel keeps its connection's tasks alive for
    up to ``EE_TUNNEL_PING_INTERVAL_SEC``, and a shutdown waits the whole grace period for them.
    The fix: the ping loop runs in a cancel scope that the stream's close cancels.
+3. **Reads of 64 KiB.** hypercorn reads at most ``MAX_RECV`` (64 KiB) at a time, and a
+   tunnel's full DATA message (64 KiB of body plus headers) never fits one read: each took two
+   reads and two rounds through h11 and wsproto. Reads of :data:`READ_BYTES` take several
+   messages at once (``bench/RESULTS.md``). An idle connection holds no such buffer: trio
+   allocates one only for a read that finds data waiting.
 
-Both patch private methods, so :func:`apply` checks that they are there and refuses (logging
-why) to patch anything else; ``tests/test_hypercorn_fixes.py`` pins the behaviour.
+The first two patch private methods, the third a module constant, so :func:`apply` checks that
+they are there and refuses (logging why) to patch anything else;
+``tests/test_hypercorn_fixes.py`` pins the behaviour.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import hypercorn.trio.tcp_server as tcp_server
 import trio
 from hypercorn.events import Closed
 from hypercorn.protocol.ws_stream import WSStream
@@ -31,18 +38,24 @@ from hypercorn.trio.tcp_server import TCPServer
 log = logging.getLogger("eecp.hypercorn_fixes")
 
 _APPLIED = "_eecp_fixes_applied"
+#: what one read of a control-port connection may take (hypercorn's own is 64 KiB)
+READ_BYTES = 256 * 1024
 
 
 def apply() -> bool:
-    """Install both fixes (idempotent); False when this hypercorn lacks what they patch."""
+    """Install the three changes (idempotent); False when this hypercorn lacks what they
+    patch."""
     if getattr(TCPServer, _APPLIED, False):
         return True
     if not all(callable(getattr(cls, name, None)) for cls, name in (
-            (TCPServer, "protocol_send"), (WSStream, "_send_pings"), (WSStream, "handle"))):
-        log.warning("hypercorn changed: its close/write race and ping linger are not patched")
+            (TCPServer, "protocol_send"), (WSStream, "_send_pings"), (WSStream, "handle"))
+    ) or not isinstance(getattr(tcp_server, "MAX_RECV", None), int):
+        log.warning("hypercorn changed: its close/write race, ping linger and read size are "
+                    "not patched")
         return False
     _patch_protocol_send()
     _patch_pings()
+    tcp_server.MAX_RECV = max(tcp_server.MAX_RECV, READ_BYTES)
     setattr(TCPServer, _APPLIED, True)
     return True
 

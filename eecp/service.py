@@ -32,7 +32,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
-from eecp import __version__, hypercorn_fixes, wsmask
+from eecp import __version__, hypercorn_fixes, wsproto_speedups
 from eecp.allowlist import AllowlistSource
 from eecp.api import create_app
 from eecp.attestation import AttestationEngine
@@ -211,7 +211,7 @@ async def serve_control(services: Services, shutdown: trio.Event,
                         ) -> None:
     """Hypercorn serving the quart-trio app; graceful stop when ``shutdown`` is set."""
     hypercorn_fixes.apply()
-    wsmask.install()  # unmasking the agents' uploads in C (eecp.wsmask)
+    wsproto_speedups.install()  # unmasking agents' uploads in C (eecp.wsproto_speedups)
     cfg = _HypercornConfig(services.config.tunnel_dead_peer_sec)
     cfg.bind = [f"{_bracket(services.config.control_bind)}:{services.config.control_port}"]
     cfg.graceful_timeout = services.config.shutdown_grace_sec

@@ -484,7 +484,7 @@ class Stream:
         if end and not data:
             await self.end()
             return
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         async with self._send_lock:
             if self._sent_end:  # a concurrent send(end=True) or end() got the lock first
                 raise RuntimeError("the body was ended already")
@@ -496,7 +496,7 @@ class Stream:
                 last = end and size == len(view)
                 if last:  # committed before the write: see end()
                     self._commit_end()
-                await self._mux._write(DataFrame(self.id, bytes(view[:size]), last))
+                await self._mux._write(DataFrame(self.id, _piece(data, view, size), last))
                 view = view[size:]
 
     async def _credit(self) -> int:
@@ -704,3 +704,13 @@ def _refuse_abort(_: object) -> trio.lowlevel.Abort:
 
 def _unexpected(kind: str, detail: str) -> NoReturn:
     raise ProtocolError(f"unexpected_frame:{kind}", detail, CLOSE_PROTOCOL_ERROR)
+
+
+def _piece(data: bytes, view: memoryview, size: int) -> bytes:
+    """The next ``size`` bytes of ``view`` as bytes: ``data`` itself when that is all of it (a
+    chunk that fits one frame, the usual case, is not copied; only immutable bytes can be
+    queued uncopied), else a copy."""
+    if size == len(data) and type(data) is bytes:
+        return data
+    return bytes(view[:size])
+

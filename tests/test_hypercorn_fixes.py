@@ -1,5 +1,6 @@
-"""The two hypercorn fixes (eecp.hypercorn_fixes): a write that loses the race with a close is
-handled as a closed connection, and a closed tunnel's ping task does not outlive it."""
+"""The hypercorn changes (eecp.hypercorn_fixes): a write that loses the race with a close is
+handled as a closed connection, a closed tunnel's ping task does not outlive it, and a
+connection's reads take more than one full DATA message at a time."""
 
 from __future__ import annotations
 
@@ -55,6 +56,32 @@ async def test_a_write_racing_the_close_is_a_closed_connection_not_a_crash() -> 
     server.protocol = _Protocol()
     await server.protocol_send(RawData(data=b"pong"))
     assert [type(e) for e in server.protocol.events] == [Closed]
+
+
+class _RecordingStream:
+    """A stream with ``waiting`` bytes in its receive buffer, then EOF."""
+
+    def __init__(self, waiting: bytes) -> None:
+        self.waiting = waiting
+        self.asked: list[int] = []
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        self.asked.append(max_bytes)
+        data, self.waiting = self.waiting[:max_bytes], self.waiting[max_bytes:]
+        return data
+
+
+async def test_a_read_takes_several_full_data_messages_at_once() -> None:
+    assert hypercorn_fixes.apply()
+    server: Any = object.__new__(TCPServer)  # only what _read_data touches
+    server.config = type("Config", (), {"read_timeout": None})()
+    server.stream = _RecordingStream(b"x" * (3 * (64 * 1024 + 64)))  # three DATA messages
+    server.protocol = _Protocol()
+    await server._read_data()
+    data = [e.data for e in server.protocol.events if isinstance(e, RawData)]
+    assert len(data[0]) == 3 * (64 * 1024 + 64)  # one read, one round through the protocol
+    assert all(asked >= hypercorn_fixes.READ_BYTES for asked in server.stream.asked)
+    assert type(server.protocol.events[-1]) is Closed
 
 
 async def test_shutdown_right_after_a_tunnel_closed_does_not_wait_out_the_pings(
