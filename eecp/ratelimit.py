@@ -61,10 +61,13 @@ class RefusedAuditLimit:
         self._apps: dict[str, TokenBucket] = {}
         #: rows left out since the last summary (:meth:`due_summary`)
         self.suppressed = 0
+        #: what the caller said of the latest row left out (for the summary line)
+        self.latest = ""
         self._reported_at: float | None = None
 
-    def allow(self, app_name: str, now: float) -> bool:
-        """True when a refusal of ``app_name`` at ``now`` may be written to the audit log."""
+    def allow(self, app_name: str, now: float, what: str = "") -> bool:
+        """True when a refusal of ``app_name`` at ``now`` may be written to the audit log;
+        ``what`` describes it, remembered as :attr:`latest` when it is left out."""
         if self.per_minute <= 0:
             return True
         if self._all is None:
@@ -73,6 +76,7 @@ class RefusedAuditLimit:
         app.refill(now)
         if app.tokens < 1.0 or not self._all.take(now):
             self.suppressed += 1
+            self.latest = what
             return False
         app.tokens -= 1.0
         return True

@@ -11,7 +11,8 @@ gives the control server ``EE_SHUTDOWN_GRACE_SEC`` to finish what it is doing::
         root nursery
           ├─ background nursery
           │    ├─ signal watcher               SIGINT/SIGTERM → shutdown
-          │    └─ collateral refresher         refresh-ahead before nextUpdate
+          │    ├─ collateral refresher         refresh-ahead before nextUpdate
+          │    └─ audit summaries              refusals left out of the audit log, a minute's
           ├─ data plane (httptools)            proxy EE_PROXY_PORT, auth EE_AUTH_PORT
           └─ hypercorn (quart-trio app)        EE_CONTROL_BIND:EE_CONTROL_PORT
                └─ per tunnel: session nursery  (eecp.session)
@@ -47,6 +48,7 @@ from eecp.metrics import Metrics
 from eecp.quotes import load_root_ca
 from eecp.ratelimit import RefusedAuditLimit
 from eecp.registry import Registry
+from eecp.session import serve_audit_summaries
 from eecp.store import Store, open_store
 from eecp.tunnel import TunnelRouter, Tunnels
 
@@ -192,6 +194,8 @@ async def run_background(services: Services, shutdown: trio.Event, handle_signal
         if handle_signals:
             nursery.start_soon(watch_signals, shutdown, name="signals")
         nursery.start_soon(services.collateral.serve_refresher, name="collateral-refresher")
+        nursery.start_soon(serve_audit_summaries, services.refused_audit, services.clock,
+                           name="audit-summaries")
         task_status.started(nursery.cancel_scope)
 
 

@@ -29,9 +29,10 @@ import trio
 
 from eecp import protocol
 from eecp.attestation import Challenge, Outcome
-from eecp.clock import isoformat
+from eecp.clock import Clock, isoformat
 from eecp.errors import EecpError, ProtocolError, RegistrationError
 from eecp.protocol import AttestResponse, Health, Register, Status
+from eecp.ratelimit import SUMMARY_EVERY_SEC, RefusedAuditLimit
 from eecp.records import AgentRecord, AuditEntry
 from eecp.registration import check_claim, registration_state, renew
 from eecp.registry import AgentView
@@ -357,14 +358,10 @@ class AgentSession:
         services = self.services
         if entry.verdict != "accepted" and not self.admitted and entry.tcb_status is None:
             limit = services.refused_audit
-            if not limit.allow(entry.app_name, entry.at):
+            what = f"{entry.reason} for app {entry.app_name} from {self.peer}"
+            if not limit.allow(entry.app_name, entry.at, what):
                 services.metrics.audit_suppressed.labels(entry.reason).inc()
-                left_out = limit.due_summary(entry.at)
-                if left_out:
-                    log.warning("audit log: %d refusals of attempts never admitted left out in "
-                                "the last minute or more (EE_AUDIT_REFUSALS_PER_MIN=%d); latest "
-                                "%s for app %s from %s", left_out, limit.per_minute,
-                                entry.reason, entry.app_name, self.peer)
+                _log_left_out(limit, limit.due_summary(entry.at))
                 return
         await services.store.append_audit(entry)
 
@@ -481,6 +478,22 @@ class AgentSession:
                 await self.send_status("invalid", "registration_expired",
                                        expires_at=isoformat(app.expires_at))
                 await renewed.wait()
+
+
+async def serve_audit_summaries(limit: RefusedAuditLimit, clock: Clock) -> None:
+    """Sum up, once a minute, the audit rows ``limit`` left out. A summary is also written
+    when a later row is dropped, as a flood goes on; this one reports a flood's last minute,
+    after which nothing more is dropped."""
+    while True:
+        await trio.sleep(SUMMARY_EVERY_SEC)
+        _log_left_out(limit, limit.due_summary(clock.now()))
+
+
+def _log_left_out(limit: RefusedAuditLimit, count: int) -> None:
+    if count:
+        log.warning("audit log: %d refusals of attempts never admitted left out in the last "
+                    "minute or more (EE_AUDIT_REFUSALS_PER_MIN=%d); latest %s", count,
+                    limit.per_minute, limit.latest)
 
 
 async def _wait(event: trio.Event, seconds: float) -> None:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+import trio
+import trio.testing
+
 from eecp import ratelimit
+from eecp.clock import TrioClock
 from eecp.ratelimit import RefusedAuditLimit, TokenBucket
+from eecp.session import serve_audit_summaries
 
 T0 = 1_790_000_000.0
 
@@ -54,3 +62,26 @@ def test_a_summary_at_most_once_a_minute() -> None:
     assert limit.due_summary(T0 + 30) == 0  # counted, reported later
     assert not limit.allow("c", T0 + 40)
     assert limit.due_summary(T0 + 61) == 2 and limit.suppressed == 0
+
+
+async def test_a_floods_last_minute_is_summed_up_by_the_periodic_task(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    # the in-line summary is written only when a later row is dropped: after the flood's last
+    # row nothing is, and only serve_audit_summaries reports what was left out
+    clock = TrioClock(start_wall=T0)
+    limit = RefusedAuditLimit(per_minute=1)
+    caplog.set_level(logging.WARNING, logger="eecp.session")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_audit_summaries, limit, clock)
+        assert limit.allow("shop", clock.now())
+        assert not limit.allow("shop", clock.now(), "quote_invalid for app shop from 10.0.0.9")
+        assert not limit.allow("shop", clock.now(), "quote_invalid for app shop from 10.0.0.7")
+        await trio.sleep(ratelimit.SUMMARY_EVERY_SEC / 2)
+        assert not caplog.records
+        await trio.sleep(ratelimit.SUMMARY_EVERY_SEC)
+        [record] = caplog.records
+        assert "2 refusals" in record.getMessage()
+        assert "latest quote_invalid for app shop from 10.0.0.7" in record.getMessage()
+        await trio.sleep(10 * ratelimit.SUMMARY_EVERY_SEC)  # nothing new: nothing more said
+        assert len(caplog.records) == 1 and limit.suppressed == 0
+        nursery.cancel_scope.cancel()
