@@ -359,9 +359,8 @@ class AgentSession:
         if entry.verdict != "accepted" and not self.admitted and entry.tcb_status is None:
             limit = services.refused_audit
             what = f"{entry.reason} for app {entry.app_name} from {self.peer}"
-            if not limit.allow(entry.app_name, entry.at, what):
+            if not limit.allow(entry.app_name, entry.at, what):  # serve_audit_summaries logs it
                 services.metrics.audit_suppressed.labels(entry.reason).inc()
-                _log_left_out(limit, limit.due_summary(entry.at))
                 return
         await services.store.append_audit(entry)
 
@@ -481,19 +480,15 @@ class AgentSession:
 
 
 async def serve_audit_summaries(limit: RefusedAuditLimit, clock: Clock) -> None:
-    """Sum up, once a minute, the audit rows ``limit`` left out. A summary is also written
-    when a later row is dropped, as a flood goes on; this one reports a flood's last minute,
-    after which nothing more is dropped."""
+    """Sum up, once a minute, the audit rows ``limit`` left out (one warning line, however
+    long the flood; its last minute too)."""
     while True:
         await trio.sleep(SUMMARY_EVERY_SEC)
-        _log_left_out(limit, limit.due_summary(clock.now()))
-
-
-def _log_left_out(limit: RefusedAuditLimit, count: int) -> None:
-    if count:
-        log.warning("audit log: %d refusals of attempts never admitted left out in the last "
-                    "minute or more (EE_AUDIT_REFUSALS_PER_MIN=%d); latest %s", count,
-                    limit.per_minute, limit.latest)
+        count = limit.due_summary(clock.now())
+        if count:
+            log.warning("audit log: %d refusals of attempts never admitted left out in the "
+                        "last minute or more (EE_AUDIT_REFUSALS_PER_MIN=%d); latest %s",
+                        count, limit.per_minute, limit.latest)
 
 
 async def _wait(event: trio.Event, seconds: float) -> None:

@@ -713,4 +713,3 @@ def _piece(data: bytes, view: memoryview, size: int) -> bytes:
     if size == len(data) and type(data) is bytes:
         return data
     return bytes(view[:size])
-

@@ -66,8 +66,8 @@ def test_a_summary_at_most_once_a_minute() -> None:
 
 async def test_a_floods_last_minute_is_summed_up_by_the_periodic_task(
         autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
-    # the in-line summary is written only when a later row is dropped: after the flood's last
-    # row nothing is, and only serve_audit_summaries reports what was left out
+    # the rows left out are reported by this task alone: after the flood's last row nothing
+    # else would say so
     clock = TrioClock(start_wall=T0)
     limit = RefusedAuditLimit(per_minute=1)
     caplog.set_level(logging.WARNING, logger="eecp.session")
