@@ -525,10 +525,15 @@ class Store:
 
     async def save_agent(self, record: AgentRecord) -> None:
         """Insert ``record``, or replace every field of the agent with the same ``agent_id``
-        (the caller carries ``first_seen`` over)."""
-        await self._run(
-            self._upsert, self._m.Agent, self._m.Agent.agent_id, dataclasses.asdict(record)
-        )
+        (the caller carries ``first_seen`` over) unless the stored row was attested later.
+
+        A session's writes never go back in ``last_attested_at``, and its successor's row is
+        attested after it: so a superseded session's last write, which may reach the database
+        after the successor's (several store workers), changes nothing."""
+        Agent = self._m.Agent
+        newer = Agent.last_attested_at.is_null() | (
+            peewee.EXCLUDED.last_attested_at >= Agent.last_attested_at)
+        await self._run(self._upsert, Agent, Agent.agent_id, dataclasses.asdict(record), newer)
 
     async def list_agents(self, app_name: str | None = None) -> list[AgentRecord]:
         """Every agent, or those of ``app_name``; ordered by app name, then agent id."""
@@ -542,11 +547,12 @@ class Store:
         query = query.order_by(Agent.app_name, Agent.agent_id)
         return [AgentRecord(**row) for row in query.dicts()]
 
-    def _upsert(self, model: Any, key: Any, data: dict[str, Any]) -> None:
-        # INSERT ... ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col: one portable statement
-        # (SQLite >= 3.24, PostgreSQL >= 9.5), atomic without an explicit transaction.
+    def _upsert(self, model: Any, key: Any, data: dict[str, Any], where: Any = None) -> None:
+        # INSERT ... ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col [WHERE ...]: one
+        # portable statement (SQLite >= 3.24, PostgreSQL >= 9.5), atomic without a transaction.
         others = [field for name, field in model._meta.fields.items() if name != key.name]
-        model.insert(**data).on_conflict(conflict_target=[key], preserve=others).execute()
+        model.insert(**data).on_conflict(conflict_target=[key], preserve=others,
+                                         where=where).execute()
 
     # -- audit log --
 

@@ -241,6 +241,25 @@ async def test_agent_round_trip_upsert_and_filter(backend: Backend) -> None:
         assert len(await store.list_agents()) == 3
 
 
+async def test_an_agent_row_never_goes_back_in_attestation_time(backend: Backend) -> None:
+    # a superseded session's last write may reach the database after its successor's (several
+    # store workers): the row attested later stays, whatever order the writes land in
+    old = agent("agent-1", last_attested_at=T0 + 10, last_seen=T0 + 50, release_tag="v1")
+    new = agent("agent-1", last_attested_at=T0 + 20, last_seen=T0 + 20, release_tag="v2")
+    later = replace(new, last_seen=T0 + 80, last_verdict="refused", last_reason="health_fail")
+    async with open_store(backend.config, Workers()) as store:
+        await store.save_agent(new)
+        await store.save_agent(old)  # late, and attested earlier: changes nothing
+        assert await store.list_agents() == [new]
+        await store.save_agent(later)  # the same attestation, seen later: written
+        assert await store.list_agents() == [later]
+        unattested = agent("agent-2", last_attested_at=None)
+        await store.save_agent(unattested)
+        attested = replace(unattested, last_attested_at=T0 + 5)
+        await store.save_agent(attested)  # a first attestation over none
+        assert await store.list_agents() == [later, attested]
+
+
 async def test_audit_round_trip_every_field(backend: Backend) -> None:
     full = audit(7)
     sparse = audit(
