@@ -119,8 +119,7 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
                 raise ProxyError(502, public_reason(exc.reason), exc.detail) from None
     except ProxyError as exc:
         services.metrics.proxied(app_name.lower(), exc.http_status)
-        return jsonify({"allowed": exc.http_status != 403 and exc.reason != "missing_app",
-                        "reason": exc.reason}), exc.http_status
+        return jsonify({"allowed": exc.allowed, "reason": exc.reason}), exc.http_status
     services.metrics.proxied(app_name.lower(), upstream.head.status)
     return jsonify({"status": upstream.head.status,
                     "headers": [list(h) for h in strip_hop_by_hop(upstream.head.headers)],

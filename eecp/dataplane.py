@@ -112,7 +112,7 @@ class ProxyHandler:
             if responder.head_sent:
                 raise  # mid-body: the only honest signal left is closing the connection
             status = exc.http_status
-            await responder.respond(exc.http_status, _JSON, error_body(exc.reason))
+            await responder.respond(exc.http_status, _JSON, error_body(exc.reason, exc.allowed))
         finally:
             metrics.proxied(app.lower(), status)
 

@@ -55,6 +55,13 @@ class ProxyError(EecpError):
         super().__init__(reason, detail)
         self.http_status = status
 
+    @property
+    def allowed(self) -> bool:
+        """The error body's ``allowed``, alike on both entry points: true for a 5xx (the app
+        may be served; forwarding this request failed), false for a refusal (403, resolve's
+        reason) and a request that could not be forwarded (400)."""
+        return self.http_status >= 500
+
 
 MAX_JSON_PROXY_BODY = 16 * 1024 * 1024
 _METHOD = re.compile(r"^[A-Z]{1,16}$")

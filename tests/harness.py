@@ -86,6 +86,24 @@ async def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> No
         await _sleep_real(0.005)
 
 
+async def resolve_until(cp: ControlPlane, app: str,
+                        predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Resolve ``app`` until ``predicate(body)`` holds (the server notices closes async)."""
+    body: dict[str, Any] = {}
+
+    async def check() -> bool:
+        nonlocal body
+        body = (await cp.resolve(app)).json()
+        return predicate(body)
+
+    async with real_deadline(10):
+        while not await check():
+            await _sleep_real(0.01)
+    if not predicate(body):
+        raise AssertionError(f"resolve {app} never matched: {body}")
+    return body
+
+
 @dataclass
 class ControlPlane:
     """A running eecp and its stand-in upstreams."""

@@ -124,6 +124,19 @@ def test_eecp_demo_prints_what_to_try_and_stops_on_sigint(tmp_path: Path) -> Non
         assert proxy, printed
         answer = httpx.get(f"http://127.0.0.1:{proxy.group(2)}/", headers=HOST, timeout=WAIT)
         assert answer.content == HELLO
+        # the resolve URLs (control port, then auth listener) and /metrics answer as printed
+        resolves = re.findall(r"curl -i (http://127\.0\.0\.1:\d+/v1/resolve/hello) ", printed)
+        assert len(set(resolves)) == 2, printed
+        for url in resolves:
+            resolved = httpx.get(url, timeout=WAIT)
+            assert resolved.status_code == 200, (url, resolved.text)
+            assert resolved.json()["allowed"] is True and resolved.json()["app"] == APP
+        metrics_url = re.search(r"curl (http://127\.0\.0\.1:\d+/metrics) ", printed)
+        assert metrics_url, printed
+        metrics = httpx.get(metrics_url.group(1), timeout=WAIT)
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"].startswith("text/plain")
+        assert "eecp_agents_connected 1.0" in metrics.text
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=WAIT) == 0
     finally:

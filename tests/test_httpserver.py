@@ -643,6 +643,42 @@ async def test_slowloris_head_gets_408(autojump_clock: trio.testing.MockClock) -
     assert answered - start >= 10
 
 
+async def drip(client: RawClient, data: bytes, every: float) -> None:
+    """Send ``data`` one byte at a time, ``every`` seconds apart (until the server has gone)."""
+    with contextlib.suppress(trio.BrokenResourceError):
+        for i in range(len(data)):
+            await client.send(data[i:i + 1])
+            await trio.sleep(every)
+
+
+# A head that never ends: a timeout restarting at each byte would wait for it for 3 * 60 s.
+DRIPPED_HEAD = b"GET / HTTP/1.1\r\nHost: t\r\nX-Drip: " + b"a" * 30
+
+
+@pytest.mark.parametrize("kept_alive", [False, True])
+async def test_dripped_head_gets_408_at_a_deadline_fixed_for_the_whole_head(
+        autojump_clock: trio.testing.MockClock, kept_alive: bool) -> None:
+    # one byte every 3 s: each gap is well within header_timeout, the whole head is not
+    async with running(echo, Limits(header_timeout_sec=10, idle_timeout_sec=300)) as port:
+        client = await RawClient.open(port)
+        start = trio.current_time()  # a fresh connection's head is due 10 s after the accept
+        with trio.fail_after(1000):
+            if kept_alive:
+                await client.send(get("/1"))
+                assert (await client.reply()).status == 200
+                await trio.sleep(100)  # idle, well within idle_timeout
+                start = trio.current_time()  # a later head is due 10 s after its first byte
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drip, client, DRIPPED_HEAD, 3)
+                reply = await client.reply()
+                answered = trio.current_time()
+                nursery.cancel_scope.cancel()
+            assert await client.closed()
+    assert reply.status == 408 and error_of(reply) == "header_timeout"
+    # at the deadline (bytes went out at 0, 3, 6 and 9 s), not 10 s after the last byte
+    assert 10 <= answered - start < 11
+
+
 async def test_slow_second_head_gets_408(autojump_clock: trio.testing.MockClock) -> None:
     async with running(echo, Limits(header_timeout_sec=10, idle_timeout_sec=300)) as port:
         client = await RawClient.open(port)
@@ -667,6 +703,36 @@ async def test_idle_keep_alive_connection_is_closed(autojump_clock: trio.testing
             start = trio.current_time()
             assert await client.closed()  # no answer, just the end of the connection
             assert trio.current_time() - start >= 30
+
+
+async def test_idle_timeout_restarts_after_each_answer_and_closes_on_time(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with running(echo, Limits(header_timeout_sec=10, idle_timeout_sec=30)) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(1000):
+            await client.send(get("/1"))
+            assert (await client.reply()).status == 200
+            await trio.sleep(20)  # two thirds of the idle timeout
+            await client.send(get("/2"))  # the same connection still carries a request
+            second = await client.reply()
+            start = trio.current_time()
+            assert await client.closed()  # no answer, just the end of the connection
+            closed = trio.current_time()
+    assert second.status == 200 and json.loads(second.body)["path"] == "/2"
+    assert 30 <= closed - start < 31  # 30 s after the last answer, not after the first
+
+
+async def test_fresh_connection_must_start_a_request_within_the_header_timeout(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # an idle timeout (300 s) is for kept-alive connections: an accepted socket that never
+    # sends a byte is closed after header_timeout, without an answer
+    async with running(echo, Limits(header_timeout_sec=10, idle_timeout_sec=300)) as port:
+        client = await RawClient.open(port)
+        start = trio.current_time()
+        with trio.fail_after(1000):
+            assert await client.closed()
+            closed = trio.current_time()
+    assert 10 <= closed - start < 11
 
 
 async def test_stalled_body_gets_408(autojump_clock: trio.testing.MockClock) -> None:

@@ -24,6 +24,7 @@ from tests.harness import (
     eventually,
     open_control_plane,
     open_upstreams,
+    resolve_until,
     running_agent,
 )
 
@@ -212,7 +213,30 @@ async def test_backend_down_is_agent_error(mock_clock: MockClock, world: World) 
     async with running_agent(agent):
         await agent.wait_status("attested")
         response = await proxy_get(world.cp, "/hello")
-        assert (response.status_code, response.json()["reason"]) == (502, "agent_error")
+        assert response.status_code == 502
+        # the app may be served: it is this request that failed (alike on both entry points)
+        assert response.json() == {"allowed": True, "reason": "agent_error"}
+        async with httpx.AsyncClient() as client:
+            api = await client.post(world.cp.url + "/v1/proxy/shop", json={"path": "/hello"})
+        assert (api.status_code, api.json()) == (502, {"allowed": True, "reason": "agent_error"})
+
+
+async def test_an_app_whose_agents_left_is_not_connected_on_both_entry_points(
+        mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (_, server):
+        async with running_agent(world.agent(server)) as agent:
+            await agent.wait_status("attested")
+            assert (await proxy_get(world.cp, "/hello")).status_code == 200
+        body = await resolve_until(world.cp, "shop", lambda b: b["agents"] == 0)
+        assert (body["allowed"], body["reason"]) == (False, "not_connected")
+        response = await proxy_get(world.cp, "/hello")
+        assert (response.status_code, response.json()) == (
+            403, {"allowed": False, "reason": "not_connected"})
+        async with httpx.AsyncClient() as client:
+            api = await client.post(world.cp.url + "/v1/proxy/shop", json={"path": "/hello"})
+        assert (api.status_code, api.json()) == (
+            403, {"allowed": False, "reason": "not_connected"})
+        assert [r.path for r in server.requests] == ["/hello"]
 
 
 async def test_upstream_timeout(mock_clock: MockClock, world: World) -> None:
@@ -229,6 +253,35 @@ async def test_upstream_timeout(mock_clock: MockClock, world: World) -> None:
         while not result:
             await trio.to_thread.run_sync(__import__("time").sleep, 0.01)
         assert (result[0].status_code, result[0].json()["reason"]) == (504, "upstream_timeout")
+        backend.release.set()
+
+
+async def test_the_upstream_timeout_is_the_configured_one(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+    async with open_world(tmp_path, pki, mock_clock, EE_PROXY_TIMEOUT_SEC="5") as world, \
+            open_backend("one") as (backend, server), \
+            running_agent(world.agent(server)) as agent, trio.open_nursery() as nursery:
+        await agent.wait_status("attested")
+        result: list[httpx.Response] = []
+
+        async def call() -> None:
+            result.append(await proxy_get(world.cp, "/hang"))
+        async def call_api() -> None:
+            async with httpx.AsyncClient(timeout=None) as client:
+                result.append(await client.post(world.cp.url + "/v1/proxy/shop",
+                                                json={"path": "/hang"}))
+        for start in (call, call_api):  # the proxy listener, then the control port's JSON proxy
+            result.clear()
+            backend.entered = trio.Event()
+            nursery.start_soon(start)
+            await backend.entered.wait()
+            world.clock.jump(4.5)
+            await trio.to_thread.run_sync(__import__("time").sleep, 0.2)
+            assert result == []  # 4.5 s: still waiting for the app
+            world.clock.jump(1)
+            await eventually(lambda: bool(result))
+            assert (result[0].status_code, result[0].json()) == (
+                504, {"allowed": True, "reason": "upstream_timeout"})
         backend.release.set()
 
 
@@ -331,6 +384,83 @@ async def test_idempotent_request_retried_on_another_agent(mock_clock: MockClock
             good.release.set()
 
 
+async def _drop(request: Request) -> Response:
+    raise trio.BrokenResourceError  # the connection closes without an answer
+
+
+async def test_a_request_is_tried_on_two_agents_at_most(mock_clock: MockClock,
+                                                        world: World) -> None:
+    async with open_backend("good") as (good, server), open_fake_http(_drop) as broken_1, \
+            open_fake_http(_drop) as broken_2, trio.open_nursery() as nursery:
+        dead = [FakeAgent(world.cp.ws_url, world.pki, backend_url=b.url)
+                for b in (broken_1, broken_2)]
+        async with running_agent(world.agent(server)) as alive:
+            await alive.wait_status("attested")
+            nursery.start_soon(proxy_get, world.cp, "/hang")
+            await good.entered.wait()  # the good agent is now the most loaded: picked last
+            async with running_agent(dead[0]), running_agent(dead[1]):
+                for agent in dead:
+                    await agent.wait_status("attested")
+
+                def tries() -> int:
+                    return len(broken_1.requests) + len(broken_2.requests)
+                response = await proxy_get(world.cp, "/hello")
+                assert (response.status_code, response.json()["reason"]) == (502, "agent_error")
+                # tried on both dead agents (a retry), never on the third: once, not on every agent
+                # (an agent may itself send a GET twice to its backend: counts are not compared)
+                assert broken_1.requests and broken_2.requests
+                before = tries()
+                async with httpx.AsyncClient() as client:
+                    post = await client.post(world.cp.proxy_url + "/hello",
+                                             headers={"Host": "shop.app.example.com"})
+                # no body, but POST is not idempotent: never replayed
+                assert (post.status_code, post.json()["reason"]) == (502, "agent_error")
+                assert tries() == before + 1
+                assert [r.path for r in server.requests] == ["/hang"]
+                good.release.set()
+
+
+async def test_a_request_whose_answer_has_begun_is_not_retried(mock_clock: MockClock,
+                                                               world: World) -> None:
+    async with open_backend("one") as (b_one, one), open_backend("two") as (b_two, two), \
+            trio.open_nursery() as nursery, running_agent(world.agent(one)) as first, \
+            running_agent(world.agent(two)) as second:
+        await first.wait_status("attested")
+        await second.wait_status("attested")
+        nursery.start_soon(proxy_get, world.cp, "/hang")
+        await eventually(lambda: b_one.entered.is_set() or b_two.entered.is_set())
+        busy, idle = (one, two) if b_one.entered.is_set() else (two, one)
+        # the idle agent's backend sends a head and part of the body, then drops: the client
+        # already has the head, so the request cannot be replayed elsewhere
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get(world.cp.proxy_url + "/cut",
+                                 headers={"Host": "shop.app.example.com"})
+        assert [r.path for r in idle.requests] == ["/cut"]
+        assert [r.path for r in busy.requests] == ["/hang"]
+        b_one.release.set()
+        b_two.release.set()
+
+
+async def test_an_agent_failing_reattestation_is_drained_from_the_pick(
+        mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (_, one), open_backend("two") as (_, two), \
+            running_agent(world.agent(one)) as first, running_agent(world.agent(two)) as second:
+        await first.wait_status("attested")
+        await second.wait_status("attested")
+        # idle agents tie: the pick is the same one each time; that one's node changes
+        preferred = (await proxy_get(world.cp, "/hello")).text
+        failing, staying = (first, second) if preferred == "hello from one" else (second, first)
+        failing.mint_kwargs = {"rtmrs": (*qf.DEFAULT_RTMRS[:3], b"\x09" * 48)}
+        world.clock.jump(3600)
+        assert await failing.wait_closed() == (4003, "quote_measurement_mismatch:rtmr3")
+        await staying.wait_for(lambda a: a.statuses().count(("ok", "attested")) == 2)
+        await staying.health()
+        await resolve_until(world.cp, "shop", lambda b: b["allowed"] and b["agents"] == 1)
+        answers = {(await proxy_get(world.cp, "/hello")).text for _ in range(4)}
+        assert answers == {"hello from one", "hello from two"} - {preferred}
+
+
 async def test_an_agent_failing_health_is_drained_from_the_pick(mock_clock: MockClock,
                                                                 world: World) -> None:
     async with open_backend("one") as (_, one), open_backend("two") as (_, two), \
@@ -387,6 +517,29 @@ async def test_an_agent_at_its_stream_limit_answers_agent_busy(
             await trio.to_thread.run_sync(__import__("time").sleep, 0.01)
         assert (results[0].status_code, results[0].json()["reason"]) == (503, "agent_busy")
         backend.release.set()
+
+
+async def test_a_request_waits_briefly_for_a_stream_slot(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+    async with open_world(tmp_path, pki, mock_clock, EE_TUNNEL_MAX_STREAMS="1") as world, \
+            open_backend("one") as (backend, server), \
+            running_agent(world.agent(server)) as agent, trio.open_nursery() as nursery:
+        await agent.wait_status("attested")
+        results: dict[str, httpx.Response] = {}
+
+        async def call(path: str) -> None:
+            results[path] = await proxy_get(world.cp, path)
+        nursery.start_soon(call, "/hang")
+        await backend.entered.wait()
+        nursery.start_soon(call, "/hello")
+        await trio.to_thread.run_sync(__import__("time").sleep, 0.2)
+        world.clock.jump(1)  # within the 2 s a request may wait for a slot
+        await trio.to_thread.run_sync(__import__("time").sleep, 0.1)
+        assert results == {}
+        backend.release.set()  # the slot frees: the waiting request takes it
+        await eventually(lambda: len(results) == 2)
+        assert (results["/hang"].status_code, results["/hang"].text) == (200, "late")
+        assert (results["/hello"].status_code, results["/hello"].text) == (200, "hello from one")
 
 
 async def test_a_body_over_the_configured_limit_is_refused(
@@ -489,3 +642,21 @@ async def test_metrics(mock_clock: MockClock, world: World) -> None:
     assert "eecp_attestation_seconds_count 1.0" in text
     assert "eecp_proxy_seconds_count 1.0" in text
     assert 'eecp_proxy_bytes_total{direction="out"} 14.0' in text
+
+
+async def test_streams_in_flight_are_counted(mock_clock: MockClock, world: World) -> None:
+    async with open_backend("one") as (backend, server), \
+            running_agent(world.agent(server)) as agent, trio.open_nursery() as nursery:
+        await agent.wait_status("attested")
+        assert "eecp_streams_in_flight 0.0" in (await world.cp.get("/metrics")).text
+        done = trio.Event()
+
+        async def hold() -> None:
+            assert (await proxy_get(world.cp, "/hang")).text == "late"
+            done.set()
+        nursery.start_soon(hold)
+        await backend.entered.wait()
+        assert "eecp_streams_in_flight 1.0" in (await world.cp.get("/metrics")).text
+        backend.release.set()
+        await done.wait()
+        assert "eecp_streams_in_flight 0.0" in (await world.cp.get("/metrics")).text

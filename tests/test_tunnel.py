@@ -31,6 +31,7 @@ from tests.harness import (
     open_control_plane,
     open_upstreams,
     real_deadline,
+    resolve_until,
     running_agent,
 )
 
@@ -88,7 +89,7 @@ async def test_agent_registers_is_attested_and_resolves(
         assert detail["audit"][0]["rtmrs"][2] == qf.DEFAULT_RTMRS[2].hex()
         assert detail["agents"][0]["agent_id"] == agent.agent_id
     # the tunnel is gone: the app is no longer served
-    body = await resolve_until(world, "shop", lambda b: b["agents"] == 0)
+    body = await resolve_until(world.cp, "shop", lambda b: b["agents"] == 0)
     assert body["allowed"] is False and body["reason"] == "not_connected"
 
 
@@ -107,22 +108,6 @@ async def health_seen(world: World, app: str, at: float) -> None:
         while not any(a["health_at"] == isoformat(at)
                       for a in (await world.cp.app(app))["agents"]):
             await trio.to_thread.run_sync(time.sleep, 0.005)
-
-
-async def resolve_until(world: World, app: str, predicate: Callable[[dict[str, Any]], bool]
-                        ) -> dict[str, Any]:
-    """Resolve ``app`` until ``predicate(body)`` holds (the server notices closes async)."""
-    body: dict[str, Any] = {}
-
-    async def check() -> bool:
-        nonlocal body
-        body = (await world.cp.resolve(app)).json()
-        return predicate(body)
-
-    async with real_deadline(10):
-        while not await check():
-            await trio.to_thread.run_sync(time.sleep, 0.01)
-    return body
 
 
 @pytest.mark.parametrize(("kwargs", "reason"), [
@@ -193,7 +178,7 @@ async def test_newer_tag_of_same_repo_takes_over(mock_clock: MockClock, world: W
             detail = await world.cp.app("shop")
             assert {a["release_tag"] for a in detail["agents"]} == {"v1.2.0", "v1.3.0"}
         # only the old tag's agent is left: it no longer serves the app
-        body = await resolve_until(world, "shop", lambda b: b["agents"] == 0)
+        body = await resolve_until(world.cp, "shop", lambda b: b["agents"] == 0)
         assert body["allowed"] is False and body["release_tag"] == "v1.3.0"
         assert old.closed is None
 
@@ -441,9 +426,9 @@ async def test_several_agents_serve_one_app(mock_clock: MockClock, world: World)
         async with running_agent(world.agent()) as second:
             await second.wait_status("attested")
             assert (await world.cp.resolve("shop")).json()["agents"] == 2
-        body = await resolve_until(world, "shop", lambda b: b["agents"] == 1)
+        body = await resolve_until(world.cp, "shop", lambda b: b["agents"] == 1)
         assert body["allowed"] is True
-    body = await resolve_until(world, "shop", lambda b: b["agents"] == 0)
+    body = await resolve_until(world.cp, "shop", lambda b: b["agents"] == 0)
     assert body["reason"] == "not_connected"
 
 
@@ -490,7 +475,7 @@ async def test_unattested_sessions_leave_no_agents_behind(
         for _ in range(20):  # register, receive the challenge, hang up
             async with running_agent(world.agent(auto=False)) as passer:
                 await passer.wait_for(lambda a: bool(a.challenges()))
-        await resolve_until(world, "shop", lambda b: True)
+        await resolve_until(world.cp, "shop", lambda b: True)
         assert len((await world.cp.app("shop"))["agents"]) == 1
         assert [row[0] for row in agent_rows(world)] == [victim.agent_id]
 
