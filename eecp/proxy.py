@@ -197,7 +197,9 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
                 nursery.cancel_scope.cancel()  # the app answered: a body it did not read is moot
     finally:
         agent.in_flight -= 1
-        if not stream.finished:  # (a finished stream has nothing left to say: no scope)
+        if stream.finished:  # nothing left to say, but maybe a body nobody will read now
+            stream.release()
+        else:
             with trio.CancelScope(shield=True):
                 await _finish(stream)
         log.debug("stream %d done in %.3fs", stream.id, time.perf_counter() - started)

@@ -16,8 +16,10 @@ waits for a consumer, and a stream without credit stalls only itself: DATA frame
 ``max_frame`` bytes and writers on different streams take turns frame by frame.
 
 Lifecycle: a stream frees its slot (and its id may be reused, after 2³² - 1 others) once it is
-finished both ways (END sent and END received) or reset by either side; :meth:`Stream.aclose`
-(the ``async with`` exit) resets a stream that is not finished, so a slot is never leaked.
+finished both ways (END sent and END received) or reset by either side; on the opening side a
+finished stream keeps it until its body is read (or dropped: :meth:`Stream.release`), so that
+slow readers stay within ``max_streams × window``. :meth:`Stream.aclose` (the ``async with``
+exit) resets a stream that is not finished and releases one that is: no slot is leaked.
 A direction whose END arrived stays readable to its end even if the stream is then reset or
 the tunnel closes: the body is complete (HTTP/2's rule for a RST_STREAM after END_STREAM).
 
@@ -137,7 +139,9 @@ class Mux:
 
     @property
     def in_flight(self) -> int:
-        """Streams open (not finished both ways nor reset), including ones not yet accepted."""
+        """Streams holding a slot: open (not finished both ways nor reset), including ones not
+        yet accepted, and, on the opening side, finished ones whose body is not all read yet
+        (so that slow readers cannot hold more than ``max_streams`` windows per tunnel)."""
         return len(self._streams)
 
     @property
@@ -244,7 +248,7 @@ class Mux:
         if isinstance(frame, ResponseHeadFrame) and not self.opener:
             _unexpected("response_head", "only the accepting side sends a response head")
         stream = self._streams.get(frame.stream_id)
-        if stream is None:
+        if stream is None or stream.finished:  # (a finished one may still hold its slot)
             return
         violation = stream._on_frame(frame)
         if violation:
@@ -433,7 +437,8 @@ class Stream:
 
     @property
     def finished(self) -> bool:
-        """Finished both ways, or reset, or the tunnel is gone: the slot is free."""
+        """Finished both ways, or reset, or the tunnel is gone: nothing more crosses the wire
+        (on the opening side the slot stays taken until the body is read or released)."""
         return self._error is not None or (self._sent_end and self._received_end)
 
     # ---- heads ------------------------------------------------------------------------------
@@ -538,6 +543,8 @@ class Stream:
         chunk = self._buffer.popleft()
         self._buffered -= len(chunk)
         self._unacked += len(chunk)
+        if self._received_end and not self._buffer:
+            self._maybe_finished()  # the last unread bytes of a finished stream: its slot frees
         if not self._received_end:
             increment = self._top_up()
             if self._unacked >= self._mux.window // 2:
@@ -559,8 +566,20 @@ class Stream:
         await self._mux._write_quietly(ResetFrame(self.id, reason))
 
     async def aclose(self) -> None:
-        """Done with the stream: a stream not finished both ways is reset (``closed``)."""
+        """Done with the stream: a stream not finished both ways is reset (``closed``); a
+        finished one drops what it holds unread (:meth:`release`)."""
+        if self.finished:
+            self.release()
+            return
         await self.reset("closed")
+
+    def release(self) -> None:
+        """Drop the unread body of a finished stream, freeing its slot (nothing to tell the
+        peer). A no-op for an unfinished stream: that one needs :meth:`aclose`."""
+        if self.finished:
+            self._buffer.clear()
+            self._buffered = 0
+            self._mux._forget(self)
 
     async def __aenter__(self) -> Stream:
         return self
@@ -568,6 +587,7 @@ class Stream:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.finished:  # nothing to tell the peer: no scope to pay for
+            self.release()
             return
         with trio.CancelScope(shield=True):  # a cancelled holder still tells the peer
             await self.aclose()
@@ -679,7 +699,9 @@ class Stream:
         self._maybe_finished()
 
     def _maybe_finished(self) -> None:
-        if self._sent_end and self._received_end:
+        # the opener keeps the slot of a finished stream while its body waits to be read: a
+        # reader slower than the agent holds a window, and at most max_streams of them
+        if self._sent_end and self._received_end and not (self._buffered and self._mux.opener):
             self._mux._forget(self)
 
     def _raise_if_failed(self) -> None:

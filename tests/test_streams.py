@@ -434,6 +434,34 @@ async def test_leaving_a_stream_unfinished_resets_it_and_frees_its_slot() -> Non
         p.eecp.close()
 
 
+async def test_a_finished_stream_holds_its_slot_until_its_body_is_read_or_dropped() -> None:
+    # a response complete at eecp but not yet read by a slow client still counts: otherwise
+    # every slow client would hold a window of its own, and the tunnel's bound of
+    # max_streams windows would not hold
+    async with mux_pair({"max_streams": 1}, {"max_streams": 1}) as p:
+        for done in ("read", "release", "aclose"):
+            stream = await p.eecp.open_stream(GET, end=True)
+            served, _ = await p.agent.accept_stream()
+            await served.send_head(OK)
+            await served.send(b"a" * 1000 + b"b" * 1000, end=True)
+            await trio.testing.wait_all_tasks_blocked()
+            assert stream.finished and served.finished
+            assert (p.eecp.in_flight, p.eecp.buffered, p.agent.in_flight) == (1, 2000, 0)
+            with trio.move_on_after(0.2) as waited:  # no slot for the next request
+                await p.eecp.open_stream(GET, end=True)
+            assert waited.cancelled_caught
+            assert await stream.receive_head() == OK
+            if done == "read":
+                assert await read_all(stream) == b"a" * 1000 + b"b" * 1000
+            elif done == "release":
+                stream.release()
+            else:
+                await stream.aclose()
+            assert (p.eecp.in_flight, p.eecp.buffered) == (0, 0)
+        assert p.to_agent.of(ResetFrame) == []  # a finished stream has nothing to reset
+        p.eecp.close()
+
+
 async def test_a_stream_reset_before_it_was_accepted_is_never_accepted() -> None:
     async with mux_pair(agent={"max_streams": 1}) as p:
         async with await p.eecp.open_stream(GET):
