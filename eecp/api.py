@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, jsonify, request
@@ -105,8 +106,13 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
     head = RequestHead(call.method, call.path, forwarded_headers(call.headers, forwarding,
                                                                  from_proxy=False))
     limit = services.config.proxy_max_body_bytes or MAX_JSON_PROXY_BODY
+    metrics = services.metrics
+    started = time.perf_counter()
     try:
         async with open_upstream(services, app_name.lower(), head, call.body()) as upstream:
+            # counted as the proxy listener counts: time to the head, body bytes each way
+            metrics.proxy_seconds.observe(time.perf_counter() - started)
+            metrics.proxy_bytes.labels("in").inc(len(call.body_bytes or b""))
             parts: list[bytes] = []
             size = 0
             try:
@@ -121,6 +127,7 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
         services.metrics.proxied(app_name.lower(), exc.http_status)
         return jsonify({"allowed": exc.allowed, "reason": exc.reason}), exc.http_status
     services.metrics.proxied(app_name.lower(), upstream.head.status)
+    metrics.proxy_bytes.labels("out").inc(size)
     return jsonify({"status": upstream.head.status,
                     "headers": [list(h) for h in strip_hop_by_hop(upstream.head.headers)],
                     "body_b64": base64.b64encode(b"".join(parts)).decode()}), 200

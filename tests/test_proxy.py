@@ -632,6 +632,13 @@ async def test_metrics(mock_clock: MockClock, world: World) -> None:
             api = world.cp.url + "/v1/proxy/"
             assert (await client.post(api + "shop", json={"path": "/hello"})).status_code == 200
             assert (await client.post(api + "other", json={"path": "/"})).status_code == 403
+            # bodies both ways, and the time to the head, on both entry points
+            echoed = await client.post(world.cp.proxy_url + "/echo", content=b"u" * 300,
+                                       headers={"Host": "shop.app.example.com"})
+            assert (echoed.status_code, echoed.content) == (201, b"u" * 300)
+            ping = await client.post(api + "shop", json={
+                "method": "POST", "path": "/echo", "body_b64": base64.b64encode(b"ping").decode()})
+            assert ping.json()["status"] == 201
         text = (await world.cp.get("/metrics")).text
     assert 'eecp_attestations_total{reason="attested",result="accepted"} 1.0' in text
     assert 'eecp_proxy_requests_total{app="shop",status="200"} 2.0' in text
@@ -640,8 +647,10 @@ async def test_metrics(mock_clock: MockClock, world: World) -> None:
     assert "eecp_agents_connected 1.0" in text
     assert 'eecp_apps{state="ok"} 1.0' in text
     assert "eecp_attestation_seconds_count 1.0" in text
-    assert "eecp_proxy_seconds_count 1.0" in text
-    assert 'eecp_proxy_bytes_total{direction="out"} 14.0' in text
+    assert 'eecp_proxy_requests_total{app="shop",status="201"} 2.0' in text
+    assert "eecp_proxy_seconds_count 4.0" in text
+    assert 'eecp_proxy_bytes_total{direction="in"} 304.0' in text
+    assert 'eecp_proxy_bytes_total{direction="out"} 332.0' in text  # 2 x 14 + 300 + 4
 
 
 async def test_streams_in_flight_are_counted(mock_clock: MockClock, world: World) -> None:
