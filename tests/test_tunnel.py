@@ -284,6 +284,11 @@ async def test_periodic_attestation_and_its_failure(mock_clock: MockClock, world
     assert [(e["trigger"], e["reason"]) for e in audit] == [
         ("periodic", "quote_measurement_mismatch:rtmr3"), ("periodic", "attested"),
         ("register", "attested")]
+    text = (await world.cp.get("/metrics")).text
+    assert 'eecp_attestations_total{reason="attested",result="accepted"} 2.0' in text
+    assert ('eecp_attestations_total{reason="quote_measurement_mismatch:rtmr3",'
+            'result="refused"} 1.0') in text
+    assert 'eecp_apps{state="not_connected"} 1.0' in text
 
 
 @pytest.mark.parametrize("world", [{"EE_AUDIT_REFUSALS_PER_MIN": "10"}], indirect=True)
