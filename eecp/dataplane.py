@@ -23,7 +23,7 @@ from eecp.forwarded import forwarded_headers, forwarding_of, inbound_forwarding
 from eecp.frames import is_origin_form
 from eecp.httpserver import Limits, Request, Responder, serve_http
 from eecp.proxy import ProxyError, open_upstream, strip_hop_by_hop
-from eecp.resolve import app_from_host, resolve
+from eecp.resolve import app_from_host, host_label, resolve
 from eecp.streams import RequestHead
 
 if TYPE_CHECKING:
@@ -74,16 +74,19 @@ class ProxyHandler:
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         headers = dict(request.headers)
-        app = headers.get("x-ee-app") or app_from_host(headers)
+        forwarding = forwarding_of(inbound_forwarding(request.headers),
+                                   request.client[0] if request.client else "",
+                                   "http", headers.get("host"), self._services.trusted_proxies)
+        # the host the app is asked for names the app: a trusted proxy's X-Forwarded-Host,
+        # else Host (a client's own X-Forwarded-Host picks nothing, as it reaches no app)
+        app = headers.get("x-ee-app") or (host_label(forwarding.host) if forwarding.host
+                                          else None)
         if not app:
             await responder.respond(400, _JSON, error_body("missing_app"))
             return
         if not is_origin_form(request.target):  # absolute-form, `*`, `//host`: no SSRF
             await responder.respond(400, _JSON, error_body("invalid_target"))
             return
-        forwarding = forwarding_of(inbound_forwarding(request.headers),
-                                   request.client[0] if request.client else "",
-                                   "http", headers.get("host"), self._services.trusted_proxies)
         head = RequestHead(request.method, request.target, forwarded_headers(
             [(n, v) for n, v in request.headers if n != "x-ee-app"], forwarding))
         body = self._body(request)

@@ -35,10 +35,15 @@ def app_from_host(headers: Mapping[str, str]) -> str | None:
     for name in HOST_HEADERS:
         value = headers.get(name)
         if value:
-            host = value.split(",")[0].strip().lower()
-            host = host.rsplit(":", 1)[0] if not host.startswith("[") else host
-            return host.split(".", 1)[0]
+            return host_label(value)
     return None
+
+
+def host_label(value: str) -> str:
+    """The first DNS label of a Host-like header's value (its first entry, port dropped)."""
+    host = value.split(",")[0].strip().lower()
+    host = host.rsplit(":", 1)[0] if not host.startswith("[") else host
+    return host.split(".", 1)[0]
 
 
 #: app name -> (decision, its answer): rendered once per decision the registry remembers

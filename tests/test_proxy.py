@@ -174,6 +174,24 @@ async def test_forwarded_headers_from_an_untrusted_client_are_replaced(
         assert seen["x-forwarded-host"] == "shop.internal"
 
 
+@pytest.mark.parametrize("trusted", ["127.0.0.1/32", "none"])
+async def test_only_a_trusted_proxys_forwarded_host_names_the_app(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock, trusted: str) -> None:
+    async with open_world(tmp_path, pki, mock_clock, EE_TRUSTED_PROXIES=trusted) as world, \
+            open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        response = await proxy_get(world.cp, "/hello", headers={
+            "Host": "eecp-proxy.internal", "X-Forwarded-Host": "shop.app.example.com"})
+        if trusted == "none":  # a client's own claim: the app is Host's, which is unknown
+            assert (response.status_code, response.json()["reason"]) == (403, "unknown_app")
+        else:
+            assert (response.status_code, response.text) == (200, "hello from one")
+        # and the other way round: Host names shop, an untrusted X-Forwarded-Host changes nothing
+        response = await proxy_get(world.cp, "/hello", headers={
+            "Host": "shop.app.example.com", "X-Forwarded-Host": "other.app.example.com"})
+        assert response.status_code == (200 if trusted == "none" else 403)
+
+
 async def test_the_json_proxy_believes_a_trusted_front_proxy_only(
         mock_clock: MockClock, world: World) -> None:
     # loopback is trusted by default: the HTTP request's X-Forwarded-* (what Caddy set) count,
