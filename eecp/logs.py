@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from typing import TextIO
 
@@ -19,7 +20,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, object] = {
-            "ts": isoformat(record.created),
+            "ts": _stamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -29,11 +30,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
+def _stamp(record: logging.LogRecord) -> str:
+    # whole seconds (all the stamp shows): a log line's exact float time would take a new
+    # entry of isoformat's cache each time, pushing out the timestamps resolve answers reuse
+    return isoformat(float(math.floor(record.created)))
+
+
 class TextFormatter(logging.Formatter):
     """``<ts> <LEVEL> <logger>: <message>``, with tracebacks folded onto the same line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = isoformat(record.created)
+        stamp = _stamp(record)
         line = f"{stamp} {record.levelname} {record.name}: {record.getMessage()}"
         if record.exc_info:
             line += " | " + " | ".join(self.formatException(record.exc_info).splitlines())
