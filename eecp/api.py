@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, jsonify, request
@@ -35,6 +36,7 @@ from eecp.resolve import ResolveAnswer, app_from_host, resolve
 from eecp.streams import RequestHead, StreamError
 
 if TYPE_CHECKING:
+    from eecp.metrics import Metrics
     from eecp.service import Services
 
 
@@ -108,13 +110,12 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
     limit = services.config.proxy_max_body_bytes or MAX_JSON_PROXY_BODY
     metrics = services.metrics
     started = time.perf_counter()
+    size = 0  # counted as the proxy listener counts: time to the head, body bytes as they pass
     try:
-        async with open_upstream(services, app_name.lower(), head, call.body()) as upstream:
-            # counted as the proxy listener counts: time to the head, body bytes each way
+        async with open_upstream(services, app_name.lower(), head,
+                                 _counted(call.body(), metrics)) as upstream:
             metrics.proxy_seconds.observe(time.perf_counter() - started)
-            metrics.proxy_bytes.labels("in").inc(len(call.body_bytes or b""))
             parts: list[bytes] = []
-            size = 0
             try:
                 async for chunk in upstream.chunks():
                     size += len(chunk)
@@ -126,11 +127,25 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
     except ProxyError as exc:
         services.metrics.proxied(app_name.lower(), exc.http_status)
         return jsonify({"allowed": exc.allowed, "reason": exc.reason}), exc.http_status
+    finally:
+        metrics.proxy_bytes.labels("out").inc(size)
     services.metrics.proxied(app_name.lower(), upstream.head.status)
-    metrics.proxy_bytes.labels("out").inc(size)
     return jsonify({"status": upstream.head.status,
                     "headers": [list(h) for h in strip_hop_by_hop(upstream.head.headers)],
                     "body_b64": base64.b64encode(b"".join(parts)).decode()}), 200
+
+
+def _counted(body: AsyncIterator[bytes] | None, metrics: Metrics) -> AsyncIterator[bytes] | None:
+    """``body`` with its bytes counted as they are sent on (None stays None: no body)."""
+    if body is None:
+        return None
+    return _count_chunks(body, metrics.proxy_bytes.labels("in"))
+
+
+async def _count_chunks(body: AsyncIterator[bytes], counter: Any) -> AsyncIterator[bytes]:
+    async for chunk in body:
+        counter.inc(len(chunk))
+        yield chunk
 
 
 def _render(answer: ResolveAnswer) -> Response:

@@ -1,7 +1,8 @@
 """The data plane: the proxy listener and the auth listener, on the lean httptools server.
 
 * proxy listener (``EE_PROXY_BIND:EE_PROXY_PORT``): any method and path; the app is named by
-  ``X-EE-App``, else by the first DNS label of ``Host``. The same allow decision as resolve
+  ``X-EE-App``, else by the first DNS label of the host asked for (a trusted proxy's
+  ``X-Forwarded-Host``, else ``Host``). The same allow decision as resolve
   applies, then the request travels over the app's tunnel (:mod:`eecp.proxy`) and the response
   streams back chunk by chunk.
 * auth listener (``EE_AUTH_BIND:EE_AUTH_PORT``): only ``GET /v1/resolve/{app}`` and

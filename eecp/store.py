@@ -405,6 +405,7 @@ class Store:
         self._db, self._description, self._sqlite_path = _open_database(config, workers)
         self._m = _Bound(self._db)
         self._closed = False
+        self._agent_locks: dict[str, trio.Lock] = {}  # agent_id -> its writes, in order
 
     def describe(self) -> str:
         """Where the data lives, for logs: ``sqlite:data/control-plane.db`` or
@@ -525,15 +526,19 @@ class Store:
 
     async def save_agent(self, record: AgentRecord) -> None:
         """Insert ``record``, or replace every field of the agent with the same ``agent_id``
-        (the caller carries ``first_seen`` over) unless the stored row was attested later.
+        (the caller carries ``first_seen`` over).
 
-        A session's writes never go back in ``last_attested_at``, and its successor's row is
-        attested after it: so a superseded session's last write, which may reach the database
-        after the successor's (several store workers), changes nothing."""
-        Agent = self._m.Agent
-        newer = Agent.last_attested_at.is_null() | (
-            peewee.EXCLUDED.last_attested_at >= Agent.last_attested_at)
-        await self._run(self._upsert, Agent, Agent.agent_id, dataclasses.asdict(record), newer)
+        Writes of one agent land in the order they were made, even with several store workers:
+        a superseded session's last write, made before its successor's, cannot land after it
+        and undo it (trio's locks are first come, first served)."""
+        lock = self._agent_locks.setdefault(record.agent_id, trio.Lock())
+        try:
+            async with lock:
+                await self._run(self._upsert, self._m.Agent, self._m.Agent.agent_id,
+                                dataclasses.asdict(record))
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._agent_locks.pop(record.agent_id, None)  # (one lock per agent writing)
 
     async def list_agents(self, app_name: str | None = None) -> list[AgentRecord]:
         """Every agent, or those of ``app_name``; ordered by app name, then agent id."""
@@ -547,12 +552,11 @@ class Store:
         query = query.order_by(Agent.app_name, Agent.agent_id)
         return [AgentRecord(**row) for row in query.dicts()]
 
-    def _upsert(self, model: Any, key: Any, data: dict[str, Any], where: Any = None) -> None:
-        # INSERT ... ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col [WHERE ...]: one
-        # portable statement (SQLite >= 3.24, PostgreSQL >= 9.5), atomic without a transaction.
+    def _upsert(self, model: Any, key: Any, data: dict[str, Any]) -> None:
+        # INSERT ... ON CONFLICT (key) DO UPDATE SET col = EXCLUDED.col: one portable statement
+        # (SQLite >= 3.24, PostgreSQL >= 9.5), atomic without an explicit transaction.
         others = [field for name, field in model._meta.fields.items() if name != key.name]
-        model.insert(**data).on_conflict(conflict_target=[key], preserve=others,
-                                         where=where).execute()
+        model.insert(**data).on_conflict(conflict_target=[key], preserve=others).execute()
 
     # -- audit log --
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -241,23 +242,32 @@ async def test_agent_round_trip_upsert_and_filter(backend: Backend) -> None:
         assert len(await store.list_agents()) == 3
 
 
-async def test_an_agent_row_never_goes_back_in_attestation_time(backend: Backend) -> None:
-    # a superseded session's last write may reach the database after its successor's (several
-    # store workers): the row attested later stays, whatever order the writes land in
-    old = agent("agent-1", last_attested_at=T0 + 10, last_seen=T0 + 50, release_tag="v1")
-    new = agent("agent-1", last_attested_at=T0 + 20, last_seen=T0 + 20, release_tag="v2")
-    later = replace(new, last_seen=T0 + 80, last_verdict="refused", last_reason="health_fail")
-    async with open_store(backend.config, Workers()) as store:
-        await store.save_agent(new)
-        await store.save_agent(old)  # late, and attested earlier: changes nothing
-        assert await store.list_agents() == [new]
-        await store.save_agent(later)  # the same attestation, seen later: written
-        assert await store.list_agents() == [later]
-        unattested = agent("agent-2", last_attested_at=None)
-        await store.save_agent(unattested)
-        attested = replace(unattested, last_attested_at=T0 + 5)
-        await store.save_agent(attested)  # a first attestation over none
-        assert await store.list_agents() == [later, attested]
+async def test_one_agents_writes_land_in_the_order_they_were_made(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a superseded session's last write is made before its successor's; with several store
+    # workers it must still not land after it (and undo it), however long it takes
+    first_started, release = threading.Event(), threading.Event()
+    upsert = Store._upsert
+
+    def slow_first(self: Store, model: Any, key: Any, data: dict[str, Any]) -> None:
+        if data["release_tag"] == "v1":
+            first_started.set()
+            release.wait(10)
+        upsert(self, model, key, data)
+
+    monkeypatch.setattr(Store, "_upsert", slow_first)
+    old, new = agent("agent-1", release_tag="v1"), agent("agent-1", release_tag="v2")
+    other = agent("agent-2", release_tag="v3")
+    async with open_store(backend.config, Workers(store=4)) as store:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.save_agent, old)
+            await trio.to_thread.run_sync(first_started.wait, 10)
+            nursery.start_soon(store.save_agent, new)
+            await store.save_agent(other)  # another agent's write does not wait for agent-1's
+            assert await store.list_agents() == [other]
+            release.set()
+        assert await store.list_agents() == [new, other]
+        assert store._agent_locks == {}  # nothing kept once the writes are done
 
 
 async def test_audit_round_trip_every_field(backend: Backend) -> None:
