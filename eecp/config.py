@@ -88,6 +88,7 @@ class Config:
     auth_bind: str = "127.0.0.1"
     auth_port: int = 8089
     proxy_timeout_sec: float = 60.0
+    proxy_send_timeout_sec: float = 60.0
     proxy_max_body_bytes: int | None = None
     tunnel_max_streams: int = 100
     stream_window_bytes: int = 256 * 1024
@@ -160,6 +161,7 @@ def from_env(env: Mapping[str, str]) -> Config:
         auth_bind=r.get("EE_AUTH_BIND", "127.0.0.1", _host),
         auth_port=r.get("EE_AUTH_PORT", 8089, _port),
         proxy_timeout_sec=r.get("EE_PROXY_TIMEOUT_SEC", 60.0, _positive),
+        proxy_send_timeout_sec=r.get("EE_PROXY_SEND_TIMEOUT_SEC", 60.0, _positive),
         proxy_max_body_bytes=r.get("EE_PROXY_MAX_BODY_BYTES", None, _positive_int),
         tunnel_max_streams=r.get("EE_TUNNEL_MAX_STREAMS", 100, _positive_int),
         stream_window_bytes=r.get("EE_STREAM_WINDOW_BYTES", 256 * 1024, _positive_int),

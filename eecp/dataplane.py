@@ -137,7 +137,8 @@ async def serve_dataplane(services: Services,
                           ) -> None:
     """Run the proxy and auth listeners; reports ``(proxy_port, auth_port)`` once both listen."""
     config = services.config
-    limits = Limits(max_body_bytes=config.proxy_max_body_bytes)
+    limits = Limits(max_body_bytes=config.proxy_max_body_bytes,
+                    send_timeout_sec=config.proxy_send_timeout_sec)
     async with trio.open_nursery() as nursery:
         proxy_port: int = await nursery.start(_serve, ProxyHandler(services), config.proxy_bind,
                                               config.proxy_port, limits)

@@ -117,6 +117,11 @@ class Limits:
     """Longest gap between two pieces of a request body while the server waits for it."""
     max_body_bytes: int | None = None
     """None: unlimited; otherwise a larger body is refused with 413."""
+    send_timeout_sec: float = 60.0
+    """A streamed response's write (a body chunk, at most about 64 KiB on the proxy listener)
+    that the client has not taken whole within this long closes the connection: a client that
+    stopped reading must not hold its request (and, on the proxy listener, one of its agent's
+    stream slots and a window of memory) for ever."""
 
 
 DEFAULT_LIMITS = Limits()
@@ -543,10 +548,15 @@ class _Connection:
         return request.content_length - request._consumed <= DRAIN_BYTES
 
     async def write(self, data: bytes) -> None:
-        try:
-            await self.stream.send_all(data)
-        except trio.BrokenResourceError as exc:
-            raise ClientDisconnected(str(exc)) from exc
+        # (the whole answers of respond() skip this scope: they are small, and its hot path)
+        with trio.move_on_after(self.limits.send_timeout_sec) as stalled:
+            try:
+                await self.stream.send_all(data)
+            except trio.BrokenResourceError as exc:
+                raise ClientDisconnected(str(exc)) from exc
+        if stalled.cancelled_caught:  # part of it may be out: the connection is unusable
+            raise ClientDisconnected(f"the client took no response bytes for "
+                                     f"{self.limits.send_timeout_sec:g} s")
 
     async def send_continue(self, request: Request) -> None:
         if request._complete or request is not self.current:

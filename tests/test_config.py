@@ -34,13 +34,15 @@ def test_data_plane_defaults_are_the_documented_values() -> None:
     assert (cfg.auth_bind, cfg.auth_port) == ("127.0.0.1", 8089)  # the auth listener: loopback
     assert (cfg.proxy_bind, cfg.proxy_port) == ("0.0.0.0", 9090)
     assert cfg.proxy_timeout_sec == 60.0
+    assert cfg.proxy_send_timeout_sec == 60.0
     assert cfg.proxy_max_body_bytes is None  # unlimited when unset
     # and each is read from its own variable
     cfg = from_env({"EE_AUTH_BIND": "0.0.0.0", "EE_AUTH_PORT": "18089", "EE_PROXY_BIND": "::1",
-                    "EE_PROXY_PORT": "19090", "EE_PROXY_TIMEOUT_SEC": "2.5"})
+                    "EE_PROXY_PORT": "19090", "EE_PROXY_TIMEOUT_SEC": "2.5",
+                    "EE_PROXY_SEND_TIMEOUT_SEC": "7"})
     assert (cfg.auth_bind, cfg.auth_port, cfg.proxy_bind, cfg.proxy_port) == (
         "0.0.0.0", 18089, "::1", 19090)
-    assert cfg.proxy_timeout_sec == 2.5
+    assert (cfg.proxy_timeout_sec, cfg.proxy_send_timeout_sec) == (2.5, 7.0)
 
 
 def test_values_are_parsed(tmp_path: Path) -> None:

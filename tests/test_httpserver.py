@@ -946,3 +946,35 @@ async def test_random_bytes_never_break_the_server(head: bytes, noise: bytes) ->
     finally:
         logging.getLogger("eecp.httpserver").removeHandler(errors)
     assert errors.records == []
+
+
+async def test_a_client_that_stops_reading_a_streamed_response_is_dropped(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # it must not hold its request (on the proxy listener: an agent's stream slot and a window
+    # of eecp's memory) for ever
+    chunk = b"x" * 65536
+    outcome: list[tuple[str, float]] = []
+    dropped = trio.Event()
+
+    async def endless(request: Request, responder: Responder) -> None:
+        await responder.send_head(200, [("content-type", "application/octet-stream")])
+        start = trio.current_time()
+        try:
+            while True:
+                await responder.send(chunk)
+                start = trio.current_time()  # a write was taken: the next one's time starts
+        except ClientDisconnected:
+            outcome.append(("dropped", trio.current_time() - start))
+            dropped.set()
+            raise
+
+    async with running(endless, Limits(send_timeout_sec=20)) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(1000):
+            await client.send(get("/"))
+            await dropped.wait()  # the client reads nothing: socket buffers fill, writes stall
+            drained = 0
+            while data := await client.stream.receive_some(65536):  # then the server closed
+                drained += len(data)
+    assert outcome[0][0] == "dropped" and 20 <= outcome[0][1] < 21, outcome
+    assert drained > 0

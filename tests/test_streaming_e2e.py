@@ -11,6 +11,7 @@ cushion, a transfer held by flow control stays held. Real-time bounds are safety
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import socket
@@ -137,9 +138,10 @@ class Backend:
                 await self._respond(stream, conn, PART, [BODY[:PART]])
                 return
             if head.target != b"/upload":
-                await self._respond(stream, conn, TOTAL,
-                                    (BODY[i:i + 65536] for i in range(0, TOTAL, 65536)))
-                self.done.set()
+                with contextlib.suppress(trio.BrokenResourceError):  # the agent may hang up
+                    await self._respond(stream, conn, TOTAL,
+                                        (BODY[i:i + 65536] for i in range(0, TOTAL, 65536)))
+                    self.done.set()
                 return
             while isinstance(event := await self._next(stream, conn), h11.Data):
                 self.upload += event.data
@@ -319,6 +321,29 @@ async def test_responses_complete_but_unread_hold_their_slots(
         assert mux.peak <= WINDOW + MAX_DATA
 
 
+async def test_a_client_that_takes_nothing_is_dropped_and_frees_the_slot(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
+        eecp_muxes: list[WatchedMux]) -> None:
+    async with open_world(tmp_path, pki, mock_clock, EE_TUNNEL_MAX_STREAMS="1",
+                          EE_PROXY_SEND_TIMEOUT_SEC="30") as world:
+        client, mux = await hold_download(world, eecp_muxes)
+        async with client:
+            assert_held_back(world, mux)
+            assert mux.in_flight == 1  # the agent's only slot
+            world.clock.jump(31)  # its write has waited longer than EE_PROXY_SEND_TIMEOUT_SEC
+            async with safety_net(10):
+                while mux.in_flight:
+                    await trio.testing.wait_all_tasks_blocked()
+                with contextlib.suppress(trio.BrokenResourceError):  # (or a reset)
+                    while await client.receive_some(65536):  # what was in flight, the close
+                        pass
+        other = await open_client(world.cp)
+        async with other, safety_net(10):
+            await other.send_all(b"GET /part HTTP/1.1\r\nHost: " + HOST + b"\r\n\r\n")
+            status, body = await read_response(other)
+        assert status.startswith(b"HTTP/1.1 200 ") and body == BODY[:PART]
+
+
 # ---- 3. control messages keep flowing while data is held by flow control -------------------
 
 async def test_attestation_and_health_go_on_while_a_download_is_held(
@@ -326,7 +351,9 @@ async def test_attestation_and_health_go_on_while_a_download_is_held(
         eecp_muxes: list[WatchedMux]) -> None:
     # the hour's jump would otherwise also be an hour of health silence (EE_HEALTH_TIMEOUT_SEC,
     # 120 s by default, is test_tunnel's subject): only the messages themselves matter here
-    async with open_world(tmp_path, pki, mock_clock, EE_HEALTH_TIMEOUT_SEC="86400") as world:
+    # and a client that takes nothing for an hour would be dropped (EE_PROXY_SEND_TIMEOUT_SEC)
+    async with open_world(tmp_path, pki, mock_clock, EE_HEALTH_TIMEOUT_SEC="86400",
+                          EE_PROXY_SEND_TIMEOUT_SEC="86400") as world:
         client, mux = await hold_download(world, eecp_muxes)
         agent = world.agent
         async with client:
