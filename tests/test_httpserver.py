@@ -953,8 +953,8 @@ async def test_a_client_that_stops_reading_a_streamed_response_is_dropped(
     # it must not hold its request (on the proxy listener: an agent's stream slot and a window
     # of eecp's memory) for ever
     chunk = b"x" * 65536
-    outcome: list[tuple[str, float]] = []
-    dropped = trio.Event()
+    waited: list[float] = []
+    ended = trio.Event()
 
     async def endless(request: Request, responder: Responder) -> None:
         await responder.send_head(200, [("content-type", "application/octet-stream")])
@@ -963,18 +963,18 @@ async def test_a_client_that_stops_reading_a_streamed_response_is_dropped(
             while True:
                 await responder.send(chunk)
                 start = trio.current_time()  # a write was taken: the next one's time starts
-        except ClientDisconnected:
-            outcome.append(("dropped", trio.current_time() - start))
-            dropped.set()
-            raise
+        finally:
+            waited.append(trio.current_time() - start)
+            ended.set()
 
     async with running(endless, Limits(send_timeout_sec=20)) as port:
         client = await RawClient.open(port)
         with trio.fail_after(1000):
             await client.send(get("/"))
-            await dropped.wait()  # the client reads nothing: socket buffers fill, writes stall
+            await ended.wait()  # the client reads nothing: socket buffers fill, writes stall
             drained = 0
-            while data := await client.stream.receive_some(65536):  # then the server closed
-                drained += len(data)
-    assert outcome[0][0] == "dropped" and 20 <= outcome[0][1] < 21, outcome
+            with contextlib.suppress(trio.BrokenResourceError):
+                while data := await client.stream.receive_some(65536):  # then the close
+                    drained += len(data)
+    assert 20 <= waited[0] < 21, waited  # the stalled write was given send_timeout_sec
     assert drained > 0
