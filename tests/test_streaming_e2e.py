@@ -221,6 +221,14 @@ async def read_response(client: trio.SocketStream) -> tuple[bytes, bytes]:
     return head, bytes(body)
 
 
+async def fetch(cp: ControlPlane, path: bytes, answers: list[tuple[bytes, bytes]]) -> None:
+    """GET ``path`` on a connection of its own; its (head, body) is appended to ``answers``."""
+    client = await open_client(cp)
+    async with client:
+        await client.send_all(b"GET " + path + b" HTTP/1.1\r\nHost: " + HOST + b"\r\n\r\n")
+        answers.append(await read_response(client))
+
+
 async def hold_download(world: World, muxes: list[WatchedMux]
                         ) -> tuple[trio.SocketStream, WatchedMux]:
     """GET the download from a client that reads nothing; return once nothing moves."""
@@ -305,14 +313,13 @@ async def test_responses_complete_but_unread_hold_their_slots(
             await trio.testing.wait_all_tasks_blocked(SETTLE_SEC)
         mux = eecp_muxes[0]
         assert mux.held > 0 and mux.in_flight == 1  # complete, unread, counted
-        other = await open_client(world.cp)
-        async with other:
-            await other.send_all(b"GET /part HTTP/1.1\r\nHost: " + HOST + b"\r\n\r\n")
-            async with safety_net(10):
-                await trio.testing.wait_all_tasks_blocked(SETTLE_SEC)
-                world.clock.jump(2.5)  # longer than a request waits for a slot
-                status, body = await read_response(other)
-            assert status.startswith(b"HTTP/1.1 503 ") and b"agent_busy" in body
+        async with safety_net(10), trio.open_nursery() as nursery:
+            answers: list[tuple[bytes, bytes]] = []
+            nursery.start_soon(fetch, world.cp, b"/part", answers)
+            await trio.testing.wait_all_tasks_blocked(SETTLE_SEC)
+            world.clock.jump(2.5)  # longer than a request waits for a slot
+        [(status, body)] = answers
+        assert status.startswith(b"HTTP/1.1 503 ") and b"agent_busy" in body
         async with slow, safety_net(10):  # the slow client reads: all of it, and the slot frees
             status, body = await read_response(slow)
             assert status.startswith(b"HTTP/1.1 200 ") and body == BODY[:PART]
@@ -337,10 +344,10 @@ async def test_a_client_that_takes_nothing_is_dropped_and_frees_the_slot(
                 with contextlib.suppress(trio.BrokenResourceError):  # (or a reset)
                     while await client.receive_some(65536):  # what was in flight, the close
                         pass
-        other = await open_client(world.cp)
-        async with other, safety_net(10):
-            await other.send_all(b"GET /part HTTP/1.1\r\nHost: " + HOST + b"\r\n\r\n")
-            status, body = await read_response(other)
+        answers: list[tuple[bytes, bytes]] = []
+        async with safety_net(10):
+            await fetch(world.cp, b"/part", answers)  # the next request gets the slot
+        [(status, body)] = answers
         assert status.startswith(b"HTTP/1.1 200 ") and body == BODY[:PART]
 
 
