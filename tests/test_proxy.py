@@ -297,20 +297,27 @@ async def test_a_slow_upload_that_keeps_moving_is_no_upstream_timeout(mock_clock
         assert (response.status_code, response.content) == (201, b"u" * 4000)
 
 
-async def test_tunnel_loss_fails_requests_in_flight(mock_clock: MockClock, world: World) -> None:
+@pytest.mark.parametrize("entry", ["proxy listener", "POST /v1/proxy"])
+async def test_tunnel_loss_fails_requests_in_flight(mock_clock: MockClock, world: World,
+                                                   entry: str) -> None:
     async with open_backend("one") as (backend, server), trio.open_nursery() as nursery:
         result: list[httpx.Response] = []
         async with running_agent(world.agent(server)) as agent:
             await agent.wait_status("attested")
 
             async def call() -> None:
-                result.append(await proxy_get(world.cp, "/hang"))
+                if entry == "proxy listener":
+                    result.append(await proxy_get(world.cp, "/hang"))
+                    return
+                async with httpx.AsyncClient(timeout=None) as client:
+                    result.append(await client.post(world.cp.url + "/v1/proxy/shop",
+                                                    json={"path": "/hang"}))
             nursery.start_soon(call)
             await backend.entered.wait()
         # the agent's tunnel is gone while the request waits for its answer
-        while not result:
-            await trio.to_thread.run_sync(__import__("time").sleep, 0.01)
-        assert (result[0].status_code, result[0].json()["reason"]) == (502, "tunnel_closed")
+        await eventually(lambda: bool(result))
+        assert (result[0].status_code, result[0].json()) == (
+            502, {"allowed": True, "reason": "tunnel_closed"})
         backend.release.set()
 
 
