@@ -73,7 +73,13 @@ def create_app(services: Services) -> QuartTrio:
         if not admin.authorized(services.config.admin_token,
                                 request.headers.get("Authorization")):
             return _unauthorized()
-        audit = await services.store.recent_audit(name, services.config.audit_entries_shown)
+        # ?verdict=accepted: the last accepted ones, however many refusals came after them
+        verdict = request.args.get("verdict")
+        if verdict not in (None, "accepted", "refused"):
+            return jsonify({"error": "invalid_query:verdict",
+                            "detail": "expected accepted or refused"}), 400
+        audit = await services.store.recent_audit(name, services.config.audit_entries_shown,
+                                                  verdict)
         doc = admin.app_detail(services.registry, name, services.clock.now(), audit)
         if doc is None:
             return jsonify({"error": "unknown_app", "app": name}), 404

@@ -579,17 +579,22 @@ class Store:
         # SQLite answers with lastrowid, PostgreSQL with INSERT ... RETURNING id.
         return int(self._m.AuditLog.insert(**row).execute())
 
-    async def recent_audit(self, app_name: str | None = None, limit: int = 50) -> list[AuditEntry]:
-        """The newest ``limit`` audit entries (of ``app_name``, when given), newest first."""
+    async def recent_audit(self, app_name: str | None = None, limit: int = 50,
+                           verdict: str | None = None) -> list[AuditEntry]:
+        """The newest ``limit`` audit entries (of ``app_name``, and with ``verdict``, when
+        given), newest first."""
         if limit <= 0:
             return []
-        return await self._run(self._recent_audit_sync, app_name, limit)
+        return await self._run(self._recent_audit_sync, app_name, limit, verdict)
 
-    def _recent_audit_sync(self, app_name: str | None, limit: int) -> list[AuditEntry]:
+    def _recent_audit_sync(self, app_name: str | None, limit: int, verdict: str | None
+                           ) -> list[AuditEntry]:
         AuditLog = self._m.AuditLog
         query = AuditLog.select()
         if app_name is not None:
             query = query.where(AuditLog.app_name == app_name)
+        if verdict is not None:
+            query = query.where(AuditLog.verdict == verdict)
         query = query.order_by(AuditLog.id.desc()).limit(limit)
         return [_audit_entry(row) for row in query.dicts()]
 

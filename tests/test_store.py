@@ -327,6 +327,14 @@ async def test_audit_is_newest_first_filtered_and_limited(backend: Backend) -> N
         assert await store.recent_audit("nobody") == []
         assert await store.recent_audit(limit=0) == []
         assert len(await store.recent_audit()) == 10
+        # the last acceptance, however many refusals came after it
+        await store.append_audit(audit(10, verdict="accepted", reason="attested", app_name="a"))
+        for n in range(11, 16):
+            await store.append_audit(audit(n, app_name="a"))
+        accepted = await store.recent_audit("a", limit=3, verdict="accepted")
+        assert [(e.agent_id, e.verdict) for e in accepted] == [("agent-10", "accepted")]
+        refused = await store.recent_audit("a", limit=2, verdict="refused")
+        assert [e.agent_id for e in refused] == ["agent-15", "agent-14"]
 
 
 async def test_audit_rejects_more_than_four_rtmrs(sqlite_backend: Backend) -> None:

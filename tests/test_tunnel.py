@@ -284,6 +284,13 @@ async def test_periodic_attestation_and_its_failure(mock_clock: MockClock, world
     assert [(e["trigger"], e["reason"]) for e in audit] == [
         ("periodic", "quote_measurement_mismatch:rtmr3"), ("periodic", "attested"),
         ("register", "attested")]
+    for verdict, reasons in (("accepted", ["attested", "attested"]),
+                             ("refused", ["quote_measurement_mismatch:rtmr3"])):
+        only = await world.cp.get(f"/v1/apps/shop?verdict={verdict}",
+                                  headers=world.cp.admin_headers)
+        assert [e["reason"] for e in only.json()["audit"]] == reasons
+    bogus = await world.cp.get("/v1/apps/shop?verdict=maybe", headers=world.cp.admin_headers)
+    assert (bogus.status_code, bogus.json()["error"]) == (400, "invalid_query:verdict")
     text = (await world.cp.get("/metrics")).text
     assert 'eecp_attestations_total{reason="attested",result="accepted"} 2.0' in text
     assert ('eecp_attestations_total{reason="quote_measurement_mismatch:rtmr3",'
