@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, jsonify, request
@@ -27,6 +26,7 @@ from eecp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from eecp.proxy import (
     MAX_JSON_PROXY_BODY,
     ProxyError,
+    counted,
     open_upstream,
     parse_proxy_call,
     public_reason,
@@ -36,7 +36,6 @@ from eecp.resolve import ResolveAnswer, app_from_host, resolve
 from eecp.streams import RequestHead, StreamError
 
 if TYPE_CHECKING:
-    from eecp.metrics import Metrics
     from eecp.service import Services
 
 
@@ -118,8 +117,9 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
     started = time.perf_counter()
     size = 0  # counted as the proxy listener counts: time to the head, body bytes as they pass
     try:
-        async with open_upstream(services, app_name.lower(), head,
-                                 _counted(call.body(), metrics)) as upstream:
+        body = call.body()
+        async with open_upstream(services, app_name.lower(), head, None if body is None else
+                                 counted(body, metrics.proxy_bytes.labels("in"))) as upstream:
             metrics.proxy_seconds.observe(time.perf_counter() - started)
             parts: list[bytes] = []
             try:
@@ -139,19 +139,6 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
     return jsonify({"status": upstream.head.status,
                     "headers": [list(h) for h in strip_hop_by_hop(upstream.head.headers)],
                     "body_b64": base64.b64encode(b"".join(parts)).decode()}), 200
-
-
-def _counted(body: AsyncIterator[bytes] | None, metrics: Metrics) -> AsyncIterator[bytes] | None:
-    """``body`` with its bytes counted as they are sent on (None stays None: no body)."""
-    if body is None:
-        return None
-    return _count_chunks(body, metrics.proxy_bytes.labels("in"))
-
-
-async def _count_chunks(body: AsyncIterator[bytes], counter: Any) -> AsyncIterator[bytes]:
-    async for chunk in body:
-        counter.inc(len(chunk))
-        yield chunk
 
 
 def _render(answer: ResolveAnswer) -> Response:

@@ -23,7 +23,7 @@ import trio
 from eecp.forwarded import forwarded_headers, forwarding_of, inbound_forwarding
 from eecp.frames import is_origin_form
 from eecp.httpserver import Limits, Request, Responder, serve_http
-from eecp.proxy import ProxyError, open_upstream, strip_hop_by_hop
+from eecp.proxy import ProxyError, counted, open_upstream, strip_hop_by_hop
 from eecp.resolve import app_from_host, host_label, resolve
 from eecp.streams import RequestHead
 
@@ -124,12 +124,7 @@ class ProxyHandler:
         chunked = (request.header("transfer-encoding") or "").lower().endswith("chunked")
         if not chunked and not request.content_length:
             return None
-        return self._counted(request.body_chunks())
-
-    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            self._bytes_in.inc(len(chunk))
-            yield chunk
+        return counted(request.body_chunks(), self._bytes_in)
 
 
 async def serve_dataplane(services: Services,
