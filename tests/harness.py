@@ -12,6 +12,7 @@ Real-time safety: with a mock clock ``fail_after`` never fires, so waits here ar
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -73,6 +74,27 @@ async def real_deadline(seconds: float) -> AsyncIterator[trio.CancelScope]:
             nursery.start_soon(watchdog)
             yield scope
         nursery.cancel_scope.cancel()
+    if scope.cancelled_caught:
+        raise AssertionError(f"not done within {seconds}s of real time")
+
+
+@asynccontextmanager
+async def safety_net(seconds: float) -> AsyncIterator[None]:
+    """Fail the block after ``seconds`` of real time (a MockClock never fires fail_after).
+
+    A thread waits the whole time instead of polling like harness.real_deadline, so trio is
+    not woken before then and ``wait_all_tasks_blocked`` can see the run idle."""
+    done = threading.Event()
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            async def watchdog() -> None:
+                if not await trio.to_thread.run_sync(done.wait, seconds):
+                    scope.cancel()
+            nursery.start_soon(watchdog)
+            try:
+                yield
+            finally:
+                done.set()
     if scope.cancelled_caught:
         raise AssertionError(f"not done within {seconds}s of real time")
 

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import random
 import socket
-import threading
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from tests.harness import (
     open_control_plane,
     open_upstreams,
     running_agent,
+    safety_net,
 )
 
 WINDOW = 262144  # EE_STREAM_WINDOW_BYTES' default: eecp's receive window per stream
@@ -51,27 +51,6 @@ PART = 200_000  # GET /part: a response that fits one window, so it completes un
 SMALL_BUFFER = 32 * 1024  # SO_RCVBUF of the client, SO_SNDBUF of the backend
 HOST = b"shop.app.example.com"
 SETTLE_SEC = 0.1  # real seconds every task must have been blocked for a transfer to be held
-
-
-@asynccontextmanager
-async def safety_net(seconds: float) -> AsyncIterator[None]:
-    """Fail the block after ``seconds`` of real time (a MockClock never fires fail_after).
-
-    A thread waits the whole time instead of polling like harness.real_deadline, so trio is
-    not woken before then and ``wait_all_tasks_blocked`` can see the run idle."""
-    done = threading.Event()
-    async with trio.open_nursery() as nursery:
-        with trio.CancelScope() as scope:
-            async def watchdog() -> None:
-                if not await trio.to_thread.run_sync(done.wait, seconds):
-                    scope.cancel()
-            nursery.start_soon(watchdog)
-            try:
-                yield
-            finally:
-                done.set()
-    if scope.cancelled_caught:
-        raise AssertionError(f"not done within {seconds}s of real time")
 
 
 class WatchedMux(Mux):
