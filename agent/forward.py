@@ -37,11 +37,12 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
 
 import trio
 
 from agent.backend import BackendError, BackendExchange, BackendPool
-from eecp.errors import EecpError, single_error
+from eecp.errors import EecpError, leaf_error, single_error
 from eecp.frames import is_origin_form
 from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 
@@ -102,18 +103,30 @@ async def _serve_stream(stream: Stream, head: RequestHead, pool: BackendPool,
 
 async def _exchange(stream: Stream, head: RequestHead, pool: BackendPool,
                     timeout_sec: float) -> None:
-    """One request/response; every failure ends as a RESET with its reason (or, when eecp
-    reset the stream itself, quietly)."""
+    """One request/response. This is the stream's boundary: whatever fails here ends this one
+    stream (a RESET with its reason, or quietly when eecp reset it) and never the tunnel —
+    also when it arrives as an exception group in which one task's failure is mixed with the
+    cancellation of the others (only that cancellation goes on up, to the scope that made it).
+    """
+    failure: ForwardError | None = None
     try:
         await _forward(stream, head, pool, timeout_sec)
-    except ForwardError as exc:
-        log.info("stream %d %s %s: %s", stream.id, head.method, head.path[:200], exc)
-        await stream.reset(exc.reason)
-    except StreamError as exc:
-        log.debug("stream %d ended by eecp: %s", stream.id, exc.reason)
-    except Exception:  # a bug here must cost this one request, not the tunnel
-        log.exception("stream %d %s %s failed", stream.id, head.method, head.path[:200])
-        await stream.reset("agent_error")
+    except* StreamError as group:
+        log.debug("stream %d ended by eecp: %s", stream.id, leaf_error(group))
+    except* ForwardError as group:
+        failure = cast(ForwardError, leaf_error(group))  # (every leaf is one)
+    except* Exception as group:  # a bug here must cost this one request, not the tunnel
+        log.error("stream %d %s %s failed", stream.id, head.method, _path(head),
+                  exc_info=leaf_error(group))
+        failure = ForwardError("agent_error", "a bug in the agent's forwarding")
+    if failure is not None and not stream.finished:
+        log.info("stream %d %s %s: %s", stream.id, head.method, _path(head), failure)
+        await stream.reset(failure.reason)
+
+
+def _path(head: RequestHead) -> str:
+    """The request's path for a log line: no query (it may carry tokens), bounded."""
+    return head.path.partition("?")[0][:200]
 
 
 async def _forward(stream: Stream, head: RequestHead, pool: BackendPool,
@@ -211,6 +224,10 @@ class _Upload:
             if not self.head_received:
                 self.error = exc
                 self._progress.cancel()  # stop waiting for a head: this is the answer
+        except StreamError:
+            # eecp reset the stream (its client left mid-body, or sent a bad chunk): the
+            # stream's failure cancels this exchange (cancel_on_failure); nothing to add
+            pass
 
 
 async def _send_head(stream: Stream, head: ResponseHead, body: bytes, *, end: bool) -> None:

@@ -51,7 +51,7 @@ from agent.forward import open_backend_pool, serve_forwarding
 from agent.health import HealthStatus, probe_backend
 from agent.providers import QuoteProvider, QuoteProviderError
 from eecp import wsproto_speedups
-from eecp.errors import EecpError, ProtocolError
+from eecp.errors import EecpError, ProtocolError, leaf_error
 from eecp.measurements import Measurements, report_data_for
 from eecp.protocol import (
     CLOSE_GOING_AWAY,
@@ -222,7 +222,7 @@ class Tunnel:
                 self._set_connected(True)
                 await self.serve(ws)
         except Exception as exc:  # whatever ended this tunnel: the caller logs it and redials
-            return _describe(_leaf(exc)), opened
+            return _describe(leaf_error(exc)), opened
         finally:
             if opened:
                 self._set_connected(False)
@@ -258,7 +258,7 @@ class Tunnel:
                     # (and any frame write in progress) end, so the nursery can
                     mux.close()
         except BaseException as exc:
-            await _close_for(ws, _leaf(exc))
+            await _close_for(ws, leaf_error(exc))
             raise
 
     async def register(self, ws: WebSocketConnection) -> None:
@@ -370,14 +370,6 @@ def _decode(data: str) -> AttestRequest | Status | None:
     except RecursionError:  # json.loads on absurdly nested input
         raise ProtocolError("invalid_json", "message nests too deeply",
                             CLOSE_INVALID_PAYLOAD) from None
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The exception that matters inside nursery exception groups (not the Cancelled ones)."""
-    while isinstance(exc, BaseExceptionGroup):
-        members = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
-        exc = (members or list(exc.exceptions))[0]
-    return exc
 
 
 def _close_code(exc: BaseException) -> tuple[int, str]:

@@ -22,10 +22,24 @@ import trio
 
 from eecp.forwarded import forwarded_headers, forwarding_of, inbound_forwarding
 from eecp.frames import is_origin_form
-from eecp.httpserver import Limits, Request, Responder, serve_http
-from eecp.proxy import ProxyError, counted, open_upstream, strip_hop_by_hop
+from eecp.httpserver import (
+    ClientDisconnected,
+    Limits,
+    Request,
+    RequestError,
+    Responder,
+    serve_http,
+)
+from eecp.proxy import (
+    ProxyError,
+    Upstream,
+    counted,
+    open_upstream,
+    public_reason,
+    strip_hop_by_hop,
+)
 from eecp.resolve import app_from_host, host_label, resolve
-from eecp.streams import RequestHead
+from eecp.streams import RequestHead, StreamError
 
 if TYPE_CHECKING:
     from eecp.service import Services
@@ -34,6 +48,12 @@ log = logging.getLogger("eecp.dataplane")
 
 _JSON = [("content-type", "application/json"), ("cache-control", "no-store")]
 _RESOLVE_PREFIX = "/v1/resolve/"
+
+
+def _failed(request: Request, app: str, reason: str) -> None:
+    """One line per proxied request that failed after it reached its agent (no traceback: a
+    client or an agent failing its own stream is no bug of eecp's)."""
+    log.info("proxy %s %s %s failed: %s", app, request.method, request.path[:200], reason)
 
 
 def error_body(reason: str, allowed: bool = False) -> bytes:
@@ -98,27 +118,44 @@ class ProxyHandler:
             async with open_upstream(self._services, app.lower(), head, body) as upstream:
                 status = upstream.head.status
                 metrics.proxy_seconds.observe(time.perf_counter() - started)
-                # what is already here goes out with what follows: a small answer is one write,
-                # and a stream (SSE) is flushed as soon as nothing more is waiting
-                stream = upstream.stream
-                await responder.send_head(status, strip_hop_by_hop(upstream.head.headers),
-                                          hold=stream.ready)
-                sent = 0
-                try:
-                    # (the stream itself, not upstream.chunks(): no generator per request)
-                    while (chunk := await stream.receive()) is not None:
-                        sent += len(chunk)
-                        await responder.send(chunk, hold=stream.ready)
-                finally:
-                    self._bytes_out.inc(sent)
-                await responder.end()
+                await self._relay(upstream, responder)
         except ProxyError as exc:
-            if responder.head_sent:
-                raise  # mid-body: the only honest signal left is closing the connection
             status = exc.http_status
+            if responder.head_sent:  # mid-body: closing the connection is all that is left
+                _failed(request, app, exc.reason)
+                raise RequestError(exc.http_status, exc.reason) from None
             await responder.respond(exc.http_status, _JSON, error_body(exc.reason, exc.allowed))
+        except StreamError as exc:  # the agent reset the stream mid-body, or the tunnel died
+            _failed(request, app, f"{public_reason(exc.reason)} ({exc.reason})")
+            raise RequestError(502, public_reason(exc.reason)) from None
+        except RequestError as exc:  # the client's body: malformed, too large, too slow
+            status = exc.http_status
+            _failed(request, app, exc.reason)
+            raise
+        except ClientDisconnected:
+            _failed(request, app, "client_gone")
+            raise
+        except trio.Cancelled:  # the server saw the client leave (or eecp is stopping)
+            _failed(request, app, "cancelled")
+            raise
         finally:
             metrics.proxied(app.lower(), status)
+
+    async def _relay(self, upstream: Upstream, responder: Responder) -> None:
+        # what is already here goes out with what follows: a small answer is one write, and a
+        # stream (SSE) is flushed as soon as nothing more is waiting
+        stream = upstream.stream
+        await responder.send_head(upstream.head.status,
+                                  strip_hop_by_hop(upstream.head.headers), hold=stream.ready)
+        sent = 0
+        try:
+            # (the stream itself, not upstream.chunks(): no generator per request)
+            while (chunk := await stream.receive()) is not None:
+                sent += len(chunk)
+                await responder.send(chunk, hold=stream.ready)
+        finally:
+            self._bytes_out.inc(sent)
+        await responder.end()
 
     def _body(self, request: Request) -> AsyncIterator[bytes] | None:
         chunked = (request.header("transfer-encoding") or "").lower().endswith("chunked")

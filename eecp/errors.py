@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import trio
+
 
 class EecpError(Exception):
     """Base of every deliberate eecp error.
@@ -122,3 +124,13 @@ def single_error() -> Iterator[None]:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+def leaf_error(exc: BaseException) -> BaseException:
+    """The exception that matters inside (nested) exception groups: the first leaf that is not
+    a ``trio.Cancelled`` (one of those only if that is all there is). For a log line or a
+    close reason; handlers that must treat every leaf use ``except*``."""
+    while isinstance(exc, BaseExceptionGroup):
+        members = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+        exc = (members or list(exc.exceptions))[0]
+    return exc

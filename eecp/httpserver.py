@@ -57,11 +57,12 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from functools import partial
 from http import HTTPStatus
+from typing import cast
 
 import httptools
 import trio
 
-from eecp.errors import EecpError
+from eecp.errors import EecpError, leaf_error
 
 log = logging.getLogger("eecp.httpserver")
 
@@ -485,23 +486,34 @@ class _Connection:
         return item
 
     async def _handle(self, request: Request) -> bool:
-        """Run the handler; True when the connection may carry another request."""
+        """Run the handler; True when the connection may carry another request.
+
+        The request's boundary: whatever the handler raises costs this request (and maybe its
+        connection), never the listener — also an exception group that mixes a failure with
+        the cancellation of the handler's other tasks (``except*``: the cancellation goes on
+        up to its scope, the failure is handled here)."""
         responder = self.responder = Responder(self, request)
+        failure: RequestError | None = None
+        gone = False
         try:
             await self.handler(request, responder)
             if not responder.head_sent:
                 raise RuntimeError("handler returned without responding")
             await responder.end()
-        except ClientDisconnected:
+        except* ClientDisconnected:
+            gone = True
+        except* RequestError as group:
+            failure = cast(RequestError, leaf_error(group))
+        except* Exception as group:
+            log.error("handler failed on %s %s", request.method, request.path,
+                      exc_info=leaf_error(group))
+            failure = RequestError(500, "internal_error")
+        if gone:
             log.debug("client %s went away during %s %s", self.client, request.method,
                       request.path)
             return False
-        except RequestError as exc:
-            await self._fail(responder, exc)
-            return False
-        except Exception:
-            log.exception("handler failed on %s %s", request.method, request.path)
-            await self._fail(responder, RequestError(500, "internal_error"))
+        if failure is not None:
+            await self._fail(responder, failure)
             return False
         if request._chunks or not request._complete:
             self._forget_body(request)

@@ -197,12 +197,18 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
         if body is None:  # (the common case, without a nursery: nothing runs beside it)
             yield Upstream(await _await_head(stream, progress), stream, agent)
             return
-        with single_error():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump_body, stream, body, declared_length(head.headers),
-                                   progress)
-                yield Upstream(await _await_head(stream, progress), stream, agent)
-                nursery.cancel_scope.cancel()  # the app answered: a body it did not read is moot
+        upload = _Upload(stream, body, declared_length(head.headers), progress)
+        try:
+            with single_error():
+                async with trio.open_nursery() as nursery:
+                    upload.scope = nursery.cancel_scope
+                    nursery.start_soon(upload.run)
+                    yield Upstream(await _await_head(stream, progress), stream, agent)
+                    nursery.cancel_scope.cancel()  # the app answered: an unread body is moot
+        except Exception:
+            upload.raise_failure()  # the client's failure caused whatever else went wrong
+            raise
+        upload.raise_failure()
     finally:
         agent.in_flight -= 1
         if stream.finished:  # nothing left to say, but maybe a body nobody will read now
@@ -276,30 +282,69 @@ def declared_length(headers: list[tuple[str, str]]) -> int | None:
         return None
 
 
-async def _pump_body(stream: Stream, body: AsyncIterable[bytes], length: int | None,
-                     progress: Progress) -> None:
-    """The request body to the agent; each chunk that leaves is progress, so a long upload is
-    no upstream timeout (a stalled one is, ``EE_PROXY_TIMEOUT_SEC`` after its last chunk).
+class _Upload:
+    """The request body going to the agent, beside the wait for its answer (and beside the
+    answer itself: an app may stream its response while it still reads the upload).
 
-    The chunk that completes ``length`` (the declared Content-Length) carries the end (FIN);
-    otherwise END follows once ``body`` is exhausted (chunked, or a body cut short, which the
-    agent reports). More bytes than declared are ``ProxyError(400, "invalid_request")``:
-    the agent could not send them on under that Content-Length anyway.
+    The client failing its own body — gone mid-body, a malformed chunk, more bytes than its
+    Content-Length, a body timeout — fails this one request only. The error is kept here, the
+    stream is reset toward the agent with the reason (``client_gone``, ``bad_request``), and
+    the attempt's scope is cancelled (the wait for the head, or the caller relaying the
+    answer); :func:`_attempt` then raises the kept error as itself. It never travels as a
+    nursery's exception group mixed with that cancellation, which the HTTP server's
+    per-request boundary could not tell from a bug (each one was a logged traceback).
+
+    The chunk that completes the declared length carries the end (FIN); otherwise END follows
+    once the body is exhausted (chunked). Each chunk that leaves is progress, so a long upload
+    is no upstream timeout (a stalled one is, ``EE_PROXY_TIMEOUT_SEC`` after its last chunk).
     """
-    sent = 0
-    try:
-        async for chunk in body:
+
+    def __init__(self, stream: Stream, body: AsyncIterable[bytes], length: int | None,
+                 progress: Progress) -> None:
+        self._stream = stream
+        self._body = body
+        self._length = length
+        self._progress = progress
+        self.scope: trio.CancelScope | None = None
+        self.failure: Exception | None = None
+
+    async def run(self) -> None:
+        try:
+            await self._pump()
+        except StreamError:
+            pass  # the agent's side failed: the response side reports what went wrong
+        except Exception as exc:  # the client's (or a bug's): this request ends with it
+            self.failure = exc
+            # cancelled before the reset: the tasks waiting on the stream must end cancelled,
+            # not wake up to the reset and report it as the agent's error
+            if self.scope is not None:
+                self.scope.cancel()
+            reason = "client_gone" if isinstance(exc, trio.BrokenResourceError) else (
+                "bad_request")
+            with trio.CancelScope(shield=True), contextlib.suppress(StreamError):
+                await self._stream.reset(reason)
+
+    async def _pump(self) -> None:
+        sent = 0
+        chunks = aiter(self._body)
+        while True:
+            chunk = await anext(chunks, None)
+            if chunk is None:
+                break
             if not chunk:
                 continue
             sent += len(chunk)
-            if length is not None and sent > length:
-                raise ProxyError(400, "invalid_request",
-                                 f"the body is longer than its Content-Length of {length}")
-            await stream.send(chunk, end=sent == length)
-            progress.moved()
-        await stream.end()  # a no-op when the last chunk carried the end
-    except StreamError:
-        pass  # the response side reports what went wrong
+            if self._length is not None and sent > self._length:
+                raise ProxyError(400, "invalid_request", "the body is longer than its "
+                                 f"Content-Length of {self._length}")
+            await self._stream.send(chunk, end=sent == self._length)
+            self._progress.moved()
+        await self._stream.end()  # a no-op when the last chunk carried the end
+
+    def raise_failure(self) -> None:
+        """Raise the client's failure, if its body failed (see the class docstring)."""
+        if self.failure is not None:
+            raise self.failure
 
 
 async def _finish(stream: Stream) -> None:

@@ -746,9 +746,10 @@ async def test_the_proxy_refuses_a_body_longer_than_its_content_length() -> None
                 pytest.fail("no answer can come")
         assert (caught.value.http_status, caught.value.reason) == (400, "invalid_request")
         await trio.testing.wait_all_tasks_blocked()
-        # what was declared went, with its FIN; the extra byte did not; the stream is reset
+        # what was declared went, with its FIN; the extra byte did not; the stream is reset,
+        # saying whose fault it was
         assert p.to_agent.of(DataFrame) == [DataFrame(1, b"abc", fin=True)]
-        assert p.to_agent.of(ResetFrame) == [ResetFrame(1, "closed")]
+        assert p.to_agent.of(ResetFrame) == [ResetFrame(1, "bad_request")]
         assert p.eecp.in_flight == 0 and p.agent.in_flight == 0
 
 
