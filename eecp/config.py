@@ -90,6 +90,10 @@ class Config:
     proxy_timeout_sec: float = 60.0
     proxy_send_timeout_sec: float = 60.0
     proxy_max_body_bytes: int | None = None
+    proxy_min_rate_bytes_sec: int = 1024
+    proxy_rate_grace_sec: float = 10.0
+    proxy_max_streams_per_client: int = 16
+    proxy_slot_reserve: int = 10
     tunnel_max_streams: int = 100
     stream_window_bytes: int = 256 * 1024
     trusted_proxies: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),
@@ -163,6 +167,10 @@ def from_env(env: Mapping[str, str]) -> Config:
         proxy_timeout_sec=r.get("EE_PROXY_TIMEOUT_SEC", 60.0, _positive),
         proxy_send_timeout_sec=r.get("EE_PROXY_SEND_TIMEOUT_SEC", 60.0, _positive),
         proxy_max_body_bytes=r.get("EE_PROXY_MAX_BODY_BYTES", None, _positive_int),
+        proxy_min_rate_bytes_sec=r.get("EE_PROXY_MIN_RATE_BYTES_SEC", 1024, _whole),
+        proxy_rate_grace_sec=r.get("EE_PROXY_RATE_GRACE_SEC", 10.0, _positive),
+        proxy_max_streams_per_client=r.get("EE_PROXY_MAX_STREAMS_PER_CLIENT", 16, _whole),
+        proxy_slot_reserve=r.get("EE_PROXY_SLOT_RESERVE", 10, _whole),
         tunnel_max_streams=r.get("EE_TUNNEL_MAX_STREAMS", 100, _positive_int),
         stream_window_bytes=r.get("EE_STREAM_WINDOW_BYTES", 256 * 1024, _positive_int),
         trusted_proxies=r.get("EE_TRUSTED_PROXIES", parse_trusted(DEFAULT_TRUSTED),

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from eecp.forwarded import forwarded_headers, forwarding_of, inbound_forwarding
+from eecp.forwarded import (
+    client_address,
+    forwarded_headers,
+    forwarding_of,
+    inbound_forwarding,
+)
 from eecp.frames import is_origin_form
 from eecp.httpserver import (
     ClientDisconnected,
@@ -92,6 +97,12 @@ class ProxyHandler:
         # metric children looked up once (labels() costs a lock and a lookup per call)
         self._bytes_in = metrics.proxy_bytes.labels("in")
         self._bytes_out = metrics.proxy_bytes.labels("out")
+        config = services.config
+        self._per_client = config.proxy_max_streams_per_client
+        # (a client holding none of the app's streams can always have the last slot)
+        self._reserve = min(config.proxy_slot_reserve, config.tunnel_max_streams - 1)
+        #: proxied requests in flight per (app, client address)
+        self._clients: dict[tuple[str, str], int] = {}
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         headers = dict(request.headers)
@@ -110,12 +121,32 @@ class ProxyHandler:
             return
         head = RequestHead(request.method, request.target, forwarded_headers(
             [(n, v) for n, v in request.headers if n != "x-ee-app"], forwarding))
+        app = app.lower()
+        key = (app, client_address(forwarding, self._services.trusted_proxies))
+        holding = self._clients.get(key, 0)
+        if self._per_client and holding >= self._per_client:
+            self._services.metrics.proxied(app, 429)
+            await responder.respond(429, _JSON, error_body("client_stream_limit"))
+            return
+        self._clients[key] = holding + 1
+        try:
+            # a client already holding one of the app's streams may not take the last slots
+            await self._forward(request, responder, app, head, self._reserve if holding else 0)
+        finally:
+            if (left := self._clients[key] - 1) > 0:
+                self._clients[key] = left
+            else:
+                del self._clients[key]
+
+    async def _forward(self, request: Request, responder: Responder, app: str,
+                       head: RequestHead, reserve: int) -> None:
         body = self._body(request)
         metrics = self._services.metrics
         started = time.perf_counter()
         status = 0
         try:
-            async with open_upstream(self._services, app.lower(), head, body) as upstream:
+            async with open_upstream(self._services, app, head, body,
+                                     reserve=reserve) as upstream:
                 status = upstream.head.status
                 metrics.proxy_seconds.observe(time.perf_counter() - started)
                 await self._relay(upstream, responder)
@@ -139,7 +170,7 @@ class ProxyHandler:
             _failed(request, app, "cancelled")
             raise
         finally:
-            metrics.proxied(app.lower(), status)
+            metrics.proxied(app, status)
 
     async def _relay(self, upstream: Upstream, responder: Responder) -> None:
         # what is already here goes out with what follows: a small answer is one write, and a
@@ -170,7 +201,9 @@ async def serve_dataplane(services: Services,
     """Run the proxy and auth listeners; reports ``(proxy_port, auth_port)`` once both listen."""
     config = services.config
     limits = Limits(max_body_bytes=config.proxy_max_body_bytes,
-                    send_timeout_sec=config.proxy_send_timeout_sec)
+                    send_timeout_sec=config.proxy_send_timeout_sec,
+                    min_rate_bytes_sec=config.proxy_min_rate_bytes_sec,
+                    rate_grace_sec=config.proxy_rate_grace_sec)
     async with trio.open_nursery() as nursery:
         proxy_port: int = await nursery.start(_serve, ProxyHandler(services), config.proxy_bind,
                                               config.proxy_port, limits)

@@ -115,3 +115,14 @@ def forwarded_headers(headers: list[tuple[str, str]], forwarding: Forwarding, *,
     if forwarding.host:
         out.append(("X-Forwarded-Host", forwarding.host))
     return out
+
+
+def client_address(forwarding: Forwarding, trusted: TrustedProxies) -> str:
+    """The client's address as far as eecp can vouch for it: the nearest address in the
+    ``X-Forwarded-For`` chain that is not one of the trusted proxies (entries further left
+    were written by whoever that is, and prove nothing). The peer itself when it is not a
+    trusted proxy; ``""`` when nothing is known."""
+    for address in reversed(forwarding.chain):
+        if address not in trusted:
+            return address
+    return forwarding.chain[0] if forwarding.chain else ""

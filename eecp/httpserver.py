@@ -28,6 +28,11 @@ Decisions a handler author should know:
   so a slow upstream slows the client down instead of filling memory. While a slow handler is
   watched, the guard reads ahead at most :data:`BODY_BUFFER_BYTES` of body, then stops. The
   body gap timeout only runs while the server waits for body bytes, never while it is busy.
+* **Slow clients.** Besides the gap timeout and ``send_timeout_sec``, an optional minimum
+  rate (:attr:`Limits.min_rate_bytes_sec`, judged per :attr:`Limits.rate_grace_sec` of time
+  spent waiting on the client) ends a body that trickles (408 ``body_too_slow``) and a
+  connection whose client takes less than that of a response; a response's progress is what
+  the client acknowledged (``TIOCOUTQ``), not what the kernel buffered.
 * **Disconnects.** End of input (EOF or reset) while a request is being handled cancels its
   handler (a body read raises :class:`ClientDisconnected` first if that is where it was). A
   half-close (shutdown of the client's sending side) counts as gone too, as with nginx and
@@ -46,10 +51,13 @@ Decisions a handler author should know:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
 import re
+import struct
+import termios
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -83,6 +91,7 @@ WATCH_AFTER_SEC = 0.1
 """A handler running longer than this is slow: the guard reads for it meanwhile (to notice the
 client leaving). Quicker ones are not watched, which keeps the hot path to one task."""
 
+_INT = bytes(4)  # the buffer of an ioctl that answers one C int
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CLOSE = b"connection: close\r\n"
 _KEEP_ALIVE = b"connection: keep-alive\r\n"
@@ -123,6 +132,26 @@ class Limits:
     that the client has not taken whole within this long closes the connection: a client that
     stopped reading must not hold its request (and, on the proxy listener, one of its agent's
     stream slots and a window of memory) for ever."""
+    min_rate_bytes_sec: int = 0
+    """0: off. Otherwise the least a client must move while the server waits on it, judged
+    over every ``rate_grace_sec``: while a request body is awaited, at least
+    ``min_rate_bytes_sec × rate_grace_sec`` bytes of it must arrive in each such stretch of
+    waiting (else 408 ``body_too_slow``), and while a response write waits on the client, the
+    client must take (acknowledge) at least that many bytes in each stretch (else the
+    connection closes: within two stretches of its last read, as what its kernel buffers after
+    the write began counts once). Time the server spends not waiting on the client (the app
+    has not answered, an SSE stream is quiet) never counts, so a slow app is not a slow
+    client. What a trickle or a client that stopped reading costs is then bounded by the
+    grace, not by its patience (slowloris on bodies and on reads)."""
+    rate_grace_sec: float = 10.0
+    """The stretch over which ``min_rate_bytes_sec`` is judged (see there)."""
+
+    @property
+    def rate_quantum(self) -> int:
+        """Bytes a client must move per ``rate_grace_sec`` of waiting (1 when the rate is off:
+        any progress)."""
+        return max(1, int(self.min_rate_bytes_sec * self.rate_grace_sec))
+
 
 
 DEFAULT_LIMITS = Limits()
@@ -156,6 +185,8 @@ class Request:
         "_error",
         "_expect_continue",
         "_forgotten",
+        "_rate_bytes",
+        "_rate_waited",
         "_received",
         "client",
         "content_length",
@@ -182,6 +213,10 @@ class Request:
         self._conn = conn
         self._chunks: deque[bytes] = deque()
         self._received = 0  # body bytes parsed so far
+        # the body's rate (Limits.min_rate_bytes_sec): bytes parsed when the current stretch
+        # of waiting began, and the seconds waited on the client since
+        self._rate_bytes = 0
+        self._rate_waited = 0.0
         self._consumed = 0  # body bytes taken by the handler (or drained)
         self._complete = False  # the parser saw the end of the body
         self._error: RequestError | None = None  # raised once the buffered chunks are taken
@@ -419,8 +454,13 @@ class _Connection:
         self.responder: Responder | None = None
         self.idle_deadline = now + limits.header_timeout_sec  # fresh: a request must come soon
         self.idle_closed = False
-        self.writing_since = math.inf  # when the write under way began (see write())
-        self.stalled = False  # dropped by the guard: a write waited send_timeout_sec
+        # The write under way (see write()): when its client was last seen to take enough of
+        # it (inf: no write under way), and how much the client had taken by then.
+        self.write_started = math.inf
+        self.write_mark = math.inf
+        self.write_mark_taken = 0
+        self.sent_total = 0  # bytes the kernel accepted from us on this connection
+        self.stalled = False  # dropped by the guard: a write waited on the client too long
         self.refusal: RequestError | None = None  # the guard's verdict, sent once serving ends
         # The guard sleeps under guard_scope until something may be due. Its deadline is kept
         # lazily: never later than what is due, moved earlier only when needed, and when it
@@ -562,16 +602,40 @@ class _Connection:
         return request.content_length - request._consumed <= DRAIN_BYTES
 
     async def write(self, data: bytes) -> None:
-        # A stamp, not a cancel scope (one costs about 10 µs, a write's stamps under 1): the
-        # guard drops a connection whose write has waited send_timeout_sec (_write_stalled).
+        # Stamps, not a cancel scope (one costs about 10 µs, a write's stamps under 1): the
+        # guard drops a connection whose write waited too long on its client (_write_stalled).
         # The whole small answers of respond(), its hot path, go without.
-        self.writing_since = trio.current_time()
+        self.write_started = self.write_mark = trio.current_time()
+        if self.limits.min_rate_bytes_sec:  # (one ioctl per write; none without a rate)
+            self.write_mark_taken = self._taken()
+        sock = self.stream.socket
         try:
-            await self.stream.send_all(data)
-        except trio.BrokenResourceError as exc:
+            with memoryview(data) as view:
+                done = 0
+                while done < len(view):
+                    with view[done:] as rest:
+                        sent = await sock.send(rest)
+                    done += sent
+                    self.sent_total += sent
+        except (OSError, trio.ClosedResourceError) as exc:
             raise ClientDisconnected(str(exc)) from exc
         finally:
-            self.writing_since = math.inf
+            self.write_started = self.write_mark = math.inf
+
+    def _taken(self) -> int:
+        """Bytes of ours the client has taken: what the kernel accepted, less what it still
+        holds unacknowledged (TIOCOUTQ). A socket's send buffer grows to megabytes, so a write
+        returning, or the kernel taking more, says little about a client; its acknowledgements
+        do: they come at the pace of its network, and stop once a client that stopped reading
+        has filled its receive buffer. (A client *application* reading slowly is seen in bursts:
+        its kernel reopens the window only once half its receive buffer is free.) Where the
+        query is unsupported, everything the kernel accepted counts as taken."""
+        try:
+            queued: int = struct.unpack("i", fcntl.ioctl(self.stream.socket.fileno(),
+                                                         termios.TIOCOUTQ, _INT))[0]
+        except (OSError, ValueError):
+            queued = 0
+        return self.sent_total - queued
 
     async def send_continue(self, request: Request) -> None:
         if request._complete or request is not self.current:
@@ -590,15 +654,35 @@ class _Connection:
                 return None
             if self.eof:
                 raise ClientDisconnected("the client left during the request body")
-            # The gap counts while we wait, not while the handler was busy with earlier chunks.
-            with trio.move_on_after(self.limits.body_read_timeout_sec) as gap:
-                await self._pull()
-            if gap.cancelled_caught:
-                request._error = RequestError(408, "body_timeout")
+            await self._pull_body(request)
         chunk = request._chunks.popleft()
         request._consumed += len(chunk)
         self.buffered -= len(chunk)
         return chunk
+
+    async def _pull_body(self, request: Request) -> None:
+        """Read body bytes for ``request``, within its deadlines: the gap timeout, and the
+        minimum rate (both count only while we wait, not while the handler was busy)."""
+        limits = self.limits
+        patience = limits.body_read_timeout_sec
+        rated = limits.min_rate_bytes_sec > 0
+        if rated:
+            patience = min(patience, limits.rate_grace_sec - request._rate_waited)
+        began = trio.current_time()
+        with trio.move_on_after(patience) as gap:
+            await self._pull()
+        if rated:
+            request._rate_waited += trio.current_time() - began
+            if request._received - request._rate_bytes >= limits.rate_quantum:
+                request._rate_bytes, request._rate_waited = request._received, 0.0
+        if not gap.cancelled_caught:
+            return
+        if rated and request._rate_waited >= limits.rate_grace_sec - 1e-9:
+            request._error = RequestError(
+                408, "body_too_slow", f"less than {limits.rate_quantum} bytes in "
+                f"{limits.rate_grace_sec:g} s (EE_PROXY_MIN_RATE_BYTES_SEC)")
+        else:
+            request._error = RequestError(408, "body_timeout")
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -721,8 +805,7 @@ class _Connection:
                and self.buffered < BODY_BUFFER_BYTES and not self.eof):
             deadline = self._watch_deadline()
             # the read may wait for ever (no request under way): a write may stall meanwhile
-            stall_check = (min(self.writing_since, trio.current_time())
-                           + self.limits.send_timeout_sec)
+            stall_check = min(self.write_mark, trio.current_time()) + self._write_patience()
             with trio.CancelScope(deadline=min(deadline, stall_check)) as self.watch_scope:
                 await self._pull()
             self.watch_scope = None
@@ -733,10 +816,35 @@ class _Connection:
                 return
 
     def _write_stalled(self) -> bool:
-        return trio.current_time() - self.writing_since >= self.limits.send_timeout_sec
+        """Whether the write under way has waited ``send_timeout_sec`` in all, or (with a
+        minimum rate) ``rate_grace_sec`` while its client took less than ``rate_quantum``
+        bytes: a client that took enough starts a new stretch."""
+        now = trio.current_time()
+        limits = self.limits
+        if now - self.write_started >= limits.send_timeout_sec:
+            return True
+        if not limits.min_rate_bytes_sec or now - self.write_mark < limits.rate_grace_sec:
+            return False
+        taken = self._taken()
+        if taken - self.write_mark_taken >= limits.rate_quantum:
+            self.write_mark, self.write_mark_taken = now, taken
+            return False
+        return True
+
+    def _write_patience(self) -> float:
+        """How long after the write's mark the guard must look again."""
+        limits = self.limits
+        if not limits.min_rate_bytes_sec:
+            return limits.send_timeout_sec
+        if self.write_started == math.inf:  # no write under way: only when to look next
+            return limits.rate_grace_sec
+        return min(limits.rate_grace_sec,
+                   self.write_started + limits.send_timeout_sec - self.write_mark)
 
     def _drop_stalled(self) -> None:
-        log.info("dropping %s: it took nothing of a response write for %g s", self.client,
+        log.info("dropping %s: a response write waited on it too long (it took less than %d "
+                 "bytes in %g s, or nothing whole in %g s)", self.client,
+                 self.limits.rate_quantum, self.limits.rate_grace_sec,
                  self.limits.send_timeout_sec)
         self.stalled = True
         self.serve_scope.cancel()

@@ -157,8 +157,13 @@ def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 @asynccontextmanager
 async def open_upstream(services: Services, app: str, head: RequestHead,
-                        body: AsyncIterable[bytes] | None) -> AsyncIterator[Upstream]:
-    """Forward one request to ``app``; yields the response (raises :class:`ProxyError`)."""
+                        body: AsyncIterable[bytes] | None, *, reserve: int = 0
+                        ) -> AsyncIterator[Upstream]:
+    """Forward one request to ``app``; yields the response (raises :class:`ProxyError`).
+
+    ``reserve``: the last stream slots of each agent this request may not take (the proxy
+    listener keeps ``EE_PROXY_SLOT_RESERVE`` of them for clients holding none of the app's
+    streams, so that a few clients cannot hold every slot)."""
     now = services.clock.now()
     decision = services.registry.resolve(app, now)
     if not decision.allowed:
@@ -172,7 +177,7 @@ async def open_upstream(services: Services, app: str, head: RequestHead,
         last = attempt == len(candidates) - 1
         answered = False
         try:
-            async with _attempt(services, agent, head, body) as upstream:
+            async with _attempt(services, agent, head, body, reserve) as upstream:
                 answered = True
                 yield upstream
                 return
@@ -185,10 +190,11 @@ async def open_upstream(services: Services, app: str, head: RequestHead,
 
 @asynccontextmanager
 async def _attempt(services: Services, agent: AgentView, head: RequestHead,
-                   body: AsyncIterable[bytes] | None) -> AsyncIterator[Upstream]:
+                   body: AsyncIterable[bytes] | None, reserve: int = 0
+                   ) -> AsyncIterator[Upstream]:
     mux = agent.mux
     assert mux is not None
-    stream = await _open_stream(mux, head, end=body is None)
+    stream = await _open_stream(mux, head, end=body is None, limit=mux.max_streams - reserve)
     agent.in_flight += 1
     started = time.perf_counter()
     # the wait for the head, which every chunk of the upload extends
@@ -219,22 +225,23 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
         log.debug("stream %d done in %.3fs", stream.id, time.perf_counter() - started)
 
 
-async def _open_stream(mux: Mux, head: RequestHead, *, end: bool) -> Stream:
-    """A stream for ``head`` on ``mux``; waits up to BUSY_WAIT_SEC for a free slot, then
-    ``ProxyError(503, "agent_busy")``. With a slot free there is no wait to bound (and no
-    cancel scope to pay for): writing the head can only stall if the tunnel stopped reading,
-    and the session's dead-peer check closes such a tunnel, failing the write."""
-    if mux.in_flight < mux.max_streams:
-        return await _opened(mux, head, end)
+async def _open_stream(mux: Mux, head: RequestHead, *, end: bool, limit: int) -> Stream:
+    """A stream for ``head`` on ``mux`` while fewer than ``limit`` are open; waits up to
+    BUSY_WAIT_SEC for a free slot, then ``ProxyError(503, "agent_busy")``. With a slot free
+    there is no wait to bound (and no cancel scope to pay for): writing the head can only
+    stall if the tunnel stopped reading, and the session's dead-peer check closes such a
+    tunnel, failing the write."""
+    if mux.in_flight < limit:
+        return await _opened(mux, head, end, limit)
     with trio.move_on_after(BUSY_WAIT_SEC):
-        return await _opened(mux, head, end)
+        return await _opened(mux, head, end, limit)
     raise ProxyError(503, "agent_busy")
 
 
-async def _opened(mux: Mux, head: RequestHead, end: bool) -> Stream:
+async def _opened(mux: Mux, head: RequestHead, end: bool, limit: int) -> Stream:
     try:
         # no body: the head says so (FIN), and no END follows
-        return await mux.open_stream(head, end=end)
+        return await mux.open_stream(head, end=end, limit=limit)
     except StreamError as exc:
         if exc.reason == "invalid_head":  # the request itself, not the agent: no retry
             raise ProxyError(400, "invalid_request", exc.detail) from None

@@ -156,8 +156,10 @@ class Mux:
 
     # ---- opening and accepting --------------------------------------------------------------
 
-    async def open_stream(self, head: RequestHead, *, end: bool = False) -> Stream:
-        """Open a stream for ``head`` (eecp's side); waits while ``max_streams`` are open.
+    async def open_stream(self, head: RequestHead, *, end: bool = False,
+                          limit: int | None = None) -> Stream:
+        """Open a stream for ``head`` (eecp's side); waits while ``limit`` (by default
+        ``max_streams``; never more) are open.
 
         ``end=True``: the request has no body, and its head says so (FIN): one message, no
         END to follow. The caller bounds the wait (``move_on_after``). Raises
@@ -167,9 +169,10 @@ class Mux:
         if not self.opener:
             raise RuntimeError("only the opening side opens streams")
         payload = self._check_head(head)
+        limit = self.max_streams if limit is None else min(limit, self.max_streams)
         while True:
             self._raise_if_closed()
-            if len(self._streams) < self.max_streams:
+            if len(self._streams) < limit:
                 break
             await self._slots.wait()
         stream = Stream(self, self._allocate_id())

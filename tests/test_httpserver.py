@@ -978,3 +978,118 @@ async def test_a_client_that_stops_reading_a_streamed_response_is_dropped(
                     drained += len(data)
     assert 20 <= waited[0] < 21, waited  # the stalled write was given send_timeout_sec
     assert drained > 0
+
+
+# ---- the minimum rate (Limits.min_rate_bytes_sec) -----------------------------------------
+
+RATED = Limits(min_rate_bytes_sec=100, rate_grace_sec=10, body_read_timeout_sec=60,
+               send_timeout_sec=60)
+
+
+async def drip_body(client: RawClient, pieces: int, piece: bytes, every: float) -> None:
+    await client.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                      % (pieces * len(piece)))
+    with contextlib.suppress(trio.BrokenResourceError):
+        for _ in range(pieces):
+            await trio.sleep(every)
+            await client.send(piece)
+
+
+async def test_a_trickled_body_is_408_body_too_slow_after_the_grace(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # a byte every 3 s is progress (no body_timeout gap), but far below 100 B/s
+    async with running(echo, RATED) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(1000):
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drip_body, client, 1000, b"x", 3)
+                reply = await client.reply()
+                nursery.cancel_scope.cancel()
+            took = trio.current_time() - start
+    assert reply.status == 408 and error_of(reply) == "body_too_slow"
+    assert 10 <= took < 13, took
+
+
+async def test_a_body_at_the_minimum_rate_is_accepted(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with running(echo, RATED) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(1000):
+            async with trio.open_nursery() as nursery:  # 1 KB every 5 s: 200 B/s for 60 s
+                nursery.start_soon(drip_body, client, 12, b"y" * 1000, 5)
+                reply = await client.reply()
+    assert reply.status == 200 and len(json.loads(reply.body)["body"]) == 12_000
+
+
+async def test_time_the_handler_spends_elsewhere_does_not_count_against_the_body(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async def busy_reader(request: Request, responder: Responder) -> None:
+        size = 0
+        async for chunk in request.body_chunks():
+            size += len(chunk)
+            await trio.sleep(30)  # e.g. the agent gives no credit: the client is not slow
+        await responder.respond(200, [], b"%d" % size)
+
+    async with running(busy_reader, RATED) as port:
+        client = await RawClient.open(port)
+        with trio.fail_after(1000):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drip_body, client, 4, b"z" * 2000, 0)
+                reply = await client.reply()
+    assert reply.status == 200 and reply.body == b"8000"
+
+
+async def small_buffer_client(port: int) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 16 * 1024)
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+def streaming(total: int, waited: list[float]) -> Handler:
+    chunk = b"x" * 65536
+
+    async def handler(request: Request, responder: Responder) -> None:
+        await responder.send_head(200, [("content-length", str(total))])
+        start = trio.current_time()
+        try:
+            for _ in range(total // len(chunk)):
+                await responder.send(chunk)
+                start = trio.current_time()
+        finally:
+            waited.append(trio.current_time() - start)
+    return handler
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_rate_grace(
+        autojump_clock: trio.testing.MockClock) -> None:
+    waited: list[float] = []
+    # send_timeout alone would give it 60 s; taking nothing at all is below any rate
+    async with running(streaming(64 * 65536, waited), RATED) as port:
+        client = await small_buffer_client(port)
+        with trio.fail_after(1000):
+            await client.send_all(get("/"))
+            await trio.sleep(100)
+    # within two graces: what its kernel took into its receive buffer after the write began
+    # counts as taken, once
+    assert len(waited) == 1 and 10 <= waited[0] < 21, waited
+
+
+async def test_a_slow_reader_that_keeps_the_minimum_rate_is_served_whole(
+        autojump_clock: trio.testing.MockClock) -> None:
+    waited: list[float] = []
+    total = 16 * 65536
+    async with running(streaming(total, waited), RATED) as port:
+        client = await small_buffer_client(port)
+        received = 0
+        with trio.fail_after(5000):
+            await client.send_all(get("/"))
+            # 8 KiB a second, far below what the server could send: its kernel reopens the
+            # window each time half its receive buffer is free (about every 2 s)
+            while data := await client.receive_some(8192):
+                received += len(data)
+                if received >= total:
+                    break
+                await trio.sleep(1)
+    assert received >= total and waited, (received, waited)

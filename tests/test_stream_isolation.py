@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ from tests.harness import (
 
 HOST = b"shop.example.com"
 EVENTS = 6
+CHUNK = bytes(65536)
+DOWNLOAD = 64 * len(CHUNK)  # 4 MiB: more than the socket buffers between eecp and a client
+SMALL_BUFFER = 32 * 1024  # SO_RCVBUF of a client that stops reading
 
 
 @dataclass
@@ -85,6 +89,15 @@ class Backend:
             await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
                 ("content-length", str(len(body)))])) or b"")
             await stream.send_all(conn.send(h11.Data(data=body)) or b"")
+        elif head.target == b"/hello":
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+                ("content-length", "5")])) or b"")
+            await stream.send_all(conn.send(h11.Data(data=b"hello")) or b"")
+        elif head.target == b"/download":
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+                ("content-length", str(DOWNLOAD))])) or b"")
+            for _ in range(DOWNLOAD // len(CHUNK)):
+                await stream.send_all(conn.send(h11.Data(data=CHUNK)) or b"")
         elif head.target == b"/broken-head":
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Le")
         elif head.target == b"/broken-body":
@@ -113,13 +126,13 @@ def pki() -> qf.TestPki:
 
 
 @asynccontextmanager
-async def open_world(tmp_path: Path, pki: qf.TestPki) -> AsyncIterator[World]:
+async def open_world(tmp_path: Path, pki: qf.TestPki, **extra: str) -> AsyncIterator[World]:
     backend = Backend()
     async with open_upstreams(pki) as (pccs, github), trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, backend.serve, 0,
                                                 host="127.0.0.1"))
         backend.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        env = control_plane_env(tmp_path, pki, pccs.url, github.url)
+        env = control_plane_env(tmp_path, pki, pccs.url, github.url, **extra)
         async with open_control_plane(env, pki, pccs, github) as cp, running_agent(
                 FakeAgent(cp.ws_url, pki, backend_url=backend.url)) as agent:
             await agent.wait_status("attested")
@@ -224,3 +237,144 @@ async def test_failed_streams_leave_a_long_sse_stream_and_the_session_alone(
         lines = [r.getMessage() for r in caplog.records if r.name == "eecp.dataplane"
                  and "failed" in r.getMessage()]
         assert len(lines) == EVENTS * 4, lines  # the broken head is a plain 502 answer
+
+
+# ---- slow peers cannot starve an app ---------------------------------------------------------
+
+def as_client(address: str) -> bytes:
+    """The header a trusted front proxy (the test connects from loopback) names a client by."""
+    return b"X-Forwarded-For: " + address.encode() + b"\r\n"
+
+
+async def trickle(cp: ControlPlane, client: str, answers: list[bytes]) -> None:
+    """An upload that sends a byte every 3 s (of the mock clock) until the server answers."""
+    sock = await connect(cp)
+    async with sock:
+        await sock.send_all(b"POST /upload HTTP/1.1\r\nHost: " + HOST + b"\r\n"
+                            + as_client(client) + b"Content-Length: 100000\r\n\r\nx")
+        async with trio.open_nursery() as nursery:
+            async def drip() -> None:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while True:
+                        await trio.sleep(3)
+                        await sock.send_all(b"x")
+            nursery.start_soon(drip)
+            answer = bytearray()
+            with contextlib.suppress(trio.BrokenResourceError):
+                while chunk := await sock.receive_some(65536):
+                    answer += chunk
+            nursery.cancel_scope.cancel()
+        answers.append(bytes(answer))
+
+
+async def hold_download(cp: ControlPlane, client: str, heads: list[bytes]) -> None:
+    """A download whose client reads its head, then nothing more."""
+    raw = trio.socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+    await raw.connect(("127.0.0.1", cp.bound.proxy_port))
+    sock = trio.SocketStream(raw)
+    async with sock:
+        await sock.send_all(b"GET /download HTTP/1.1\r\nHost: " + HOST + b"\r\n"
+                            + as_client(client) + b"\r\n")
+        head = bytearray()
+        await read_until(sock, head, b"\r\n\r\n")
+        heads.append(bytes(head))
+        await trio.sleep_forever()
+
+
+async def served_at(cp: ControlPlane, client: str, started: float) -> float:
+    """Ask for /hello as ``client`` until it is served; the mock seconds that took."""
+    while True:
+        sock = await connect(cp)
+        async with sock:
+            await sock.send_all(b"GET /hello HTTP/1.1\r\nHost: " + HOST + b"\r\n"
+                                + as_client(client) + b"Connection: close\r\n\r\n")
+            answer = bytearray()
+            while chunk := await sock.receive_some(65536):
+                answer += chunk
+        if answer.startswith(b"HTTP/1.1 200 "):
+            return trio.current_time() - started
+        assert answer.startswith(b"HTTP/1.1 503 "), bytes(answer)  # agent_busy meanwhile
+
+
+async def run_for(clock: MockClock, seconds: int) -> None:
+    """Let ``seconds`` of mock time pass, one at a time, everything settling in between."""
+    for _ in range(seconds):
+        clock.jump(1)
+        await trio.testing.wait_all_tasks_blocked(0.02)
+
+
+async def test_one_client_cannot_hold_every_stream_slot(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+    async with open_world(tmp_path, pki) as world, safety_net(60), \
+            trio.open_nursery() as nursery:
+        answers: list[bytes] = []
+        for _ in range(100):  # one client, a hundred trickling uploads
+            nursery.start_soon(trickle, world.cp, "198.51.100.1", answers)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        # all but EE_PROXY_MAX_STREAMS_PER_CLIENT (16) were refused at once
+        assert len(answers) == 100 - 16
+        assert all(a.startswith(b"HTTP/1.1 429 ") and b'"client_stream_limit"' in a
+                   for a in answers), answers[:1]
+        # another client is served at once; this one may not open more meanwhile
+        assert await served_at(world.cp, "203.0.113.9", trio.current_time()) == 0
+        mine = await fetch_as(world.cp, b"/hello", "198.51.100.1")
+        assert mine.startswith(b"HTTP/1.1 429 "), mine
+        nursery.cancel_scope.cancel()
+
+
+async def fetch_as(cp: ControlPlane, path: bytes, client: str) -> bytes:
+    sock = await connect(cp)
+    async with sock:
+        await sock.send_all(b"GET " + path + b" HTTP/1.1\r\nHost: " + HOST + b"\r\n"
+                            + as_client(client) + b"Connection: close\r\n\r\n")
+        data = bytearray()
+        while chunk := await sock.receive_some(65536):
+            data += chunk
+        return bytes(data)
+
+
+async def test_trickling_uploads_cannot_starve_an_app(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+    async with open_world(tmp_path, pki) as world, safety_net(60), \
+            trio.open_nursery() as nursery:
+        answers: list[bytes] = []
+        for i in range(100):  # a hundred clients, each trickling a byte every 3 s
+            nursery.start_soon(trickle, world.cp, f"198.51.100.{i + 1}", answers)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert answers == []  # every stream slot of the agent is held
+        started = trio.current_time()
+        result: list[float] = []
+
+        async def fresh() -> None:
+            result.append(await served_at(world.cp, "203.0.113.9", started))
+        nursery.start_soon(fresh)
+        await run_for(mock_clock, 25)
+        # the trickles were cut at the minimum rate's grace; the fresh request then got a slot
+        assert result and result[0] <= 20, result
+        assert len(answers) == 100
+        assert all(a.startswith(b"HTTP/1.1 408 ") and b'"body_too_slow"' in a
+                   for a in answers), answers[:1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_clients_that_stop_reading_cannot_starve_an_app(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+    async with open_world(tmp_path, pki, EE_TUNNEL_MAX_STREAMS="20") as world, \
+            safety_net(60), trio.open_nursery() as nursery:
+        heads: list[bytes] = []
+        for i in range(20):  # twenty clients whose downloads fill the buffers, then stall
+            nursery.start_soon(hold_download, world.cp, f"198.51.100.{i + 1}", heads)
+        async with safety_net(20):
+            while len(heads) < 20:
+                await trio.testing.wait_all_tasks_blocked(0.05)
+        assert all(h.startswith(b"HTTP/1.1 200 ") for h in heads)
+        started = trio.current_time()
+        result: list[float] = []
+
+        async def fresh() -> None:
+            result.append(await served_at(world.cp, "203.0.113.9", started))
+        nursery.start_soon(fresh)
+        await run_for(mock_clock, 25)
+        assert result and result[0] <= 20, result
+        nursery.cancel_scope.cancel()

@@ -67,8 +67,9 @@ class WatchedMux(Mux):
         # (the bug this counts against) would not show there
         return sum(stream.buffered for stream in self.opened)
 
-    async def open_stream(self, head: RequestHead, *, end: bool = False) -> Stream:
-        stream = await super().open_stream(head, end=end)
+    async def open_stream(self, head: RequestHead, *, end: bool = False,
+                          limit: int | None = None) -> Stream:
+        stream = await super().open_stream(head, end=end, limit=limit)
         self.opened.append(stream)
         return stream
 
