@@ -38,6 +38,7 @@ from eecp.httpserver import (
 from eecp.proxy import (
     ProxyError,
     Upstream,
+    check_response_head,
     counted,
     open_upstream,
     public_reason,
@@ -149,7 +150,7 @@ class ProxyHandler:
                                      reserve=reserve) as upstream:
                 status = upstream.head.status
                 metrics.proxy_seconds.observe(time.perf_counter() - started)
-                await self._relay(upstream, responder)
+                await self._relay(upstream, responder, request, app)
         except ProxyError as exc:
             status = exc.http_status
             if responder.head_sent:  # mid-body: closing the connection is all that is left
@@ -172,16 +173,28 @@ class ProxyHandler:
         finally:
             metrics.proxied(app, status)
 
-    async def _relay(self, upstream: Upstream, responder: Responder) -> None:
+    async def _relay(self, upstream: Upstream, responder: Responder, request: Request,
+                     app: str) -> None:
         # what is already here goes out with what follows: a small answer is one write, and a
         # stream (SSE) is flushed as soon as nothing more is waiting
         stream = upstream.stream
-        await responder.send_head(upstream.head.status,
-                                  strip_hop_by_hop(upstream.head.headers), hold=stream.ready)
+        head = upstream.head
+        await responder.send_head(head.status, strip_hop_by_hop(head.headers), hold=stream.ready)
+        # (checked by open_upstream: a plain number or none)
+        length = check_response_head(head)
         sent = 0
         try:
             # (the stream itself, not upstream.chunks(): no generator per request)
             while (chunk := await stream.receive()) is not None:
+                if length is not None and sent + len(chunk) > length:
+                    # an agent's body longer than its head says: what is beyond is dropped
+                    log.info("proxy %s %s %s: the agent sent more than its Content-Length of "
+                             "%d; the rest is dropped", app, request.method,
+                             request.path[:200], length)
+                    chunk = chunk[:length - sent]
+                    sent += len(chunk)
+                    await responder.send(chunk)
+                    break
                 sent += len(chunk)
                 await responder.send(chunk, hold=stream.ready)
         finally:

@@ -1,4 +1,4 @@
-"""Three changes to hypercorn's trio worker that eecp's tunnels need; :func:`apply` installs them
+"""Four changes to hypercorn's trio worker that eecp's tunnels need; :func:`apply` installs them
 once, before the control server starts (``eecp.service.serve_control``).
 
 1. **A close racing a write ends the whole server.** ``TCPServer._close`` sends EOF outside
@@ -18,8 +18,15 @@ once, before the control server starts (``eecp.service.serve_control``).
    reads and two rounds through h11 and wsproto. Reads of :data:`READ_BYTES` take several
    messages at once (``bench/RESULTS.md``). An idle connection holds no such buffer: trio
    allocates one only for a read that finds data waiting.
+4. **No permessage-deflate.** hypercorn accepts the compression any client offers. On tunnels
+   it buys nothing (bodies are mostly compressed already, control messages tiny), costs a
+   zlib context per tunnel and CPU per message, and, with it, a client refused by eecp saw
+   ``1002 decompression failed`` instead of the refusal's close reason most of the time. The
+   fix: the handshake ignores ``Sec-WebSocket-Extensions`` (the only WebSockets on the control
+   port are tunnels), so no extension is ever negotiated.
 
-The first two patch private methods, the third a module constant, so :func:`apply` checks that
+The first two patch private methods, the third a module constant, the fourth the handshake's
+constructor, so :func:`apply` checks that
 they are there and refuses (logging why) to patch anything else;
 ``tests/test_hypercorn_fixes.py`` pins the behaviour.
 """
@@ -32,7 +39,7 @@ from typing import Any
 import hypercorn.trio.tcp_server as tcp_server
 import trio
 from hypercorn.events import Closed
-from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.protocol.ws_stream import Handshake, WSStream
 from hypercorn.trio.tcp_server import TCPServer
 
 log = logging.getLogger("eecp.hypercorn_fixes")
@@ -43,18 +50,20 @@ READ_BYTES = 256 * 1024
 
 
 def apply() -> bool:
-    """Install the three changes (idempotent); False when this hypercorn lacks what they
+    """Install the four changes (idempotent); False when this hypercorn lacks what they
     patch."""
     if getattr(TCPServer, _APPLIED, False):
         return True
     if not all(callable(getattr(cls, name, None)) for cls, name in (
             (TCPServer, "protocol_send"), (WSStream, "_send_pings"), (WSStream, "handle"))
-    ) or not isinstance(getattr(tcp_server, "MAX_RECV", None), int):
-        log.warning("hypercorn changed: its close/write race, ping linger and read size are "
-                    "not patched")
+    ) or not isinstance(getattr(tcp_server, "MAX_RECV", None), int) or (
+            "extensions" not in Handshake([], "1.1").__dict__):
+        log.warning("hypercorn changed: its close/write race, ping linger, read size and "
+                    "compression are not patched")
         return False
     _patch_protocol_send()
     _patch_pings()
+    _patch_no_compression()
     tcp_server.MAX_RECV = max(tcp_server.MAX_RECV, READ_BYTES)
     setattr(TCPServer, _APPLIED, True)
     return True
@@ -72,6 +81,16 @@ def _patch_protocol_send() -> None:
             await self.protocol.handle(Closed())
 
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+
+
+def _patch_no_compression() -> None:
+    original = Handshake.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.extensions = None  # as if the client offered none: nothing is negotiated
+
+    Handshake.__init__ = __init__  # type: ignore[method-assign]
 
 
 def _patch_pings() -> None:

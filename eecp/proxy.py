@@ -269,9 +269,25 @@ async def _await_head(stream: Stream, progress: Progress) -> ResponseHead:
 
 async def _response_head(stream: Stream) -> ResponseHead:
     try:
-        return await stream.receive_head()
+        head = await stream.receive_head()
     except StreamError as exc:
         raise ProxyError(502, public_reason(exc.reason), exc.detail) from None
+    check_response_head(head)
+    return head
+
+
+def check_response_head(head: ResponseHead) -> int | None:
+    """The body length ``head`` declares; ``ProxyError(502, "agent_error")`` for a head an
+    agent must not send: an informational status (1xx, 101 included: the tunnel carries one
+    final answer per request) or a ``Content-Length`` that is not one plain number. What an
+    agent sends is hostile input like any client's, and refusing it here keeps it from ever
+    reaching the HTTP server's framing (where it was a 500 and a traceback)."""
+    if head.status < 200:
+        raise ProxyError(502, "agent_error", f"the agent answered with status {head.status}")
+    try:
+        return content_length(head.headers)
+    except ValueError as exc:
+        raise ProxyError(502, "agent_error", f"the agent's response head: {exc}") from None
 
 
 def public_reason(reason: str) -> str:

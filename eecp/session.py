@@ -244,7 +244,15 @@ class AgentSession:
                 await self._on_register_again(message)
 
     async def _on_binary(self, data: bytes) -> None:
-        """A data frame of a proxied request: the mux routes it to its stream."""
+        """A data frame of a proxied request: the mux routes it to its stream. Until the agent
+        is admitted (its first attestation accepted) no stream can exist and only the JSON
+        control messages are accepted: anything else ends the session (a peer that has proved
+        nothing must not keep a core busy feeding frames to an empty mux)."""
+        if not self.admitted:
+            await self._refuse(ProtocolError(
+                "binary_unexpected", "no data frames before the first accepted attestation",
+                protocol.CLOSE_INVALID_PAYLOAD))
+            return
         try:
             await self.mux.feed(data)
         except ProtocolError as exc:

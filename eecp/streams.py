@@ -75,6 +75,10 @@ MAX_CREDIT = 2**32 - 1
 #: on its first part while this side still works: ~3,800 req/s, eecp's core saturated; 8 to 16
 #: measured within a few percent (bench/RESULTS.md).
 BATCH_FRAMES = 12
+#: frames :meth:`Mux.feed` handles before it lets the other tasks run: a BATCH of tiny frames
+#: (64 KiB of 9-byte WINDOWs is 7,000 of them) must not hold the loop for one tunnel, however
+#: fast its peer sends (each tunnel gets its turn, every FEED_BUDGET frames)
+FEED_BUDGET = 256
 
 
 class StreamError(EecpError):
@@ -228,7 +232,9 @@ class Mux:
         """
         skipped, first = 0, ""
         try:
-            for encoded in frames.split_message(data):
+            for count, encoded in enumerate(frames.split_message(data), 1):
+                if count % FEED_BUDGET == 0:
+                    await trio.lowlevel.checkpoint()  # this tunnel's turn is over for now
                 if self._closed is not None:
                     return
                 try:

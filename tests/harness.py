@@ -15,7 +15,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -237,6 +237,8 @@ class FakeAgent:
     auto: bool = True
     answer_nonce: bytes | None = None
     backend_url: str | None = None  # forward proxied requests here (agent.forward)
+    #: or serve the tunnel's streams with this (a hostile or scripted agent's data plane)
+    serve_streams: Callable[[Mux], Awaitable[None]] | None = None
     register_extra: dict[str, Any] = field(default_factory=dict)  # fields to add or override
     received: list[dict[str, Any]] = field(default_factory=list)
     closed: tuple[int, str | None] | None = None
@@ -263,6 +265,8 @@ class FakeAgent:
             mux = Mux(ws.send_message, opener=False)
             if self.backend_url is not None:
                 nursery.start_soon(self._forward, mux)
+            elif self.serve_streams is not None:
+                nursery.start_soon(self.serve_streams, mux)
             if register:
                 await ws.send_message(self.register_message(tunnel_version="test"))
             task_status.started(self)

@@ -45,7 +45,7 @@ from eecp.frames import (
     encode_frame,
     split_message,
 )
-from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
+from eecp.streams import FEED_BUDGET, Mux, RequestHead, ResponseHead, Stream, StreamError
 
 WAIT = 10.0
 GET = RequestHead("GET", "/", [])
@@ -1360,3 +1360,29 @@ async def test_cancel_on_failure_cancels_on_reset_and_on_tunnel_loss_only() -> N
         late = trio.CancelScope()
         lost_one.cancel_on_failure(late)  # after the failure: cancelled at once
         assert late.cancel_called
+
+
+async def test_feeding_a_batch_of_many_frames_lets_other_tasks_run() -> None:
+    # a peer's 64 KiB BATCH of tiny frames (WINDOWs for streams that do not exist) must not
+    # hold the loop for its tunnel until every frame is handled: others get their turn
+    agent, sent = recording_agent_mux()
+    window = encode_frame(WindowFrame(7, 1))
+    count = 4 * FEED_BUDGET
+    batch = encode_batch([window] * count)
+    turns = 0
+
+    async def other_tunnel() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_tunnel)
+        await trio.lowlevel.checkpoint()  # (it starts)
+        before = turns
+        await agent.feed(batch)
+        during = turns - before
+        nursery.cancel_scope.cancel()
+    assert during >= count // FEED_BUDGET - 1, during
+    assert sent == []  # (frames for unknown streams are dropped)
