@@ -91,6 +91,9 @@ _JSON = [("content-type", "application/json"), ("connection", "close")]
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 # Headers that frame the message or the connection: the server writes its own.
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+# Response headers the encoder looks at (one set lookup per header): framing ones, and Date,
+# which the server writes unless the handler gave one.
+_NOTED = _FRAMING | {"date"}
 _METHODS: dict[bytes, str] = {}
 # Request headers the parser callback has to look at; every other header is only stored.
 _NOTABLE = frozenset({"content-length", "transfer-encoding", "expect", "host"})
@@ -230,7 +233,9 @@ class Responder:
     Framing is the server's business: handler headers named Content-Length fix the length,
     Transfer-Encoding and Connection are dropped (hop-by-hop) except that ``Connection: close``
     is honoured. Without a length the body is chunked (HTTP/1.1) or ends with the connection
-    (HTTP/1.0). HEAD, 204 and 304 answers never carry a body (what is sent is discarded).
+    (HTTP/1.0). HEAD, 204 and 304 answers never carry a body (what is sent is discarded). The
+    server writes the Date, unless the handler's headers carry one (a proxied answer keeps its
+    origin's, RFC 9110 6.6.1): there is one Date either way.
     """
 
     __slots__ = ("_close", "_conn", "_ended", "_held", "_held_bytes", "_mode", "_remaining",
@@ -250,7 +255,7 @@ class Responder:
     async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
         """The whole response, head and body, in one write (the fast path: pass ``headers``
         as a tuple and their encoding is cached)."""
-        block, _, close = _header_block(headers)  # before _start: a bad head is still a 500
+        block, _, close, dated = _header_block(headers)  # before _start: a bad head is a 500
         self._start(status)
         request = self._request
         self._close = close = close or not self._conn.may_keep_alive(request)
@@ -261,8 +266,9 @@ class Responder:
         if request.method == "HEAD":
             body = b""
         self._ended = True
-        data = b"".join((_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status, _date_line(),
-                         block, framing, _connection_line(request, close), b"\r\n", body))
+        data = b"".join((_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status,
+                         b"" if dated else _date_line(), block, framing,
+                         _connection_line(request, close), b"\r\n", body))
         try:  # (not through _Connection.write: one coroutine less on the hot path)
             await self._conn.stream.send_all(data)
         except trio.BrokenResourceError as exc:
@@ -275,7 +281,7 @@ class Responder:
         ``hold=True`` (here and in :meth:`send`) keeps the bytes back to go out with the next
         write: for a caller that knows more follows at once (a small proxied answer is then
         one write instead of three). At most :data:`HOLD_BYTES` are held."""
-        block, length, close = _header_block(headers)  # before _start: a bad head is a 500
+        block, length, close, dated = _header_block(headers)  # before _start: a bad head: 500
         self._start(status)
         request = self._request
         framing = b"" if length is None else b"content-length: %d\r\n" % length
@@ -291,8 +297,9 @@ class Responder:
             self._mode, close = _UNTIL_CLOSE, True
         self._close = close = close or not self._conn.may_keep_alive(request)
         await self._write(b"".join((
-            _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status, _date_line(), block,
-            framing, _connection_line(request, close), b"\r\n")), hold)
+            _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status,
+            b"" if dated else _date_line(), block, framing, _connection_line(request, close),
+            b"\r\n")), hold)
 
     async def send(self, chunk: bytes, *, hold: bool = False) -> None:
         """Write the next piece of the body (flow-controlled by the client)."""
@@ -914,7 +921,8 @@ def _classify(exc: httptools.HttpParserError) -> RequestError:
     return RequestError(400, "bad_request", detail)
 
 
-_HeaderBlock = tuple[bytes, int | None, bool]
+#: the encoded headers, their Content-Length, whether they ask to close, whether they carry a Date
+_HeaderBlock = tuple[bytes, int | None, bool, bool]
 _DECIMAL = re.compile(r"[0-9]{1,19}")
 _HEADER_BLOCKS: dict[tuple[tuple[str, str], ...], _HeaderBlock] = {}
 _HEADER_BLOCKS_MAX = 256
@@ -934,26 +942,35 @@ def _header_block(headers: Sequence[tuple[str, str]]) -> _HeaderBlock:
 
 
 def _encode_headers(headers: Sequence[tuple[str, str]]) -> _HeaderBlock:
-    """The handler's headers as bytes (framing ones left out), its Content-Length, and whether
-    it asked to close. Refuses CR/LF inside names or values (response splitting)."""
+    """The handler's headers as bytes (framing ones left out), its Content-Length, whether it
+    asked to close, and whether it gave a Date. Refuses CR/LF inside names or values (response
+    splitting).
+
+    A handler's Date replaces the server's (a proxy passes the origin's on, RFC 9110 6.6.1):
+    an answer has one Date, the first the handler gave."""
     lines: list[str] = []
     length: int | None = None
-    close = False
+    close = dated = False
     for name, value in headers:
         key = name.lower()
-        if key in _FRAMING:
-            if key == "content-length":
-                if not _DECIMAL.fullmatch(value.strip()):  # int() takes "-1", "+5", "1_0"
-                    raise ValueError(f"invalid Content-Length {value[:40]!r}")
-                length = int(value)
-            elif key == "connection":
-                close = close or "close" in value.lower()
-            continue
+        if key in _NOTED:
+            if key == "date":
+                if dated:
+                    continue
+                dated = True
+            else:
+                if key == "content-length":
+                    if not _DECIMAL.fullmatch(value.strip()):  # int() takes "-1", "+5", "1_0"
+                        raise ValueError(f"invalid Content-Length {value[:40]!r}")
+                    length = int(value)
+                elif key == "connection":
+                    close = close or "close" in value.lower()
+                continue
         lines.append(f"{name}: {value}\r\n")
     text = "".join(lines)
     if text.count("\n") != len(lines) or text.count("\r") != len(lines):
         raise ValueError("CR or LF inside a response header")
-    return text.encode("latin-1"), length, close
+    return text.encode("latin-1"), length, close, dated
 
 
 def _connection_line(request: Request, close: bool) -> bytes:
