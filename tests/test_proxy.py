@@ -872,8 +872,13 @@ async def test_a_json_answer_is_held_once_not_copied(mock_clock: MockClock,
         try:
             got = await streamed_answer(client, world.cp.url + "/v1/proxy/shop", {"path": "/big"})
             _, peak = tracemalloc.get_traced_memory()
+            async with real_deadline(10):
+                while await json_buffered(world.cp) != 0:
+                    pass
+            kept, _ = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
     assert got == (200, expected)
-    # the answer is 4/3 of the body (its base64), in one buffer; the seed held about 5 bodies
+    # the answer is 4/3 of the body (its base64), in one buffer; the seed held 5 bodies' worth
     assert peak < 2.0 * size, f"peak {peak / size:.2f} x the body"
+    assert kept < 0.1 * size, f"{kept / size:.2f} x the body stayed"  # and nothing stays
