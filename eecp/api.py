@@ -6,8 +6,7 @@
 | ``GET /v1/tunnel`` | agents' WebSocket tunnel (:mod:`eecp.tunnel`) |
 | ``GET /v1/resolve/{app}``, ``GET /v1/resolve`` | may the app be served (:mod:`eecp.resolve`) |
 | ``GET /v1/apps``, ``GET /v1/apps/{app}`` | admin views, bearer ``EE_ADMIN_TOKEN`` |
-| ``POST /v1/proxy/{app}`` | one request to the app as JSON (:mod:`eecp.proxy`, its memory |
-|                          | bound :mod:`eecp.jsonproxy`), bearer ``EE_PROXY_API_TOKEN`` if set |
+| ``POST /v1/proxy/{app}`` | one request to the app as JSON (:mod:`eecp.jsonproxy`) |
 | ``GET /metrics`` | Prometheus metrics (:mod:`eecp.metrics`) |
 
 ``POST /v1/proxy/{app}`` is open when ``EE_PROXY_API_TOKEN`` is unset, as the seed has it

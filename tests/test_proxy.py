@@ -601,6 +601,10 @@ async def test_json_proxy_on_the_control_port(mock_clock: MockClock, world: Worl
             # the agent resets the stream after the head: a JSON 502, not a 500
             broken = await client.post(world.cp.url + "/v1/proxy/shop", json={"path": "/cut"})
             assert (broken.status_code, broken.json()["reason"]) == (502, "agent_error")
+            large = await client.post(world.cp.url + "/v1/proxy/shop",
+                                      content=b" " * (1024 * 1024 + 1))
+            assert (large.status_code, large.json()) == (
+                413, {"allowed": False, "reason": "body_too_large"})
 
 
 async def test_the_proxy_listener_forwards_only_origin_form_targets(mock_clock: MockClock,
