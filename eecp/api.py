@@ -6,25 +6,38 @@
 | ``GET /v1/tunnel`` | agents' WebSocket tunnel (:mod:`eecp.tunnel`) |
 | ``GET /v1/resolve/{app}``, ``GET /v1/resolve`` | may the app be served (:mod:`eecp.resolve`) |
 | ``GET /v1/apps``, ``GET /v1/apps/{app}`` | admin views, bearer ``EE_ADMIN_TOKEN`` |
-| ``POST /v1/proxy/{app}`` | one request to the app as JSON (:mod:`eecp.proxy`) |
+| ``POST /v1/proxy/{app}`` | one request to the app as JSON (:mod:`eecp.jsonproxy`) |
 | ``GET /metrics`` | Prometheus metrics (:mod:`eecp.metrics`) |
+
+``POST /v1/proxy/{app}`` is open when ``EE_PROXY_API_TOKEN`` is unset, as the seed has it
+("proxy use": anyone who may reach the control port may reach the apps through it, as through
+the proxy listener; start-up warns). Set, it takes ``Authorization: Bearer <token>`` (constant
+time), else 401 ``proxy_token_required``: the JSON proxy holds whole answers in memory, which
+the streaming proxy listener never does, so a deployment may keep it for its own tools.
 """
 
 from __future__ import annotations
 
-import base64
+import json
+import logging
 import time
+import weakref
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, jsonify, request
+from quart.wrappers.response import ResponseBody
 from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from eecp import __version__, admin
 from eecp.forwarded import FORWARDED_HEADERS, forwarded_headers, forwarding_of
+from eecp.jsonproxy import Budget, JsonAnswer, Share
 from eecp.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from eecp.proxy import (
     MAX_JSON_PROXY_BODY,
+    ProxyCall,
     ProxyError,
     counted,
     open_upstream,
@@ -32,18 +45,31 @@ from eecp.proxy import (
     public_reason,
     strip_hop_by_hop,
 )
-from eecp.resolve import ResolveAnswer, app_from_host, resolve
+from eecp.resolve import ResolveAnswer, resolve, resolve_by_host
 from eecp.streams import RequestHead, StreamError
 
 if TYPE_CHECKING:
     from eecp.service import Services
+
+log = logging.getLogger("eecp.api")
+
+#: the largest request body the control app reads (a ``POST /v1/proxy`` call's JSON)
+MAX_REQUEST_BYTES = 1024 * 1024
+#: a JSON answer leaves in pieces of this size: the HTTP server copies each piece it writes,
+#: so a piece, not the whole answer, is the extra copy
+ANSWER_PIECE_BYTES = 256 * 1024
 
 
 def create_app(services: Services) -> QuartTrio:
     """Build the quart-trio app bound to one process's ``services``."""
     app = QuartTrio("eecp")
     app.config["JSON_SORT_KEYS"] = False
-    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    budget = Budget(services.config.proxy_json_buffer_bytes)  # one app per process
+    services.metrics.proxy_json_buffered.set_function(lambda: budget.used)
+    if not services.config.proxy_api_token:
+        log.warning("EE_PROXY_API_TOKEN is unset: POST /v1/proxy/{app} is open to anyone who "
+                    "can reach the control port")
 
     @app.get("/health")
     async def health() -> tuple[Response, int]:
@@ -54,10 +80,9 @@ def create_app(services: Services) -> QuartTrio:
         return _render(resolve(services.registry, app_name, services.clock.now()))
 
     @app.get("/v1/resolve")
-    async def resolve_by_host() -> Response:
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        return _render(resolve(services.registry, app_from_host(headers),
-                               services.clock.now()))
+    async def resolve_host() -> Response:
+        headers = [(k.lower(), v) for k, v in request.headers.items()]  # repeats kept
+        return _render(resolve_by_host(services.registry, headers, services.clock.now()))
 
     @app.get("/v1/apps")
     async def list_apps() -> Response | tuple[Response, int]:
@@ -91,19 +116,65 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.post("/v1/proxy/<app_name>")
     async def proxy_json(app_name: str) -> tuple[Response, int]:
-        return await proxy_json_response(services, app_name)
+        return await proxy_json_response(services, budget, app_name.lower())
 
     return app
 
 
-async def proxy_json_response(services: Services, app_name: str) -> tuple[Response, int]:
+async def proxy_json_response(services: Services, budget: Budget, app: str
+                              ) -> tuple[Response, int]:
     """``POST /v1/proxy/{app}``: ``{"method","path","headers","body_b64"}`` in, the app's
-    ``{"status","headers","body_b64"}`` out (whole bodies: use the proxy listener to stream)."""
-    doc = await request.get_json(force=True, silent=True)
+    ``{"status","headers","body_b64"}`` out (whole bodies: use the proxy listener to stream).
+
+    What the call buffers is taken from ``budget`` (its request, then its answer) and given
+    back once the answer has been sent or dropped; 503 ``proxy_busy`` when it is spent."""
+    if not admin.authorized(services.config.proxy_api_token,
+                            request.headers.get("Authorization")):
+        return _unauthorized({"allowed": False, "reason": "proxy_token_required"})
+    share = budget.share()
+    body: _AnswerBody | None = None
     try:
-        call = parse_proxy_call(doc)
-    except ProxyError as exc:
-        return jsonify({"allowed": False, "reason": exc.reason, "detail": exc.detail}), 400
+        try:
+            call = parse_proxy_call(await _read_call(share))
+        except ProxyError as exc:
+            return _proxy_error(exc)
+        try:
+            answer = await _forward(services, app, call, share)
+        except ProxyError as exc:
+            services.metrics.proxied(app, exc.http_status)
+            return _proxy_error(exc)
+        services.metrics.proxied(app, answer.status)
+        data = answer.finish()
+        body = _AnswerBody(data, share)
+        return Response(body, status=200, content_type="application/json",
+                        headers={"Content-Length": str(len(data))}), 200
+    finally:
+        if body is None:  # (else the answer gives the share back once it has left)
+            share.release()
+
+
+async def _read_call(share: Share) -> object:
+    """The call's JSON document (None if it is not JSON). The JSON and the body decoded from
+    it are taken from ``share`` before they are held."""
+    declared = request.content_length
+    if declared is not None:
+        if declared > MAX_REQUEST_BYTES:
+            raise ProxyError(413, "body_too_large", f"over {MAX_REQUEST_BYTES} bytes")
+        share.take(2 * declared)
+    try:
+        raw = await request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise ProxyError(413, "body_too_large", f"over {MAX_REQUEST_BYTES} bytes") from None
+    if declared is None:
+        share.take(2 * len(raw))
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
+async def _forward(services: Services, app: str, call: ProxyCall, share: Share) -> JsonAnswer:
+    """Send ``call`` to ``app``; its answer, whole (raises :class:`ProxyError`)."""
     # the JSON's own X-Forwarded-* are the caller's claims: the HTTP request's count, and only
     # from a trusted proxy (Caddy in front of the control port)
     host = next((v for n, v in call.headers if n.lower() == "host"), None)
@@ -115,38 +186,69 @@ async def proxy_json_response(services: Services, app_name: str) -> tuple[Respon
     limit = services.config.proxy_max_body_bytes or MAX_JSON_PROXY_BODY
     metrics = services.metrics
     started = time.perf_counter()
-    size = 0  # counted as the proxy listener counts: time to the head, body bytes as they pass
+    # counted as the proxy listener counts: time to the head, body bytes as they pass
+    answer: JsonAnswer | None = None
+    body = call.body()
     try:
-        body = call.body()
-        async with open_upstream(services, app_name.lower(), head, None if body is None else
+        async with open_upstream(services, app, head, None if body is None else
                                  counted(body, metrics.proxy_bytes.labels("in"))) as upstream:
             metrics.proxy_seconds.observe(time.perf_counter() - started)
-            parts: list[bytes] = []
+            answer = JsonAnswer(upstream.head.status, strip_hop_by_hop(upstream.head.headers),
+                                share, limit)
             try:
                 async for chunk in upstream.chunks():
-                    size += len(chunk)
-                    if size > limit:
-                        raise ProxyError(502, "response_too_large", f"over {limit} bytes")
-                    parts.append(chunk)
+                    answer.feed(chunk)
             except StreamError as exc:  # the agent reset the stream, or the tunnel died
                 raise ProxyError(502, public_reason(exc.reason), exc.detail) from None
-    except ProxyError as exc:
-        services.metrics.proxied(app_name.lower(), exc.http_status)
-        return jsonify({"allowed": exc.allowed, "reason": exc.reason}), exc.http_status
     finally:
-        metrics.proxy_bytes.labels("out").inc(size)
-    services.metrics.proxied(app_name.lower(), upstream.head.status)
-    return jsonify({"status": upstream.head.status,
-                    "headers": [list(h) for h in strip_hop_by_hop(upstream.head.headers)],
-                    "body_b64": base64.b64encode(b"".join(parts)).decode()}), 200
+        if answer is not None:
+            metrics.proxy_bytes.labels("out").inc(answer.size)
+    return answer
+
+
+def _proxy_error(exc: ProxyError) -> tuple[Response, int]:
+    doc: dict[str, Any] = {"allowed": exc.allowed, "reason": exc.reason}
+    if exc.http_status == 400:  # which field, and why
+        doc["detail"] = exc.detail
+    return jsonify(doc), exc.http_status
+
+
+class _AnswerBody(ResponseBody):
+    """A JSON answer in its one buffer, sent in pieces of :data:`ANSWER_PIECE_BYTES`. Its share
+    of the budget goes back when it has been sent, or when it is dropped unsent (a client gone
+    before the body: the finalizer)."""
+
+    def __init__(self, data: bytearray, share: Share) -> None:
+        self._data = data
+        self._at = 0
+        self._release = weakref.finalize(self, share.release)
+
+    async def __aenter__(self) -> _AnswerBody:
+        return self
+
+    async def __aexit__(self, exc_type: type, exc_value: BaseException,
+                        tb: TracebackType) -> None:
+        self._data = bytearray()
+        self._release()
+
+    def __aiter__(self) -> _AnswerBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        at = self._at
+        if at >= len(self._data):
+            raise StopAsyncIteration
+        self._at = at + ANSWER_PIECE_BYTES
+        with memoryview(self._data) as view:
+            return bytes(view[at:at + ANSWER_PIECE_BYTES])
 
 
 def _render(answer: ResolveAnswer) -> Response:
     return Response(answer.body, status=answer.status, headers=Headers(list(answer.headers)))
 
 
-def _unauthorized() -> tuple[Response, int]:
-    response = jsonify({"error": "unauthorized", "reason": "admin_token_required"})
+def _unauthorized(doc: dict[str, Any] | None = None) -> tuple[Response, int]:
+    response = jsonify(doc or {"error": "unauthorized", "reason": "admin_token_required"})
     response.headers["WWW-Authenticate"] = 'Bearer realm="eecp"'
     return response, 401
 

@@ -94,6 +94,8 @@ class Config:
     proxy_rate_grace_sec: float = 10.0
     proxy_max_streams_per_client: int = 16
     proxy_slot_reserve: int = 10
+    proxy_json_buffer_bytes: int = 64 * 1024 * 1024
+    proxy_api_token: str | None = field(default=None, repr=False)
     tunnel_max_streams: int = 100
     stream_window_bytes: int = 256 * 1024
     trusted_proxies: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),
@@ -171,6 +173,9 @@ def from_env(env: Mapping[str, str]) -> Config:
         proxy_rate_grace_sec=r.get("EE_PROXY_RATE_GRACE_SEC", 10.0, _positive),
         proxy_max_streams_per_client=r.get("EE_PROXY_MAX_STREAMS_PER_CLIENT", 16, _whole),
         proxy_slot_reserve=r.get("EE_PROXY_SLOT_RESERVE", 10, _whole),
+        proxy_json_buffer_bytes=r.get("EE_PROXY_JSON_BUFFER_BYTES", 64 * 1024 * 1024,
+                                      _positive_int),
+        proxy_api_token=r.get("EE_PROXY_API_TOKEN", None, str),
         tunnel_max_streams=r.get("EE_TUNNEL_MAX_STREAMS", 100, _positive_int),
         stream_window_bytes=r.get("EE_STREAM_WINDOW_BYTES", 256 * 1024, _positive_int),
         trusted_proxies=r.get("EE_TRUSTED_PROXIES", parse_trusted(DEFAULT_TRUSTED),

@@ -1,10 +1,12 @@
 """The data plane: the proxy listener and the auth listener, on the lean httptools server.
 
 * proxy listener (``EE_PROXY_BIND:EE_PROXY_PORT``): any method and path; the app is named by
-  ``X-EE-App``, else by the first DNS label of the host asked for (a trusted proxy's
-  ``X-Forwarded-Host``, else ``Host``). The same allow decision as resolve
-  applies, then the request travels over the app's tunnel (:mod:`eecp.proxy`) and the response
-  streams back chunk by chunk.
+  a trusted proxy's ``X-EE-App``, else by the first DNS label of the host asked for (a trusted
+  proxy's ``X-Forwarded-Host``, else ``Host``). Anybody else names it by ``Host`` alone: what
+  the app is told it was asked for is what chose it. A name given twice, or a list of hosts, is
+  400 ``ambiguous_host`` (resolve refuses the same, :mod:`eecp.resolve`). The same allow
+  decision as resolve applies, then the request travels over the app's tunnel
+  (:mod:`eecp.proxy`) and the response streams back chunk by chunk.
 * auth listener (``EE_AUTH_BIND:EE_AUTH_PORT``): only ``GET /v1/resolve/{app}`` and
   ``GET /v1/resolve``, answered exactly like the control port's resolve, for nginx
   ``auth_request`` and Caddy ``forward_auth`` at full speed.
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from eecp.forwarded import (
+    Forwarding,
     client_address,
     forwarded_headers,
     forwarding_of,
@@ -44,7 +47,7 @@ from eecp.proxy import (
     public_reason,
     strip_hop_by_hop,
 )
-from eecp.resolve import app_from_host, host_label, resolve
+from eecp.resolve import AmbiguousHost, host_label, resolve, resolve_by_host
 from eecp.streams import RequestHead, StreamError
 
 if TYPE_CHECKING:
@@ -78,14 +81,14 @@ class AuthHandler:
             await responder.respond(405, _JSON, error_body("method_not_allowed"))
             return
         path = request.path
+        services = self._services
         if path.startswith(_RESOLVE_PREFIX):
-            app: str | None = path[len(_RESOLVE_PREFIX):]
+            answer = resolve(services.registry, path[len(_RESOLVE_PREFIX):], services.clock.now())
         elif path == "/v1/resolve":
-            app = app_from_host(dict(request.headers))
+            answer = resolve_by_host(services.registry, request.headers, services.clock.now())
         else:
             await responder.respond(404, _JSON, error_body("not_found"))
             return
-        answer = resolve(self._services.registry, app, self._services.clock.now())
         await responder.respond(answer.status, answer.headers, answer.body)
 
 
@@ -106,14 +109,15 @@ class ProxyHandler:
         self._clients: dict[tuple[str, str], int] = {}
 
     async def __call__(self, request: Request, responder: Responder) -> None:
-        headers = dict(request.headers)
         forwarding = forwarding_of(inbound_forwarding(request.headers),
                                    request.client[0] if request.client else "",
-                                   "http", headers.get("host"), self._services.trusted_proxies)
-        # the host the app is asked for names the app: a trusted proxy's X-Forwarded-Host,
-        # else Host (a client's own X-Forwarded-Host picks nothing, as it reaches no app)
-        app = headers.get("x-ee-app") or (host_label(forwarding.host) if forwarding.host
-                                          else None)
+                                   "http", request.header("host"),
+                                   self._services.trusted_proxies)
+        try:
+            app = app_named(request.headers, forwarding)
+        except AmbiguousHost as exc:
+            await responder.respond(400, _JSON, error_body(exc.reason))
+            return
         if not app:
             await responder.respond(400, _JSON, error_body("missing_app"))
             return
@@ -206,6 +210,21 @@ class ProxyHandler:
         if not chunked and not request.content_length:
             return None
         return counted(request.body_chunks(), self._bytes_in)
+
+
+def app_named(headers: list[tuple[str, str]], forwarding: Forwarding) -> str | None:
+    """The app a proxy-listener request is for: a trusted proxy's ``X-EE-App``, else the first
+    label of the host the app is asked for (a trusted proxy's ``X-Forwarded-Host``, else
+    ``Host``; a client's own X-Forwarded-Host picks nothing, as it reaches no app).
+    :class:`AmbiguousHost` when the one that counts names more than one."""
+    host = host_label(forwarding.host) if forwarding.host else None
+    if forwarding.trusted:
+        named = [value for name, value in headers if name == "x-ee-app"]
+        if len(named) > 1 or (named and "," in named[0]):
+            raise AmbiguousHost("x-ee-app names more than one app")
+        if named and named[0].strip():
+            return named[0].strip()
+    return host
 
 
 async def serve_dataplane(services: Services,

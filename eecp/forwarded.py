@@ -7,6 +7,9 @@ listens on every interface by default. So eecp believes those headers only from 
 ``EE_TRUSTED_PROXIES`` (default: loopback, where the front proxy runs). From anybody else they
 are dropped and replaced by what eecp saw itself: the peer's address, its own scheme, the Host.
 That is the rule nginx's ``set_real_ip_from`` and most servers' "forwarded-allow-ips" follow.
+The same holds for the whole family apps read as a proxy's word (client-address headers such
+as ``X-Real-IP`` or ``CF-Connecting-IP``, URL rewrites such as ``X-Original-URL``, eecp's own
+``X-EE-*``, which name the app on the proxy listener): one list, :func:`is_proxy_header`.
 """
 
 from __future__ import annotations
@@ -21,9 +24,25 @@ from eecp.proxy import strip_hop_by_hop
 
 #: replaced on every request by what eecp establishes (inbound ones only inform it)
 FORWARDED_HEADERS = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
-#: other names apps read as a proxy's word about the client or the allow decision
-_PROXY_NAMES = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip"})
-_PROXY_PREFIXES = ("x-forwarded-", "x-ee-")
+#: The one list of the headers an app may read as a proxy's word (:func:`is_proxy_header`):
+#: only a trusted proxy may send them. Apps and frameworks read the client's address from
+#: any of these, and some take the URL or host a request is for from the rewrite ones (IIS,
+#: older Symfony and Zend: ``X-Original-URL``, ``X-Rewrite-URL``), which would let a client
+#: reach a path a front proxy filters out.
+_PROXY_NAMES = frozenset({
+    # the client's address (or scheme), as some proxy or CDN reports it
+    "forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "client-ip",
+    "cf-connecting-ip", "cf-connecting-ipv6", "cf-visitor", "fastly-client-ip",
+    "akamai-client-ip", "x-cluster-client-ip", "x-proxyuser-ip", "x-originating-ip",
+    "x-remote-ip", "x-remote-addr", "wl-proxy-client-ip", "x-envoy-external-address",
+    "x-azure-clientip", "x-azure-socketip", "x-url-scheme", "x-scheme", "front-end-https",
+    # the URL or host asked for, as a rewriting proxy reports it
+    "x-rewrite-url", "x-host", "x-http-host-override", "x-envoy-original-path",
+})
+#: and whole families: X-Forwarded-For/-Proto/-Host/-Port/-Prefix/-Uri/-Ssl/-Server...,
+#: X-Original-URL/-URI/-Host/-Forwarded-For/-Method..., and eecp's own X-EE-* (the app's
+#: name, the allow decision)
+_PROXY_PREFIXES = ("x-forwarded-", "x-original-", "x-ee-")
 _PROTOS = ("http", "https")
 
 
@@ -89,9 +108,11 @@ def inbound_forwarding(headers: Sequence[tuple[str, str]]) -> dict[str, str]:
 
 
 def is_proxy_header(name: str) -> bool:
-    """A name an app may read as a proxy's word (``Forwarded``, ``X-Real-IP``,
-    ``X-Forwarded-*``, eecp's ``X-EE-*``), in any case and with ``_`` for ``-`` (CGI and
-    WSGI servers map both spellings to one variable)."""
+    """A name an app may read as a proxy's word about the client's address or the URL it
+    asked for (``Forwarded``, ``X-Real-IP``, ``CF-Connecting-IP``, ``X-Forwarded-*``,
+    ``X-Original-*``, ``X-Rewrite-URL``..., eecp's ``X-EE-*``: :data:`_PROXY_NAMES`,
+    :data:`_PROXY_PREFIXES`), in any case and with ``_`` for ``-`` (CGI and WSGI servers map
+    both spellings to one variable)."""
     key = name.lower().replace("_", "-")
     return key in _PROXY_NAMES or key.startswith(_PROXY_PREFIXES)
 
@@ -102,9 +123,9 @@ def forwarded_headers(headers: list[tuple[str, str]], forwarding: Forwarding, *,
     -Host`` replaced by ``forwarding``'s.
 
     Other proxy headers (:func:`is_proxy_header`: ``Forwarded``, ``X-Real-IP``,
-    ``X-Forwarded-Port``, ``X-EE-Release-Tag``…) carry on only when ``headers`` came from a
-    trusted proxy (``from_proxy``, by default ``forwarding.trusted``), and never in an
-    underscore spelling, which no proxy sends and nginx drops."""
+    ``X-Forwarded-Port``, ``X-Original-URL``, ``X-EE-Release-Tag``…) carry on only when
+    ``headers`` came from a trusted proxy (``from_proxy``, by default ``forwarding.trusted``),
+    and never in an underscore spelling, which no proxy sends and nginx drops."""
     keep_proxy = forwarding.trusted if from_proxy is None else from_proxy
     out = [(n, v) for n, v in strip_hop_by_hop(headers)
            if not (is_proxy_header(n) and (not keep_proxy or "_" in n

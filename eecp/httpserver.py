@@ -101,6 +101,9 @@ _JSON = [("content-type", "application/json"), ("connection", "close")]
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 # Headers that frame the message or the connection: the server writes its own.
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+# Response headers the encoder looks at (one set lookup per header): framing ones, and Date,
+# which the server writes unless the handler gave one.
+_NOTED = _FRAMING | {"date"}
 _METHODS: dict[bytes, str] = {}
 # Request headers the parser callback has to look at; every other header is only stored.
 _NOTABLE = frozenset({"content-length", "transfer-encoding", "expect", "host"})
@@ -266,7 +269,9 @@ class Responder:
     Framing is the server's business: handler headers named Content-Length fix the length,
     Transfer-Encoding and Connection are dropped (hop-by-hop) except that ``Connection: close``
     is honoured. Without a length the body is chunked (HTTP/1.1) or ends with the connection
-    (HTTP/1.0). HEAD, 204 and 304 answers never carry a body (what is sent is discarded).
+    (HTTP/1.0). HEAD, 204 and 304 answers never carry a body (what is sent is discarded). The
+    server writes the Date, unless the handler's headers carry one (a proxied answer keeps its
+    origin's, RFC 9110 6.6.1): there is one Date either way.
     """
 
     __slots__ = ("_close", "_conn", "_ended", "_held", "_held_bytes", "_mode", "_remaining",
@@ -286,7 +291,7 @@ class Responder:
     async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
         """The whole response, head and body, in one write (the fast path: pass ``headers``
         as a tuple and their encoding is cached)."""
-        block, _, close = _header_block(headers)  # before _start: a bad head is still a 500
+        block, _, close, dated = _header_block(headers)  # before _start: a bad head is a 500
         self._start(status)
         request = self._request
         self._close = close = close or not self._conn.may_keep_alive(request)
@@ -297,8 +302,9 @@ class Responder:
         if request.method == "HEAD":
             body = b""
         self._ended = True
-        data = b"".join((_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status, _date_line(),
-                         block, framing, _connection_line(request, close), b"\r\n", body))
+        data = b"".join((_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status,
+                         b"" if dated else _date_line(), block, framing,
+                         _connection_line(request, close), b"\r\n", body))
         try:  # (not through _Connection.write: one coroutine less on the hot path)
             await self._conn.stream.send_all(data)
         except trio.BrokenResourceError as exc:
@@ -311,7 +317,7 @@ class Responder:
         ``hold=True`` (here and in :meth:`send`) keeps the bytes back to go out with the next
         write: for a caller that knows more follows at once (a small proxied answer is then
         one write instead of three). At most :data:`HOLD_BYTES` are held."""
-        block, length, close = _header_block(headers)  # before _start: a bad head is a 500
+        block, length, close, dated = _header_block(headers)  # before _start: a bad head: 500
         self._start(status)
         request = self._request
         framing = b"" if length is None else b"content-length: %d\r\n" % length
@@ -327,8 +333,9 @@ class Responder:
             self._mode, close = _UNTIL_CLOSE, True
         self._close = close = close or not self._conn.may_keep_alive(request)
         await self._write(b"".join((
-            _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status, _date_line(), block,
-            framing, _connection_line(request, close), b"\r\n")), hold)
+            _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status,
+            b"" if dated else _date_line(), block, framing, _connection_line(request, close),
+            b"\r\n")), hold)
 
     async def send(self, chunk: bytes, *, hold: bool = False) -> None:
         """Write the next piece of the body (flow-controlled by the client)."""
@@ -664,8 +671,13 @@ class _Connection:
         """Read body bytes for ``request``, within its deadlines: the gap timeout, and the
         minimum rate (both count only while we wait, not while the handler was busy)."""
         limits = self.limits
-        patience = limits.body_read_timeout_sec
         rated = limits.min_rate_bytes_sec > 0
+        if rated and request._rate_waited >= limits.rate_grace_sec:
+            request._error = RequestError(
+                408, "body_too_slow", f"less than {limits.rate_quantum} bytes in "
+                f"{limits.rate_grace_sec:g} s (EE_PROXY_MIN_RATE_BYTES_SEC)")
+            return
+        patience = limits.body_read_timeout_sec
         if rated:
             patience = min(patience, limits.rate_grace_sec - request._rate_waited)
         began = trio.current_time()
@@ -675,13 +687,8 @@ class _Connection:
             request._rate_waited += trio.current_time() - began
             if request._received - request._rate_bytes >= limits.rate_quantum:
                 request._rate_bytes, request._rate_waited = request._received, 0.0
-        if not gap.cancelled_caught:
-            return
-        if rated and request._rate_waited >= limits.rate_grace_sec - 1e-9:
-            request._error = RequestError(
-                408, "body_too_slow", f"less than {limits.rate_quantum} bytes in "
-                f"{limits.rate_grace_sec:g} s (EE_PROXY_MIN_RATE_BYTES_SEC)")
-        else:
+        if gap.cancelled_caught and request._error is None and not (
+                rated and request._rate_waited >= limits.rate_grace_sec):
             request._error = RequestError(408, "body_timeout")
 
     # ---- reading ----------------------------------------------------------------------------
@@ -1034,7 +1041,8 @@ def _classify(exc: httptools.HttpParserError) -> RequestError:
     return RequestError(400, "bad_request", detail)
 
 
-_HeaderBlock = tuple[bytes, int | None, bool]
+#: the encoded headers, their Content-Length, whether they ask to close, whether they carry a Date
+_HeaderBlock = tuple[bytes, int | None, bool, bool]
 _DECIMAL = re.compile(r"[0-9]{1,19}")
 _HEADER_BLOCKS: dict[tuple[tuple[str, str], ...], _HeaderBlock] = {}
 _HEADER_BLOCKS_MAX = 256
@@ -1054,26 +1062,35 @@ def _header_block(headers: Sequence[tuple[str, str]]) -> _HeaderBlock:
 
 
 def _encode_headers(headers: Sequence[tuple[str, str]]) -> _HeaderBlock:
-    """The handler's headers as bytes (framing ones left out), its Content-Length, and whether
-    it asked to close. Refuses CR/LF inside names or values (response splitting)."""
+    """The handler's headers as bytes (framing ones left out), its Content-Length, whether it
+    asked to close, and whether it gave a Date. Refuses CR/LF inside names or values (response
+    splitting).
+
+    A handler's Date replaces the server's (a proxy passes the origin's on, RFC 9110 6.6.1):
+    an answer has one Date, the first the handler gave."""
     lines: list[str] = []
     length: int | None = None
-    close = False
+    close = dated = False
     for name, value in headers:
         key = name.lower()
-        if key in _FRAMING:
-            if key == "content-length":
-                if not _DECIMAL.fullmatch(value.strip()):  # int() takes "-1", "+5", "1_0"
-                    raise ValueError(f"invalid Content-Length {value[:40]!r}")
-                length = int(value)
-            elif key == "connection":
-                close = close or "close" in value.lower()
-            continue
+        if key in _NOTED:
+            if key == "date":
+                if dated:
+                    continue
+                dated = True
+            else:
+                if key == "content-length":
+                    if not _DECIMAL.fullmatch(value.strip()):  # int() takes "-1", "+5", "1_0"
+                        raise ValueError(f"invalid Content-Length {value[:40]!r}")
+                    length = int(value)
+                elif key == "connection":
+                    close = close or "close" in value.lower()
+                continue
         lines.append(f"{name}: {value}\r\n")
     text = "".join(lines)
     if text.count("\n") != len(lines) or text.count("\r") != len(lines):
         raise ValueError("CR or LF inside a response header")
-    return text.encode("latin-1"), length, close
+    return text.encode("latin-1"), length, close, dated
 
 
 def _connection_line(request: Request, close: bool) -> bytes:

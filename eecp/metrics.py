@@ -11,7 +11,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -48,6 +48,9 @@ class Metrics:
         self.proxy_bytes = Counter(
             "eecp_proxy_bytes", "Body bytes carried by the proxy", ["direction"],
             registry=self.prometheus)
+        self.proxy_json_buffered = Gauge(
+            "eecp_proxy_json_buffered_bytes", "Bytes POST /v1/proxy calls hold now (requests "
+            "and answers; EE_PROXY_JSON_BUFFER_BYTES bounds them)", registry=self.prometheus)
         self.prometheus.register(_StateCollector(registry, now))
         self._registry = registry
         self._proxied: dict[tuple[str, int], Any] = {}  # metric children, looked up once

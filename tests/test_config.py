@@ -36,13 +36,18 @@ def test_data_plane_defaults_are_the_documented_values() -> None:
     assert cfg.proxy_timeout_sec == 60.0
     assert cfg.proxy_send_timeout_sec == 60.0
     assert cfg.proxy_max_body_bytes is None  # unlimited when unset
+    assert cfg.proxy_json_buffer_bytes == 64 * 1024 * 1024
+    assert cfg.proxy_api_token is None  # POST /v1/proxy open, as the seed has it
     # and each is read from its own variable
     cfg = from_env({"EE_AUTH_BIND": "0.0.0.0", "EE_AUTH_PORT": "18089", "EE_PROXY_BIND": "::1",
                     "EE_PROXY_PORT": "19090", "EE_PROXY_TIMEOUT_SEC": "2.5",
-                    "EE_PROXY_SEND_TIMEOUT_SEC": "7"})
+                    "EE_PROXY_SEND_TIMEOUT_SEC": "7", "EE_PROXY_JSON_BUFFER_BYTES": "1048576",
+                    "EE_PROXY_API_TOKEN": "p-secret"})
     assert (cfg.auth_bind, cfg.auth_port, cfg.proxy_bind, cfg.proxy_port) == (
         "0.0.0.0", 18089, "::1", 19090)
     assert (cfg.proxy_timeout_sec, cfg.proxy_send_timeout_sec) == (2.5, 7.0)
+    assert (cfg.proxy_json_buffer_bytes, cfg.proxy_api_token) == (1048576, "p-secret")
+    assert "p-secret" not in repr(cfg)
 
 
 def test_values_are_parsed(tmp_path: Path) -> None:
@@ -90,6 +95,8 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         ("EE_ALLOWLIST_ASSET", "../x.json", "plain file name"),
         ("EE_REGISTRATION_WARN_DAYS", "40", "smaller than EE_REGISTRATION_TTL_DAYS"),
         ("EE_AUDIT_REFUSALS_PER_MIN", "-1", "whole number >= 0"),
+        ("EE_PROXY_JSON_BUFFER_BYTES", "0", "whole number >= 1"),
+        ("EE_PROXY_JSON_BUFFER_BYTES", "64MiB", "whole number >= 1"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, problem: str) -> None:

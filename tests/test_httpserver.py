@@ -320,6 +320,33 @@ async def test_response_with_length_streams_and_keeps_the_connection() -> None:
     assert "transfer-encoding" not in replies[0].headers
 
 
+async def test_a_handler_s_date_replaces_the_server_s() -> None:
+    # a proxy passes its origin's Date on (RFC 9110 6.6.1): one Date line, never two
+    origin = "Tue, 01 Jan 2030 00:00:00 GMT"
+
+    async def handler(request: Request, responder: Responder) -> None:
+        dated = [] if request.path == "/plain" else [
+            ("Date", origin), ("date", "Wed, 02 Jan 2030 00:00:00 GMT")]  # the first counts
+        if request.path == "/streamed":
+            await responder.send_head(200, [("content-type", "text/plain"), *dated])
+            await responder.send(b"x")
+            await responder.end()
+        else:
+            await responder.respond(200, [("content-type", "text/plain"), *dated], b"x")
+
+    async with running(handler) as port:
+        for path in ("/whole", "/streamed", "/plain"):
+            with trio.fail_after(WAIT):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(get(path, "Connection: close"))
+                    head = (await read_all(stream)).partition(b"\r\n\r\n")[0].decode()
+            dates = [line.partition(":")[2].strip() for line in head.split("\r\n")
+                     if line.lower().startswith("date:")]
+            assert len(dates) == 1, (path, head)
+            assert (dates[0] == origin) is (path != "/plain"), (path, head)
+
+
 async def test_held_bytes_wait_for_the_next_write_and_never_exceed_the_limit() -> None:
     steps = [trio.Event() for _ in range(3)]
     done = [trio.Event() for _ in range(3)]

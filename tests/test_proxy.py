@@ -4,7 +4,10 @@ against fake agents that forward to real local backends (real sockets, MockClock
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import random
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,9 +27,12 @@ from tests.harness import (
     eventually,
     open_control_plane,
     open_upstreams,
+    real_deadline,
     resolve_until,
     running_agent,
 )
+
+ORIGIN_DATE = "Tue, 01 Jan 2030 00:00:00 GMT"  # not eecp's clock: whose Date went out shows
 
 
 @dataclass
@@ -38,6 +44,7 @@ class Backend:
     release: trio.Event = field(default_factory=trio.Event)
     entered: trio.Event = field(default_factory=trio.Event)
     events: list[trio.Event] = field(default_factory=lambda: [trio.Event() for _ in range(3)])
+    big: bytes = b""  #: /big's body (64 KiB chunks); /half sends half of it, then waits
 
     async def handle(self, request: Request) -> Response:
         if request.path == "/hello":
@@ -59,7 +66,19 @@ class Backend:
         if request.path == "/sse":
             return Response(200, headers=[("content-type", "text/event-stream")],
                             chunks=self._events())
+        if request.path == "/dated":
+            return Response(200, b"dated", [("date", ORIGIN_DATE)])
+        if request.path in ("/big", "/half"):
+            return Response(200, headers=[("content-type", "application/octet-stream")],
+                            chunks=self._big(self.release if request.path == "/half" else None))
         return Response(404, b"nope")
+
+    async def _big(self, gate: trio.Event | None) -> AsyncIterator[bytes]:
+        for at in range(0, len(self.big), 65536):
+            if gate is not None and at >= len(self.big) // 2:
+                self.entered.set()
+                await gate.wait()
+            yield self.big[at:at + 65536]
 
     async def _cut(self) -> AsyncIterator[bytes]:
         yield b"partial"
@@ -146,9 +165,15 @@ async def test_requests_reach_the_app(mock_clock: MockClock, world: World) -> No
 
 SPOOFED = {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https",
            "X-Forwarded-Host": "bank.example"}
-#: what apps also read as a proxy's word, and eecp's own decision headers
+#: what apps also read as a proxy's word (the client's address, the URL it asked for), and
+#: eecp's own decision headers
 ALSO_SPOOFED = {"X-Real-IP": "6.6.6.6", "X_Forwarded_For": "6.6.6.6", "Forwarded": "for=6.6.6.6",
-                "X-EE-Release-Tag": "forged"}
+                "X-EE-Release-Tag": "forged", "CF-Connecting-IP": "6.6.6.6",
+                "X-Cluster-Client-IP": "6.6.6.6", "Fastly-Client-IP": "6.6.6.6",
+                "True-Client-IP": "6.6.6.6", "X-ProxyUser-IP": "6.6.6.6",
+                "X-Original-Forwarded-For": "6.6.6.6", "X-Original-URL": "/admin",
+                "X-Rewrite-URL": "/admin", "X-Original-Host": "bank.example",
+                "X-Forwarded-Prefix": "/admin"}
 
 
 @pytest.mark.parametrize("trusted", ["10.0.0.0/8", "none"])
@@ -280,9 +305,12 @@ async def test_upstream_timeout_on_both_entry_points(tmp_path: Path, pki: qf.Tes
         backend.release.set()
 
 
-async def test_a_slow_upload_that_keeps_moving_is_no_upstream_timeout(mock_clock: MockClock,
-                                                                     world: World) -> None:
-    async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+async def test_a_slow_upload_that_keeps_moving_is_no_upstream_timeout(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+    # (20 s between its chunks: far below EE_PROXY_MIN_RATE_BYTES_SEC, off here)
+    async with open_world(tmp_path, pki, mock_clock, EE_PROXY_MIN_RATE_BYTES_SEC="0"
+                          ) as world, open_backend("one") as (_, server), running_agent(
+                              world.agent(server)) as agent:
         await agent.wait_status("attested")
 
         async def upload() -> AsyncIterator[bytes]:
@@ -576,6 +604,10 @@ async def test_json_proxy_on_the_control_port(mock_clock: MockClock, world: Worl
             # the agent resets the stream after the head: a JSON 502, not a 500
             broken = await client.post(world.cp.url + "/v1/proxy/shop", json={"path": "/cut"})
             assert (broken.status_code, broken.json()["reason"]) == (502, "agent_error")
+            large = await client.post(world.cp.url + "/v1/proxy/shop",
+                                      content=b" " * (1024 * 1024 + 1))
+            assert (large.status_code, large.json()) == (
+                413, {"allowed": False, "reason": "body_too_large"})
 
 
 async def test_the_proxy_listener_forwards_only_origin_form_targets(mock_clock: MockClock,
@@ -662,3 +694,198 @@ async def test_streams_in_flight_are_counted(mock_clock: MockClock, world: World
         backend.release.set()
         await done.wait()
         assert "eecp_streams_in_flight 0.0" in (await world.cp.get("/metrics")).text
+
+
+async def test_a_proxied_answer_carries_one_date_the_origin_s(mock_clock: MockClock,
+                                                              world: World) -> None:
+    async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        dated = await proxy_get(world.cp, "/dated")
+        assert (dated.status_code, dated.headers.get_list("date")) == (200, [ORIGIN_DATE])
+        undated = await proxy_get(world.cp, "/hello")  # the backend gave none: eecp's own
+        assert len(undated.headers.get_list("date")) == 1
+        assert undated.headers["date"] != ORIGIN_DATE
+
+
+#: two hosts in the header that names the app: two lines, or one list
+TWO_HOSTS = ([("X-Forwarded-Host", "shop.app.example.com"),
+              ("X-Forwarded-Host", "nosuch.app.example.com")],
+             [("X-Forwarded-Host", "shop.app.example.com, nosuch.app.example.com")])
+
+
+async def test_a_header_naming_two_hosts_is_refused_alike_by_resolve_and_the_proxy(
+        mock_clock: MockClock, world: World) -> None:
+    # (the seed's resolve answered for the last line, its proxy routed by the first)
+    async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent, \
+            httpx.AsyncClient() as client:
+        await agent.wait_status("attested")
+        refused = {"allowed": False, "reason": "ambiguous_host"}
+        for two in TWO_HOSTS:
+            # loopback is a trusted proxy here: its X-Forwarded-Host names the app
+            proxied = await client.get(world.cp.proxy_url + "/hello",
+                                       headers=[("Host", "eecp-proxy.internal"), *two])
+            assert (proxied.status_code, proxied.json()) == (400, refused), two
+            for base in (world.cp.auth_url, world.cp.url):
+                resolved = await client.get(base + "/v1/resolve", headers=two)
+                # resolve's refusal is a 403 (auth_request makes any other status a 500)
+                assert (resolved.status_code, resolved.json()) == (403, refused), (base, two)
+                assert resolved.headers["x-ee-reason"] == "ambiguous_host"
+                resolved = await client.get(base + "/v1/resolve", headers=[
+                    (n.replace("Forwarded", "Original"), v) for n, v in two])
+                assert (resolved.status_code, resolved.json()) == (403, refused), (base, two)
+        twice = await client.get(world.cp.proxy_url + "/hello", headers=[
+            ("Host", "shop.app.example.com"), ("X-EE-App", "shop"), ("X-EE-App", "nosuch")])
+        assert (twice.status_code, twice.json()) == (400, refused)
+        # only the header that counts must name one host
+        first = await client.get(world.cp.auth_url + "/v1/resolve", headers=[
+            ("X-Original-Host", "shop.app.example.com"), *TWO_HOSTS[0]])
+        assert (first.status_code, first.json()["reason"]) == (200, "ok")
+    assert [r.path for r in server.requests] == []
+
+
+async def test_only_a_trusted_proxy_names_the_app(tmp_path: Path, pki: qf.TestPki,
+                                                  mock_clock: MockClock) -> None:
+    async with open_world(tmp_path, pki, mock_clock, EE_TRUSTED_PROXIES="none") as world, \
+            open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
+        await agent.wait_status("attested")
+        # from anybody else, the Host the app is asked for names it
+        ignored = await proxy_get(world.cp, "/hello", headers={
+            "Host": "shop.app.example.com", "X-EE-App": "nosuch"})
+        assert (ignored.status_code, ignored.text) == (200, "hello from one")
+        spoofed = await proxy_get(world.cp, "/hello", headers={
+            "Host": "nosuch.app.example.com", "X-EE-App": "shop"})
+        assert (spoofed.status_code, spoofed.json()) == (
+            403, {"allowed": False, "reason": "unknown_app"})
+    assert [r.path for r in server.requests] == ["/hello"]
+
+
+async def test_the_json_proxy_takes_a_bearer_token_once_one_is_set(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+    async with open_world(tmp_path, pki, mock_clock, EE_PROXY_API_TOKEN="proxy-secret") as world, \
+            open_backend("one") as (_, server), running_agent(world.agent(server)) as agent, \
+            httpx.AsyncClient() as client:
+        await agent.wait_status("attested")
+        api = world.cp.url + "/v1/proxy/shop"
+        for headers in ({}, {"Authorization": "Bearer wrong"},
+                        {"Authorization": "Basic proxy-secret"},
+                        {"Authorization": "Bearer admin-secret"}):  # the admin's is not it
+            refused = await client.post(api, json={"path": "/hello"}, headers=headers)
+            assert (refused.status_code, refused.json()) == (
+                401, {"allowed": False, "reason": "proxy_token_required"}), headers
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+        answer = await client.post(api, json={"path": "/hello"},
+                                   headers={"Authorization": "Bearer proxy-secret"})
+        assert answer.status_code == 200
+        assert base64.b64decode(answer.json()["body_b64"]) == b"hello from one"
+    assert [r.path for r in server.requests] == ["/hello"]  # refused calls reached nothing
+
+
+async def json_buffered(cp: ControlPlane) -> float:
+    """What ``POST /v1/proxy`` calls hold now (the gauge)."""
+    text = (await cp.get("/metrics")).text
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("eecp_proxy_json_buffered_bytes ")))
+
+
+async def test_json_proxy_calls_share_a_bounded_buffer(tmp_path: Path, pki: qf.TestPki,
+                                                       mock_clock: MockClock) -> None:
+    # 1 MiB for every JSON call at once: one 600 KiB answer (800 KiB of base64) fits, two do not
+    extra = {"EE_PROXY_JSON_BUFFER_BYTES": str(1024 * 1024)}
+    async with open_world(tmp_path, pki, mock_clock, **extra) as world, \
+            open_backend("one") as (backend, server), \
+            running_agent(world.agent(server)) as agent, \
+            httpx.AsyncClient(timeout=None) as client, trio.open_nursery() as nursery:
+        backend.big = random.Random(3).randbytes(600 * 1024)
+        await agent.wait_status("attested")
+        api = world.cp.url + "/v1/proxy/shop"
+        first: list[httpx.Response] = []
+
+        async def hold() -> None:
+            first.append(await client.post(api, json={"path": "/half"}))
+        nursery.start_soon(hold)
+        await backend.entered.wait()  # half the body has left the backend
+        async with real_deadline(10):
+            while await json_buffered(world.cp) < 400 * 1024:  # and is held by eecp
+                pass
+        busy = await client.post(api, json={"path": "/big"})
+        assert (busy.status_code, busy.json()) == (503, {"allowed": True,
+                                                         "reason": "proxy_busy"})
+        async with real_deadline(10):  # its stream was let go: only the first is in flight
+            while "eecp_streams_in_flight 1.0" not in (await world.cp.get("/metrics")).text:
+                pass
+        backend.release.set()
+        await eventually(lambda: bool(first))
+        assert first[0].status_code == 200
+        assert base64.b64decode(first[0].json()["body_b64"]) == backend.big
+        async with real_deadline(10):  # its share is back once it has been sent
+            while await json_buffered(world.cp) != 0:
+                pass
+        again = await client.post(api, json={"path": "/big"})
+        assert again.status_code == 200, again.text
+        # a client that leaves in the middle of an answer gives its share back too
+        async with client.stream("POST", api, json={"path": "/big"}) as response:
+            assert response.status_code == 200
+            await response.aiter_raw().__anext__()
+        async with real_deadline(10):
+            while await json_buffered(world.cp) != 0:
+                pass
+        metrics = (await world.cp.get("/metrics")).text
+    assert 'eecp_proxy_requests_total{app="shop",status="503"} 1.0' in metrics
+
+
+async def streamed_answer(client: httpx.AsyncClient, url: str, doc: dict[str, object]
+                          ) -> tuple[int, str]:
+    """POST ``doc`` to the JSON proxy; the answer's status and the sha256 of its body, read
+    piece by piece (so that this client holds no copy of the answer)."""
+    digest = hashlib.sha256()
+    head, tail, pending = b"", b"", b""
+    marker = b'"body_b64":"'
+    in_body = False
+    async with client.stream("POST", url, json=doc) as response:
+        assert response.status_code == 200
+        async for piece in response.aiter_raw():
+            if tail:
+                tail += piece
+                continue
+            if not in_body:
+                head += piece
+                if marker not in head:
+                    continue
+                head, _, piece = head.partition(marker)
+                in_body = True
+            end = piece.find(b'"')  # never inside base64: the string's end
+            if end >= 0:
+                piece, tail = piece[:end], piece[end:]
+            pending += piece
+            whole = len(pending) - len(pending) % 4
+            digest.update(base64.b64decode(pending[:whole], validate=True))
+            pending = pending[whole:]
+    assert pending == b""
+    return json.loads(head + b'"body_b64":"' + tail)["status"], digest.hexdigest()
+
+
+async def test_a_json_answer_is_held_once_not_copied(mock_clock: MockClock,
+                                                     world: World) -> None:
+    # tracemalloc counts every allocation of the process: eecp, the agent, the backend (whose
+    # body is allocated before), this client (which reads the answer piece by piece)
+    size = 8 * 1024 * 1024
+    async with open_backend("one") as (backend, server), \
+            running_agent(world.agent(server)) as agent, \
+            httpx.AsyncClient(timeout=None) as client:
+        backend.big = random.Random(5).randbytes(size)
+        expected = hashlib.sha256(backend.big).hexdigest()
+        await agent.wait_status("attested")
+        tracemalloc.start()
+        try:
+            got = await streamed_answer(client, world.cp.url + "/v1/proxy/shop", {"path": "/big"})
+            _, peak = tracemalloc.get_traced_memory()
+            async with real_deadline(10):
+                while await json_buffered(world.cp) != 0:
+                    pass
+            kept, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert got == (200, expected)
+    # the answer is 4/3 of the body (its base64), in one buffer; the seed held 5 bodies' worth
+    assert peak < 2.0 * size, f"peak {peak / size:.2f} x the body"
+    assert kept < 0.1 * size, f"{kept / size:.2f} x the body stayed"  # and nothing stays

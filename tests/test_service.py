@@ -116,6 +116,7 @@ def test_eecp_serve_sigint_text_logs(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert "INFO eecp.service: stopped" in err
     assert "EE_ADMIN_TOKEN is unset" in err
+    assert "EE_PROXY_API_TOKEN is unset" in err
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
