@@ -74,10 +74,6 @@ class SharedLimit:
         self._all: TokenBucket | None = None
         self._keys: dict[str, TokenBucket] = {}
 
-    @property
-    def limited(self) -> bool:
-        return self.per_minute > 0 or self.per_key > 0
-
     def allow(self, key: str | None, now: float) -> bool:
         """Spend one event under ``key`` (None: the overall limit only) if both the key's
         bucket and the overall one have room; spend nothing otherwise."""

@@ -432,6 +432,10 @@ class AgentSession:
         if holder is not None:
             raise RegistrationError("agent_id_in_use",
                                     f"agent {register.agent_id} is bound to app {holder[0]}")
+        # again: the name may have been taken while the store answered. From here to the
+        # registration's renewal nothing awaits, so no other session can come between. (Lost
+        # that way, the row just bound stays, bound to an app it was refused: harmless.)
+        check_claim(registry.app(register.app_name), register, now)
         if self._on_registered is not None:
             await self._on_registered(self)  # may supersede, or refuse, a live session
 

@@ -17,6 +17,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 from trio.testing import MockClock
 
+from eecp import cli
 from eecp.clock import isoformat
 from eecp.records import AgentRecord
 from eecp.session import AgentSession
@@ -604,6 +605,27 @@ async def test_an_offline_agents_id_stays_bound_to_its_app(
         ("shop", owner.agent_id, "accepted", "attested")]
     [(_, app, repo, verdict, _)] = agent_rows(world)
     assert (app, repo, verdict) == ("shop", REPO, "accepted")
+
+
+async def test_an_operator_can_release_an_offline_agents_binding(
+        mock_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    world.cp.github.add_release("bob/other", "v1", {ASSET: allowlist_doc()})
+    async with running_agent(world.agent()) as owner:
+        await owner.wait_status("attested")
+    await resolve_until(world.cp, "shop", lambda b: b["agents"] == 0)
+    monkeypatch.setenv("EE_DB_PATH", world.cp.env["EE_DB_PATH"])  # the running eecp's store
+    monkeypatch.delenv("EE_DB_URL", raising=False)
+    release = ["release-agent", owner.agent_id]
+    assert await trio.to_thread.run_sync(cli.main, release) == 0
+    assert f"released agent {owner.agent_id} (bound to app shop, repo {REPO})" in \
+        capsys.readouterr().out
+    assert await trio.to_thread.run_sync(cli.main, release) == 1  # nothing left to release
+    assert "no agent" in capsys.readouterr().err
+    async with running_agent(world.agent(agent_id=owner.agent_id, **OTHER_APP)) as taker:
+        await taker.wait_status("attested")
+    assert [row[1:4] for row in agent_rows(world)] == [("other", "bob/other", "accepted")]
+    assert audit_rows(world)[0][:4] == ("shop", owner.agent_id, "accepted", "attested")
 
 
 async def test_an_agent_ids_binding_outlives_a_restart(
