@@ -64,5 +64,5 @@ def audit_doc(entry: AuditEntry) -> dict[str, Any]:
         "trigger": entry.trigger, "verdict": entry.verdict, "reason": entry.reason,
         "tcb_status": entry.tcb_status, "advisory_ids": list(entry.advisory_ids),
         "fmspc": entry.fmspc, "mrtd": entry.mrtd, "rtmrs": list(entry.rtmrs),
-        "sealed": entry.sealed,
+        "sealed": entry.sealed, "platform_id": entry.platform_id,
     }

@@ -10,8 +10,17 @@ module has two halves:
   directory (air-gapped hosts), then the GitHub releases API.
 
 Reasons raised here (all ``AllowlistError``): ``allowlist_invalid_ref`` (the repo or tag is not a
-well-formed GitHub name; no request is made), ``allowlist_not_found``, ``allowlist_unavailable``
-and ``allowlist_malformed:<field>``.
+well-formed GitHub name; no request is made), ``allowlist_not_found``, ``allowlist_unavailable``,
+``allowlist_malformed:<field>`` and ``allowlist_rate_limited``.
+
+Every agent names its own repo and tag, so what reaches GitHub is bounded three ways: only a
+quote that verified gets this far (the engine's order), a release without a (valid) allowlist
+is remembered for a while, and the fetches themselves are rate-limited per platform (the PPID
+the engine passes) and in total (``EE_ALLOWLIST_FETCHES_PER_MIN``,
+``EE_ALLOWLIST_FETCHES_PER_PLATFORM_PER_MIN``). Cache hits, local files and remembered misses
+cost nothing. Beyond the limit a release with a copy past its TTL is served that copy (a known
+app's periodic re-attestation never waits for a flood to pass); any other is refused
+``allowlist_rate_limited`` without a request, and the agent retries later.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import trio
 from eecp.clock import Clock
 from eecp.config import Config
 from eecp.errors import AllowlistError
+from eecp.ratelimit import SharedLimit
 
 log = logging.getLogger("eecp.allowlist")
 
@@ -225,6 +235,7 @@ class _Slot:
 #: any repo and tag, and each miss would otherwise be a GitHub request on the operator's token
 NEGATIVE_TTL_SEC = 60.0
 _REMEMBERED_MISSES = ("allowlist_not_found", "allowlist_malformed")
+RATE_LIMITED = "allowlist_rate_limited"
 
 
 class _Unavailable(Exception):
@@ -249,6 +260,7 @@ class AllowlistSource:
         cache_ttl_sec: float,
         fetch_timeout_sec: float = 15,
         max_cache_entries: int = 4096,
+        fetch_limit: SharedLimit | None = None,
     ) -> None:
         self._client = client
         self._clock = clock
@@ -265,6 +277,8 @@ class AllowlistSource:
         # (repo, tag) → the refusal and when: insertion-ordered, bounded like the cache
         self._misses: dict[tuple[str, str], tuple[AllowlistError, float]] = {}
         self._negative_ttl = min(cache_ttl_sec, NEGATIVE_TTL_SEC)
+        # requests to GitHub, per platform and in total (None: unlimited)
+        self._fetch_limit = fetch_limit
 
     @classmethod
     def from_config(
@@ -279,16 +293,20 @@ class AllowlistSource:
             token=config.github_token,
             local_dir=config.allowlist_dir,
             cache_ttl_sec=config.allowlist_cache_ttl_sec,
+            fetch_limit=SharedLimit(config.allowlist_fetches_per_min,
+                                    config.allowlist_fetches_per_platform_per_min),
         )
 
     def __repr__(self) -> str:  # keep the token out of any repr that reaches a log
         return f"AllowlistSource(api={self._api!r}, asset={self._asset_name!r})"
 
-    async def get(self, repo: str, release_tag: str) -> Allowlist:
-        """The allowlist published for ``repo`` at ``release_tag``.
+    async def get(self, repo: str, release_tag: str, platform: str | None = None) -> Allowlist:
+        """The allowlist published for ``repo`` at ``release_tag``, for a quote from
+        ``platform`` (whose share of the GitHub fetches a fetch spends; None: only the total).
 
         Concurrent calls for the same key share one fetch. A cached copy past its TTL is served
-        (with a warning) when GitHub is unavailable.
+        (with a warning) when GitHub is unavailable, and (quietly) when the fetch limit is
+        reached.
         """
         owner, name = check_ref(repo, release_tag)
         key = (repo, release_tag)
@@ -318,8 +336,12 @@ class AllowlistSource:
                 if entry is not None and self._fresh(entry):
                     return entry.allowlist
                 try:
-                    allowlist = await self._load(key, owner, name, release_tag, entry)
+                    allowlist = await self._load(key, owner, name, release_tag, entry, platform)
                 except AllowlistError as exc:
+                    if exc.reason == RATE_LIMITED:
+                        # this caller's platform (or the total) is spent, not the release's:
+                        # a caller queued behind it makes its own attempt
+                        raise
                     slot.last_error = exc
                     slot.attempts += 1
                     self._remember_miss(key, exc)
@@ -351,7 +373,8 @@ class AllowlistSource:
         self._cache[key] = _Entry(allowlist, now, now)
 
     async def _load(
-        self, key: tuple[str, str], owner: str, name: str, tag: str, stale: _Entry | None
+        self, key: tuple[str, str], owner: str, name: str, tag: str, stale: _Entry | None,
+        platform: str | None,
     ) -> Allowlist:
         repo = f"{owner}/{name}"
         if self._local_dir is not None:
@@ -365,6 +388,13 @@ class AllowlistSource:
                 log.info("allowlist %s@%s loaded from %s", repo, tag, self._local_dir)
                 return allowlist
 
+        if self._fetch_limit is not None and not self._fetch_limit.allow(platform,
+                                                                         self._clock.now()):
+            if stale is not None:
+                # not marked re-checked: the next caller asks GitHub again when there is room
+                return stale.allowlist
+            raise AllowlistError(RATE_LIMITED, f"{repo}@{tag}: too many allowlist fetches; "
+                                 "retry later")
         try:
             with trio.fail_after(self._fetch_timeout):
                 data = await self._fetch_github(owner, name, tag)

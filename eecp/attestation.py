@@ -3,8 +3,9 @@
 One call, :meth:`AttestationEngine.attest`, takes what an agent answered to a challenge and
 returns an :class:`Outcome`: it fetches the collateral (PCCS, cached), verifies the quote in a
 worker thread at the injected clock's time, fetches the allowlist (GitHub or a local dir; only
-for a quote that verified), then applies :mod:`eecp.policy`. It never raises for a bad quote:
-every refusal is an outcome with a reason, ready for the audit log.
+for a quote that verified, and GitHub's fetches limited per platform: the PPID of the verified
+PCK leaf, on the outcome as ``platform_id``), then applies :mod:`eecp.policy`. It never raises
+for a bad quote: every refusal is an outcome with a reason, ready for the audit log.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class Outcome:
     verdict: policy.Verdict
     at: float
     facts: QuoteFacts | None = None
+    #: the quote as verified; None when it did not verify
+    verified: VerifiedQuote | None = None
     tcb_status: str | None = None
     advisory_ids: tuple[str, ...] = ()
     measurements: Measurements | None = None
@@ -61,6 +64,11 @@ class Outcome:
     @property
     def reason(self) -> str:
         return self.verdict.reason
+
+    @property
+    def platform_id(self) -> str | None:
+        """The platform (PPID) of a quote that verified; None when it did not."""
+        return self.verified.platform_id if self.verified else None
 
     def audit_entry(self, *, challenge: Challenge, app_name: str, agent_id: str, trigger: str
                     ) -> AuditEntry:
@@ -82,6 +90,7 @@ class Outcome:
             mrtd=facts.mrtd.hex() if facts and facts.mrtd else None,
             rtmrs=tuple(r.hex() for r in facts.rtmrs) if facts else (),
             sealed=self.measurements.sealed if self.measurements else None,
+            platform_id=self.platform_id,
         )
 
 
@@ -122,6 +131,7 @@ class AttestationEngine:
             verdict=verdict,
             at=self._clock.now(),
             facts=verified.facts if verified else state.get("facts"),
+            verified=verified,
             tcb_status=verified.tcb_status if verified else None,
             advisory_ids=verified.advisory_ids if verified else (),
             measurements=state.get("measurements"),
@@ -153,8 +163,10 @@ class AttestationEngine:
             self._workers.verify, verify_quote, challenge.quote, parts.to_dcap(), now, self._root,
             facts)
         # only a quote that verified makes eecp ask GitHub: the repo and tag are the agent's
-        # word, and any peer could otherwise spend the operator's API quota on names it picks
-        allowlist: Allowlist = await self._allowlists.get(challenge.repo, challenge.release_tag)
+        # word, and any peer could otherwise spend the operator's API quota on names it picks;
+        # and one genuine TD may still name any number, so its fetches count per platform
+        allowlist: Allowlist = await self._allowlists.get(
+            challenge.repo, challenge.release_tag, platform=verified.platform_id)
         policy.check(
             policy.Evidence(verified, challenge.claimed_report_data, measurements),
             nonce=challenge.nonce,

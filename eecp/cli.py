@@ -1,4 +1,5 @@
-"""The ``eecp`` command: ``eecp serve``, ``eecp verify-quote`` and ``eecp demo``.
+"""The ``eecp`` command: ``eecp serve``, ``eecp verify-quote``, ``eecp demo`` and
+``eecp release-agent``.
 
 Configuration errors print one line naming the variable and exit with status 2.
 """
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the control plane (configured by EE_* variables)")
     verify = sub.add_parser("verify-quote", help="verify a DCAP quote and judge it by policy")
     verify_quote.add_arguments(verify)
+    release = sub.add_parser(
+        "release-agent", help="delete an (offline) agent's row, and with it the binding of its "
+        "agent_id to its app and repo (the store EE_DB_URL/EE_DB_PATH names)")
+    release.add_argument("agent_id", help="the agent's id (a UUID)")
     demo = sub.add_parser("demo", help="run eecp, a dev-PKI agent and a tiny app on loopback")
     demo.add_argument("--dir", default="data/demo", help="where the demo keeps its files")
     for name, default in (("control", 8088), ("proxy", 9090), ("auth", 8089)):
@@ -48,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return verify_quote.run(args, env)
     if args.command == "demo":
         return demo_command(args, env)
+    if args.command == "release-agent":
+        return release_agent_command(args.agent_id, env)
     return serve_command(env)
 
 
@@ -73,6 +80,38 @@ def serve_command(env: dict[str, str]) -> int:
     except StoreError as exc:
         print(f"eecp: store error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def release_agent_command(agent_id: str, env: dict[str, str]) -> int:
+    """``eecp release-agent``: the id may then be admitted for any app (its audit history
+    stays). Meant for an agent that is offline: a connected one writes its row again."""
+    from eecp.blocking import Workers
+    from eecp.records import AgentRecord
+    from eecp.store import open_store
+
+    try:
+        config = from_env(env)
+    except ConfigError as exc:
+        print(f"eecp: configuration error: {exc.detail}", file=sys.stderr)
+        return 2
+
+    async def release() -> AgentRecord | None:
+        async with open_store(config, Workers(store=1)) as store:
+            record = await store.get_agent(agent_id)
+            if record is not None:
+                await store.release_agent(agent_id)
+            return record
+
+    try:
+        record = trio.run(release)
+    except StoreError as exc:
+        print(f"eecp: store error: {exc}", file=sys.stderr)
+        return 1
+    if record is None:
+        print(f"eecp: no agent {agent_id!r} in the store", file=sys.stderr)
+        return 1
+    print(f"released agent {agent_id} (bound to app {record.app_name}, repo {record.repo})")
     return 0
 
 

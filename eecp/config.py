@@ -60,6 +60,8 @@ class Config:
     allowlist_asset: str = "agent-attestation-allowlist.json"
     allowlist_dir: Path | None = None
     allowlist_cache_ttl_sec: float = 300.0
+    allowlist_fetches_per_min: int = 30
+    allowlist_fetches_per_platform_per_min: int = 6
     github_api_url: str = "https://api.github.com"
     github_token: str | None = field(default=None, repr=False)
     pccs_url: str = DEFAULT_PCCS_URL
@@ -134,6 +136,9 @@ def from_env(env: Mapping[str, str]) -> Config:
         allowlist_asset=r.get("EE_ALLOWLIST_ASSET", "agent-attestation-allowlist.json", _asset),
         allowlist_dir=r.get("EE_ALLOWLIST_DIR", None, _existing_dir),
         allowlist_cache_ttl_sec=r.get("EE_ALLOWLIST_CACHE_TTL_SEC", 300.0, _non_negative),
+        allowlist_fetches_per_min=r.get("EE_ALLOWLIST_FETCHES_PER_MIN", 30, _whole),
+        allowlist_fetches_per_platform_per_min=r.get(
+            "EE_ALLOWLIST_FETCHES_PER_PLATFORM_PER_MIN", 6, _whole),
         github_api_url=r.get("EE_GITHUB_API_URL", "https://api.github.com", _http_url),
         github_token=r.get("EE_GITHUB_TOKEN", None, str),
         pccs_url=r.get("EE_PCCS_URL", DEFAULT_PCCS_URL, _http_url),

@@ -363,10 +363,13 @@ def sgx_extension_der(
 
 
 def _issue_pck_leaf(
-    pki: TestPki, key: ec.EllipticCurvePrivateKey, *, pcesvn: int, cpusvn: bytes, fmspc: str
+    pki: TestPki, key: ec.EllipticCurvePrivateKey, *, pcesvn: int, cpusvn: bytes, fmspc: str,
+    ppid: bytes | None = None,
 ) -> x509.Certificate:
-    """A PCK leaf under the PCK CA carrying the (non-critical) SGX extension."""
-    ppid = hashlib.sha256(_raw_pubkey(key)).digest()[:16]
+    """A PCK leaf under the PCK CA carrying the (non-critical) SGX extension; its PPID is
+    derived from ``key`` unless given."""
+    if ppid is None:
+        ppid = hashlib.sha256(_raw_pubkey(key)).digest()[:16]
     sgx = sgx_extension_der(ppid=ppid, cpusvn=cpusvn, pcesvn=pcesvn, fmspc=bytes.fromhex(fmspc))
     ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(SGX_EXTENSION_OID), sgx)
     return _issue(
@@ -762,8 +765,14 @@ def mint_tdx_quote(
     qe_isvsvn: int = QE_ISVSVN,
     qe_auth_data: bytes = bytes(range(32)),
     include_root_in_chain: bool = True,
+    pck_key: ec.EllipticCurvePrivateKey | None = None,
+    ppid: bytes | None = None,
 ) -> MintedQuote:
     """Mint a TDX v4 quote (fresh PCK leaf and attestation key) plus matching collateral.
+
+    The PCK leaf is issued for ``pck_key`` (default: a fresh key, so every quote comes from a
+    "new platform"); quotes minted with one key share the platform's PPID, derived from the
+    key unless ``ppid`` sets it.
 
     ``revoke_pck`` lists the leaf serial in the PCK CRL; ``corrupt_signature`` flips one byte
     of the quote signature after signing. ``now`` is when the collateral was "fetched":
@@ -771,9 +780,10 @@ def mint_tdx_quote(
     """
     if len(rtmrs) != 4:
         raise ValueError("rtmrs must hold exactly 4 entries")
-    pck_key = ec.generate_private_key(_CURVE)
+    pck_key = pck_key if pck_key is not None else ec.generate_private_key(_CURVE)
     attest_key = ec.generate_private_key(_CURVE)
-    leaf = _issue_pck_leaf(pki, pck_key, pcesvn=pcesvn, cpusvn=DEFAULT_CPUSVN, fmspc=fmspc)
+    leaf = _issue_pck_leaf(pki, pck_key, pcesvn=pcesvn, cpusvn=DEFAULT_CPUSVN, fmspc=fmspc,
+                           ppid=ppid)
     leaf_pem = leaf.public_bytes(serialization.Encoding.PEM)
     chain = leaf_pem + pki.pck_ca_pem + (pki.root_pem if include_root_in_chain else b"")
 

@@ -78,7 +78,7 @@ class ProtocolError(EecpError):
 
 class RegistrationError(EecpError):
     """A register eecp will not honour: ``app_name_taken`` (another repo owns the name),
-    ``network_unknown``, ``agent_id_in_use`` (a live session of another app has it)."""
+    ``network_unknown``, ``agent_id_in_use`` (the id is bound to another app or repo)."""
 
     http_status = 409
 
@@ -104,7 +104,8 @@ class CollateralError(AttestationError):
 
 class AllowlistError(AttestationError):
     """Allowlist: ``allowlist_not_found``, ``allowlist_unavailable``,
-    ``allowlist_malformed:<field>``, ``allowlist_invalid_ref`` (repo or tag not well-formed)."""
+    ``allowlist_malformed:<field>``, ``allowlist_invalid_ref`` (repo or tag not well-formed),
+    ``allowlist_rate_limited`` (no GitHub fetch left for now: retry later)."""
 
 
 class PolicyError(AttestationError):

@@ -10,6 +10,7 @@ quote bytes that dcap-qvl has just verified — never from anything the agent cl
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import dcap_qvl
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from eecp.errors import CollateralError, InputError, QuoteError
 
@@ -34,6 +35,7 @@ INTEL_ROOT_SHA256 = bytes.fromhex(
 MAX_CHAIN_ABOVE_LEAF = 4
 #: bound of check_pck_chain's ``known_cas``
 MAX_KNOWN_CAS = 64
+_PEM_END = b"-----END CERTIFICATE-----"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class VerifiedQuote:
     tcb_status: str
     advisory_ids: tuple[str, ...]
     verified_at: float
+    #: the platform the quote came from (:func:`platform_id`); read from the PCK leaf that
+    #: dcap-qvl has just verified, so a peer cannot pick it
+    platform_id: str | None = None
 
 
 def parse_quote(raw: bytes) -> QuoteFacts:
@@ -207,7 +212,34 @@ def verify_quote(raw: bytes, collateral: Any, now: float, root_ca_der: bytes | N
         tcb_status=str(report.status),
         advisory_ids=tuple(str(a) for a in report.advisory_ids),
         verified_at=now,
+        platform_id=platform_id(facts.pck_chain, facts.fmspc),
     )
+
+
+def platform_id(pck_chain: bytes, fmspc: str) -> str | None:
+    """The platform a PCK chain's leaf was issued to: its PPID (OID 1.2.840.113741.1.13.1.1,
+    lower-case hex), the same for every TD on one machine; else, for a leaf without one,
+    ``pck-`` and the first 16 bytes of SHA-256 over the FMSPC and the leaf's public key, in
+    hex. None when there is no PEM leaf (certification data of another type).
+
+    Meaningful only for a chain that verified: rate limits are keyed by it."""
+    end = pck_chain.find(_PEM_END)
+    if end < 0:
+        return None
+    leaf = pck_chain[: end + len(_PEM_END)]
+    try:
+        ppid = bytes(dcap_qvl.parse_pck_extension_from_pem(leaf).ppid)
+    except (ValueError, RuntimeError, TypeError):
+        ppid = b""
+    if any(ppid):
+        return ppid.hex()
+    try:
+        key = x509.load_pem_x509_certificate(leaf).public_key().public_bytes(
+            Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    digest = hashlib.sha256(fmspc.upper().encode() + b"\0" + key).digest()
+    return "pck-" + digest[:16].hex()
 
 
 # dcap-qvl reports failures as ValueError text; map the ones an operator acts on differently to

@@ -1,12 +1,21 @@
 """Rate limits, sans-IO: the caller passes the time, so tests jump it synchronously.
 
+:class:`SharedLimit` is the one shape every limit here takes: a total a minute, and a share of
+it a minute under any one key, so that one source of a flood leaves room for the others.
+
 :class:`RefusedAuditLimit` bounds the audit-log rows that peers eecp has never admitted can
 cause. Reaching the audit log takes no more than a ``register`` and a parseable quote (or
 silence until the attest deadline), so without it any peer could grow the database without bound
-and push an app's real history out of the admin view. Accepted attestations, refusals of quotes
-that verified, and every decision about an admitted agent are always recorded; only the other
-refusals are limited, and what is left out is counted (``eecp_audit_suppressed``) and summarised
-in the log.
+and push an app's real history out of the admin view. A verified quote takes a genuine TD, but
+one TD can still name any number of made-up releases, so the refusals of verified quotes that
+named no usable allowlist are limited too, keyed by the TD's platform. Accepted attestations,
+the other refusals of quotes that verified, and every decision about an admitted (or already
+known) agent are always recorded; what is left out is counted (``eecp_audit_suppressed``) and
+summarised in the log.
+
+The allowlist source uses a :class:`SharedLimit` keyed by platform for its GitHub fetches
+(``EE_ALLOWLIST_FETCHES_PER_MIN``): the operator's API quota is spent by verified quotes only,
+and no one platform can spend all of it.
 """
 
 from __future__ import annotations
@@ -16,9 +25,9 @@ from dataclasses import dataclass
 #: a single app name gets at most this share of the limit, so a flood under one name leaves
 #: room for the others
 PER_APP_SHARE = 0.2
-#: app names whose bucket is remembered; beyond it the least recently used is forgotten (the
-#: overall bucket still bounds what a flood of fresh names can write)
-MAX_APPS_TRACKED = 4096
+#: keys (app names, platforms) whose bucket is remembered; beyond it the least recently used
+#: is forgotten (the overall bucket still bounds what a flood of fresh keys can get)
+MAX_KEYS_TRACKED = 4096
 #: the least time between two log lines summing up rows left out
 SUMMARY_EVERY_SEC = 60.0
 
@@ -50,36 +59,72 @@ class TokenBucket:
         return False
 
 
+class SharedLimit:
+    """At most ``per_minute`` events a minute in all, and at most ``per_key`` a minute under
+    any one key (bursts of that size, refilled evenly). A key's bucket is remembered for the
+    :data:`MAX_KEYS_TRACKED` most recently used keys: beyond that a fresh key starts full,
+    but the overall bucket still bounds what a flood of fresh keys gets. ``0`` for either
+    means no such limit."""
+
+    def __init__(self, per_minute: float, per_key: float,
+                 max_keys: int = MAX_KEYS_TRACKED) -> None:
+        self.per_minute = per_minute
+        self.per_key = per_key
+        self._max_keys = max_keys
+        self._all: TokenBucket | None = None
+        self._keys: dict[str, TokenBucket] = {}
+
+    def allow(self, key: str | None, now: float) -> bool:
+        """Spend one event under ``key`` (None: the overall limit only) if both the key's
+        bucket and the overall one have room; spend nothing otherwise."""
+        bucket = self._key_bucket(key, now) if key is not None and self.per_key > 0 else None
+        if bucket is not None:
+            bucket.refill(now)
+            if bucket.tokens < 1.0:
+                return False
+        if self.per_minute > 0:
+            if self._all is None:
+                self._all = TokenBucket.full(self.per_minute / 60.0, self.per_minute, now)
+            if not self._all.take(now):
+                return False
+        if bucket is not None:
+            bucket.tokens -= 1.0
+        return True
+
+    def _key_bucket(self, key: str, now: float) -> TokenBucket:
+        bucket = self._keys.pop(key, None)
+        if bucket is None:
+            bucket = TokenBucket.full(self.per_key / 60.0, self.per_key, now)
+            if len(self._keys) >= self._max_keys:
+                del self._keys[next(iter(self._keys))]  # the least recently used
+        self._keys[key] = bucket  # most recently used last
+        return bucket
+
+
 class RefusedAuditLimit:
     """At most ``per_minute`` audit rows a minute for refusals of attempts not yet admitted,
-    and at most :data:`PER_APP_SHARE` of them (at least one) under any one app name.
-    ``per_minute`` 0 lets everything through."""
+    and at most :data:`PER_APP_SHARE` of them (at least one) under any one key: the app name
+    the attempt named, or the platform (PPID) of a quote that verified but named a release
+    without a usable allowlist. ``per_minute`` 0 lets everything through."""
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
-        self._all: TokenBucket | None = None
-        self._apps: dict[str, TokenBucket] = {}
+        self._limit = SharedLimit(per_minute, max(1.0, per_minute * PER_APP_SHARE)
+                                  if per_minute > 0 else 0)
         #: rows left out since the last summary (:meth:`due_summary`)
         self.suppressed = 0
         #: what the caller said of the latest row left out (for the summary line)
         self.latest = ""
         self._reported_at: float | None = None
 
-    def allow(self, app_name: str, now: float, what: str = "") -> bool:
-        """True when a refusal of ``app_name`` at ``now`` may be written to the audit log;
+    def allow(self, key: str, now: float, what: str = "") -> bool:
+        """True when a refusal under ``key`` at ``now`` may be written to the audit log;
         ``what`` describes it, remembered as :attr:`latest` when it is left out."""
-        if self.per_minute <= 0:
+        if self._limit.allow(key, now):
             return True
-        if self._all is None:
-            self._all = TokenBucket.full(self.per_minute / 60.0, self.per_minute, now)
-        app = self._app_bucket(app_name, now)
-        app.refill(now)
-        if app.tokens < 1.0 or not self._all.take(now):
-            self.suppressed += 1
-            self.latest = what
-            return False
-        app.tokens -= 1.0
-        return True
+        self.suppressed += 1
+        self.latest = what
+        return False
 
     def due_summary(self, now: float) -> int:
         """How many rows were left out since the last summary, when one is due (at most one a
@@ -89,13 +134,3 @@ class RefusedAuditLimit:
             return 0
         count, self.suppressed, self._reported_at = self.suppressed, 0, now
         return count
-
-    def _app_bucket(self, app_name: str, now: float) -> TokenBucket:
-        bucket = self._apps.pop(app_name, None)
-        if bucket is None:
-            share = max(1.0, self.per_minute * PER_APP_SHARE)
-            bucket = TokenBucket.full(share / 60.0, share, now)
-            if len(self._apps) >= MAX_APPS_TRACKED:
-                del self._apps[next(iter(self._apps))]  # the least recently used
-        self._apps[app_name] = bucket  # most recently used last
-        return bucket

@@ -61,4 +61,6 @@ class AuditEntry:
     mrtd: str | None = None
     rtmrs: tuple[str, ...] = ()  # rtmr0..rtmr3 when the quote was readable
     sealed: bool | None = None
+    #: the platform of a quote that verified (:func:`eecp.quotes.platform_id`: its PPID)
+    platform_id: str | None = None
     id: int | None = field(default=None, compare=False)

@@ -13,6 +13,12 @@ runs, as named tasks::
 Whatever decides the agent can no longer be trusted (a refused or late attestation, a protocol
 violation) calls :meth:`AgentSession.end`, which records the close code and cancels the
 nursery: nothing outlives the session. The socket is closed in ``finally``.
+
+An accepted attestation is a verdict about the TD, not yet about the agent: a register
+attestation admits the agent only once the name claim, the agent_id's binding in the store and
+the live sessions agree (:meth:`AgentSession._admit`). The audit row is written after that
+decision, so it records what happened: ``accepted`` only for an agent admitted (its row
+written), else the refusal that admission gave (``agent_id_in_use``, ``app_name_taken``, …).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import math
 import random
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -105,6 +111,8 @@ class AgentSession:
         self.admitted = False
         #: a newer session took this agent_id: its row is the newcomer's, not ours to write
         self.replaced = False
+        #: the store knows this agent_id, bound to this session's app and repo
+        self._known = False
         config = services.config
         #: request streams to the app over this tunnel (the forwarding scope of the session)
         self.mux = Mux(self.send, opener=True, max_streams=config.tunnel_max_streams,
@@ -155,8 +163,11 @@ class AgentSession:
             return
         self.register = register
         now = self.services.clock.now()
-        known = next((a for a in await self.services.store.list_agents(register.app_name)
-                      if a.agent_id == register.agent_id), None)
+        known = await self.services.store.get_agent(register.agent_id)
+        if known is not None and (known.app_name, known.repo) != (register.app_name,
+                                                                  register.repo):
+            known = None  # bound to another app: admission will refuse it (agent_id_in_use)
+        self._known = known is not None
         self.agent = AgentView(AgentRecord(
             agent_id=register.agent_id, app_name=register.app_name, repo=register.repo,
             release_tag=register.release_tag, network=register.network,
@@ -344,33 +355,52 @@ class AgentSession:
                               claimed_report_data=answer.report_data,
                               measurements=answer.measurements)
         outcome = await self.services.engine.attest(challenge)
-        metrics = self.services.metrics
-        metrics.attestations.labels("accepted" if outcome.accepted else "refused",
-                                    outcome.reason).inc()
-        metrics.attestation_seconds.observe(outcome.duration_sec)
-        await self._audit(outcome.audit_entry(
-            challenge=challenge, app_name=register.app_name, agent_id=register.agent_id,
-            trigger=trigger))
+        self.services.metrics.attestation_seconds.observe(outcome.duration_sec)
+        entry = outcome.audit_entry(challenge=challenge, app_name=register.app_name,
+                                    agent_id=register.agent_id, trigger=trigger)
         if not outcome.accepted:
-            await self._record_refusal(outcome)
+            await self._verdict(entry)
+            await self._record_refusal(outcome.reason, outcome.at)
             await self._refuse(ProtocolError(outcome.reason, outcome.verdict.detail,
                                               protocol.CLOSE_ATTESTATION_REFUSED))
             return False
-        return await self._record_acceptance(register, outcome, trigger)
+        return await self._record_acceptance(register, outcome, entry, trigger)
+
+    async def _verdict(self, entry: AuditEntry) -> None:
+        """Count and audit the final verdict of one attestation (which admission may have
+        turned into a refusal)."""
+        self.services.metrics.attestations.labels(entry.verdict, entry.reason).inc()
+        await self._audit(entry)
 
     async def _audit(self, entry: AuditEntry) -> None:
-        """Append ``entry`` to the audit log; refusals of an attempt not yet admitted whose
-        quote did not verify only within ``EE_AUDIT_REFUSALS_PER_MIN`` (any peer can cause
-        those; a verified quote takes a genuine TD, and may be a known agent's that
-        reconnected)."""
+        """Append ``entry`` to the audit log, or leave it out when its budget
+        (``EE_AUDIT_REFUSALS_PER_MIN``, see :meth:`_audit_budget`) is spent."""
         services = self.services
-        if entry.verdict != "accepted" and not self.admitted and entry.tcb_status is None:
+        key = self._audit_budget(entry)
+        if key is not None:
             limit = services.refused_audit
             what = f"{entry.reason} for app {entry.app_name} from {self.peer}"
-            if not limit.allow(entry.app_name, entry.at, what):  # serve_audit_summaries logs it
+            if not limit.allow(key, entry.at, what):  # serve_audit_summaries logs it
                 services.metrics.audit_suppressed.labels(entry.reason).inc()
                 return
         await services.store.append_audit(entry)
+
+    def _audit_budget(self, entry: AuditEntry) -> str | None:
+        """The share of the audit budget ``entry`` is written under; None: always written.
+
+        Budgeted are the refusals of attempts never admitted that anyone can cause in bulk:
+        those whose quote did not verify (any peer; by the app name it named), and those
+        whose quote verified but named a release without a usable allowlist (one genuine TD
+        can name any number: by its platform) unless the agent is a known one of this app.
+        Acceptances, every decision about an admitted agent and the other refusals of a
+        verified quote (it met a real allowlist, or a taken name) are always recorded."""
+        if entry.verdict == "accepted" or self.admitted:
+            return None
+        if entry.tcb_status is None:
+            return entry.app_name
+        if entry.reason.startswith("allowlist_") and not self._known:
+            return f"platform:{entry.platform_id}"  # (app names are DNS labels: no ':')
+        return None
 
     async def _audit_timeout(self, register: Register, trigger: str) -> None:
         await self._audit(AuditEntry(
@@ -381,29 +411,55 @@ class AgentSession:
         if self.agent is not None:
             self.agent.attested = False
 
-    async def _record_refusal(self, outcome: Outcome) -> None:
+    async def _record_refusal(self, reason: str, at: float) -> None:
         agent = self.agent
         assert agent is not None
         agent.attested = False
         if not self.admitted:
             return  # never admitted: the audit log has the refusal; the agent's row is not ours
         record = self.services.registry.update_agent(
-            agent, last_verdict="refused", last_reason=outcome.reason,
-            last_seen=outcome.at)
+            agent, last_verdict="refused", last_reason=reason, last_seen=at)
         await self.services.store.save_agent(record)
 
-    async def _record_acceptance(self, register: Register, outcome: Outcome, trigger: str
-                                 ) -> bool:
+    async def _admit(self, register: Register, now: float) -> None:
+        """Decide whether an accepted register attestation admits the agent; raise
+        ``RegistrationError`` if not. Nothing of the acceptance is applied before this.
+
+        The name is checked again (another session may have claimed it while we verified);
+        then, on first admission, the agent_id is bound in the store to this app and repo (an
+        id first admitted for another app is refused ``agent_id_in_use``, whether or not that
+        agent is online, and after restarts); then the live sessions are told (a previous
+        session of this agent is superseded)."""
+        registry = self.services.registry
+        check_claim(registry.app(register.app_name), register, now)
+        if self.admitted:
+            return
+        agent = self.agent
+        assert agent is not None
+        holder = await self.services.store.bind_agent(agent.record)
+        if holder is not None:
+            raise RegistrationError("agent_id_in_use",
+                                    f"agent {register.agent_id} is bound to app {holder[0]}")
+        # again: the name may have been taken while the store answered. From here to the
+        # registration's renewal nothing awaits, so no other session can come between. (Lost
+        # that way, the row just bound stays, bound to an app it was refused: harmless.)
+        check_claim(registry.app(register.app_name), register, now)
+        if self._on_registered is not None:
+            await self._on_registered(self)  # may supersede, or refuse, a live session
+
+    async def _record_acceptance(self, register: Register, outcome: Outcome,
+                                 entry: AuditEntry, trigger: str) -> bool:
         registry = self.services.registry
         agent = self.agent
         assert agent is not None
         now = outcome.at
         if trigger == "register":
-            try:  # another session may have claimed the name while we verified
-                check_claim(registry.app(register.app_name), register, now)
-                if not self.admitted and self._on_registered is not None:
-                    await self._on_registered(self)  # may supersede, or refuse, a live session
+            try:
+                await self._admit(register, now)
             except RegistrationError as exc:
+                # the audit says what happened: the attestation passed, the admission did not
+                await self._verdict(replace(entry, verdict="refused", reason=exc.reason))
+                await self._record_refusal(exc.reason, now)
                 await self._refuse(exc, protocol.CLOSE_REGISTRATION_REFUSED)
                 return False
             app = renew(registry.app(register.app_name), register, now,
@@ -423,6 +479,7 @@ class AgentSession:
         if registry.apps[register.app_name].agents.get(agent.agent_id) is not agent:
             registry.attach(agent)
         await self.services.store.save_agent(record)
+        await self._verdict(entry)  # accepted: the agent is admitted and its row written
         app_record = registry.app(register.app_name)
         assert app_record is not None
         await self.send_status("ok", "attested", trigger=trigger,

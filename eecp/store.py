@@ -49,6 +49,7 @@ from urllib.parse import urlsplit
 
 import peewee
 import trio
+from playhouse import migrate as playhouse_migrate
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase, PooledSqliteDatabase
 
@@ -147,7 +148,12 @@ class App(_Base):
 
 class Agent(_Base):
     """One agent (:class:`eecp.records.AgentRecord`). No foreign key to ``app``: an agent's row
-    is history (first/last seen, last verdict) that stays meaningful after its app is deleted."""
+    is history (first/last seen, last verdict) that stays meaningful after its app is deleted.
+
+    The row is also the agent_id's binding: its ``app_name`` and ``repo`` are set when the row
+    is first written (:meth:`Store.bind_agent`) and never changed by a later write, so an
+    agent_id serves the app and repo it was first admitted for until an operator deletes the
+    row (:meth:`Store.release_agent`)."""
 
     agent_id = peewee.TextField(primary_key=True)
     app_name = peewee.TextField(index=True)  # list_agents(app_name)
@@ -191,6 +197,7 @@ class AuditLog(_Base):
     rtmr2 = peewee.TextField(null=True)
     rtmr3 = peewee.TextField(null=True)
     sealed = peewee.BooleanField(null=True)
+    platform_id = peewee.TextField(null=True)  # since schema version 2
 
     class Meta:
         table_name = "audit_log"
@@ -235,18 +242,55 @@ def _bind_model(model: Any, db: Database) -> Any:
 # --- Migrations -----------------------------------------------------------------------------
 
 
+class _AuditLogV1(_Base):
+    """``audit_log`` as schema version 1 created it (frozen: version 2 added a column)."""
+
+    id = peewee.BigAutoField()
+    at = peewee.DoubleField()
+    app_name = peewee.TextField()
+    agent_id = peewee.TextField()
+    repo = peewee.TextField()
+    release_tag = peewee.TextField()
+    network = peewee.TextField()
+    trigger = peewee.TextField()
+    verdict = peewee.TextField()
+    reason = peewee.TextField()
+    tcb_status = peewee.TextField(null=True)
+    advisory_ids = peewee.TextField(default="[]")
+    fmspc = peewee.TextField(null=True)
+    mrtd = peewee.TextField(null=True)
+    rtmr0 = peewee.TextField(null=True)
+    rtmr1 = peewee.TextField(null=True)
+    rtmr2 = peewee.TextField(null=True)
+    rtmr3 = peewee.TextField(null=True)
+    sealed = peewee.BooleanField(null=True)
+
+    class Meta:
+        table_name = "audit_log"
+        indexes = ((("app_name", "id"), False),)
+
+
 def _migration_1(db: Database) -> None:
-    # The initial schema. While no later migration alters these tables the live model classes
-    # *are* the version-1 schema; the first migration that changes a table must freeze a copy
-    # of the version-1 classes here (and alter with playhouse.migrate), so that a fresh database
-    # replays history instead of jumping straight to the newest shape.
+    # The initial schema. The live App, Agent and Collateral classes are still the version-1
+    # shape (a migration that changes one of them must freeze a copy here first, as
+    # _AuditLogV1 is), so that a fresh database replays history instead of jumping straight to
+    # the newest shape.
     m = _Bound(db)
-    db.create_tables([m.App, m.Agent, m.AuditLog, m.Collateral], safe=False)
+    db.create_tables([m.App, m.Agent, _bind_model(_AuditLogV1, db), m.Collateral], safe=False)
+
+
+def _migration_2(db: Database) -> None:
+    # audit_log.platform_id: the PPID of a verified quote's platform (NULL in older rows).
+    # Agent rows need no change: an existing row already is its agent_id's binding.
+    migrator = playhouse_migrate.SchemaMigrator.from_database(db)
+    playhouse_migrate.migrate(
+        migrator.add_column("audit_log", "platform_id", peewee.TextField(null=True)))
 
 
 #: Every schema change, in order. Append only; never edit or renumber an entry once released.
 MIGRATIONS: list[tuple[int, Callable[[Database], None]]] = [
     (1, _migration_1),
+    (2, _migration_2),
 ]
 
 #: The newest schema version this code knows.
@@ -524,9 +568,55 @@ class Store:
 
     # -- agents --
 
+    async def bind_agent(self, record: AgentRecord) -> tuple[str, str] | None:
+        """Bind ``record.agent_id`` to ``record``'s app and repo unless it is bound already:
+        insert ``record`` as the agent's row when it has none. None when the id is (now)
+        bound to this app and repo; else the ``(app_name, repo)`` it is bound to, and nothing
+        is written.
+
+        One conditional write, decided by the database: two sessions (or two eecp processes on
+        one PostgreSQL) claiming one id for different apps cannot both win, and the binding
+        outlives restarts."""
+        return await self._run(self.bind_agent_sync, record)
+
+    def bind_agent_sync(self, record: AgentRecord) -> tuple[str, str] | None:
+        """:meth:`bind_agent` for a store worker thread with a connection checked out (to be
+        composed with other writes in one transaction)."""
+        Agent = self._m.Agent
+        with self._db.atomic():
+            # ON CONFLICT DO NOTHING (SQLite: INSERT OR IGNORE): the first claim wins
+            Agent.insert(**dataclasses.asdict(record)).on_conflict_ignore().execute()
+            row = (Agent.select(Agent.app_name, Agent.repo)
+                   .where(Agent.agent_id == record.agent_id).tuples().first())
+        # (no row: an operator released it between the two statements; the next save_agent
+        # writes it again for this app)
+        if row is None or (row[0], row[1]) == (record.app_name, record.repo):
+            return None
+        return str(row[0]), str(row[1])
+
+    async def get_agent(self, agent_id: str) -> AgentRecord | None:
+        """The agent ``agent_id``'s row, or None."""
+        return await self._run(self._get_agent_sync, agent_id)
+
+    def _get_agent_sync(self, agent_id: str) -> AgentRecord | None:
+        Agent = self._m.Agent
+        row = Agent.select().where(Agent.agent_id == agent_id).dicts().first()
+        return AgentRecord(**row) if row is not None else None
+
+    async def release_agent(self, agent_id: str) -> bool:
+        """Delete the agent ``agent_id``'s row, and with it its binding (an operator's act:
+        the id may then be admitted for any app). True when there was one; its audit history
+        is kept."""
+        return await self._run(self._release_agent_sync, agent_id)
+
+    def _release_agent_sync(self, agent_id: str) -> bool:
+        Agent = self._m.Agent
+        return bool(Agent.delete().where(Agent.agent_id == agent_id).execute())
+
     async def save_agent(self, record: AgentRecord) -> None:
         """Insert ``record``, or replace every field of the agent with the same ``agent_id``
-        (the caller carries ``first_seen`` over).
+        (the caller carries ``first_seen`` over) when that row is bound to the same app and
+        repo; a row bound to another app and repo is left as it is (see :meth:`bind_agent`).
 
         Writes of one agent land in the order they were made, even with several store workers:
         a superseded session's last write, made before its successor's, cannot land after it
@@ -534,11 +624,20 @@ class Store:
         lock = self._agent_locks.setdefault(record.agent_id, trio.Lock())
         try:
             async with lock:
-                await self._run(self._upsert, self._m.Agent, self._m.Agent.agent_id,
-                                dataclasses.asdict(record))
+                await self._run(self._save_agent_sync, dataclasses.asdict(record))
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._agent_locks.pop(record.agent_id, None)  # (one lock per agent writing)
+
+    def _save_agent_sync(self, data: dict[str, Any]) -> None:
+        # INSERT ... ON CONFLICT (agent_id) DO UPDATE SET ... WHERE the row's app and repo are
+        # the record's: one statement, and no write can move an agent_id to another app
+        Agent = self._m.Agent
+        others = [field for name, field in Agent._meta.fields.items() if name != "agent_id"]
+        same_binding = ((Agent.app_name == peewee.EXCLUDED.app_name)
+                        & (Agent.repo == peewee.EXCLUDED.repo))
+        Agent.insert(**data).on_conflict(conflict_target=[Agent.agent_id], preserve=others,
+                                         where=same_binding).execute()
 
     async def list_agents(self, app_name: str | None = None) -> list[AgentRecord]:
         """Every agent, or those of ``app_name``; ordered by app name, then agent id."""

@@ -6,7 +6,10 @@ per-WebSocket tasks, queues and request context cost about 15 KiB per tunnel, an
 every message on the data path. Everything else goes to the quart app.
 
 :class:`Tunnels` keeps the live sessions by agent id, so that an agent that reconnects before its
-old connection was noticed dead supersedes it (the old one is closed with ``superseded``).
+old connection was noticed dead supersedes it (the old one is closed with ``superseded``). Which
+app an agent_id may serve at all is not decided here but by the store, where the id is bound to
+the app and repo it was first admitted for (``Store.bind_agent``): that holds while the agent is
+offline, across restarts and across processes.
 """
 
 from __future__ import annotations
@@ -118,10 +121,12 @@ class Tunnels:
             session.end(protocol.CLOSE_GOING_AWAY, reason)
 
     async def _registered(self, session: AgentSession) -> None:
-        """``session``'s first attestation was accepted: it becomes the live session of its
-        agent_id. An older one of the same app and repo is superseded (the agent reconnected
-        before its old tunnel was noticed dead); one of another app keeps the id, and the
-        newcomer is refused ``agent_id_in_use``."""
+        """``session``'s first attestation was accepted and its agent_id is bound to its app
+        and repo in the store (:meth:`AgentSession._admit`): it becomes the live session of
+        that id. An older one of the same app and repo is superseded (the agent reconnected
+        before its old tunnel was noticed dead). One of another app can only be live here
+        when an operator released the binding under it: it keeps the id, and the newcomer is
+        refused ``agent_id_in_use``."""
         assert session.register is not None
         agent_id = session.register.agent_id
         old = self.sessions.get(agent_id)

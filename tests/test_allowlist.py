@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,7 @@ from eecp.allowlist import (
 )
 from eecp.clock import FixedClock
 from eecp.errors import AllowlistError
+from eecp.ratelimit import SharedLimit
 from tests.fake_github import FakeGitHub, open_fake_github
 from tests.vectors import vector
 
@@ -298,6 +300,7 @@ async def source_for(
     fetch_timeout: float = 5.0,
     url: str | None = None,
     max_cache_entries: int = 4096,
+    fetch_limit: SharedLimit | None = None,
 ) -> AsyncIterator[AllowlistSource]:
     async with httpx.AsyncClient() as client:
         yield AllowlistSource(
@@ -310,6 +313,7 @@ async def source_for(
             cache_ttl_sec=ttl,
             fetch_timeout_sec=fetch_timeout,
             max_cache_entries=max_cache_entries,
+            fetch_limit=fetch_limit,
         )
 
 
@@ -527,6 +531,120 @@ async def test_misses_are_remembered_per_release_and_bounded() -> None:
         assert await asks("v4") == 0 and await asks("v1") == first
         clock.advance(NEGATIVE_TTL_SEC)
         assert await asks("v1") == first  # and a remembered miss ends after a minute
+
+
+@pytest.mark.parametrize("release", ["no such repo", "no such tag", "no such asset",
+                                     "malformed asset"])
+async def test_every_kind_of_miss_is_remembered(release: str) -> None:
+    clock = FixedClock(T0)
+    async with open_fake_github() as gh, source_for(gh, clock) as src:
+        repo = "nobody/nothing" if release == "no such repo" else REPO
+        if release == "no such tag":
+            gh.add_release(REPO, "v0.0.1", {ASSET: enc(doc())})
+        elif release == "no such asset":
+            gh.add_release(REPO, TAG, {"other.json": enc(doc())})
+        elif release == "malformed asset":
+            gh.add_release(REPO, TAG, {ASSET: b"[]"})
+        reasons = []
+        for _ in range(3):
+            with pytest.raises(AllowlistError) as info:
+                await src.get(repo, TAG)
+            reasons.append(info.value.reason)
+        assert len(set(reasons)) == 1 and reasons[0].startswith(
+            ("allowlist_not_found", "allowlist_malformed"))
+        asked = len(gh.requests)
+        assert asked in (1, 2)  # one try: the release, and its asset when there is one
+        clock.advance(NEGATIVE_TTL_SEC)
+        with pytest.raises(AllowlistError):
+            await src.get(repo, TAG)
+        assert len(gh.requests) == 2 * asked
+
+
+async def test_github_fetches_are_limited_per_platform_and_in_total() -> None:
+    # any agent whose quote verified can name any release: one platform must not spend the
+    # operator's GitHub quota, nor all platforms together more than the limit
+    clock = FixedClock(T0)
+    limit = SharedLimit(per_minute=5, per_key=2)
+    async with open_fake_github() as gh, source_for(gh, clock, fetch_limit=limit) as src:
+        gh.add_release(REPO, TAG, {ASSET: enc(doc())})
+
+        async def reason(repo: str, tag: str, platform: str | None) -> str:
+            try:
+                await src.get(repo, tag, platform=platform)
+            except AllowlistError as exc:
+                return exc.reason
+            return "ok"
+
+        assert await reason(REPO, TAG, "p1") == "ok"  # one fetch, two requests
+        assert await reason(REPO, TAG, "p1") == "ok"  # a cache hit is free
+        assert len(gh.requests) == 2
+        assert await reason("rnd/a", "v1", "p1") == "allowlist_not_found"  # p1's second
+        assert [await reason(f"rnd/{n}", "v1", "p1") for n in "bcd"] == [
+            "allowlist_rate_limited"] * 3
+        assert len(gh.requests) == 3  # no request for those
+        assert await reason("rnd/a", "v1", "p1") == "allowlist_not_found"  # remembered: free
+        assert await reason("rnd/b", "v1", "p2") == "allowlist_not_found"  # others still fetch
+        assert await reason("rnd/c", "v1", "p2") == "allowlist_not_found"
+        assert await reason("rnd/d", "v1", None) == "allowlist_not_found"  # the total's fifth
+        assert await reason("rnd/e", "v1", "p3") == "allowlist_rate_limited"  # the total spent
+        assert len(gh.requests) == 6
+        clock.advance(24)  # room for two more in total (5 a minute); p1 still spent
+        assert await reason("rnd/e", "v1", "p3") == "allowlist_not_found"
+        assert await reason("rnd/f", "v1", "p1") == "allowlist_rate_limited"
+        assert await reason("rnd/f", "v1", "p4") == "allowlist_not_found"
+        assert await reason("rnd/g", "v1", "p4") == "allowlist_rate_limited"
+        assert len(gh.requests) == 8
+
+
+async def test_a_copy_past_its_ttl_is_served_while_the_fetches_are_spent(
+        tmp_path: Path) -> None:
+    # a known release's re-check must not wait for a flood to pass; local files cost nothing
+    clock = FixedClock(T0)
+    owner, name = REPO.split("/")
+    (tmp_path / owner / name).mkdir(parents=True)
+    (tmp_path / owner / name / "local.json").write_bytes(enc(doc()))
+    limit = SharedLimit(per_minute=2, per_key=0)
+    async with open_fake_github() as gh, source_for(gh, clock, ttl=60, local_dir=tmp_path,
+                                                    fetch_limit=limit) as src:
+        gh.add_release(REPO, TAG, {ASSET: enc(doc())})
+        first = await src.get(REPO, TAG, platform="p1")
+        clock.advance(61)
+        for other in ("rnd/a", "rnd/b"):  # a flood spends the fetches
+            with pytest.raises(AllowlistError, match="not_found"):
+                await src.get(other, "v1", platform="p2")
+        assert len(gh.requests) == 4
+        assert await src.get(REPO, TAG, platform="p1") is first  # stale, no request
+        assert (await src.get(REPO, "local", platform="p1")).sealed is False  # from disk
+        assert len(gh.requests) == 4
+        clock.advance(30)  # room for one: the stale copy is re-checked at once
+        assert await src.get(REPO, TAG, platform="p1") == first
+        assert len(gh.requests) == 6
+
+
+async def test_a_rate_limited_caller_leaves_the_fetch_to_the_one_queued_behind_it() -> None:
+    # p1 is out of fetches; p2, queued for the same release behind it, fetches for itself
+    # instead of taking p1's refusal as the release's answer
+    limit = SharedLimit(per_minute=0, per_key=1)
+    async with open_fake_github() as gh, source_for(gh, FixedClock(T0),
+                                                    fetch_limit=limit) as src:
+        gh.add_release(REPO, TAG, {ASSET: enc(doc())})
+        with pytest.raises(AllowlistError):
+            await src.get("rnd/a", "v1", platform="p1")
+        results: dict[str, str] = {}
+
+        async def one(platform: str) -> None:
+            try:
+                await src.get(REPO, TAG, platform=platform)
+                results[platform] = "ok"
+            except AllowlistError as exc:
+                results[platform] = exc.reason
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "p1")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(one, "p2")
+        assert results == {"p1": "allowlist_rate_limited", "p2": "ok"}
+        assert len(gh.requests) == 3
 
 
 async def test_oversized_asset_is_too_large() -> None:

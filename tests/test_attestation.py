@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from eecp.allowlist import AllowlistSource
 from eecp.attestation import AttestationEngine, Challenge
@@ -18,6 +19,7 @@ from eecp.clock import FixedClock
 from eecp.collateral import CollateralCache
 from eecp.config import Config
 from eecp.measurements import Measurements, report_data_for
+from eecp.ratelimit import SharedLimit
 from tests import quotefactory as qf
 from tests.fake_github import FakeGitHub, open_fake_github
 from tests.fake_pccs import FakePccs, open_fake_pccs
@@ -80,7 +82,8 @@ async def rig() -> AsyncIterator[Rig]:
             collateral=CollateralCache(client, pccs.url, clock, None, 3600.0),
             allowlists=AllowlistSource(client=client, clock=clock, github_api_url=github.url,
                                        asset_name=config.allowlist_asset, token=None,
-                                       local_dir=None, cache_ttl_sec=300),
+                                       local_dir=None, cache_ttl_sec=300,
+                                       fetch_limit=SharedLimit(per_minute=0, per_key=2)),
             workers=Workers(), clock=clock, networks=config.networks,
             allowed_statuses=config.allowed_tcb_statuses, root_ca_der=pki.root_der)
         yield Rig(pki, pccs, github, clock, engine)
@@ -161,6 +164,33 @@ async def test_only_a_verified_quote_makes_eecp_ask_github(rig: Rig) -> None:
     outcome = await rig.engine.attest(rig.challenge(rig.mint(nonce), nonce,
                                                     repo="mallory/any", tag="v0"))
     assert outcome.reason == "allowlist_not_found" and len(rig.github.requests) > before
+
+
+async def test_github_fetches_count_against_the_verified_quotes_platform(rig: Rig) -> None:
+    # (the rig allows 2 fetches a minute per platform) one TD naming release after release
+    # runs out of fetches; the platform is the PPID of its verified PCK leaf, for the audit
+    platform = ec.generate_private_key(ec.SECP256R1())  # one machine: one PCK key, one PPID
+    outcomes = []
+    for tag in ("r1", "r2", "r3"):
+        nonce = rig.nonce()
+        minted = rig.mint(nonce, pck_key=platform)
+        outcomes.append(await rig.engine.attest(rig.challenge(minted, nonce, tag=tag)))
+    assert [o.reason for o in outcomes] == ["allowlist_not_found"] * 2 + [
+        "allowlist_rate_limited"]
+    ppid = outcomes[0].platform_id
+    assert ppid is not None and len(ppid) == 32
+    assert {o.platform_id for o in outcomes} == {ppid}
+    entry = outcomes[2].audit_entry(challenge=rig.challenge(minted, nonce, tag="r3"),
+                                    app_name="shop", agent_id="agent-1", trigger="register")
+    assert (entry.verdict, entry.reason, entry.platform_id) == (
+        "refused", "allowlist_rate_limited", ppid)
+    nonce = rig.nonce()  # another machine still gets its fetch
+    other = await rig.engine.attest(rig.challenge(rig.mint(nonce), nonce, tag="r3"))
+    assert other.reason == "allowlist_not_found" and other.platform_id not in (None, ppid)
+    nonce = rig.nonce()  # a quote that did not verify names no platform
+    forged = await rig.engine.attest(rig.challenge(rig.mint(nonce, pck_key=platform,
+                                                            corrupt_signature=True), nonce))
+    assert (forged.reason, forged.platform_id) == ("quote_invalid", None)
 
 
 async def test_only_a_pck_chain_under_the_root_makes_eecp_ask_the_pccs(rig: Rig) -> None:

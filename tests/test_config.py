@@ -26,6 +26,7 @@ def test_defaults_match_the_documented_ones() -> None:
     assert (cfg.registration_ttl_days, cfg.registration_warn_days) == (30, 3)
     assert cfg.dcap_root_ca is None and cfg.admin_token is None
     assert cfg.audit_refusals_per_min == 60
+    assert (cfg.allowlist_fetches_per_min, cfg.allowlist_fetches_per_platform_per_min) == (30, 6)
 
 
 def test_data_plane_defaults_are_the_documented_values() -> None:
@@ -64,6 +65,8 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         "EE_ATTEST_INTERVAL_SEC": "60",
         "EE_ADMIN_TOKEN": "s3cret",
         "EE_AUDIT_REFUSALS_PER_MIN": "0",
+        "EE_ALLOWLIST_FETCHES_PER_MIN": "0",
+        "EE_ALLOWLIST_FETCHES_PER_PLATFORM_PER_MIN": "2",
     })
     assert cfg.control_port == 18088
     assert cfg.networks == (Network("prod-a", True), Network("lab", False))
@@ -74,6 +77,7 @@ def test_values_are_parsed(tmp_path: Path) -> None:
     assert cfg.pccs_url == "https://pccs.example"
     assert cfg.attest_interval_sec == 60
     assert cfg.audit_refusals_per_min == 0  # no limit
+    assert (cfg.allowlist_fetches_per_min, cfg.allowlist_fetches_per_platform_per_min) == (0, 2)
     assert "s3cret" not in repr(cfg)
 
 
@@ -97,6 +101,8 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         ("EE_AUDIT_REFUSALS_PER_MIN", "-1", "whole number >= 0"),
         ("EE_PROXY_JSON_BUFFER_BYTES", "0", "whole number >= 1"),
         ("EE_PROXY_JSON_BUFFER_BYTES", "64MiB", "whole number >= 1"),
+        ("EE_ALLOWLIST_FETCHES_PER_MIN", "1.5", "whole number >= 0"),
+        ("EE_ALLOWLIST_FETCHES_PER_PLATFORM_PER_MIN", "-2", "whole number >= 0"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, problem: str) -> None:

@@ -8,11 +8,18 @@ import struct
 import dcap_qvl
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from eecp.clock import parse_isoformat
 from eecp.errors import CollateralError, QuoteError
-from eecp.quotes import check_pck_chain, classify_failure, parse_quote, verify_quote
+from eecp.quotes import (
+    check_pck_chain,
+    classify_failure,
+    parse_quote,
+    platform_id,
+    verify_quote,
+)
 from eecp.verify_quote import decode_quote
 from tests import quotefactory as qf
 from tests.vectors import vector
@@ -36,6 +43,9 @@ def test_intel_tdx_vector_verifies_at_its_time() -> None:
     assert facts.rtmrs[0].hex().startswith("44c0197b39157fdd") and facts.rtmrs[3] == bytes(48)
     assert facts.report_data.hex().startswith("9a9d48e7f6799642")
     assert not facts.debug
+    # the PPID of Intel's PCK leaf: 16 bytes, the platform's id for eecp's rate limits
+    assert verified.platform_id is not None and len(verified.platform_id) == 32
+    assert verified.platform_id == platform_id(facts.pck_chain, facts.fmspc)
 
 
 def test_intel_vector_collateral_expires() -> None:
@@ -190,3 +200,22 @@ def test_a_quote_without_a_pem_chain_parses_with_an_empty_one() -> None:
     with pytest.raises(QuoteError) as info:
         check_pck_chain(facts.pck_chain, None)
     assert info.value.reason == "pck_chain_untrusted"
+
+
+def test_the_platform_id_is_the_pck_leafs_ppid_else_a_digest_of_its_key() -> None:
+    pki = qf.make_pki(seed=7)
+    key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+    def platform(**kwargs: object) -> str | None:
+        facts = parse_quote(qf.mint_tdx_quote(pki, now=1_790_000_000.0, **kwargs).quote)
+        return platform_id(facts.pck_chain, facts.fmspc)
+
+    ppid = bytes(range(1, 17))
+    assert platform(pck_key=key, ppid=ppid) == ppid.hex()
+    assert platform(pck_key=key) == platform(pck_key=key) != platform(pck_key=other)
+    no_ppid = platform(pck_key=key, ppid=bytes(16))  # a leaf naming no PPID
+    assert no_ppid is not None and no_ppid.startswith("pck-") and len(no_ppid) == 36
+    assert no_ppid == platform(pck_key=key, ppid=bytes(16))
+    assert no_ppid != platform(pck_key=other, ppid=bytes(16))
+    assert no_ppid != platform(pck_key=key, ppid=bytes(16), fmspc="00906ED50001")
+    assert platform_id(b"", qf.DEFAULT_FMSPC) is None  # no PEM chain, no platform

@@ -10,7 +10,7 @@ import trio.testing
 
 from eecp import ratelimit
 from eecp.clock import TrioClock
-from eecp.ratelimit import RefusedAuditLimit, TokenBucket
+from eecp.ratelimit import RefusedAuditLimit, SharedLimit, TokenBucket
 from eecp.session import serve_audit_summaries
 
 T0 = 1_790_000_000.0
@@ -44,7 +44,30 @@ def test_fresh_names_do_not_escape_the_overall_limit() -> None:
         now = T0 + 60 * minute
         allowed = sum(limit.allow(f"n{minute}-{i}", now) for i in range(10_000))
         assert allowed == 30
-    assert len(limit._apps) <= ratelimit.MAX_APPS_TRACKED
+    assert len(limit._limit._keys) <= ratelimit.MAX_KEYS_TRACKED
+
+
+def test_a_shared_limit_bounds_each_key_and_the_total_independently() -> None:
+    limit = SharedLimit(per_minute=10, per_key=3)
+    assert sum(limit.allow("p1", T0) for _ in range(10)) == 3
+    assert sum(limit.allow(f"p{i}", T0) for i in range(2, 20)) == 7  # 10 in all
+    assert not limit.allow(None, T0)  # no key: the total alone, spent
+    assert limit.allow(None, T0 + 6) and not limit.allow("p1", T0 + 6)  # p1: 1 per 20 s
+    assert limit.allow("p1", T0 + 26)
+    keys_only = SharedLimit(per_minute=0, per_key=2)
+    assert [keys_only.allow("p1", T0) for _ in range(3)] == [True, True, False]
+    assert all(keys_only.allow(None, T0) for _ in range(100))
+    total_only = SharedLimit(per_minute=2, per_key=0)
+    assert [total_only.allow(f"p{i}", T0) for i in range(3)] == [True, True, False]
+    assert all(SharedLimit(0, 0).allow("p1", T0) for _ in range(1000))
+
+
+def test_a_refused_event_spends_nothing() -> None:
+    # the key's token is only taken when the total had room, and the other way round
+    limit = SharedLimit(per_minute=2, per_key=1)
+    assert limit.allow("a", T0) and limit.allow("b", T0)
+    assert not limit.allow("c", T0)  # the total is spent: c keeps its token
+    assert limit.allow("c", T0 + 30) and not limit.allow("a", T0 + 30)
 
 
 def test_zero_means_no_limit() -> None:

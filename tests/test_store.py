@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import trio
 
+from eecp import store as store_module
 from eecp.blocking import Workers
 from eecp.clock import FixedClock
 from eecp.config import Config
@@ -163,6 +164,7 @@ def audit(n: int = 0, **changes: Any) -> AuditEntry:
         mrtd="a1" * 48,
         rtmrs=("b0" * 48, "b1" * 48, "b2" * 48, "b3" * 48),
         sealed=False,
+        platform_id="5a6f4221b2493f02cae028ed31628faa",
     )
     return replace(base, **changes)
 
@@ -247,15 +249,15 @@ async def test_one_agents_writes_land_in_the_order_they_were_made(
     # a superseded session's last write is made before its successor's; with several store
     # workers it must still not land after it (and undo it), however long it takes
     first_started, release = threading.Event(), threading.Event()
-    upsert = Store._upsert
+    save = Store._save_agent_sync
 
-    def slow_first(self: Store, model: Any, key: Any, data: dict[str, Any]) -> None:
+    def slow_first(self: Store, data: dict[str, Any]) -> None:
         if data["release_tag"] == "v1":
             first_started.set()
             release.wait(10)
-        upsert(self, model, key, data)
+        save(self, data)
 
-    monkeypatch.setattr(Store, "_upsert", slow_first)
+    monkeypatch.setattr(Store, "_save_agent_sync", slow_first)
     old, new = agent("agent-1", release_tag="v1"), agent("agent-1", release_tag="v2")
     other = agent("agent-2", release_tag="v3")
     async with open_store(backend.config, Workers(store=4)) as store:
@@ -268,6 +270,81 @@ async def test_one_agents_writes_land_in_the_order_they_were_made(
             release.set()
         assert await store.list_agents() == [new, other]
         assert store._agent_locks == {}  # nothing kept once the writes are done
+
+
+async def test_an_agent_id_stays_bound_to_the_app_and_repo_it_was_first_saved_for(
+        backend: Backend) -> None:
+    mine = agent("agent-1", last_verdict=None, last_reason=None)
+    theirs = agent("agent-1", app_name="other", repo="mallory/other", last_seen=T0 + 50)
+    async with open_store(backend.config, Workers()) as store:
+        assert await store.get_agent("agent-1") is None
+        assert await store.bind_agent(mine) is None  # inserted: bound to hello
+        assert await store.get_agent("agent-1") == mine
+        assert await store.bind_agent(replace(mine, last_seen=T0 + 99)) is None  # writes nothing
+        assert await store.get_agent("agent-1") == mine
+        assert await store.bind_agent(theirs) == ("hello", "acme/hello-enclave")
+        assert await store.bind_agent(replace(mine, repo="acme/fork")) == (
+            "hello", "acme/hello-enclave")  # same app, another repo: bound as well
+        await store.save_agent(theirs)  # a write for another app changes nothing either
+        assert await store.list_agents() == [mine]
+        accepted = replace(mine, last_verdict="accepted", last_seen=T0 + 60)
+        await store.save_agent(accepted)  # the binding's own writes land
+        assert await store.list_agents() == [accepted]
+        # an operator releases it: the row (and the binding) go, the audit log stays
+        await store.append_audit(audit(1, agent_id="agent-1"))
+        assert await store.release_agent("agent-1") is True
+        assert await store.release_agent("agent-1") is False
+        assert await store.bind_agent(theirs) is None
+        assert await store.list_agents() == [theirs]
+        assert len(await store.recent_audit()) == 1
+    async with open_store(backend.config, Workers()) as store:  # and after a restart
+        assert await store.bind_agent(mine) == ("other", "mallory/other")
+
+
+async def test_two_processes_binding_one_agent_id_for_two_apps_cannot_both_win(
+        backend: Backend) -> None:
+    # two eecp processes on one database, each admitting an agent under the same ids for
+    # its own app at the same moment: the database decides, one app per id
+    ids = [f"agent-{n:02d}" for n in range(20)]
+    async with open_store(backend.config, Workers(store=4)) as one, \
+            open_store(backend.config, Workers(store=4)) as two:
+        won: dict[str, list[str]] = {agent_id: [] for agent_id in ids}
+
+        async def claim(store: Store, app_name: str, agent_id: str) -> None:
+            if await store.bind_agent(agent(agent_id, app_name=app_name)) is None:
+                won[agent_id].append(app_name)
+
+        async with trio.open_nursery() as nursery:
+            for agent_id in ids:
+                nursery.start_soon(claim, one, "alpha", agent_id)
+                nursery.start_soon(claim, two, "beta", agent_id)
+        rows = {a.agent_id: a.app_name for a in await one.list_agents()}
+    assert all(len(apps) == 1 for apps in won.values()), won
+    assert rows == {agent_id: apps[0] for agent_id, apps in won.items()}
+
+
+async def test_a_version_1_database_is_migrated_and_its_agent_rows_are_the_bindings(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
+    monkeypatch.setattr(store_module, "LATEST_SCHEMA_VERSION", 1)
+    async with open_store(backend.config, Workers()) as store:
+        assert await store.schema_version() == 1
+    backend.raw("INSERT INTO agent (agent_id, app_name, repo, release_tag, network, first_seen, "
+                "last_seen) VALUES (?, ?, ?, ?, ?, ?, ?)", "agent-1", "hello",
+                "acme/hello-enclave", "v1.2.3", "forge-1", T0, T0)
+    backend.raw("INSERT INTO audit_log (at, app_name, agent_id, repo, release_tag, network, "
+                "trigger, verdict, reason, advisory_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                T0, "hello", "agent-1", "acme/hello-enclave", "v1.2.3", "forge-1", "register",
+                "accepted", "attested", "[]")
+    monkeypatch.undo()
+    async with open_store(backend.config, Workers()) as store:
+        assert await store.schema_version() == LATEST_SCHEMA_VERSION >= 2
+        assert await store.bind_agent(agent("agent-1", app_name="other")) == (
+            "hello", "acme/hello-enclave")
+        (entry,) = await store.recent_audit()
+        assert (entry.reason, entry.platform_id) == ("attested", None)
+        await store.append_audit(audit(2))
+        assert (await store.recent_audit())[0] == audit(2)
 
 
 async def test_audit_round_trip_every_field(backend: Backend) -> None:
@@ -283,6 +360,7 @@ async def test_audit_round_trip_every_field(backend: Backend) -> None:
         mrtd=None,
         rtmrs=(),
         sealed=None,
+        platform_id=None,
     )
     async with open_store(backend.config, Workers()) as store:
         id_full = await store.append_audit(full)
@@ -295,8 +373,10 @@ async def test_audit_round_trip_every_field(backend: Backend) -> None:
     assert older.rtmrs == ("b0" * 48, "b1" * 48, "b2" * 48, "b3" * 48)
     assert older.sealed is False and newest.sealed is None
     assert newest.advisory_ids == () and newest.rtmrs == ()
-    stored = backend.raw("SELECT advisory_ids, rtmr3 FROM audit_log WHERE id = ?", id_full)
-    assert stored == [('["INTEL-SA-00828", "INTEL-SA-00837"]', "b3" * 48)]
+    stored = backend.raw("SELECT advisory_ids, rtmr3, platform_id FROM audit_log WHERE id = ?",
+                         id_full)
+    assert stored == [('["INTEL-SA-00828", "INTEL-SA-00837"]', "b3" * 48,
+                       "5a6f4221b2493f02cae028ed31628faa")]
 
 
 async def test_audit_is_newest_first_filtered_and_limited(backend: Backend) -> None:

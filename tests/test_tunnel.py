@@ -4,6 +4,7 @@ time driven by trio's MockClock."""
 from __future__ import annotations
 
 import contextlib
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -13,14 +14,17 @@ from typing import Any
 
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric import ec
 from trio.testing import MockClock
 
+from eecp import cli
 from eecp.clock import isoformat
 from eecp.records import AgentRecord
 from eecp.session import AgentSession
 from eecp.store import Store
 from tests import quotefactory as qf
 from tests.harness import (
+    ASSET,
     MEAS,
     REPO,
     START,
@@ -336,6 +340,58 @@ async def test_refusals_of_attempts_never_admitted_are_rate_limited_in_the_audit
     assert len(audit) == 6 and audit[0]["reason"] == "quote_invalid"
 
 
+FLOOD = {"EE_ALLOWLIST_FETCHES_PER_MIN": "6", "EE_ALLOWLIST_FETCHES_PER_PLATFORM_PER_MIN": "3",
+         "EE_AUDIT_REFUSALS_PER_MIN": "10"}
+
+
+def release_requests(world: World) -> int:
+    return sum("/releases/tags/" in r.path for r in world.cp.github.requests)
+
+
+@pytest.mark.parametrize("world", [FLOOD], indirect=True)
+async def test_one_genuine_td_naming_made_up_releases_spends_a_bounded_github_quota(
+        mock_clock: MockClock, world: World) -> None:
+    # issue 13.6: quotes that verify but name random repos and tags each cost a GitHub request
+    # and an audit row. Now: 3 fetches a minute per platform, 6 in all; audit rows of such
+    # refusals within the platform's share of EE_AUDIT_REFUSALS_PER_MIN (2 of 10)
+    platform = {"pck_key": ec.generate_private_key(ec.SECP256R1())}  # one machine
+    reasons = []
+    for n in range(8):
+        flooder = world.agent(app=f"app{n}", repo=f"rnd{n}/x", tag=f"v{n}", mint_kwargs=platform)
+        async with running_agent(flooder):
+            code, reason = await flooder.wait_closed()
+            assert code == 4003
+            reasons.append(reason)
+    assert reasons == ["allowlist_not_found"] * 3 + ["allowlist_rate_limited"] * 5
+    assert release_requests(world) == 3
+    again = world.agent(app="app0", repo="rnd0/x", tag="v0", mint_kwargs=platform)
+    async with running_agent(again):  # a remembered miss: no second request
+        assert await again.wait_closed() == (4003, "allowlist_not_found")
+    assert release_requests(world) == 3
+    async with running_agent(world.agent(app="app9", repo="rnd9/x", tag="v9")) as elsewhere:
+        assert await elsewhere.wait_closed() == (4003, "allowlist_not_found")  # its own fetch
+    assert release_requests(world) == 4
+    async with running_agent(world.agent()) as good:  # the real app, from a third machine
+        await good.wait_status("attested")
+    rows = [row for row in audit_rows(world) if row[0] != "shop"]
+    flood = [row for row in rows if row[0] != "app9"]
+    assert [row[3] for row in flood] == ["allowlist_not_found"] * 2
+    ppid = flood[0][4]
+    assert ppid is not None and len(ppid) == 32 and {row[4] for row in flood} == {ppid}
+    assert rows[-1][0] == "app9" and rows[-1][4] not in (None, ppid)
+    metrics = (await world.cp.get("/metrics")).text
+    assert 'eecp_audit_suppressed_total{reason="allowlist_rate_limited"} 5.0' in metrics
+    assert 'eecp_audit_suppressed_total{reason="allowlist_not_found"} 2.0' in metrics
+    # a known agent's refusal is recorded whatever its platform's budget: here it comes back
+    # from the flooding machine with a tag that has no allowlist (and no fetch left)
+    known = world.agent(agent_id=good.agent_id, tag="v9.9.9", mint_kwargs=platform)
+    async with running_agent(known):
+        assert await known.wait_closed() == (4003, "allowlist_rate_limited")
+    assert audit_rows(world)[-1][:5] == ("shop", good.agent_id, "refused",
+                                         "allowlist_rate_limited", ppid)
+    assert release_requests(world) == 5
+
+
 async def test_health_silence_and_recovery(mock_clock: MockClock, world: World) -> None:
     async with running_agent(world.agent()) as agent:
         await agent.wait_status("attested")
@@ -453,11 +509,21 @@ async def test_reconnect_supersedes_the_old_session(mock_clock: MockClock, world
             assert (await world.cp.resolve("shop")).status_code == 200
 
 
-def agent_rows(world: World) -> list[tuple[Any, ...]]:
+def agent_rows(world: World | ControlPlane) -> list[tuple[Any, ...]]:
     """The store's agent rows, straight from the SQLite file."""
-    with contextlib.closing(sqlite3.connect(world.cp.env["EE_DB_PATH"])) as db:
+    cp = world.cp if isinstance(world, World) else world
+    with contextlib.closing(sqlite3.connect(cp.env["EE_DB_PATH"])) as db:
         return db.execute("select agent_id, app_name, repo, last_verdict, last_attested_at "
                           "from agent order by agent_id").fetchall()
+
+
+def audit_rows(world: World | ControlPlane) -> list[tuple[Any, ...]]:
+    """Every audit row, oldest first, straight from the SQLite file (unregistered apps
+    included, which the admin view cannot show)."""
+    cp = world.cp if isinstance(world, World) else world
+    with contextlib.closing(sqlite3.connect(cp.env["EE_DB_PATH"])) as db:
+        return db.execute("select app_name, agent_id, verdict, reason, platform_id "
+                          "from audit_log order by id").fetchall()
 
 
 @pytest.mark.parametrize(("app", "repo"), [("evil", "mallory/evil"), ("shop", REPO)])
@@ -500,6 +566,89 @@ async def test_an_attested_agent_of_another_app_cannot_take_a_live_agent_id(
             assert await second.wait_closed() == (4004, "agent_id_in_use")
         assert first.closed is None
         assert (await world.cp.resolve("shop")).json()["allowed"] is True
+    # the audit says what happened: the attestation passed, the admission was refused
+    assert [row[:4] for row in audit_rows(world)] == [
+        ("shop", first.agent_id, "accepted", "attested"),
+        ("other", first.agent_id, "refused", "agent_id_in_use")]
+    text = (await world.cp.get("/metrics")).text
+    assert 'eecp_attestations_total{reason="agent_id_in_use",result="refused"} 1.0' in text
+    assert 'eecp_attestations_total{reason="attested",result="accepted"} 1.0' in text
+
+
+OTHER_APP = {"app": "other", "repo": "bob/other", "tag": "v1"}
+
+
+async def test_an_offline_agents_id_stays_bound_to_its_app(
+        mock_clock: MockClock, world: World) -> None:
+    # issue 13.5: while an agent was offline, an attested agent of another app registered with
+    # its agent_id, took the stored row, and the owner was refused agent_id_in_use from then on
+    world.cp.github.add_release("bob/other", "v1", {ASSET: allowlist_doc()})
+    async with running_agent(world.agent()) as owner:
+        await owner.wait_status("attested")
+    await resolve_until(world.cp, "shop", lambda b: b["agents"] == 0)
+    before = agent_rows(world)
+    for _ in range(2):
+        async with running_agent(world.agent(agent_id=owner.agent_id, **OTHER_APP)) as taker:
+            assert await taker.wait_closed() == (4004, "agent_id_in_use")
+            assert taker.statuses()[-1] == ("invalid", "agent_id_in_use")
+    assert agent_rows(world) == before and before[0][1:3] == ("shop", REPO)
+    assert (await world.cp.resolve("other")).json()["reason"] == "unknown_app"
+    for _ in range(2):  # the owner comes back, as often as it likes
+        async with running_agent(world.agent(agent_id=owner.agent_id)) as again:
+            await again.wait_status("attested")
+            assert (await world.cp.resolve("shop")).status_code == 200
+    assert [row[:4] for row in audit_rows(world)] == [
+        ("shop", owner.agent_id, "accepted", "attested"),
+        ("other", owner.agent_id, "refused", "agent_id_in_use"),
+        ("other", owner.agent_id, "refused", "agent_id_in_use"),
+        ("shop", owner.agent_id, "accepted", "attested"),
+        ("shop", owner.agent_id, "accepted", "attested")]
+    [(_, app, repo, verdict, _)] = agent_rows(world)
+    assert (app, repo, verdict) == ("shop", REPO, "accepted")
+
+
+async def test_an_operator_can_release_an_offline_agents_binding(
+        mock_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    world.cp.github.add_release("bob/other", "v1", {ASSET: allowlist_doc()})
+    async with running_agent(world.agent()) as owner:
+        await owner.wait_status("attested")
+    await resolve_until(world.cp, "shop", lambda b: b["agents"] == 0)
+    monkeypatch.setenv("EE_DB_PATH", world.cp.env["EE_DB_PATH"])  # the running eecp's store
+    monkeypatch.delenv("EE_DB_URL", raising=False)
+    release = ["release-agent", owner.agent_id]
+    assert await trio.to_thread.run_sync(cli.main, release) == 0
+    assert f"released agent {owner.agent_id} (bound to app shop, repo {REPO})" in \
+        capsys.readouterr().out
+    assert await trio.to_thread.run_sync(cli.main, release) == 1  # nothing left to release
+    assert "no agent" in capsys.readouterr().err
+    async with running_agent(world.agent(agent_id=owner.agent_id, **OTHER_APP)) as taker:
+        await taker.wait_status("attested")
+    assert [row[1:4] for row in agent_rows(world)] == [("other", "bob/other", "accepted")]
+    assert audit_rows(world)[0][:4] == ("shop", owner.agent_id, "accepted", "attested")
+
+
+async def test_an_agent_ids_binding_outlives_a_restart(
+        mock_clock: MockClock, tmp_path: Path, pki: qf.TestPki) -> None:
+    async with open_upstreams(pki) as (pccs, github):
+        github.add_release("bob/other", "v1", {ASSET: allowlist_doc()})
+        env = control_plane_env(tmp_path, pki, pccs.url, github.url)
+        async with open_control_plane(env, pki, pccs, github) as cp:
+            owner = FakeAgent(cp.ws_url, pki)
+            async with running_agent(owner):
+                await owner.wait_status("attested")
+        mock_clock.autojump_threshold = math.inf  # (the shutdown let time run: stop it again)
+        async with open_control_plane(env, pki, pccs, github) as cp:
+            taker = FakeAgent(cp.ws_url, pki, agent_id=owner.agent_id, **OTHER_APP)
+            async with running_agent(taker):
+                assert await taker.wait_closed() == (4004, "agent_id_in_use")
+            assert [row[1:3] for row in agent_rows(cp)] == [("shop", REPO)]
+            async with running_agent(FakeAgent(cp.ws_url, pki, agent_id=owner.agent_id)) as back:
+                await back.wait_status("attested")
+            assert [row[2:4] for row in audit_rows(cp)] == [
+                ("accepted", "attested"), ("refused", "agent_id_in_use"),
+                ("accepted", "attested")]
+        mock_clock.autojump_threshold = math.inf
 
 
 _SAVE_AGENT = Store.save_agent
@@ -508,7 +657,7 @@ _SAVE_AGENT = Store.save_agent
 def hold_saves(monkeypatch: pytest.MonkeyPatch, hold: Callable[[AgentRecord], bool]
                ) -> list[tuple[Store, AgentRecord]]:
     """Keep back (instead of writing) every agent row ``hold`` picks; the returned list
-    collects them, so a test can write them late, as a busy PostgreSQL pool might."""
+    collects them."""
     held: list[tuple[Store, AgentRecord]] = []
 
     async def save_agent(self: Store, record: AgentRecord) -> None:
@@ -519,11 +668,6 @@ def hold_saves(monkeypatch: pytest.MonkeyPatch, hold: Callable[[AgentRecord], bo
 
     monkeypatch.setattr(Store, "save_agent", save_agent)
     return held
-
-
-async def write_late(held: list[tuple[Store, AgentRecord]]) -> None:
-    for store, record in held:
-        await _SAVE_AGENT(store, record)
 
 
 async def test_a_superseded_session_leaves_the_agents_row_to_its_successor(
@@ -546,23 +690,32 @@ async def test_a_superseded_session_leaves_the_agents_row_to_its_successor(
 async def test_an_ending_session_neither_keeps_its_agent_id_nor_writes_over_the_next(
         mock_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     # a session that is ending (here: held while it tells its agent why it is refused) no
-    # longer holds its agent_id against an attested agent of another app, and once that one
-    # is admitted, the ending session's last write is not made
-    refusing, release = hold_status(monkeypatch, lambda state, reason: state == "invalid")
-    held = hold_saves(monkeypatch, lambda r: r.app_name == "shop" and release.is_set())
+    # longer holds its agent_id against the same agent reconnecting, and once that one is
+    # admitted, the ending session's last write is not made. Ending or not, the id stays
+    # bound to its app: an attested agent of another app is refused meanwhile
+    refusing, release = hold_status(monkeypatch,
+                                    lambda state, reason: reason == "invalid_json")
     async with running_agent(world.agent()) as first:
         await first.wait_status("attested")
+        [(_, _, _, _, first_attested)] = agent_rows(world)
+        held = hold_saves(monkeypatch, lambda r: r.last_attested_at == first_attested
+                          and release.is_set())
         await first.send("not json")  # refused: the session ends, its status is held
         async with real_deadline(10):
             await refusing.wait()
-        async with running_agent(world.agent(agent_id=first.agent_id, app="other")) as second:
+        async with running_agent(world.agent(agent_id=first.agent_id, app="other")) as taker:
+            assert await taker.wait_closed() == (4004, "agent_id_in_use")
+        world.clock.jump(5)
+        async with running_agent(world.agent(agent_id=first.agent_id)) as second:
             await second.wait_status("attested")
             release.set()
             assert (await first.wait_closed())[0] == 1007  # invalid payload
-            await write_late(held)
+            assert held == []  # (its cleanup is done once its socket closed)
             assert second.closed is None
-            assert (await world.cp.resolve("other")).json()["allowed"] is True
-            assert [row[:2] for row in agent_rows(world)] == [(first.agent_id, "other")]
+            assert (await world.cp.resolve("shop")).json()["allowed"] is True
+            [(agent_id, app, _, verdict, attested)] = agent_rows(world)
+            assert (agent_id, app, verdict, attested) == (
+                first.agent_id, "shop", "accepted", first_attested + 5)
 
 
 async def test_resolve_by_forwarded_host_and_unknown_apps(
