@@ -57,7 +57,7 @@ RESERVED_FDS = 256
 #: carries a connection per agent (its tunnel) besides the API, the proxy listener one per
 #: client connection (front proxies keep theirs alive), the auth listener a front proxy's few
 SHARES = {"control": 4, "proxy": 3, "auth": 1}
-#: a listener gets at least this many connections, or start-up fails
+#: a listener without a set cap gets at least this many, or the set caps are a ConfigError
 MIN_CAP = 16
 #: the least time between two log lines about a cap reached, or about accept failing
 REPORT_EVERY_SEC = 60.0
@@ -130,7 +130,7 @@ def listener_caps(config: Config, file_limit: int) -> ListenerCaps:
             f"and outbound connections){' with room for the others' if derived else ''}: "
             "raise the limit (LimitNOFILE=) or lower the caps"))
     weight = sum(SHARES[name] for name in derived)
-    caps = {**fixed, **{name: max(MIN_CAP, left * SHARES[name] // weight) for name in derived}}
+    caps = {**fixed, **{name: max(1, left * SHARES[name] // weight) for name in derived}}
     return ListenerCaps(**caps)
 
 

@@ -27,7 +27,10 @@ them once, before the control server starts (``eecp.service.serve_control``).
    ``eecp_head_timeout_sec``) for the whole head; once it is complete, the timer stops as
    before. A kept-alive connection that sends nothing still waits ``keep_alive_timeout``, and
    an established WebSocket is never under the timer (hypercorn stops it when the upgrade's
-   head is complete and never restarts it).
+   head is complete and never restarts it). And the timer is restarted after each response
+   for sure: under quart-trio, the restart ran in the app's task just as quart cancelled it
+   (its request nursery, once the response is out), so after a connection's first request it
+   had no timer at all and could stay open, silent, for ever.
 5. **No connection cap.** The config's ``eecp_gate`` (an :class:`eecp.capacity.ConnectionGate`)
    admits each accepted connection; at the cap it closes the oldest connection waiting for a
    request (not one receiving a head, nor one serving a request or a tunnel) to make room, or
@@ -101,8 +104,15 @@ def _patch_protocol_send() -> None:
         if isinstance(event, HeadBegun):
             _head_begun(self)
             return
-        if isinstance(event, Updated) and not event.idle:
-            self._eecp_head_begun = False  # the head is complete: the timer stops
+        if isinstance(event, Updated):
+            if not event.idle:
+                self._eecp_head_begun = False  # the head is complete: the timer stops
+            # (re)starting or stopping the idle timer takes a lock and a nursery.start: under
+            # quart-trio the restart after a response runs in the app's task just as quart
+            # cancels it, and the timer was lost, leaving the connection without one
+            with trio.CancelScope(shield=True):
+                await original(self, event)
+            return
         try:
             await original(self, event)
         except trio.BusyResourceError:
