@@ -39,6 +39,10 @@ Decisions a handler author should know:
   505 ``http_version_not_supported``. A handler that raises gets 500 ``internal_error`` (or the
   status of a :class:`RequestError` it let through) if nothing was sent yet, else the
   connection is closed.
+* **Connection cap.** :func:`serve_http` holds at most ``max_connections`` at once (the data
+  plane's are sized from the file limit: :mod:`eecp.capacity`). At the cap a new connection
+  closes the oldest idle one (accepted and silent, or kept alive with no byte of a next
+  request), never one with a request under way; with none idle it is closed at once.
 * **Not supported:** protocol upgrades (an ``Upgrade``/``CONNECT`` request is handed to the
   handler like any other, and the connection closes after its answer), trailers, HTTP/2.
 """

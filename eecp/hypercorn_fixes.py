@@ -56,15 +56,15 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
 
 from eecp.capacity import ConnectionGate
+from eecp.httpserver import DEFAULT_LIMITS
 
 log = logging.getLogger("eecp.hypercorn_fixes")
 
 _APPLIED = "_eecp_fixes_applied"
 #: what one read of a control-port connection may take (hypercorn's own is 64 KiB)
 READ_BYTES = 256 * 1024
-#: how long a request head may take on the control port, as on the data plane
-#: (``eecp.httpserver.Limits.header_timeout_sec``)
-HEAD_TIMEOUT_SEC = 10.0
+#: how long a request head may take on the control port: as on the data plane
+HEAD_TIMEOUT_SEC = DEFAULT_LIMITS.header_timeout_sec
 _PATCHED = ((TCPServer, "protocol_send"), (TCPServer, "run"), (TCPServer, "_idle_timeout"),
             (TCPServer, "_initiate_server_close"), (H11Protocol, "handle"),
             (WSStream, "_send_pings"), (WSStream, "handle"))

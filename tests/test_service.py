@@ -234,3 +234,14 @@ def test_caps_the_file_limit_cannot_hold_exit_2_naming_the_variable(tmp_path: Pa
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("eecp: configuration error: EE_CONTROL_MAX_CONNECTIONS: ")
     assert "file limit of 1024" in proc.stderr
+
+
+def test_the_systemd_unit_sets_the_file_limit_binds_to_loopback_and_says_how_to_add_its_user(
+        ) -> None:
+    unit = (ROOT / "examples" / "eecp.service").read_text()
+    settings = [line.strip() for line in unit.splitlines() if not line.startswith("#")]
+    limit = [line for line in settings if line.startswith("LimitNOFILE=")]
+    assert limit and int(limit[0].split("=", 1)[1]) >= 65536
+    for bind in ("EE_CONTROL_BIND=127.0.0.1", "EE_PROXY_BIND=127.0.0.1"):
+        assert f"Environment={bind}" in settings
+    assert "User=eecp" in settings and "useradd --system" in unit
