@@ -100,6 +100,10 @@ class Config:
     proxy_api_token: str | None = field(default=None, repr=False)
     tunnel_max_streams: int = 100
     stream_window_bytes: int = 256 * 1024
+    # None: a share of what the file limit leaves (eecp.capacity.listener_caps)
+    control_max_connections: int | None = None
+    proxy_max_connections: int | None = None
+    auth_max_connections: int | None = None
     trusted_proxies: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),
                                               ipaddress.ip_network("::1/128"))
 
@@ -183,6 +187,9 @@ def from_env(env: Mapping[str, str]) -> Config:
         proxy_api_token=r.get("EE_PROXY_API_TOKEN", None, str),
         tunnel_max_streams=r.get("EE_TUNNEL_MAX_STREAMS", 100, _positive_int),
         stream_window_bytes=r.get("EE_STREAM_WINDOW_BYTES", 256 * 1024, _positive_int),
+        control_max_connections=r.get("EE_CONTROL_MAX_CONNECTIONS", None, _positive_int),
+        proxy_max_connections=r.get("EE_PROXY_MAX_CONNECTIONS", None, _positive_int),
+        auth_max_connections=r.get("EE_AUTH_MAX_CONNECTIONS", None, _positive_int),
         trusted_proxies=r.get("EE_TRUSTED_PROXIES", parse_trusted(DEFAULT_TRUSTED),
                               parse_trusted),
     )

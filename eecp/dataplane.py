@@ -10,6 +10,9 @@
 * auth listener (``EE_AUTH_BIND:EE_AUTH_PORT``): only ``GET /v1/resolve/{app}`` and
   ``GET /v1/resolve``, answered exactly like the control port's resolve, for nginx
   ``auth_request`` and Caddy ``forward_auth`` at full speed.
+
+Each listener has its own connection cap (:mod:`eecp.capacity`): a flood of idle sockets on
+the proxy listener closes its own oldest idle connections, and resolve still answers.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from eecp.capacity import ListenerCaps
 from eecp.forwarded import (
     Forwarding,
     client_address,
@@ -227,7 +231,7 @@ def app_named(headers: list[tuple[str, str]], forwarding: Forwarding) -> str | N
     return host
 
 
-async def serve_dataplane(services: Services,
+async def serve_dataplane(services: Services, caps: ListenerCaps,
                           task_status: trio.TaskStatus[tuple[int, int]] = trio.TASK_STATUS_IGNORED
                           ) -> None:
     """Run the proxy and auth listeners; reports ``(proxy_port, auth_port)`` once both listen."""
@@ -237,15 +241,19 @@ async def serve_dataplane(services: Services,
                     min_rate_bytes_sec=config.proxy_min_rate_bytes_sec,
                     rate_grace_sec=config.proxy_rate_grace_sec)
     async with trio.open_nursery() as nursery:
-        proxy_port: int = await nursery.start(_serve, ProxyHandler(services), config.proxy_bind,
-                                              config.proxy_port, limits)
-        auth_port: int = await nursery.start(_serve, AuthHandler(services), config.auth_bind,
-                                             config.auth_port, Limits())
+        proxy_port: int = await nursery.start(
+            _serve, ProxyHandler(services), config.proxy_bind, config.proxy_port, limits,
+            caps.proxy, "proxy listener")
+        auth_port: int = await nursery.start(
+            _serve, AuthHandler(services), config.auth_bind, config.auth_port, Limits(),
+            caps.auth, "auth listener")
         log.info("data plane: proxy on %s:%d, auth on %s:%d", config.proxy_bind, proxy_port,
                  config.auth_bind, auth_port)
         task_status.started((proxy_port, auth_port))
 
 
 async def _serve(handler: AuthHandler | ProxyHandler, host: str, port: int, limits: Limits,
+                 max_connections: int, name: str,
                  task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    await serve_http(handler, host, port, limits=limits, task_status=task_status)
+    await serve_http(handler, host, port, limits=limits, max_connections=max_connections,
+                     name=name, task_status=task_status)

@@ -44,6 +44,10 @@ Decisions a handler author should know:
   505 ``http_version_not_supported``. A handler that raises gets 500 ``internal_error`` (or the
   status of a :class:`RequestError` it let through) if nothing was sent yet, else the
   connection is closed.
+* **Connection cap.** :func:`serve_http` holds at most ``max_connections`` at once (the data
+  plane's are sized from the file limit: :mod:`eecp.capacity`). At the cap a new connection
+  closes the oldest idle one (accepted and silent, or kept alive with no byte of a next
+  request), never one with a request under way; with none idle it is closed at once.
 * **Not supported:** protocol upgrades (an ``Upgrade``/``CONNECT`` request is handed to the
   handler like any other, and the connection closes after its answer), trailers, HTTP/2.
 """
@@ -70,6 +74,7 @@ from typing import cast
 import httptools
 import trio
 
+from eecp.capacity import ConnectionGate, quiet_accept_errors
 from eecp.errors import EecpError, leaf_error
 
 log = logging.getLogger("eecp.httpserver")
@@ -90,6 +95,9 @@ LINGER_BYTES = 1024 * 1024
 WATCH_AFTER_SEC = 0.1
 """A handler running longer than this is slow: the guard reads for it meanwhile (to notice the
 client leaving). Quicker ones are not watched, which keeps the hot path to one task."""
+DEFAULT_MAX_CONNECTIONS = 1000
+"""Connections a listener holds at once unless told otherwise (the data plane's listeners are
+sized from the file limit: :mod:`eecp.capacity`)."""
 
 _INT = bytes(4)  # the buffer of an ioctl that answers one C int
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -397,33 +405,46 @@ Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
 async def serve_http(handler: Handler, host: str, port: int, *, limits: Limits = DEFAULT_LIMITS,
+                     max_connections: int = DEFAULT_MAX_CONNECTIONS, name: str = "HTTP listener",
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``handler`` on ``host:port`` (0: any free port) until cancelled; reports the bound
     port through ``task_status``."""
     listeners = await trio.open_tcp_listeners(port, host=host)
-    await serve_http_listeners(handler, listeners, limits=limits, task_status=task_status)
+    await serve_http_listeners(handler, listeners, limits=limits, task_status=task_status,
+                               gate=ConnectionGate(name, max_connections))
 
 
 async def serve_http_listeners(
     handler: Handler, listeners: Sequence[trio.SocketListener], *,
-    limits: Limits = DEFAULT_LIMITS, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    limits: Limits = DEFAULT_LIMITS, gate: ConnectionGate | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handler`` on listeners the caller opened (and tuned); reports the first one's
-    port. Every connection task runs in a nursery owned by this call."""
+    port. Every connection task runs in a nursery owned by this call. ``gate`` caps the
+    connections of all of them together (see :mod:`eecp.capacity`); by default at
+    :data:`DEFAULT_MAX_CONNECTIONS`."""
     port: int = listeners[0].socket.getsockname()[1]
-    serve_one = partial(_serve_connection, handler, limits)
+    gate = gate or ConnectionGate("HTTP listener", DEFAULT_MAX_CONNECTIONS)
+    quiet_accept_errors()  # trio's accept loop: EMFILE is one line a minute, not ten a second
+    serve_one = partial(_serve_connection, handler, limits, gate)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, serve_one, list(listeners))
         task_status.started(port)
 
 
-async def _serve_connection(handler: Handler, limits: Limits, stream: trio.SocketStream) -> None:
+async def _serve_connection(handler: Handler, limits: Limits, gate: ConnectionGate,
+                            stream: trio.SocketStream) -> None:
+    if not gate.admit():
+        # at the cap with nobody idle: accepted only to be closed (trio.serve_listeners closes
+        # it as we return), rather than left to fill the kernel's backlog
+        return
     try:
-        await _Connection(stream, handler, limits).run()
+        await _Connection(stream, handler, limits, gate).run()
     except Exception:
         # A bug of ours must cost one connection, not the listener and every other client.
         log.exception("HTTP connection failed")
     finally:
+        gate.leave()
         await trio.aclose_forcefully(stream)
 
 
@@ -439,10 +460,13 @@ class _Connection:
     handler, and to queue what the client sends meanwhile, within the buffer limits.
     """
 
-    def __init__(self, stream: trio.SocketStream, handler: Handler, limits: Limits) -> None:
+    def __init__(self, stream: trio.SocketStream, handler: Handler, limits: Limits,
+                 gate: ConnectionGate) -> None:
         self.stream = stream
         self.handler = handler
         self.limits = limits
+        self.gate = gate
+        self.listed_idle = False  # the gate may evict it (see _list_idle)
         self.client = _peer(stream)
         self.parser = httptools.HttpRequestParser(self)
         now = trio.current_time()
@@ -497,11 +521,15 @@ class _Connection:
         self.parse_error: RequestError | None = None  # raised by a callback
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._guard)
-            with self.serve_scope:
-                await self._serve()
-            nursery.cancel_scope.cancel()
+        self._list_idle()  # accepted, nothing read yet: the first in line to make room
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._guard)
+                with self.serve_scope:
+                    await self._serve()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.gate.busy(self)
         if self.refusal is not None:
             await self._send_error(self.refusal)
         if not self.eof and not self.idle_closed and not self.stalled:
@@ -596,6 +624,22 @@ class _Connection:
         if not self.pending:
             # No need to call the guard: it is due at watch_at, which is earlier.
             self.idle_deadline = trio.current_time() + self.limits.idle_timeout_sec
+            if self.state == _BETWEEN and not self.reading_done:
+                self._list_idle()
+
+    # ---- connection accounting (eecp.capacity) ----------------------------------------------
+
+    def _list_idle(self) -> None:
+        """No request under way and no byte of the next one: the gate may close this
+        connection to make room for a new one. Any input ends that (:meth:`_feed`)."""
+        self.listed_idle = True
+        self.gate.idle(self)
+
+    def evict(self) -> None:
+        """Closed by the gate, while idle, to make room: like an idle timeout, but now."""
+        self.listed_idle = False
+        self.idle_closed = True
+        self.serve_scope.cancel()
 
     def may_keep_alive(self, request: Request) -> bool:
         """Whether the connection can survive this response: the client wants it and the
@@ -711,6 +755,9 @@ class _Connection:
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
+        if self.listed_idle:
+            self.listed_idle = False
+            self.gate.busy(self)
         if not data:
             self._on_eof()
             return

@@ -1,5 +1,7 @@
 """``serve()``: the daemon root. Read it top to bottom.
 
+Before anything opens, the file limit is raised to the hard limit and shared out into one
+connection cap per listener (:mod:`eecp.capacity`); caps that do not fit are a ``ConfigError``.
 Resources are opened first, with ``async with``, so they outlive every task (store, HTTP client,
 caches, the attestation engine). Then one root nursery starts the servers in dependency order,
 each reporting readiness through ``task_status``; ``serve`` reports the bound addresses when all
@@ -33,11 +35,12 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
-from eecp import __version__, hypercorn_fixes, wsproto_speedups
+from eecp import __version__, capacity, hypercorn_fixes, wsproto_speedups
 from eecp.allowlist import AllowlistSource
 from eecp.api import create_app
 from eecp.attestation import AttestationEngine
 from eecp.blocking import Workers
+from eecp.capacity import ConnectionGate, ListenerCaps
 from eecp.clock import Clock, SystemClock
 from eecp.collateral import CollateralCache
 from eecp.config import Config
@@ -166,12 +169,18 @@ async def serve(
     """Run eecp until SIGINT/SIGTERM (or ``shutdown`` is set); report :class:`Bound` once
     listening."""
     shutdown = trio.Event() if shutdown is None else shutdown
+    # every connection holds a descriptor: as many as the operator allows, shared out so that
+    # no listener's flood can take the others' (eecp.capacity)
+    file_limit = capacity.raise_file_limit()
+    caps = capacity.listener_caps(config, file_limit.soft)
+    capacity.log_capacity(file_limit, caps)
+    capacity.quiet_accept_errors()
     async with open_services(config, clock) as services:
         warn_about(services)
         async with trio.open_nursery() as root:
             background = await root.start(run_background, services, shutdown, handle_signals)
-            dataplane, (proxy_port, auth_port) = await root.start(run_dataplane, services)
-            binds = await root.start(serve_control, services, shutdown)
+            dataplane, (proxy_port, auth_port) = await root.start(run_dataplane, services, caps)
+            binds = await root.start(serve_control, services, shutdown, caps.control)
             bound = replace(_bound_from(binds), proxy_port=proxy_port, auth_port=auth_port)
             log.info("eecp %s serving control on %s (store %s)", __version__, bound.control_url,
                      services.store.describe())
@@ -200,17 +209,17 @@ async def run_background(services: Services, shutdown: trio.Event, handle_signal
 
 
 async def run_dataplane(
-        services: Services,
+        services: Services, caps: ListenerCaps,
         task_status: trio.TaskStatus[tuple[trio.CancelScope, tuple[int, int]]]
         = trio.TASK_STATUS_IGNORED) -> None:
     """The proxy and auth listeners, in a scope ``serve`` cancels at shutdown."""
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
-            ports = await nursery.start(serve_dataplane, services)
+            ports = await nursery.start(serve_dataplane, services, caps)
             task_status.started((scope, ports))
 
 
-async def serve_control(services: Services, shutdown: trio.Event,
+async def serve_control(services: Services, shutdown: trio.Event, max_connections: int,
                         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                         ) -> None:
     """Hypercorn serving the quart-trio app; graceful stop when ``shutdown`` is set."""
@@ -221,8 +230,14 @@ async def serve_control(services: Services, shutdown: trio.Event,
     cfg.graceful_timeout = services.config.shutdown_grace_sec
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
-    # Agents keep their tunnels open for days: pings (and TCP_USER_TIMEOUT) decide liveness.
+    # Between requests a connection may wait 75 s for the next one (clients reusing theirs
+    # between API calls); a head, once begun (or after the accept), must be complete within
+    # HEAD_TIMEOUT_SEC. Neither applies to a tunnel: pings and TCP_USER_TIMEOUT decide its
+    # liveness (eecp.hypercorn_fixes).
     cfg.keep_alive_timeout = 75
+    cfg.eecp_head_timeout_sec = hypercorn_fixes.HEAD_TIMEOUT_SEC
+    # every tunnel is one of these connections (eecp.capacity)
+    cfg.eecp_gate = ConnectionGate("control port", max_connections)
     cfg.websocket_ping_interval = services.config.tunnel_ping_interval_sec or None  # 0: off
     # Twice our own limit, so that a message just over it still reaches the session, which
     # answers with a reason before closing; anything larger hypercorn closes with 1009 itself.
@@ -249,6 +264,9 @@ class _HypercornConfig(HypercornConfig):
     def __init__(self, dead_peer_sec: float) -> None:
         super().__init__()
         self._dead_peer_ms = int(dead_peer_sec * 1000)
+        # read by eecp.hypercorn_fixes (None: hypercorn's own behaviour)
+        self.eecp_head_timeout_sec: float | None = None
+        self.eecp_gate: ConnectionGate | None = None
 
     def create_sockets(self) -> Sockets:
         sockets = super().create_sockets()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from eecp.capacity import ListenerCaps, listener_caps
 from eecp.config import Config, Network, from_env
 from eecp.errors import ConfigError
 
@@ -103,6 +104,9 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         ("EE_PROXY_JSON_BUFFER_BYTES", "64MiB", "whole number >= 1"),
         ("EE_ALLOWLIST_FETCHES_PER_MIN", "1.5", "whole number >= 0"),
         ("EE_ALLOWLIST_FETCHES_PER_PLATFORM_PER_MIN", "-2", "whole number >= 0"),
+        ("EE_CONTROL_MAX_CONNECTIONS", "0", "whole number >= 1"),
+        ("EE_PROXY_MAX_CONNECTIONS", "-5", "whole number >= 1"),
+        ("EE_AUTH_MAX_CONNECTIONS", "many", "whole number >= 1"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, problem: str) -> None:
@@ -115,3 +119,38 @@ def test_bad_values_name_the_variable(variable: str, value: str, problem: str) -
 
 def test_empty_values_take_defaults() -> None:
     assert from_env({"EE_CONTROL_PORT": "", "EE_NETWORKS": "  "}) == Config()
+
+
+# ---- connection caps from the file limit (eecp.capacity) -----------------------------------
+
+
+@pytest.mark.parametrize(("file_limit", "caps"), [
+    # 256 descriptors kept for the store and outbound connections; the rest shared 4:3:1
+    (1024, ListenerCaps(control=384, proxy=288, auth=96)),
+    (65536, ListenerCaps(control=32640, proxy=24480, auth=8160)),
+    (128, ListenerCaps(control=48, proxy=36, auth=12)),  # a tiny limit keeps a quarter
+])
+def test_caps_are_shares_of_the_file_limit(file_limit: int, caps: ListenerCaps) -> None:
+    assert listener_caps(from_env({}), file_limit) == caps
+    assert caps.control + caps.proxy + caps.auth <= file_limit - min(256, file_limit // 4)
+
+
+def test_set_caps_are_kept_and_the_others_share_what_they_leave() -> None:
+    config = from_env({"EE_CONTROL_MAX_CONNECTIONS": "20000"})
+    assert listener_caps(config, 65536) == ListenerCaps(control=20000, proxy=33960, auth=11320)
+    config = from_env({"EE_CONTROL_MAX_CONNECTIONS": "500", "EE_PROXY_MAX_CONNECTIONS": "200",
+                       "EE_AUTH_MAX_CONNECTIONS": "50"})
+    assert listener_caps(config, 1024) == ListenerCaps(control=500, proxy=200, auth=50)
+
+
+@pytest.mark.parametrize(("env", "variable"), [
+    ({"EE_CONTROL_MAX_CONNECTIONS": "10000"}, "EE_CONTROL_MAX_CONNECTIONS"),
+    ({"EE_PROXY_MAX_CONNECTIONS": "700", "EE_AUTH_MAX_CONNECTIONS": "100"},
+     "EE_PROXY_MAX_CONNECTIONS"),  # 800 of the 768 left, nothing for the control port
+])
+def test_caps_beyond_the_file_limit_are_a_config_error(env: dict[str, str],
+                                                       variable: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        listener_caps(from_env(env), 1024)
+    assert info.value.variable == variable
+    assert "file limit of 1024" in info.value.problem and "LimitNOFILE" in info.value.problem

@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
+import resource
+import socket
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,6 +31,7 @@ from hypothesis import strategies as st
 
 from eecp.httpserver import (
     DEFAULT_LIMITS,
+    DEFAULT_MAX_CONNECTIONS,
     HOLD_BYTES,
     ClientDisconnected,
     Handler,
@@ -41,11 +45,12 @@ WAIT = 10  # real seconds any single step may take before the test fails
 
 
 @asynccontextmanager
-async def running(handler: Handler, limits: Limits = DEFAULT_LIMITS) -> AsyncIterator[int]:
+async def running(handler: Handler, limits: Limits = DEFAULT_LIMITS,
+                  max_connections: int = DEFAULT_MAX_CONNECTIONS) -> AsyncIterator[int]:
     """Serve ``handler`` on 127.0.0.1 (a free port) for the block; yields the port."""
     async with trio.open_nursery() as nursery:
         port: int = await nursery.start(partial(serve_http, handler, "127.0.0.1", 0,
-                                                limits=limits))
+                                                limits=limits, max_connections=max_connections))
         yield port
         nursery.cancel_scope.cancel()
 
@@ -1120,3 +1125,98 @@ async def test_a_slow_reader_that_keeps_the_minimum_rate_is_served_whole(
                     break
                 await trio.sleep(1)
     assert received >= total and waited, (received, waited)
+
+
+# ---- connection caps and accept errors (eecp.capacity) --------------------------------------
+
+
+async def opened(port: int, data: bytes = b"") -> RawClient:
+    """A connection the server has taken in (and read ``data`` from)."""
+    client = await RawClient.open(port)
+    if data:
+        await client.send(data)
+    await trio.testing.wait_all_tasks_blocked()
+    return client
+
+
+async def test_at_the_cap_a_new_connection_closes_the_oldest_idle_one() -> None:
+    """Idle is accepted and silent, or kept alive between requests; a connection whose head is
+    under way is never closed to make room."""
+    async with running(echo, max_connections=3) as port:
+        with trio.fail_after(WAIT):
+            silent = await opened(port)
+            kept = await opened(port, get())
+            assert (await kept.reply()).status == 200
+            slow = await opened(port, b"GET /slow HTTP/1.1\r\n")
+            fresh = await opened(port, get("/fresh"))
+            assert (await fresh.reply()).status == 200
+            assert await silent.closed()  # the oldest idle one made room
+            newer = await opened(port, get("/newer"))
+            assert (await newer.reply()).status == 200
+            assert await kept.closed()  # then the next oldest
+            await slow.send(b"Host: t\r\n\r\n")
+            assert json.loads((await slow.reply()).body)["path"] == "/slow"
+            await fresh.send(get("/again"))  # kept alive all along
+            assert (await fresh.reply()).status == 200
+
+
+async def test_at_the_cap_with_none_idle_a_new_connection_is_closed_at_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    release = trio.Event()
+
+    async def held(request: Request, responder: Responder) -> None:
+        await release.wait()
+        await responder.respond(200, [], b"done")
+
+    async with running(held, max_connections=2) as port:
+        with trio.fail_after(WAIT):
+            busy = [await opened(port, get()), await opened(port, get())]
+            for _ in range(3):
+                refused = await opened(port)
+                assert await refused.closed()
+            release.set()
+            for client in busy:
+                assert (await client.reply()).body == b"done"
+            later = await opened(port, get())  # closes an idle one, now that there are some
+            assert (await later.reply()).body == b"done"
+    lines = [r.getMessage() for r in caplog.records if r.name == "eecp.capacity"]
+    assert lines == ["HTTP listener is at its cap of 2 connections; since the last report: 0 "
+                     "idle closed to make room, 1 new refused"]  # then quiet for a minute
+
+
+@pytest.fixture
+def own_accept_filter() -> Iterator[None]:
+    """eecp rate-limits trio's accept errors once per process: this test gets a fresh limit."""
+    logger = logging.getLogger("trio.serve_listeners")
+    saved = logger.filters[:]
+    logger.filters.clear()
+    yield
+    logger.filters[:] = saved
+
+
+async def test_out_of_descriptors_is_one_log_line_and_the_server_recovers(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
+        own_accept_filter: None) -> None:
+    """With no descriptor left, accept fails with EMFILE; trio retried every 0.1 s, logging an
+    ERROR with a traceback each time. Now: one warning line, and the connection is served once
+    descriptors are back."""
+    async with running(echo) as port:
+        client = socket.socket()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.open(os.devnull, os.O_RDONLY)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no descriptor left
+        try:
+            client.connect(("127.0.0.1", port))  # the kernel completes it; accept cannot
+            await trio.sleep(30)  # (the clock jumps: 300 retries)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        stream = RawClient(trio.SocketStream(trio.socket.from_stdlib_socket(client)))
+        with trio.fail_after(WAIT):
+            await stream.send(get("/after"))
+            assert json.loads((await stream.reply()).body)["path"] == "/after"
+    records = [r for r in caplog.records if r.name == "trio.serve_listeners"]
+    assert len(records) == 1
+    assert records[0].levelno == logging.WARNING and records[0].exc_info is None
+    assert "accept failed with EMFILE (Too many open files)" in records[0].getMessage()
+    assert "Traceback" not in caplog.text

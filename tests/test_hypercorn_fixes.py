@@ -1,16 +1,22 @@
 """The hypercorn changes (eecp.hypercorn_fixes): a write that loses the race with a close is
-handled as a closed connection, a closed tunnel's ping task does not outlive it, and a
-connection's reads take more than one full DATA message at a time."""
+handled as a closed connection, a closed tunnel's ping task does not outlive it, a
+connection's reads take more than one full DATA message at a time, a request head has
+HEAD_TIMEOUT_SEC (keep-alive and tunnels untouched), and the control port has a connection
+cap."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import trio
+import trio.testing
 from hypercorn.events import Closed, RawData
 from hypercorn.trio.tcp_server import TCPServer
 from trio.testing import MockClock
@@ -22,11 +28,14 @@ from eecp.service import Bound, serve
 from tests import quotefactory as qf
 from tests.harness import (
     START,
+    ControlPlane,
     FakeAgent,
     control_plane_env,
+    open_control_plane,
     open_upstreams,
     real_deadline,
     running_agent,
+    safety_net,
 )
 
 WAIT = 20.0
@@ -108,3 +117,132 @@ async def test_shutdown_right_after_a_tunnel_closed_does_not_wait_out_the_pings(
             started = trio.current_time()
             shutdown.set()
         assert trio.current_time() == started
+
+
+# ---- the head timeout and the connection cap (fixes 4 and 5) ------------------------------
+
+HEAD = hypercorn_fixes.HEAD_TIMEOUT_SEC
+HALF_HEAD = b"GET /health HTTP/1.1\r\nHost: t\r\n"  # no blank line: the head never ends
+
+
+async def settle() -> None:
+    """Let eecp take in what the clients sent (the mock clock only moves when told)."""
+    await trio.testing.wait_all_tasks_blocked(0.01)
+
+
+async def request(stream: trio.SocketStream, client: h11.Connection) -> int:
+    """One GET /health on a kept-alive connection; its status."""
+    await stream.send_all(client.send(h11.Request(method="GET", target="/health",
+                                                  headers=[("Host", "t")]))
+                          + client.send(h11.EndOfMessage()))
+    status = 0
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(await stream.receive_some())
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.EndOfMessage):
+            client.start_next_cycle()
+            return status
+
+
+async def closed(stream: trio.SocketStream) -> bool:
+    """True once eecp has closed the connection (having sent nothing more)."""
+    try:
+        return await stream.receive_some() == b""
+    except trio.BrokenResourceError:  # closed with our unread bytes: a reset
+        return True
+
+
+@asynccontextmanager
+async def control_plane(tmp_path: Path, **extra: str) -> AsyncIterator[tuple[ControlPlane,
+                                                                            FakeAgent]]:
+    """eecp with one attested agent, whose tunnel is a control-port connection too."""
+    pki = qf.make_pki(seed=6)
+    async with open_upstreams(pki) as (pccs, github):
+        env = control_plane_env(tmp_path, pki, pccs.url, github.url, **extra)
+        async with (open_control_plane(env, pki, pccs, github) as cp,
+                    running_agent(FakeAgent(cp.ws_url, pki)) as agent):
+            await agent.wait_status("attested")
+            yield cp, agent
+
+
+async def connect(cp: ControlPlane, data: bytes = b"") -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", cp.bound.control_port)
+    if data:
+        await stream.send_all(data)
+    await settle()
+    return stream
+
+
+async def test_a_request_head_gets_ten_seconds_on_the_control_port(
+        tmp_path: Path, mock_clock: MockClock) -> None:
+    """hypercorn used to wait keep_alive_timeout (75 s) for a head: a slowloris held each
+    socket that long. Now a fresh connection, silent or sending a head slowly, is closed after
+    HEAD_TIMEOUT_SEC; a head completed within it is answered."""
+    async with control_plane(tmp_path) as (cp, _):
+        silent, slow, in_time = (await connect(cp), await connect(cp, HALF_HEAD),
+                                 await connect(cp, HALF_HEAD))
+        mock_clock.jump(HEAD - 1)
+        await in_time.send_all(b"\r\n")
+        async with safety_net(WAIT):
+            client = h11.Connection(h11.CLIENT)
+            client.send(h11.Request(method="GET", target="/health", headers=[("Host", "t")]))
+            client.send(h11.EndOfMessage())  # (the bytes went out by hand)
+            while not isinstance(event := client.next_event(), h11.Response):
+                assert event is h11.NEED_DATA
+                client.receive_data(await in_time.receive_some())
+            assert event.status_code == 200
+            await settle()
+            mock_clock.jump(2)
+            assert await closed(silent)
+            assert await closed(slow)
+
+
+async def test_keep_alive_stays_but_a_slow_next_head_is_closed_and_tunnels_are_untouched(
+        tmp_path: Path, mock_clock: MockClock) -> None:
+    """Between requests a connection waits keep_alive_timeout (75 s) for the next one, and no
+    longer (the timer used to be lost after a response, leaving the connection open for ever);
+    once a head's first bytes arrive, it has HEAD_TIMEOUT_SEC. A tunnel (a WebSocket on the
+    same port) is under neither timer."""
+    async with control_plane(tmp_path) as (cp, agent), safety_net(WAIT):
+        slow, quiet = await connect(cp), await connect(cp)
+        clients = {stream: h11.Connection(h11.CLIENT) for stream in (slow, quiet)}
+        for wait in (60, 0):
+            for stream, client in clients.items():
+                assert await request(stream, client) == 200
+            await settle()
+            mock_clock.jump(wait)  # kept alive: less than keep_alive_timeout
+            await settle()
+        await slow.send_all(HALF_HEAD)
+        await settle()
+        mock_clock.jump(HEAD + 1)
+        assert await closed(slow)
+        mock_clock.jump(65)  # quiet for 76 s since its last answer
+        assert await closed(quiet)
+        await settle()
+        assert agent.closed is None  # quiet for 136 s: no timer applies to a tunnel
+        assert (await cp.get("/health")).json()["agents_connected"] == 1
+
+
+async def test_the_control_port_cap_closes_the_oldest_idle_connection_never_a_tunnel(
+        tmp_path: Path, mock_clock: MockClock) -> None:
+    """EE_CONTROL_MAX_CONNECTIONS=3, one of them the agent's tunnel: a new connection makes
+    room by closing the oldest idle one (silent, or kept alive between requests); with only
+    the tunnel and heads under way left, a new one is closed at once."""
+    async with (control_plane(tmp_path, EE_CONTROL_MAX_CONNECTIONS="3") as (cp, agent),
+                safety_net(WAIT)):
+        oldest, kept = await connect(cp), await connect(cp)
+        assert await request(kept, h11.Connection(h11.CLIENT)) == 200  # then kept alive
+        await settle()
+        health = await cp.get("/health")  # a fourth connection: the oldest idle goes
+        assert health.status_code == 200 and health.json()["agents_connected"] == 1
+        assert await closed(oldest)
+        await settle()  # (httpx has closed its connection too)
+        await connect(cp, HALF_HEAD)  # under way: not evictable
+        await connect(cp, HALF_HEAD)  # the last idle one makes room
+        assert await closed(kept)
+        refused = await connect(cp)
+        assert await closed(refused)
+        assert agent.closed is None

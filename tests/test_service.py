@@ -1,14 +1,18 @@
-"""``serve()`` and ``eecp serve``: the root nursery, /health, graceful stop, config errors."""
+"""``serve()`` and ``eecp serve``: the root nursery, /health, graceful stop, config errors, the
+file limit and the listeners' connection caps."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -138,3 +142,107 @@ def test_unparseable_root_ca_exits_2(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "EE_DCAP_ROOT_CA" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- the file limit and connection caps (eecp.capacity) -------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def file_limit(soft: int, hard: int | None = None) -> Callable[[], None]:
+    """A ``preexec_fn``: the child starts with this RLIMIT_NOFILE (hard: unchanged if None)."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                            if hard is None else hard))
+    return apply
+
+
+def test_a_flood_of_idle_sockets_on_the_proxy_listener_leaves_every_listener_answering(
+        tmp_path: Path) -> None:
+    """The issue as reported: with the usual nofile of 1024, 1,100 idle sockets to the proxy
+    listener made /health, resolve and the proxy time out, with an EMFILE traceback every
+    0.1 s. The demo (eecp, an attested agent, a tiny app) runs under that limit here."""
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "eecp", "demo", "--dir", str(tmp_path / "demo"),
+         "--control-port", "0", "--proxy-port", "0", "--auth-port", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=file_limit(1024, 1024), env={**os.environ, "EE_LOG_LEVEL": "WARNING"})
+    flood: list[socket.socket] = []
+    try:
+        assert demo.stdout is not None
+        printed = ""
+        deadline = time.monotonic() + 60
+        while not printed.endswith("Ctrl-C stops everything.\n"):
+            assert time.monotonic() < deadline, printed
+            line = demo.stdout.readline()
+            assert line, f"demo exited: {demo.wait()}"
+            printed += line
+        proxy = re.search(r"curl http://hello\.localhost:(\d+)/ ", printed)
+        assert proxy, printed
+        control, auth = re.findall(r"curl -i (http://127\.0\.0\.1:\d+)/v1/resolve/hello ", printed)
+        for _ in range(1100):
+            flood.append(socket.create_connection(("127.0.0.1", int(proxy.group(1)))))
+        health = httpx.get(f"{control}/health", timeout=10)
+        assert health.status_code == 200 and health.json()["agents_connected"] == 1
+        resolved = httpx.get(f"{auth}/v1/resolve/hello", timeout=10)
+        assert resolved.status_code == 200 and resolved.json()["allowed"] is True
+        answer = httpx.get(f"http://127.0.0.1:{proxy.group(1)}/",
+                           headers={"Host": "hello.localhost"}, timeout=10)
+        assert answer.status_code == 200 and answer.content.startswith(b"hello from inside")
+        demo.send_signal(signal.SIGINT)
+        _, err = demo.communicate(timeout=30)
+    finally:
+        for sock in flood:
+            sock.close()
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
+    assert "EMFILE" not in err and "Traceback" not in err, err
+    assert "proxy listener is at its cap of 288 connections" in err  # one line
+    assert err.count("is at its cap") == 1
+
+
+def test_eecp_serve_raises_its_soft_file_limit_to_the_hard_one(tmp_path: Path) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard == resource.RLIM_INFINITY or hard > 512, "the test needs a hard limit over 512"
+    port = free_port()
+    env = {**os.environ, **config_env(tmp_path, EE_CONTROL_PORT=str(port))}
+    proc = subprocess.Popen([sys.executable, "-m", "eecp", "serve"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=file_limit(512))
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}/health", proc)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        soft_now = re.search(r"Max open files\s+(\d+)\s+(\d+|unlimited)", limits)
+        assert soft_now, limits
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert soft_now.group(1) == soft_now.group(2) or soft_now.group(2) == "unlimited"
+    assert int(soft_now.group(1)) > 512
+    assert f"file limit {soft_now.group(1)} (raised from 512); connection caps:" in err
+
+
+def test_caps_the_file_limit_cannot_hold_exit_2_naming_the_variable(tmp_path: Path) -> None:
+    env = {**os.environ, **config_env(tmp_path), "EE_CONTROL_MAX_CONNECTIONS": "5000"}
+    proc = subprocess.run([sys.executable, "-m", "eecp", "serve"], env=env, capture_output=True,
+                          text=True, timeout=30, preexec_fn=file_limit(1024, 1024))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("eecp: configuration error: EE_CONTROL_MAX_CONNECTIONS: ")
+    assert "file limit of 1024" in proc.stderr
+
+
+def test_the_systemd_unit_sets_the_file_limit_binds_to_loopback_and_says_how_to_add_its_user(
+        ) -> None:
+    unit = (ROOT / "examples" / "eecp.service").read_text()
+    settings = [line.strip() for line in unit.splitlines() if not line.startswith("#")]
+    limit = [line for line in settings if line.startswith("LimitNOFILE=")]
+    assert limit and int(limit[0].split("=", 1)[1]) >= 65536
+    for bind in ("EE_CONTROL_BIND=127.0.0.1", "EE_PROXY_BIND=127.0.0.1"):
+        assert f"Environment={bind}" in settings
+    assert "User=eecp" in settings and "useradd --system" in unit
