@@ -31,9 +31,9 @@ from agent.config import AgentConfig, from_env
 from agent.measure import measure
 from agent.providers import ConfigfsTsmProvider, DevQuoteProvider, QuoteProvider
 from agent.tunnel import CLOSE_TIMEOUT_SEC, run_agent
-from eecp.errors import ConfigError
-from eecp.logs import setup_logging
-from eecp.measurements import Measurements
+from eecp.core.errors import ConfigError
+from eecp.core.logs import setup_logging
+from eecp.wire.measurements import Measurements
 
 log = logging.getLogger("agent")
 

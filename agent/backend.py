@@ -34,8 +34,8 @@ from urllib.parse import urlsplit
 import httptools
 import trio
 
-from eecp.errors import EecpError
-from eecp.frames import content_length
+from eecp.core.errors import EecpError
+from eecp.wire.frames import content_length
 
 READ_BYTES = 64 * 1024
 #: the most a response head (status line, headers, interim 1xx heads) may take: what the

@@ -1,10 +1,10 @@
 """The agent's configuration: one frozen :class:`AgentConfig` built once from the environment.
 
 Every variable the agent reads is declared here with its default (the README's agent table
-mirrors this module). A bad value raises :class:`~eecp.errors.ConfigError` naming the variable;
+mirrors this module). A bad value raises :class:`~eecp.core.errors.ConfigError` naming the variable;
 ``eecp-agent`` turns that into one line on stderr and exit status 2.
 
-The register fields are validated by eecp's own decoder (:mod:`eecp.protocol`), so an agent
+The register fields are validated by eecp's own decoder (:mod:`eecp.wire.protocol`), so an agent
 never starts with a repo, tag, app name, network or id that the control plane would refuse.
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
-from eecp import devpki
-from eecp.errors import ConfigError, ProtocolError
-from eecp.protocol import Register, decode_agent_message, encode_register
+from eecp.core.errors import ConfigError, ProtocolError
+from eecp.dev import pki as devpki
+from eecp.wire.protocol import Register, decode_agent_message, encode_register
 
 T = TypeVar("T")
 

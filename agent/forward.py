@@ -1,7 +1,7 @@
 """The agent's half of the data plane: every stream eecp opens becomes one request to the backend.
 
-:func:`serve_forwarding` accepts streams from the tunnel's :class:`~eecp.streams.Mux` and serves
-each in its own task, in a nursery it owns (nothing outlives it)::
+:func:`serve_forwarding` accepts streams from the tunnel's :class:`~eecp.wire.streams.Mux`
+and serves each in its own task, in a nursery it owns (nothing outlives it)::
 
     forwarding nursery
       └─ forward:<id>    one per stream: body in → backend → head and body out; eecp
@@ -42,9 +42,9 @@ from typing import cast
 import trio
 
 from agent.backend import BackendError, BackendExchange, BackendPool
-from eecp.errors import EecpError, leaf_error, single_error
-from eecp.frames import is_origin_form
-from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
+from eecp.core.errors import EecpError, leaf_error, single_error
+from eecp.wire.frames import is_origin_form
+from eecp.wire.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 
 log = logging.getLogger("agent.forward")
 
@@ -294,7 +294,7 @@ class _RequestBody:
 def backend_target(path: str) -> str:
     """``path`` (with its query) as the request target for the backend, or
     ``ForwardError("bad_path")`` for anything but an origin-form target
-    (:func:`eecp.frames.is_origin_form`): nothing but the backend can be reached."""
+    (:func:`eecp.wire.frames.is_origin_form`): nothing but the backend can be reached."""
     if not is_origin_form(path):
         raise ForwardError("bad_path", f"{path[:80]!r} is not an origin-form path")
     return path

@@ -16,7 +16,7 @@ agent installed anywhere below a directory called ``tmp`` (``/tmp/...``) hashes 
 and every such install measures the same. We test them against the path *relative to the
 agent directory*; for every install path upstream hashes sensibly the two agree.
 
-The measurements are then bound into report_data by :mod:`eecp.measurements` (shared with the
+The measurements are then bound into report_data by :mod:`eecp.wire.measurements` (shared with the
 control plane). Everything here is blocking file I/O, run once at start-up before ``trio.run``.
 """
 
@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent.config import AgentConfig
-from eecp.errors import ConfigError
-from eecp.measurements import Measurements
+from eecp.core.errors import ConfigError
+from eecp.wire.measurements import Measurements
 
 #: directory names whose files ``sha256_dir`` leaves out (upstream's list)
 SKIP_NAMES = frozenset({"__pycache__", ".git", "deployments", "tmp"})

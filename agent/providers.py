@@ -2,7 +2,7 @@
 
 * :class:`ConfigfsTsmProvider` asks the TDX module through the kernel's configfs-tsm interface
   (Linux ≥ 6.7, ``/sys/kernel/config/tsm/report``): the production provider.
-* :class:`DevQuoteProvider` mints quotes under a development PKI (:mod:`eecp.devpki`) for
+* :class:`DevQuoteProvider` mints quotes under a development PKI (:mod:`eecp.dev.pki`) for
   machines without TDX. eecp accepts them only when ``EE_DCAP_ROOT_CA`` names that PKI's
   ``root.pem``.
 
@@ -24,8 +24,8 @@ from typing import ParamSpec, Protocol, TypeVar
 import trio
 
 from agent.config import DEFAULT_TSM_REPORT_DIR
-from eecp import devpki
-from eecp.errors import EecpError
+from eecp.core.errors import EecpError
+from eecp.dev import pki as devpki
 
 log = logging.getLogger("agent.providers")
 P = ParamSpec("P")

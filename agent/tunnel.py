@@ -19,9 +19,9 @@ back to the start after a connection that lasted EE_RECONNECT_RESET_SEC). Only t
 event (a graceful shutdown: the tunnel is closed with 1001 and the close handshake awaited) or
 cancellation ends :func:`run_agent`.
 
-The wire protocol is :mod:`eecp.protocol`'s; report_data is :func:`eecp.measurements.
-report_data_for`'s; the binary data protocol (proxied requests) is :mod:`eecp.frames`' and
-:mod:`eecp.streams`'.
+The wire protocol is :mod:`eecp.wire.protocol`'s; report_data is :func:`eecp.wire.measurements.
+report_data_for`'s; the binary data protocol (proxied requests) is :mod:`eecp.wire.frames`' and
+:mod:`eecp.wire.streams`'.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ from agent.config import AgentConfig
 from agent.forward import open_backend_pool, serve_forwarding
 from agent.health import HealthStatus, probe_backend
 from agent.providers import QuoteProvider, QuoteProviderError
-from eecp import wsproto_speedups
-from eecp.errors import EecpError, ProtocolError, leaf_error
-from eecp.measurements import Measurements, report_data_for
-from eecp.protocol import (
+from eecp.core.errors import EecpError, ProtocolError, leaf_error
+from eecp.patches import wsproto as wsproto_speedups
+from eecp.wire.measurements import Measurements, report_data_for
+from eecp.wire.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INVALID_PAYLOAD,
     AttestRequest,
@@ -65,7 +65,7 @@ from eecp.protocol import (
     encode_health,
     encode_register,
 )
-from eecp.streams import Mux
+from eecp.wire.streams import Mux
 
 log = logging.getLogger("agent.tunnel")
 

@@ -5,7 +5,7 @@ Run by hand from the repository root (not part of the test suite)::
     python bench/hypercorn_floor.py --sockets 1000 [--tasks 4]
 
 The server is this file with ``--serve`` in a subprocess: hypercorn's trio worker configured as
-``eecp serve`` configures it (``eecp.hypercorn_fixes``, ``eecp.wsproto_speedups``, keep-alive,
+``eecp serve`` configures it (``eecp.patches.hypercorn``, ``eecp.patches.wsproto``, keep-alive,
 pings, message size) serving a bare ASGI app that accepts every WebSocket and waits for its
 disconnect. With ``--tasks K`` the app also runs K tasks per connection, each waiting on a trio
 Event in one nursery, as an eecp session's tasks wait (reader, attestation, health, TTL).
@@ -49,7 +49,8 @@ async def serve(port: int, tasks: int) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
-    from eecp import hypercorn_fixes, wsproto_speedups
+    from eecp.patches import hypercorn as hypercorn_fixes
+    from eecp.patches import wsproto as wsproto_speedups
 
     hypercorn_fixes.apply()
     wsproto_speedups.install()

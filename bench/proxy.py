@@ -168,7 +168,7 @@ import trio  # noqa: E402
 from agent.config import from_env as agent_config  # noqa: E402
 from agent.measure import measure  # noqa: E402
 from bench.tunnels import free_port, raise_fd_limit, rss_kib, wait_serving  # noqa: E402
-from eecp import devpki  # noqa: E402
+from eecp.dev import pki as devpki  # noqa: E402
 from tests.fake_pccs import open_fake_pccs  # noqa: E402
 from tests.harness import REPO, TAG, allowlist_doc  # noqa: E402
 

@@ -59,8 +59,8 @@ import httpx  # noqa: E402
 import trio  # noqa: E402
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url  # noqa: E402
 
-from eecp.measurements import report_data_for  # noqa: E402
-from eecp.protocol import (  # noqa: E402
+from eecp.wire.measurements import report_data_for  # noqa: E402
+from eecp.wire.protocol import (  # noqa: E402
     AttestResponse,
     Register,
     encode_attest_response,

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import trio
 
-from eecp import __version__, verify_quote
-from eecp.config import from_env
-from eecp.errors import ConfigError, StoreError
-from eecp.logs import setup_logging
+from eecp import __version__
+from eecp.attestation import verify_cli as verify_quote
+from eecp.core.config import from_env
+from eecp.core.errors import ConfigError, StoreError
+from eecp.core.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,9 +87,9 @@ def serve_command(env: dict[str, str]) -> int:
 def release_agent_command(agent_id: str, env: dict[str, str]) -> int:
     """``eecp release-agent``: the id may then be admitted for any app (its audit history
     stays). Meant for an agent that is offline: a connected one writes its row again."""
-    from eecp.blocking import Workers
-    from eecp.records import AgentRecord
-    from eecp.store import open_store
+    from eecp.core.blocking import Workers
+    from eecp.store.records import AgentRecord
+    from eecp.store.store import open_store
 
     try:
         config = from_env(env)
@@ -117,7 +118,7 @@ def release_agent_command(agent_id: str, env: dict[str, str]) -> int:
 
 def demo_command(args: argparse.Namespace, env: dict[str, str]) -> int:
     """``eecp demo``: print the URLs to try once the agent is attested; run until a signal."""
-    from eecp.demo import DemoError, DemoSettings, serve_demo
+    from eecp.dev.demo import DemoError, DemoSettings, serve_demo
 
     try:
         # only the log settings are taken from the environment (validated as `serve` does)

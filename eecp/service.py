@@ -1,7 +1,7 @@
 """``serve()``: the daemon root. Read it top to bottom.
 
 Before anything opens, the file limit is raised to the hard limit and shared out into one
-connection cap per listener (:mod:`eecp.capacity`); caps that do not fit are a ``ConfigError``.
+connection cap per listener (:mod:`eecp.core.capacity`); caps that do not fit are a ``ConfigError``.
 Resources are opened first, with ``async with``, so they outlive every task (store, HTTP client,
 caches, the attestation engine). Then one root nursery starts the servers in dependency order,
 each reporting readiness through ``task_status``; ``serve`` reports the bound addresses when all
@@ -35,25 +35,28 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
-from eecp import __version__, capacity, hypercorn_fixes, wsproto_speedups
-from eecp.allowlist import AllowlistSource
-from eecp.api import create_app
-from eecp.attestation import AttestationEngine
-from eecp.blocking import Workers
-from eecp.capacity import ConnectionGate, ListenerCaps
-from eecp.clock import Clock, SystemClock
-from eecp.collateral import CollateralCache
-from eecp.config import Config
-from eecp.dataplane import serve_dataplane
-from eecp.errors import ConfigError, InputError
-from eecp.forwarded import TrustedProxies
-from eecp.metrics import Metrics
-from eecp.quotes import load_root_ca
-from eecp.ratelimit import RefusedAuditLimit
-from eecp.registry import Registry
-from eecp.session import serve_audit_summaries
-from eecp.store import Store, open_store
-from eecp.tunnel import TunnelRouter, Tunnels
+from eecp import __version__
+from eecp.agents.registry import Registry
+from eecp.agents.session import serve_audit_summaries
+from eecp.agents.tunnels import TunnelRouter, Tunnels
+from eecp.attestation.allowlist import AllowlistSource
+from eecp.attestation.collateral import CollateralCache
+from eecp.attestation.engine import AttestationEngine
+from eecp.attestation.quotes import load_root_ca
+from eecp.control.app import create_app
+from eecp.core import capacity
+from eecp.core.blocking import Workers
+from eecp.core.capacity import ConnectionGate, ListenerCaps
+from eecp.core.clock import Clock, SystemClock
+from eecp.core.config import Config
+from eecp.core.errors import ConfigError, InputError
+from eecp.core.metrics import Metrics
+from eecp.core.ratelimit import RefusedAuditLimit
+from eecp.dataplane.forwarded import TrustedProxies
+from eecp.dataplane.listeners import serve_dataplane
+from eecp.patches import hypercorn as hypercorn_fixes
+from eecp.patches import wsproto as wsproto_speedups
+from eecp.store.store import Store, open_store
 
 log = logging.getLogger("eecp.service")
 

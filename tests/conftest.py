@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eecp import devpki
+from eecp.dev import pki as devpki
 
 
 @pytest.fixture(scope="session")

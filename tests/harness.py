@@ -28,12 +28,12 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from agent.forward import open_backend_pool, serve_forwarding
-from eecp.clock import TrioClock
-from eecp.config import Config, from_env
-from eecp.measurements import Measurements, report_data_for
-from eecp.protocol import AttestResponse, Register, encode_attest_response, encode_register
+from eecp.core.clock import TrioClock
+from eecp.core.config import Config, from_env
 from eecp.service import Bound, serve
-from eecp.streams import Mux
+from eecp.wire.measurements import Measurements, report_data_for
+from eecp.wire.protocol import AttestResponse, Register, encode_attest_response, encode_register
+from eecp.wire.streams import Mux
 from tests import quotefactory as qf
 from tests.fake_github import FakeGitHub, open_fake_github
 from tests.fake_pccs import FakePccs, open_fake_pccs

@@ -1,4 +1,4 @@
-"""The test quote factory: a re-export of :mod:`eecp.devpki`, where it lives now.
+"""The test quote factory: a re-export of :mod:`eecp.dev.pki`, where it lives now.
 
 The development PKI moved into the package because the agent's ``dev`` quote provider (and
 ``eecp demo``) mint quotes at run time. Tests keep importing ``tests.quotefactory as qf``.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 # The star import keeps any name added to eecp.devpki available here; the explicit list below
 # (and __all__) tell mypy and ruff which names this module re-exports on purpose.
-from eecp.devpki import *  # noqa: F403
-from eecp.devpki import (
+from eecp.dev.pki import *  # noqa: F403
+from eecp.dev.pki import (
     ATTESTATION_KEY_TYPE_ECDSA_P256,
     CERT_NOT_AFTER,
     CERT_NOT_BEFORE,

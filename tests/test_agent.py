@@ -54,11 +54,11 @@ from agent.providers import (
     QuoteProviderError,
 )
 from agent.tunnel import AgentState, Backoff, run_agent
-from eecp import devpki
-from eecp.clock import isoformat
-from eecp.errors import ConfigError
-from eecp.measurements import Measurements, measurements_from_json, report_data_for
-from eecp.protocol import (
+from eecp.core.clock import isoformat
+from eecp.core.errors import ConfigError
+from eecp.dev import pki as devpki
+from eecp.wire.measurements import Measurements, measurements_from_json, report_data_for
+from eecp.wire.protocol import (
     DATA_PROTOCOL,
     AttestRequest,
     AttestResponse,

@@ -18,16 +18,16 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eecp.allowlist import (
+from eecp.attestation.allowlist import (
     MAX_ALLOWLIST_BYTES,
     NEGATIVE_TTL_SEC,
     Allowlist,
     AllowlistSource,
     parse_allowlist,
 )
-from eecp.clock import FixedClock
-from eecp.errors import AllowlistError
-from eecp.ratelimit import SharedLimit
+from eecp.core.clock import FixedClock
+from eecp.core.errors import AllowlistError
+from eecp.core.ratelimit import SharedLimit
 from tests.fake_github import FakeGitHub, open_fake_github
 from tests.vectors import vector
 

@@ -12,14 +12,14 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from eecp.allowlist import AllowlistSource
-from eecp.attestation import AttestationEngine, Challenge
-from eecp.blocking import Workers
-from eecp.clock import FixedClock
-from eecp.collateral import CollateralCache
-from eecp.config import Config
-from eecp.measurements import Measurements, report_data_for
-from eecp.ratelimit import SharedLimit
+from eecp.attestation.allowlist import AllowlistSource
+from eecp.attestation.collateral import CollateralCache
+from eecp.attestation.engine import AttestationEngine, Challenge
+from eecp.core.blocking import Workers
+from eecp.core.clock import FixedClock
+from eecp.core.config import Config
+from eecp.core.ratelimit import SharedLimit
+from eecp.wire.measurements import Measurements, report_data_for
 from tests import quotefactory as qf
 from tests.fake_github import FakeGitHub, open_fake_github
 from tests.fake_pccs import FakePccs, open_fake_pccs

@@ -13,15 +13,15 @@ import httpx
 import pytest
 import trio
 
-from eecp import collateral
-from eecp.clock import FixedClock, parse_isoformat
-from eecp.collateral import (
+from eecp.attestation import collateral
+from eecp.attestation.collateral import (
     CollateralCache,
     CollateralParts,
     parts_from_dcap_json,
     raw_json_members,
 )
-from eecp.errors import CollateralError
+from eecp.core.clock import FixedClock, parse_isoformat
+from eecp.core.errors import CollateralError
 from tests.fake_pccs import ENDPOINTS, FakePccs, open_fake_pccs
 from tests.vectors import vector
 

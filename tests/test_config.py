@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from eecp.capacity import ListenerCaps, listener_caps
-from eecp.config import Config, Network, from_env
-from eecp.errors import ConfigError
+from eecp.core.capacity import ListenerCaps, listener_caps
+from eecp.core.config import Config, Network, from_env
+from eecp.core.errors import ConfigError
 
 
 def test_defaults_match_the_documented_ones() -> None:

@@ -20,9 +20,9 @@ import httpx
 import pytest
 import trio
 
-from eecp import devpki
-from eecp.demo import APP, HELLO, REPO, TAG, DemoError, DemoSettings, DemoUrls, serve_demo
-from eecp.devpccs import REISSUE_AFTER_SEC, DevPccs, pccs_answer
+from eecp.dev import pki as devpki
+from eecp.dev.demo import APP, HELLO, REPO, TAG, DemoError, DemoSettings, DemoUrls, serve_demo
+from eecp.dev.pccs import REISSUE_AFTER_SEC, DevPccs, pccs_answer
 
 WAIT = 30.0  # real seconds: PKI creation, attestation, shutdown (hypercorn lingers up to 5 s)
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from pathlib import Path
 import dcap_qvl
 import pytest
 
-from eecp import devpki
-from eecp.config import from_env
+from eecp.core.config import from_env
+from eecp.dev import pki as devpki
 
 NOW = 1_750_000_000.0
 

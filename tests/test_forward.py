@@ -1,6 +1,6 @@
 """The agent's forwarding (agent.forward) against a real local backend, through a Mux pair.
 
-eecp's side is a real :class:`~eecp.streams.Mux` (the opener) wired to the agent's by the
+eecp's side is a real :class:`~eecp.wire.streams.Mux` (the opener) wired to the agent's by the
 in-memory tunnel of ``tests.test_streams``; the backend is a tiny trio + h11 HTTP/1.1 server on
 127.0.0.1 that can stream its answer chunk by chunk. The last tests run the whole agent over a
 real WebSocket (``tests.test_agent``'s scripted eecp). Every test is bounded in time.
@@ -24,9 +24,9 @@ import trio
 import trio.testing
 
 from agent.forward import ForwardError, backend_target, open_backend_pool, serve_forwarding
-from eecp.frames import ResponseHeadFrame
-from eecp.httpserver import Request, Responder, serve_http
-from eecp.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
+from eecp.dataplane.httpserver import Request, Responder, serve_http
+from eecp.wire.frames import ResponseHeadFrame
+from eecp.wire.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 from tests.test_agent import open_world, running_agent
 from tests.test_streams import Pair, mux_pair, read_all
 

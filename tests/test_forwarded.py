@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from eecp.config import DEFAULT_TRUSTED, Config, from_env, parse_trusted
-from eecp.errors import ConfigError
-from eecp.forwarded import (
+from eecp.core.config import DEFAULT_TRUSTED, Config, from_env, parse_trusted
+from eecp.core.errors import ConfigError
+from eecp.dataplane.forwarded import (
     Forwarding,
     TrustedProxies,
     forwarded_headers,

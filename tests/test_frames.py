@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eecp.errors import ProtocolError
-from eecp.frames import (
+from eecp.core.errors import ProtocolError
+from eecp.wire.frames import (
     BODY,
     FIN,
     INITIAL_WINDOW,

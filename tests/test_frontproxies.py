@@ -27,7 +27,7 @@ from trio_websocket import wrap_client_stream
 from agent.agent import build_provider
 from agent.config import from_env as agent_env
 from agent.tunnel import AgentState, run_agent
-from eecp import devpki
+from eecp.dev import pki as devpki
 from tests import frontproxies as fp
 from tests import harness
 from tests.selfsigned import make_self_signed

@@ -18,8 +18,8 @@ import wsproto.events
 from trio.testing import MockClock
 from wsproto.extensions import PerMessageDeflate
 
-from eecp.frames import DataFrame, encode_frame
-from eecp.streams import Mux, ResponseHead
+from eecp.wire.frames import DataFrame, encode_frame
+from eecp.wire.streams import Mux, ResponseHead
 from tests import quotefactory as qf
 from tests.harness import (
     ControlPlane,

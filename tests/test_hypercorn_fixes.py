@@ -21,9 +21,9 @@ from hypercorn.events import Closed, RawData
 from hypercorn.trio.tcp_server import TCPServer
 from trio.testing import MockClock
 
-from eecp import hypercorn_fixes
-from eecp.clock import TrioClock
-from eecp.config import from_env
+from eecp.core.clock import TrioClock
+from eecp.core.config import from_env
+from eecp.patches import hypercorn as hypercorn_fixes
 from eecp.service import Bound, serve
 from tests import quotefactory as qf
 from tests.harness import (

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eecp.jsonproxy import Budget, JsonAnswer
-from eecp.proxy import ProxyError
+from eecp.dataplane.jsonproxy import Budget, JsonAnswer
+from eecp.dataplane.proxy import ProxyError
 
 HEADERS = [("content-type", "text/plain"), ("x-quote", 'say "hi"\\')]
 

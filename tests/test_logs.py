@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from eecp import logs
-from eecp.clock import isoformat
+from eecp.core import logs
+from eecp.core.clock import isoformat
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])

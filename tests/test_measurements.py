@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from eecp.errors import PolicyError
-from eecp.measurements import Measurements, measurements_from_json, report_data_for
+from eecp.core.errors import PolicyError
+from eecp.wire.measurements import Measurements, measurements_from_json, report_data_for
 from tests.vectors import vector
 
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from eecp import policy
-from eecp.allowlist import Allowlist, parse_allowlist
-from eecp.errors import AttestationError
-from eecp.measurements import Measurements, report_data_for
-from eecp.quotes import QuoteFacts, VerifiedQuote
+from eecp.attestation import policy
+from eecp.attestation.allowlist import Allowlist, parse_allowlist
+from eecp.attestation.quotes import QuoteFacts, VerifiedQuote
+from eecp.core.errors import AttestationError
+from eecp.wire.measurements import Measurements, report_data_for
 
 NONCE = bytes(range(32))
 RTMRS = tuple(bytes([i + 1]) * 48 for i in range(4))

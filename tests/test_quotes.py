@@ -11,16 +11,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from eecp.clock import parse_isoformat
-from eecp.errors import CollateralError, QuoteError
-from eecp.quotes import (
+from eecp.attestation.quotes import (
     check_pck_chain,
     classify_failure,
     parse_quote,
     platform_id,
     verify_quote,
 )
-from eecp.verify_quote import decode_quote
+from eecp.attestation.verify_cli import decode_quote
+from eecp.core.clock import parse_isoformat
+from eecp.core.errors import CollateralError, QuoteError
 from tests import quotefactory as qf
 from tests.vectors import vector
 

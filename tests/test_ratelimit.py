@@ -8,10 +8,10 @@ import pytest
 import trio
 import trio.testing
 
-from eecp import ratelimit
-from eecp.clock import TrioClock
-from eecp.ratelimit import RefusedAuditLimit, SharedLimit, TokenBucket
-from eecp.session import serve_audit_summaries
+from eecp.agents.session import serve_audit_summaries
+from eecp.core import ratelimit
+from eecp.core.clock import TrioClock
+from eecp.core.ratelimit import RefusedAuditLimit, SharedLimit, TokenBucket
 
 T0 = 1_790_000_000.0
 

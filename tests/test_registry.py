@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import pytest
 
-from eecp import resolve as resolve_module
-from eecp.config import Network
-from eecp.records import AgentRecord, AppRecord
-from eecp.registry import AgentView, Registry, decide
-from eecp.resolve import answer_for, resolve
+from eecp.agents.registry import AgentView, Registry, decide
+from eecp.core.config import Network
+from eecp.dataplane import resolve as resolve_module
+from eecp.dataplane.resolve import answer_for, resolve
+from eecp.store.records import AgentRecord, AppRecord
 
 WARN = 3 * 86400.0
 EXPIRES = 1_000_000.0

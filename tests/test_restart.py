@@ -12,7 +12,7 @@ import trio
 from agent.agent import build_provider
 from agent.config import from_env as agent_env
 from agent.tunnel import AgentState, run_agent
-from eecp import devpki
+from eecp.dev import pki as devpki
 from tests import harness
 from tests.fakehttp import Request, Response, open_fake_http
 

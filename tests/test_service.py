@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from eecp.config import from_env
+from eecp.core.config import from_env
 from eecp.service import Bound, serve
 from tests import quotefactory as qf
 

@@ -23,13 +23,13 @@ from typing import Any
 import pytest
 import trio
 
-from eecp import store as store_module
-from eecp.blocking import Workers
-from eecp.clock import FixedClock
-from eecp.config import Config
-from eecp.errors import ConfigError, StoreError
-from eecp.records import AgentRecord, AppRecord, AuditEntry
-from eecp.store import LATEST_SCHEMA_VERSION, MIGRATIONS, Store, open_store
+from eecp.core.blocking import Workers
+from eecp.core.clock import FixedClock
+from eecp.core.config import Config
+from eecp.core.errors import ConfigError, StoreError
+from eecp.store import store as store_module
+from eecp.store.records import AgentRecord, AppRecord, AuditEntry
+from eecp.store.store import LATEST_SCHEMA_VERSION, MIGRATIONS, Store, open_store
 from tests import pgserver
 
 T0 = 1_754_000_000.123456  # fractional on purpose: times must survive as 8-byte floats

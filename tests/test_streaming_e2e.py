@@ -28,9 +28,9 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-import eecp.session
-from eecp.frames import MAX_DATA
-from eecp.streams import Mux, RequestHead, Stream
+import eecp.agents.session
+from eecp.wire.frames import MAX_DATA
+from eecp.wire.streams import Mux, RequestHead, Stream
 from tests import quotefactory as qf
 from tests.harness import (
     ControlPlane,
@@ -86,7 +86,7 @@ def eecp_muxes(monkeypatch: pytest.MonkeyPatch) -> list[WatchedMux]:
     def make(*args: Any, **kwargs: Any) -> WatchedMux:
         made.append(WatchedMux(*args, **kwargs))
         return made[-1]
-    monkeypatch.setattr(eecp.session, "Mux", make)
+    monkeypatch.setattr(eecp.agents.session, "Mux", make)
     return made
 
 

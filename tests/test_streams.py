@@ -26,9 +26,9 @@ import pytest
 import trio
 import trio.testing
 
-from eecp import proxy
-from eecp.errors import ProtocolError
-from eecp.frames import (
+from eecp.core.errors import ProtocolError
+from eecp.dataplane import proxy
+from eecp.wire.frames import (
     FIN,
     INITIAL_WINDOW,
     MAX_BATCH,
@@ -45,7 +45,7 @@ from eecp.frames import (
     encode_frame,
     split_message,
 )
-from eecp.streams import FEED_BUDGET, Mux, RequestHead, ResponseHead, Stream, StreamError
+from eecp.wire.streams import FEED_BUDGET, Mux, RequestHead, ResponseHead, Stream, StreamError
 
 WAIT = 10.0
 GET = RequestHead("GET", "/", [])

@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from trio.testing import MockClock
 
 from eecp import cli
-from eecp.clock import isoformat
-from eecp.records import AgentRecord
-from eecp.session import AgentSession
-from eecp.store import Store
+from eecp.agents.session import AgentSession
+from eecp.core.clock import isoformat
+from eecp.store.records import AgentRecord
+from eecp.store.store import Store
 from tests import quotefactory as qf
 from tests.harness import (
     ASSET,

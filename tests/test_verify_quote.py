@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from eecp.cli import main
-from eecp.measurements import Measurements, report_data_for
+from eecp.wire.measurements import Measurements, report_data_for
 from tests import quotefactory as qf
 from tests.vectors import vector
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, Request
 
-from eecp import wsproto_speedups
+from eecp.patches import wsproto as wsproto_speedups
 
 pytestmark = pytest.mark.skipif(not wsproto_speedups.available(),
                                 reason="websockets has no C speedups here")

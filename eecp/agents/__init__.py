@@ -1,0 +1,2 @@
+"""The agent directory and the live tunnels: registration rules, the registry, admission,
+sessions and the tunnel router."""

@@ -1,0 +1,322 @@
+"""The in-memory view of apps and their agents: what resolve answers from, with no database
+round trip. Sessions change it (synchronously, so a check and its update cannot interleave with
+another session's) and persist through the store themselves.
+
+:func:`decide` is the allow decision, pure: an app may be served when its registration has not
+expired and at least one of its agents serving the current repo/tag is connected, attested,
+not failing health, and sealed where the network requires it.
+
+Resolve is the hot path (every request through nginx or Caddy asks it), so
+:meth:`Registry.resolve` remembers each registered app's decision. A remembered decision is
+never stale: it is kept only while nothing it was computed from has changed (every write to a
+field :func:`decide` reads bumps one process-wide generation — see :class:`AgentView`,
+:class:`AppView`) and while ``now`` stays inside the registration state it was computed in
+(``active`` ends at ``expires_at - warn``, ``warning`` at ``expires_at``). There is no TTL: an
+agent drained at one instant is refused at that instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from eecp.agents.registration import RegistrationState, registration_state
+from eecp.core.clock import isoformat
+from eecp.core.config import Network
+from eecp.store.records import AgentRecord, AppRecord
+from eecp.wire.streams import Mux
+
+Health = Literal["pass", "fail", "unknown"]
+
+
+class _Generation:
+    """Bumped by every change to what a decision reads; remembered decisions compare it."""
+
+    value = 0
+
+
+def _changed() -> None:
+    _Generation.value += 1
+
+
+_UNSET = object()
+
+#: the AgentView fields :func:`decide` reads (``in_flight``, ``mux``, ``health_at`` are not)
+_DECISION_FIELDS = frozenset({"record", "connected", "attested", "health"})
+
+
+class _AgentMap(dict[str, "AgentView"]):
+    """An app's agents by id; adding or removing one is a change to the app's decision."""
+
+    def __setitem__(self, key: str, value: AgentView) -> None:
+        _changed()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        _changed()
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        _changed()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, AgentView]:
+        _changed()
+        return super().popitem()
+
+    def clear(self) -> None:
+        _changed()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        _changed()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        _changed()
+        return super().setdefault(key, default)
+
+    def __ior__(self, other: Any) -> _AgentMap:  # type: ignore[override,misc]
+        _changed()
+        super().update(other)
+        return self
+
+
+@dataclass
+class AgentView:
+    """One agent as this process sees it. ``connected`` is never persisted."""
+
+    record: AgentRecord
+    connected: bool = False
+    attested: bool = False
+    health: Health = "unknown"
+    health_at: float | None = None
+    in_flight: int = 0
+    mux: Mux | None = None  # the tunnel's stream multiplexer while connected
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # only a real change counts: a health report repeating "pass" every 30 s must not
+        # throw away every app's remembered decision
+        if name in _DECISION_FIELDS and getattr(self, name, _UNSET) != value:
+            _changed()
+        object.__setattr__(self, name, value)
+
+    @property
+    def agent_id(self) -> str:
+        return self.record.agent_id
+
+    def routable_for(self, app: AppRecord, network: Network | None) -> bool:
+        """May this agent serve ``app`` right now?"""
+        r = self.record
+        return (self.connected and self.attested and self.health != "fail"
+                and r.repo == app.repo and r.release_tag == app.release_tag
+                and (network is None or not network.sealed or r.sealed is True))
+
+
+@dataclass
+class AppView:
+    """An app registration and the agents known to serve it."""
+
+    record: AppRecord
+    agents: dict[str, AgentView] = field(default_factory=_AgentMap)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _changed()
+        if name == "agents" and not isinstance(value, _AgentMap):
+            value = _AgentMap(value)
+        object.__setattr__(self, name, value)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Resolve's answer for one app. Shared by every caller while it stays valid, so its
+    document is handed out as a copy (:meth:`document`)."""
+
+    allowed: bool
+    reason: str
+    app: str
+    _body: dict[str, Any] = field(repr=False)
+    #: the stretch of time it holds for, ``[valid_from, valid_until)`` (registration state)
+    valid_from: float = -math.inf
+    valid_until: float = math.inf
+
+    @functools.cached_property
+    def json(self) -> bytes:
+        """The document as compact JSON (computed once per decision)."""
+        return json.dumps(self._body, separators=(",", ":")).encode()
+
+    def document(self) -> dict[str, Any]:
+        """The decision as resolve's JSON document, a fresh copy the caller may extend."""
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self._body.items()}
+
+    @property
+    def registration_state(self) -> str:
+        return str(self._body.get("registration_state", ""))
+
+    @property
+    def release_tag(self) -> str:
+        return str(self._body.get("release_tag", ""))
+
+    def holds(self, now: float) -> bool:
+        """Is ``now`` inside the registration state it was computed in?"""
+        return self.valid_from <= now < self.valid_until
+
+
+class Registry:
+    """Apps and agents of one eecp process."""
+
+    def __init__(self, networks: Iterable[Network], warn_sec: float) -> None:
+        self.apps: dict[str, AppView] = {}
+        self._networks = {n.name: n for n in networks}
+        self._warn_sec = warn_sec
+        #: app name -> (generation, decision): registered apps only, so it is bounded
+        self._decisions: dict[str, tuple[int, Decision]] = {}
+
+    def load(self, apps: Iterable[AppRecord], agents: Iterable[AgentRecord]) -> None:
+        """Fill from the store at start-up: every agent reads disconnected until it dials in."""
+        _changed()
+        for app in apps:
+            self.apps[app.name] = AppView(app)
+        for agent in agents:
+            view = self.apps.get(agent.app_name)
+            if view is not None:
+                view.agents[agent.agent_id] = AgentView(agent)
+
+    def app(self, name: str) -> AppRecord | None:
+        view = self.apps.get(name)
+        return view.record if view else None
+
+    def network(self, name: str) -> Network | None:
+        return self._networks.get(name)
+
+    def put_app(self, record: AppRecord) -> None:
+        """Insert or replace an app's record, keeping its agents."""
+        view = self.apps.get(record.name)
+        _changed()
+        if view is None:
+            self.apps[record.name] = AppView(record)
+        else:
+            view.record = record
+
+    def attach(self, agent: AgentView) -> None:
+        """Show ``agent`` under its app (which must be registered): from now on resolve and
+        admin see it. A new app's first agent is attached once its registration commits."""
+        view = self.apps[agent.record.app_name]
+        view.agents[agent.agent_id] = agent
+
+    def detach(self, agent: AgentView) -> None:
+        """The agent's session ended: it stays listed, disconnected."""
+        agent.connected = False
+        agent.attested = False
+        agent.mux = None
+        view = self.apps.get(agent.record.app_name)
+        if view is not None and view.agents.get(agent.agent_id) is agent:
+            view.agents[agent.agent_id] = AgentView(agent.record)
+
+    def update_agent(self, agent: AgentView, **changes: Any) -> AgentRecord:
+        """Replace fields of an agent's record; returns the new record for persisting."""
+        agent.record = replace(agent.record, **changes)
+        return agent.record
+
+    def resolve(self, name: str, now: float) -> Decision:
+        """The allow decision for app ``name`` at ``now`` (remembered while it holds)."""
+        generation = _Generation.value
+        cached = self._decisions.get(name)
+        if cached is not None and cached[0] == generation and cached[1].holds(now):
+            return cached[1]
+        view = self.apps.get(name)
+        decision = decide(view, name, now, self._networks, self._warn_sec)
+        if view is not None:
+            self._decisions[name] = (generation, decision)
+        return decision
+
+    def routable(self, name: str, now: float) -> list[AgentView]:
+        """Agents that may serve ``name`` now, least loaded first."""
+        view = self.apps.get(name)
+        if view is None or registration_state(view.record.expires_at, now,
+                                              self._warn_sec) == "expired":
+            return []
+        network = self._networks.get(view.record.network)
+        agents = [a for a in view.agents.values() if a.routable_for(view.record, network)]
+        return sorted(agents, key=lambda a: a.in_flight)
+
+
+def decide(view: AppView | None, name: str, now: float, networks: dict[str, Network],
+           warn_sec: float) -> Decision:
+    """Pure allow decision; reasons: ``unknown_app``, ``registration_expired``,
+    ``not_connected``, ``not_attested``, ``health_fail``, ``sealed_required``."""
+    if view is None:
+        return Decision(False, "unknown_app", name, {"allowed": False, "reason": "unknown_app",
+                                                      "app": name})
+    app = view.record
+    network = networks.get(app.network)
+    state = registration_state(app.expires_at, now, warn_sec)
+    current = [a for a in view.agents.values()
+               if a.record.repo == app.repo and a.record.release_tag == app.release_tag]
+    best = _best_agent(current, app, network)
+    reason = _deny_reason(state, best, app, network)
+    body = _body(app, state, best, current, reason)
+    return Decision(reason == "ok", reason, name, body, *_state_span(state, app, warn_sec))
+
+
+def _state_span(state: RegistrationState, app: AppRecord, warn_sec: float
+                ) -> tuple[float, float]:
+    """When ``state`` began and ends (see :func:`eecp.agents.registration.registration_state`)."""
+    if state == "active":
+        return -math.inf, app.expires_at - warn_sec
+    if state == "warning":
+        return app.expires_at - warn_sec, app.expires_at
+    return app.expires_at, math.inf
+
+
+def _best_agent(agents: list[AgentView], app: AppRecord, network: Network | None
+                ) -> AgentView | None:
+    """The agent that best represents the app: routable first, then the furthest along."""
+    def rank(a: AgentView) -> tuple[bool, bool, bool, bool]:
+        return (a.routable_for(app, network), a.connected and a.attested, a.connected,
+                a.health != "fail")
+    return max(agents, key=rank, default=None)
+
+
+def _deny_reason(state: RegistrationState, best: AgentView | None, app: AppRecord,
+                 network: Network | None) -> str:
+    if state == "expired":
+        return "registration_expired"
+    if best is None or not best.connected:
+        return "not_connected"
+    if not best.attested:
+        return "not_attested"
+    if best.health == "fail":
+        return "health_fail"
+    if network is not None and network.sealed and best.record.sealed is not True:
+        return "sealed_required"
+    return "ok"
+
+
+def _body(app: AppRecord, state: RegistrationState, best: AgentView | None,
+          agents: list[AgentView], reason: str) -> dict[str, Any]:
+    record = best.record if best else None
+    return {
+        "allowed": reason == "ok",
+        "reason": reason,
+        "app": app.name,
+        "repo": app.repo,
+        "release_tag": app.release_tag,
+        "network": app.network,
+        "registration_state": state,
+        "expires_at": isoformat(app.expires_at),
+        "attestation": {
+            "status": "attested" if best and best.attested else
+            (record.last_reason if record and record.last_reason else "pending"),
+            "at": isoformat(record.last_attested_at) if record and record.last_attested_at
+            else None,
+        },
+        "health": best.health if best else "unknown",
+        "sealed": record.sealed if record else None,
+        "connected": bool(best and best.connected),
+        "agents": sum(1 for a in agents if a.connected),
+    }

@@ -1,0 +1,563 @@
+"""One agent's session: everything that happens while its tunnel is open.
+
+The register message must arrive within the attest deadline. Then the session's own nursery
+runs, as named tasks::
+
+    session nursery
+      ├─ reader          decodes every message; health and answers are routed from here
+      ├─ attestation     challenge on register, then every EE_ATTEST_INTERVAL_SEC (± jitter),
+      │                  and again when the agent re-registers to renew its TTL
+      ├─ health          a deadline pushed forward by each health message; silence → fail
+      └─ ttl             tells the agent when its registration enters its warning window
+
+Whatever decides the agent can no longer be trusted (a refused or late attestation, a protocol
+violation) calls :meth:`AgentSession.end`, which records the close code and cancels the
+nursery: nothing outlives the session. The socket is closed in ``finally``.
+
+An accepted attestation is a verdict about the TD, not yet about the agent: a register
+attestation admits the agent only once the name claim, the agent_id's binding in the store and
+the live sessions agree (:meth:`AgentSession._admit`). The audit row is written after that
+decision, so it records what happened: ``accepted`` only for an agent admitted (its row
+written), else the refusal that admission gave (``agent_id_in_use``, ``app_name_taken``, …).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from eecp.agents.registration import check_claim, registration_state, renew
+from eecp.agents.registry import AgentView
+from eecp.attestation.engine import Challenge, Outcome
+from eecp.core.clock import Clock, isoformat
+from eecp.core.errors import EecpError, ProtocolError, RegistrationError
+from eecp.core.ratelimit import SUMMARY_EVERY_SEC, RefusedAuditLimit
+from eecp.store.records import AgentRecord, AuditEntry
+from eecp.wire import protocol
+from eecp.wire.protocol import AttestResponse, Health, Register, Status
+from eecp.wire.streams import Mux
+
+if TYPE_CHECKING:
+    from eecp.service import Services
+
+log = logging.getLogger("eecp.session")
+
+#: how long cleanup (closing the socket, persisting last_seen) may take once a session ends
+CLEANUP_GRACE_SEC = 5.0
+#: how long a refused agent gets to take the status that says why, before the close
+REFUSE_SEND_SEC = 1.0
+
+
+#: the attestation interval's jitter; one for all sessions (a Random is 2.5 KiB per tunnel)
+_JITTER = random.Random()
+
+
+class TunnelSocket(Protocol):
+    """The WebSocket as a session sees it (:class:`eecp.agents.tunnels.AsgiSocket` in
+    production)."""
+
+    async def receive(self) -> str | bytes | None:
+        """The next message; None once the peer has closed or vanished."""
+        ...
+
+    async def send(self, data: str | bytes) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass
+class Ending:
+    """Why a session ended: the close code and the stable reason sent with it."""
+
+    code: int
+    reason: str
+
+
+class AgentSession:
+    """Runs one agent's tunnel from its first message to its close."""
+
+    def __init__(self, services: Services, socket: TunnelSocket, peer: str,
+                 on_registered: Callable[[AgentSession], Awaitable[None]] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.services = services
+        self.socket = socket
+        self.peer = peer
+        self.register: Register | None = None
+        self.agent: AgentView | None = None
+        self.ending: Ending | None = None
+        self._on_registered = on_registered
+        self._rng = rng or _JITTER
+        self._send_lock = trio.Lock()
+        self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        # one-slot mailboxes (a memory channel pair is 1.8 KiB per tunnel): the answer to the
+        # challenge in flight (the event exists only while one is), and a renewal asked for
+        self._answer: AttestResponse | None = None
+        self._answered: trio.Event | None = None
+        self._renewal: Register | None = None
+        self._renewal_asked = trio.Event()
+        self._health_scope: trio.CancelScope | None = None
+        self._health_heard = trio.Event()
+        self._renewed = trio.Event()
+        self._ttl_started = False
+        self._told_unknown = False
+        #: the first attestation was accepted: the agent is in the registry and the store
+        self.admitted = False
+        #: a newer session took this agent_id: its row is the newcomer's, not ours to write
+        self.replaced = False
+        #: the store knows this agent_id, bound to this session's app and repo
+        self._known = False
+        config = services.config
+        #: request streams to the app over this tunnel (the forwarding scope of the session)
+        self.mux = Mux(self.send, opener=True, max_streams=config.tunnel_max_streams,
+                       initial_window=config.stream_window_bytes)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the session until the socket closes or the agent is no longer trusted."""
+        try:
+            with trio.CancelScope() as self._scope:
+                register = await self._await_register()
+                if register is not None:
+                    await self._serve(register)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_GRACE_SEC):
+                await self._cleanup()
+
+    def end(self, code: int, reason: str) -> None:
+        """End the session (first caller wins): record why and cancel everything it runs."""
+        if self.ending is None:
+            self.ending = Ending(code, reason)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _await_register(self) -> Register | None:
+        deadline = self.services.config.attest_deadline_sec
+        with trio.move_on_after(deadline):
+            while True:
+                message = await self._receive()
+                if message is None:
+                    continue
+                if isinstance(message, Register):
+                    return message
+                await self._refuse(ProtocolError("register_expected",
+                                                 "the first message must be register",
+                                                 protocol.CLOSE_PROTOCOL_ERROR))
+                return None
+        await self._refuse(ProtocolError("register_timeout", "no register within the deadline",
+                                         protocol.CLOSE_REGISTER_TIMEOUT))
+        return None
+
+    async def _serve(self, register: Register) -> None:
+        try:
+            self._check_register(register)
+        except RegistrationError as exc:
+            await self._refuse(exc, protocol.CLOSE_REGISTRATION_REFUSED)
+            return
+        self.register = register
+        now = self.services.clock.now()
+        known = await self.services.store.get_agent(register.agent_id)
+        if known is not None and (known.app_name, known.repo) != (register.app_name,
+                                                                  register.repo):
+            known = None  # bound to another app: admission will refuse it (agent_id_in_use)
+        self._known = known is not None
+        self.agent = AgentView(AgentRecord(
+            agent_id=register.agent_id, app_name=register.app_name, repo=register.repo,
+            release_tag=register.release_tag, network=register.network,
+            first_seen=known.first_seen if known else now, last_seen=now), connected=True,
+            mux=self.mux)
+        # Nothing of this session reaches the registry, the store or the live sessions before
+        # its first attestation is accepted (_record_acceptance): an agent_id is no secret, and a
+        # register alone must not supersede, hide or overwrite the attested agent holding it.
+        log.info("agent %s connected from %s for app %s (%s@%s, %s)", register.agent_id,
+                 self.peer, register.app_name, register.repo, register.release_tag,
+                 register.network)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._reader, name=f"reader:{register.agent_id}")
+            nursery.start_soon(self._attestation_loop, register,
+                               name=f"attestation:{register.agent_id}")
+            nursery.start_soon(self._health_watchdog, name=f"health:{register.agent_id}")
+
+    def _check_register(self, register: Register) -> None:
+        if register.data_protocol != protocol.DATA_PROTOCOL:
+            raise RegistrationError(
+                "data_protocol_unsupported", f"this eecp speaks data protocol "
+                f"{protocol.DATA_PROTOCOL}; the agent announced {register.data_protocol or 'none'}")
+        if self.services.registry.network(register.network) is None:
+            raise RegistrationError("network_unknown",
+                                    f"network {register.network!r} is not served here")
+        check_claim(self.services.registry.app(register.app_name), register,
+                    self.services.clock.now())
+
+    async def _cleanup(self) -> None:
+        self.mux.close("tunnel_closed")  # every request in flight on this tunnel ends now
+        agent = self.agent
+        if agent is not None and self.admitted:
+            self.services.registry.detach(agent)
+            record = self.services.registry.update_agent(agent,
+                                                         last_seen=self.services.clock.now())
+            try:
+                if not self.replaced:  # else a stale write over the newer session's row
+                    await self.services.store.save_agent(record)
+            except EecpError as exc:
+                log.warning("could not record last_seen of %s: %s", agent.agent_id, exc)
+        ending = self.ending or Ending(protocol.CLOSE_NORMAL, "closed")
+        try:
+            await self.socket.close(ending.code, ending.reason)
+        except Exception as exc:  # the peer may be gone already; nothing left to tell it
+            log.debug("close failed: %r", exc)
+        who = agent.agent_id if agent else self.peer
+        log.info("session %s ended: %s (%d)", who, ending.reason, ending.code)
+
+    # ---- messages -------------------------------------------------------------------------
+
+    async def _receive(self, binary: Callable[[bytes], Awaitable[None]] | None = None
+                       ) -> protocol.AgentMessage | None:
+        """The next valid message; ``None`` after a non-fatal problem was reported (or a
+        binary data frame was handed to ``binary``)."""
+        data = await self.socket.receive()
+        if data is None:  # the peer closed the tunnel, or it broke: the session is over
+            self.end(protocol.CLOSE_NORMAL, "peer_closed")
+            await trio.sleep_forever()  # end() cancelled our scope: this raises at once
+        if isinstance(data, bytes) and binary is not None:
+            await binary(data)
+            return None
+        try:
+            return protocol.decode_agent_message(
+                data, max_bytes=self.services.config.tunnel_max_message_bytes)
+        except ProtocolError as exc:
+            if exc.reason == "unknown_type":
+                # newer agents may speak messages we do not know yet: say so (once: answering
+                # every one would let a peer that never reads pile up our writes) and carry on
+                if not self._told_unknown:
+                    self._told_unknown = True
+                    await self.send_status("warning", exc.reason)
+                return None
+            await self._refuse(exc)
+            return None
+
+    async def _reader(self) -> None:
+        while True:
+            message = await self._receive(binary=self._on_binary)
+            if isinstance(message, AttestResponse):
+                await self._on_answer(message)
+            elif isinstance(message, Health):
+                await self._on_health(message)
+            elif isinstance(message, Register):
+                await self._on_register_again(message)
+
+    async def _on_binary(self, data: bytes) -> None:
+        """A data frame of a proxied request: the mux routes it to its stream. Until the agent
+        is admitted (its first attestation accepted) no stream can exist and only the JSON
+        control messages are accepted: anything else ends the session (a peer that has proved
+        nothing must not keep a core busy feeding frames to an empty mux)."""
+        if not self.admitted:
+            await self._refuse(ProtocolError(
+                "binary_unexpected", "no data frames before the first accepted attestation",
+                protocol.CLOSE_INVALID_PAYLOAD))
+            return
+        try:
+            await self.mux.feed(data)
+        except ProtocolError as exc:
+            await self._refuse(exc)
+
+    async def _on_answer(self, answer: AttestResponse) -> None:
+        if self._answered is None or self._answer is not None:  # none asked, or answered
+            await self.send_status("warning", "unexpected_message")
+            return
+        self._answer = answer
+        self._answered.set()
+
+    async def _on_register_again(self, register: Register) -> None:
+        current = self.register
+        assert current is not None
+        if (register.agent_id, register.app_name, register.repo) != (
+                current.agent_id, current.app_name, current.repo):
+            await self._refuse(ProtocolError(
+                "register_mismatch", "a tunnel serves one agent, app and repo",
+                protocol.CLOSE_PROTOCOL_ERROR))
+            return
+        if self._renewal is None:  # else one is already waiting to be served
+            self._renewal = register
+            self._renewal_asked.set()
+
+    async def send_status(self, state: str, reason: str, **extra: object) -> None:
+        """Tell the agent about a decision."""
+        await self.send(Status(state, reason, extra).encode())  # type: ignore[arg-type]
+
+    async def send(self, data: str | bytes) -> None:
+        """Send one message; concurrent senders take turns."""
+        async with self._send_lock:
+            await self.socket.send(data)
+
+    async def _refuse(self, error: EecpError, code: int | None = None) -> None:
+        close = code if code is not None else getattr(error, "close_code",
+                                                      protocol.CLOSE_POLICY)
+        log.info("refusing %s: %s", self.peer, error)
+        # ended first: nothing else of the session runs on. Telling the agent why is a
+        # courtesy bounded in time, so a peer that stopped reading cannot hold the session.
+        self.end(close, error.reason)
+        with trio.CancelScope(shield=True), trio.move_on_after(REFUSE_SEND_SEC):
+            await self.send_status("invalid", error.reason)
+
+    # ---- attestation ----------------------------------------------------------------------
+
+    async def _attestation_loop(self, register: Register) -> None:
+        trigger = "register"
+        while True:
+            if not await self._challenge(register, trigger):
+                return
+            if trigger == "register" and not self._ttl_started:
+                self._ttl_started = True
+                assert self._nursery is not None
+                self._nursery.start_soon(self._ttl_watcher, name=f"ttl:{register.agent_id}")
+            trigger = "periodic"
+            with trio.move_on_after(self._next_interval()):
+                await self._renewal_asked.wait()
+            if self._renewal is not None:
+                register, self._renewal = self._renewal, None
+                self._renewal_asked = trio.Event()
+                trigger = "register"
+
+    def _next_interval(self) -> float:
+        """The attestation interval less up to 10 % (at most 5 min), so agents that all
+        connected at one restart spread out instead of attesting in the same second."""
+        interval = self.services.config.attest_interval_sec
+        return interval - self._rng.uniform(0, min(0.1 * interval, 300.0))
+
+    async def _challenge(self, register: Register, trigger: str) -> bool:
+        """One challenge/answer/verdict round; False when the session must end."""
+        deadline = self.services.config.attest_deadline_sec
+        nonce = secrets.token_bytes(32)
+        # a fresh mailbox: an answer that arrived late for an earlier challenge was refused
+        answered = self._answered = trio.Event()
+        # the agent's time starts when the challenge leaves, not when our send returns
+        with trio.move_on_after(deadline):
+            await self.send(protocol.AttestRequest(nonce, max(1, math.ceil(deadline)),
+                                                   trigger).encode())  # type: ignore[arg-type]
+            await answered.wait()
+        answer, self._answer, self._answered = self._answer, None, None
+        if answer is None:
+            await self._audit_timeout(register, trigger)
+            await self._refuse(ProtocolError("attestation_timeout", "no answer in time",
+                                             protocol.CLOSE_ATTESTATION_TIMEOUT))
+            return False
+        challenge = Challenge(repo=register.repo, release_tag=register.release_tag,
+                              network=register.network, nonce=nonce, quote=answer.quote,
+                              claimed_report_data=answer.report_data,
+                              measurements=answer.measurements)
+        outcome = await self.services.engine.attest(challenge)
+        self.services.metrics.attestation_seconds.observe(outcome.duration_sec)
+        entry = outcome.audit_entry(challenge=challenge, app_name=register.app_name,
+                                    agent_id=register.agent_id, trigger=trigger)
+        if not outcome.accepted:
+            await self._verdict(entry)
+            await self._record_refusal(outcome.reason, outcome.at)
+            await self._refuse(ProtocolError(outcome.reason, outcome.verdict.detail,
+                                              protocol.CLOSE_ATTESTATION_REFUSED))
+            return False
+        return await self._record_acceptance(register, outcome, entry, trigger)
+
+    async def _verdict(self, entry: AuditEntry) -> None:
+        """Count and audit the final verdict of one attestation (which admission may have
+        turned into a refusal)."""
+        self.services.metrics.attestations.labels(entry.verdict, entry.reason).inc()
+        await self._audit(entry)
+
+    async def _audit(self, entry: AuditEntry) -> None:
+        """Append ``entry`` to the audit log, or leave it out when its budget
+        (``EE_AUDIT_REFUSALS_PER_MIN``, see :meth:`_audit_budget`) is spent."""
+        services = self.services
+        key = self._audit_budget(entry)
+        if key is not None:
+            limit = services.refused_audit
+            what = f"{entry.reason} for app {entry.app_name} from {self.peer}"
+            if not limit.allow(key, entry.at, what):  # serve_audit_summaries logs it
+                services.metrics.audit_suppressed.labels(entry.reason).inc()
+                return
+        await services.store.append_audit(entry)
+
+    def _audit_budget(self, entry: AuditEntry) -> str | None:
+        """The share of the audit budget ``entry`` is written under; None: always written.
+
+        Budgeted are the refusals of attempts never admitted that anyone can cause in bulk:
+        those whose quote did not verify (any peer; by the app name it named), and those
+        whose quote verified but named a release without a usable allowlist (one genuine TD
+        can name any number: by its platform) unless the agent is a known one of this app.
+        Acceptances, every decision about an admitted agent and the other refusals of a
+        verified quote (it met a real allowlist, or a taken name) are always recorded."""
+        if entry.verdict == "accepted" or self.admitted:
+            return None
+        if entry.tcb_status is None:
+            return entry.app_name
+        if entry.reason.startswith("allowlist_") and not self._known:
+            return f"platform:{entry.platform_id}"  # (app names are DNS labels: no ':')
+        return None
+
+    async def _audit_timeout(self, register: Register, trigger: str) -> None:
+        await self._audit(AuditEntry(
+            at=self.services.clock.now(), app_name=register.app_name,
+            agent_id=register.agent_id, repo=register.repo, release_tag=register.release_tag,
+            network=register.network, trigger=trigger, verdict="refused",
+            reason="attestation_timeout"))
+        if self.agent is not None:
+            self.agent.attested = False
+
+    async def _record_refusal(self, reason: str, at: float) -> None:
+        agent = self.agent
+        assert agent is not None
+        agent.attested = False
+        if not self.admitted:
+            return  # never admitted: the audit log has the refusal; the agent's row is not ours
+        record = self.services.registry.update_agent(
+            agent, last_verdict="refused", last_reason=reason, last_seen=at)
+        await self.services.store.save_agent(record)
+
+    async def _admit(self, register: Register, now: float) -> None:
+        """Decide whether an accepted register attestation admits the agent; raise
+        ``RegistrationError`` if not. Nothing of the acceptance is applied before this.
+
+        The name is checked again (another session may have claimed it while we verified);
+        then, on first admission, the agent_id is bound in the store to this app and repo (an
+        id first admitted for another app is refused ``agent_id_in_use``, whether or not that
+        agent is online, and after restarts); then the live sessions are told (a previous
+        session of this agent is superseded)."""
+        registry = self.services.registry
+        check_claim(registry.app(register.app_name), register, now)
+        if self.admitted:
+            return
+        agent = self.agent
+        assert agent is not None
+        holder = await self.services.store.bind_agent(agent.record)
+        if holder is not None:
+            raise RegistrationError("agent_id_in_use",
+                                    f"agent {register.agent_id} is bound to app {holder[0]}")
+        # again: the name may have been taken while the store answered. From here to the
+        # registration's renewal nothing awaits, so no other session can come between. (Lost
+        # that way, the row just bound stays, bound to an app it was refused: harmless.)
+        check_claim(registry.app(register.app_name), register, now)
+        if self._on_registered is not None:
+            await self._on_registered(self)  # may supersede, or refuse, a live session
+
+    async def _record_acceptance(self, register: Register, outcome: Outcome,
+                                 entry: AuditEntry, trigger: str) -> bool:
+        registry = self.services.registry
+        agent = self.agent
+        assert agent is not None
+        now = outcome.at
+        if trigger == "register":
+            try:
+                await self._admit(register, now)
+            except RegistrationError as exc:
+                # the audit says what happened: the attestation passed, the admission did not
+                await self._verdict(replace(entry, verdict="refused", reason=exc.reason))
+                await self._record_refusal(exc.reason, now)
+                await self._refuse(exc, protocol.CLOSE_REGISTRATION_REFUSED)
+                return False
+            app = renew(registry.app(register.app_name), register, now,
+                        self.services.config.registration_ttl_days * 86400)
+            registry.put_app(app)
+            await self.services.store.save_app(app)
+            self.register = register
+            self._renewed.set()
+            self._renewed = trio.Event()
+        record = registry.update_agent(
+            agent, release_tag=register.release_tag, network=register.network,
+            sealed=outcome.measurements.sealed if outcome.measurements else None,
+            last_attested_at=now, last_verdict="accepted", last_reason="attested",
+            last_seen=now)
+        agent.attested = True
+        self.admitted = True
+        if registry.apps[register.app_name].agents.get(agent.agent_id) is not agent:
+            registry.attach(agent)
+        await self.services.store.save_agent(record)
+        await self._verdict(entry)  # accepted: the agent is admitted and its row written
+        app_record = registry.app(register.app_name)
+        assert app_record is not None
+        await self.send_status("ok", "attested", trigger=trigger,
+                               expires_at=isoformat(app_record.expires_at))
+        return True
+
+    # ---- health ---------------------------------------------------------------------------
+
+    async def _on_health(self, message: Health) -> None:
+        agent = self.agent
+        if agent is None:
+            return
+        before = agent.health
+        agent.health, agent.health_at = message.status, self.services.clock.now()
+        if self._health_scope is not None:
+            self._health_scope.deadline = (trio.current_time()
+                                           + self.services.config.health_timeout_sec)
+        self._health_heard.set()
+        if before == "fail" and message.status == "pass":
+            await self.send_status("ok", "health_restored")
+        elif before != "fail" and message.status == "fail":
+            await self.send_status("warning", "health_fail")
+
+    async def _health_watchdog(self) -> None:
+        timeout = self.services.config.health_timeout_sec
+        while True:
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+                self._health_scope = scope
+                await trio.sleep_forever()
+            self._health_scope = None
+            # a fresh event before anything awaits: a health message that arrives while the
+            # warning below is being sent must still restart the watch
+            heard = self._health_heard = trio.Event()
+            if self.agent is not None and self.agent.health != "fail":
+                self.agent.health = "fail"
+                log.info("agent %s silent for %.0fs: health fail", self.agent.agent_id, timeout)
+                await self.send_status("warning", "health_timeout")
+            await heard.wait()
+
+    # ---- registration TTL -----------------------------------------------------------------
+
+    async def _ttl_watcher(self) -> None:
+        config = self.services.config
+        warn_sec = config.registration_warn_days * 86400
+        while True:
+            register = self.register
+            assert register is not None
+            app = self.services.registry.app(register.app_name)
+            assert app is not None
+            now = self.services.clock.now()
+            state = registration_state(app.expires_at, now, warn_sec)
+            renewed = self._renewed
+            if state == "active":
+                await _wait(renewed, app.expires_at - warn_sec - now)
+            elif state == "warning":
+                await self.send_status("warning", "ttl_warning",
+                                       expires_at=isoformat(app.expires_at))
+                await _wait(renewed, min(app.expires_at - now, 86400.0))
+            else:
+                await self.send_status("invalid", "registration_expired",
+                                       expires_at=isoformat(app.expires_at))
+                await renewed.wait()
+
+
+async def serve_audit_summaries(limit: RefusedAuditLimit, clock: Clock) -> None:
+    """Sum up, once a minute, the audit rows ``limit`` left out (one warning line, however
+    long the flood; its last minute too)."""
+    while True:
+        await trio.sleep(SUMMARY_EVERY_SEC)
+        count = limit.due_summary(clock.now())
+        if count:
+            log.warning("audit log: %d refusals of attempts never admitted left out in the "
+                        "last minute or more (EE_AUDIT_REFUSALS_PER_MIN=%d); latest %s",
+                        count, limit.per_minute, limit.latest)
+
+
+async def _wait(event: trio.Event, seconds: float) -> None:
+    """Sleep ``seconds`` or until ``event`` is set, whichever comes first."""
+    with trio.move_on_after(max(seconds, 0.0)):
+        await event.wait()

@@ -1,0 +1,144 @@
+"""``GET /v1/tunnel``: accepting agents' WebSockets and running one session each.
+
+Tunnels are served at the ASGI level (:class:`TunnelRouter` sits in front of the quart app):
+an idle tunnel costs hypercorn's connection and eecp's session and nothing more — quart's
+per-WebSocket tasks, queues and request context cost about 15 KiB per tunnel, and a copy of
+every message on the data path. Everything else goes to the quart app.
+
+:class:`Tunnels` keeps the live sessions by agent id, so that an agent that reconnects before its
+old connection was noticed dead supersedes it (the old one is closed with ``superseded``). Which
+app an agent_id may serve at all is not decided here but by the store, where the id is bound to
+the app and repo it was first admitted for (``Store.bind_agent``): that holds while the agent is
+offline, across restarts and across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from eecp.agents.session import AgentSession, TunnelSocket
+from eecp.core.errors import RegistrationError
+from eecp.wire import protocol
+
+if TYPE_CHECKING:
+    from eecp.service import Services
+
+log = logging.getLogger("eecp.tunnel")
+
+
+TUNNEL_PATH = "/v1/tunnel"
+
+# ASGI's callables, loosely typed: the messages are plain dicts whose keys we check ourselves
+Scope = Any
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[Any], Awaitable[None]]
+
+
+class AsgiSocket:
+    """One ASGI WebSocket as a :class:`~eecp.agents.session.TunnelSocket`."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+
+    async def accept(self) -> bool:
+        """Complete the handshake; False when the client left before it."""
+        if (await self._receive())["type"] != "websocket.connect":
+            return False
+        await self._send({"type": "websocket.accept"})
+        return True
+
+    async def receive(self) -> str | bytes | None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "websocket.receive":
+                text = message.get("text")
+                return text if text is not None else bytes(message.get("bytes") or b"")
+            if message["type"] == "websocket.disconnect":
+                return None
+
+    async def send(self, data: str | bytes) -> None:
+        # after a disconnect hypercorn drops what is sent: the session learns it from receive
+        if isinstance(data, str):
+            await self._send({"type": "websocket.send", "text": data})
+        else:
+            await self._send({"type": "websocket.send", "bytes": data})
+
+    async def close(self, code: int, reason: str) -> None:
+        # RFC 6455 limits a close reason to 123 bytes
+        await self._send({"type": "websocket.close", "code": code,
+                          "reason": reason.encode()[:123].decode(errors="ignore")})
+
+
+class TunnelRouter:
+    """ASGI: WebSockets on ``/v1/tunnel`` to a session of :class:`Tunnels`, all else to
+    ``app``."""
+
+    def __init__(self, app: Any, tunnels: Tunnels) -> None:
+        self._app = app
+        self._tunnels = tunnels
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope.get("path") == TUNNEL_PATH:
+            socket = AsgiSocket(receive, send)
+            if await socket.accept():
+                client = scope.get("client")
+                await self._tunnels.serve_session(socket, str(client[0]) if client else "?")
+            return
+        await self._app(scope, receive, send)
+
+
+class Tunnels:
+    """The live agent sessions of this process."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self.sessions: dict[str, AgentSession] = {}
+        self._live: set[AgentSession] = set()  # registered or not
+
+    @property
+    def connected(self) -> int:
+        """How many sessions have been admitted (their first attestation accepted)."""
+        return len(self.sessions)
+
+    async def serve_session(self, socket: TunnelSocket, peer: str) -> None:
+        """Run one agent's session to its end (the caller owns the WebSocket)."""
+        session = AgentSession(self._services, socket, peer, on_registered=self._registered)
+        self._live.add(session)
+        try:
+            await session.run()
+        finally:
+            self._live.discard(session)
+            register = session.register
+            if register is not None and self.sessions.get(register.agent_id) is session:
+                del self.sessions[register.agent_id]
+
+    def end_all(self, reason: str) -> None:
+        """Close every session with 1001 (going away): agents reconnect to the next eecp."""
+        for session in list(self._live):
+            session.end(protocol.CLOSE_GOING_AWAY, reason)
+
+    async def _registered(self, session: AgentSession) -> None:
+        """``session``'s first attestation was accepted and its agent_id is bound to its app
+        and repo in the store (:meth:`AgentSession._admit`): it becomes the live session of
+        that id. An older one of the same app and repo is superseded (the agent reconnected
+        before its old tunnel was noticed dead). One of another app can only be live here
+        when an operator released the binding under it: it keeps the id, and the newcomer is
+        refused ``agent_id_in_use``."""
+        assert session.register is not None
+        agent_id = session.register.agent_id
+        old = self.sessions.get(agent_id)
+        if old is not None and old is not session and old.ending is None and (
+                old.register is not None) and (
+                old.register.app_name, old.register.repo) != (
+                session.register.app_name, session.register.repo):
+            raise RegistrationError("agent_id_in_use", f"agent {agent_id} serves "
+                                    f"{old.register.app_name} on another tunnel")
+        self.sessions[agent_id] = session
+        if old is not None and old is not session:
+            old.replaced = True  # even one already ending: its last write would be stale
+            if old.ending is None:
+                log.info("agent %s reconnected: superseding its previous session", agent_id)
+                old.end(protocol.CLOSE_SUPERSEDED, "superseded")

@@ -1,0 +1,2 @@
+"""Judging a quote: dcap-qvl verification, collateral, allowlists, policy, the engine,
+and the ``eecp verify-quote`` tool."""

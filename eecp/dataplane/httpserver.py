@@ -1,0 +1,1172 @@
+"""A lean HTTP/1.1 server: httptools (llhttp) parsing over trio streams.
+
+It serves the data plane: the proxy listener (any method and path, bodies streamed both ways,
+never held whole in memory) and the auth listener (tiny JSON answers, many thousands a second).
+Handlers are ``async def handler(request, responder)``; :func:`serve_http` runs them.
+
+One connection is one task with one nursery; nothing it starts outlives it::
+
+    connection                          one per accepted socket
+      ├─ serving task    reads the next request (llhttp) and runs handler(request, responder)
+      │                  itself, one request at a time; the handler pulls its body as it reads
+      └─ guard           idle and head timeouts; while a handler is slow (> WATCH_AFTER_SEC),
+                         reads for it: the client leaving cancels the handler
+
+The hot path (a small request, a quick answer) is one read and one write in the serving task,
+with no hand-off between tasks: a second task per request doubled the cost of each request.
+
+Decisions a handler author should know:
+
+* **Pipelining.** Requests are parsed ahead (at most :data:`MAX_QUEUED_REQUESTS` while a slow
+  handler runs, or what one read brings) but handled strictly in order, so responses leave in
+  order.
+* **Unread bodies.** When a handler answers without reading the whole request body, the server
+  discards what is left if that is at most :data:`DRAIN_BYTES` (known from Content-Length, or
+  already received) and keeps the connection; otherwise it answers with ``Connection: close`` and
+  closes. A body held back by ``Expect: 100-continue`` is never solicited just to be drained.
+* **Backpressure.** The body is read from the socket when the handler asks for the next chunk,
+  so a slow upstream slows the client down instead of filling memory. While a slow handler is
+  watched, the guard reads ahead at most :data:`BODY_BUFFER_BYTES` of body, then stops. The
+  body gap timeout only runs while the server waits for body bytes, never while it is busy.
+* **Slow clients.** Besides the gap timeout and ``send_timeout_sec``, an optional minimum
+  rate (:attr:`Limits.min_rate_bytes_sec`, judged per :attr:`Limits.rate_grace_sec` of time
+  spent waiting on the client) ends a body that trickles (408 ``body_too_slow``) and a
+  connection whose client takes less than that of a response; a response's progress is what
+  the client acknowledged (``TIOCOUTQ``), not what the kernel buffered.
+* **Disconnects.** End of input (EOF or reset) while a request is being handled cancels its
+  handler (a body read raises :class:`ClientDisconnected` first if that is where it was). A
+  half-close (shutdown of the client's sending side) counts as gone too, as with nginx and
+  uvicorn. A handler quicker than :data:`WATCH_AFTER_SEC` is not watched; while the guard has
+  stopped reading on full buffers, a disconnect is noticed at the handler's next read or write.
+* **Errors.** Malformed input gets a small JSON answer ``{"error": reason}`` and the connection
+  closes: 400 ``bad_request``, 408 ``header_timeout``/``body_timeout``, 413 ``body_too_large``,
+  431 ``header_too_large``/``too_many_headers``, 501 ``unsupported_transfer_encoding``,
+  505 ``http_version_not_supported``. A handler that raises gets 500 ``internal_error`` (or the
+  status of a :class:`RequestError` it let through) if nothing was sent yet, else the
+  connection is closed.
+* **Connection cap.** :func:`serve_http` holds at most ``max_connections`` at once (the data
+  plane's are sized from the file limit: :mod:`eecp.core.capacity`). At the cap a new connection
+  closes the oldest idle one (accepted and silent, or kept alive with no byte of a next
+  request), never one with a request under way; with none idle it is closed at once.
+* **Not supported:** protocol upgrades (an ``Upgrade``/``CONNECT`` request is handed to the
+  handler like any other, and the connection closes after its answer), trailers, HTTP/2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import re
+import struct
+import termios
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from email.utils import formatdate
+from functools import partial
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+import trio
+
+from eecp.core.capacity import ConnectionGate, quiet_accept_errors
+from eecp.core.errors import EecpError, leaf_error
+
+log = logging.getLogger("eecp.httpserver")
+
+RECEIVE_BYTES = 64 * 1024
+"""Largest single read from a socket (and so the most one parser feed can produce)."""
+BODY_BUFFER_BYTES = 64 * 1024
+"""The guard stops reading for a slow handler once this much body waits unread."""
+MAX_QUEUED_REQUESTS = 16
+"""The guard stops reading for a slow handler once this many requests wait for their turn."""
+HOLD_BYTES = 64 * 1024
+"""Most response bytes a handler may hold back for its next write (``hold=True``)."""
+DRAIN_BYTES = 64 * 1024
+"""Most unread request body discarded to keep a connection alive (more: close instead)."""
+LINGER_SEC = 2.0
+"""After an error answer, how long unread input is discarded before closing (see _linger)."""
+LINGER_BYTES = 1024 * 1024
+WATCH_AFTER_SEC = 0.1
+"""A handler running longer than this is slow: the guard reads for it meanwhile (to notice the
+client leaving). Quicker ones are not watched, which keeps the hot path to one task."""
+DEFAULT_MAX_CONNECTIONS = 1000
+"""Connections a listener holds at once unless told otherwise (the data plane's listeners are
+sized from the file limit: :mod:`eecp.core.capacity`)."""
+
+_INT = bytes(4)  # the buffer of an ioctl that answers one C int
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CLOSE = b"connection: close\r\n"
+_KEEP_ALIVE = b"connection: keep-alive\r\n"
+_CHUNKED = b"transfer-encoding: chunked\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_JSON = [("content-type", "application/json"), ("connection", "close")]
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+# Headers that frame the message or the connection: the server writes its own.
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+# Response headers the encoder looks at (one set lookup per header): framing ones, and Date,
+# which the server writes unless the handler gave one.
+_NOTED = _FRAMING | {"date"}
+_METHODS: dict[bytes, str] = {}
+# Request headers the parser callback has to look at; every other header is only stored.
+_NOTABLE = frozenset({"content-length", "transfer-encoding", "expect", "host"})
+
+# Parser states (where the next byte of input belongs).
+_BETWEEN, _HEAD, _BODY = 0, 1, 2
+# Response body framing.
+_NO_BODY, _LENGTH, _CHUNK, _UNTIL_CLOSE = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one connection may cost. Timeouts are enforced by the server, per connection."""
+
+    max_head_bytes: int = 16 * 1024
+    """Request line plus headers."""
+    max_headers: int = 100
+    header_timeout_sec: float = 10.0
+    """The whole head must arrive within this (slowloris); on a fresh connection it also bounds
+    the wait for the first byte."""
+    idle_timeout_sec: float = 60.0
+    """A kept-alive connection with no request under way is closed after this."""
+    body_read_timeout_sec: float = 60.0
+    """Longest gap between two pieces of a request body while the server waits for it."""
+    max_body_bytes: int | None = None
+    """None: unlimited; otherwise a larger body is refused with 413."""
+    send_timeout_sec: float = 60.0
+    """A streamed response's write (a body chunk, at most about 64 KiB on the proxy listener)
+    that the client has not taken whole within this long closes the connection: a client that
+    stopped reading must not hold its request (and, on the proxy listener, one of its agent's
+    stream slots and a window of memory) for ever."""
+    min_rate_bytes_sec: int = 0
+    """0: off. Otherwise the least a client must move while the server waits on it, judged
+    over every ``rate_grace_sec``: while a request body is awaited, at least
+    ``min_rate_bytes_sec × rate_grace_sec`` bytes of it must arrive in each such stretch of
+    waiting (else 408 ``body_too_slow``), and while a response write waits on the client, the
+    client must take (acknowledge) at least that many bytes in each stretch (else the
+    connection closes: within two stretches of its last read, as what its kernel buffers after
+    the write began counts once). Time the server spends not waiting on the client (the app
+    has not answered, an SSE stream is quiet) never counts, so a slow app is not a slow
+    client. What a trickle or a client that stopped reading costs is then bounded by the
+    grace, not by its patience (slowloris on bodies and on reads)."""
+    rate_grace_sec: float = 10.0
+    """The stretch over which ``min_rate_bytes_sec`` is judged (see there)."""
+
+    @property
+    def rate_quantum(self) -> int:
+        """Bytes a client must move per ``rate_grace_sec`` of waiting (1 when the rate is off:
+        any progress)."""
+        return max(1, int(self.min_rate_bytes_sec * self.rate_grace_sec))
+
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class RequestError(EecpError):
+    """The client's request cannot be served: answered with ``http_status`` and
+    ``{"error": reason}``, then the connection closes. Raised by :meth:`Request.body_chunks`
+    (``body_timeout``, ``body_too_large``, ``bad_request``); a handler may raise it too."""
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.http_status = status
+
+
+class ClientDisconnected(trio.BrokenResourceError):
+    """The client went away: raised by :class:`Responder` writes and body reads."""
+
+
+class Request:
+    """One parsed request head; its body is read with :meth:`body_chunks` or :meth:`read_body`.
+
+    ``headers`` keeps the order and repeats of the request, names lower-cased.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_complete",
+        "_conn",
+        "_consumed",
+        "_error",
+        "_expect_continue",
+        "_forgotten",
+        "_rate_bytes",
+        "_rate_waited",
+        "_received",
+        "client",
+        "content_length",
+        "headers",
+        "http_version",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "target",
+    )
+
+    def __init__(self, conn: _Connection, method: str, target: str, http_version: str,
+                 headers: list[tuple[str, str]], keep_alive: bool, content_length: int | None,
+                 expect_continue: bool) -> None:
+        self.method = method
+        self.target = target
+        self.path, _, self.query = target.partition("?")
+        self.http_version = http_version
+        self.headers = headers
+        self.client = conn.client
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._received = 0  # body bytes parsed so far
+        # the body's rate (Limits.min_rate_bytes_sec): bytes parsed when the current stretch
+        # of waiting began, and the seconds waited on the client since
+        self._rate_bytes = 0
+        self._rate_waited = 0.0
+        self._consumed = 0  # body bytes taken by the handler (or drained)
+        self._complete = False  # the parser saw the end of the body
+        self._error: RequestError | None = None  # raised once the buffered chunks are taken
+        self._expect_continue = expect_continue  # a 100 Continue is still owed
+        self._forgotten = False  # answered: the rest of the body is skipped, not kept
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (any case), or None."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        """The request body, chunk by chunk as it arrives (Content-Length or chunked).
+
+        Answers ``Expect: 100-continue`` on first use, unless a response was already started.
+        Raises :class:`RequestError` (timeout, too large, malformed chunking) and
+        :class:`ClientDisconnected`.
+        """
+        if self._expect_continue:
+            self._expect_continue = False
+            await self._conn.send_continue(self)
+        while (chunk := await self._conn.next_body_chunk(self)) is not None:
+            yield chunk
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, refused with :class:`RequestError` 413 beyond ``limit`` bytes."""
+        too_large = RequestError(413, "body_too_large", f"more than {limit} bytes")
+        if self.content_length is not None and self.content_length > limit:
+            raise too_large  # before soliciting the body with a 100 Continue
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.body_chunks():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class Responder:
+    """Writes the response to one request: :meth:`respond` in one go, or :meth:`send_head`,
+    :meth:`send` as often as needed, then :meth:`end`.
+
+    Framing is the server's business: handler headers named Content-Length fix the length,
+    Transfer-Encoding and Connection are dropped (hop-by-hop) except that ``Connection: close``
+    is honoured. Without a length the body is chunked (HTTP/1.1) or ends with the connection
+    (HTTP/1.0). HEAD, 204 and 304 answers never carry a body (what is sent is discarded). The
+    server writes the Date, unless the handler's headers carry one (a proxied answer keeps its
+    origin's, RFC 9110 6.6.1): there is one Date either way.
+    """
+
+    __slots__ = ("_close", "_conn", "_ended", "_held", "_held_bytes", "_mode", "_remaining",
+                 "_request", "head_sent")
+
+    def __init__(self, conn: _Connection, request: Request) -> None:
+        self._conn = conn
+        self._request = request
+        self.head_sent = False
+        self._ended = False
+        self._close = False  # close the connection after this response
+        self._mode = _NO_BODY
+        self._remaining = 0  # bytes still owed under Content-Length
+        self._held: list[bytes] = []  # written, not yet sent (``hold=True``)
+        self._held_bytes = 0
+
+    async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
+        """The whole response, head and body, in one write (the fast path: pass ``headers``
+        as a tuple and their encoding is cached)."""
+        block, _, close, dated = _header_block(headers)  # before _start: a bad head is a 500
+        self._start(status)
+        request = self._request
+        self._close = close = close or not self._conn.may_keep_alive(request)
+        if status == 204 or status == 304:
+            framing, body = b"", b""
+        else:
+            framing = b"content-length: %d\r\n" % len(body)
+        if request.method == "HEAD":
+            body = b""
+        self._ended = True
+        data = b"".join((_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status,
+                         b"" if dated else _date_line(), block, framing,
+                         _connection_line(request, close), b"\r\n", body))
+        try:  # (not through _Connection.write: one coroutine less on the hot path)
+            await self._conn.stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            raise ClientDisconnected(str(exc)) from exc
+
+    async def send_head(self, status: int, headers: Sequence[tuple[str, str]], *,
+                        hold: bool = False) -> None:
+        """Start a streamed response; the body follows with :meth:`send` and :meth:`end`.
+
+        ``hold=True`` (here and in :meth:`send`) keeps the bytes back to go out with the next
+        write: for a caller that knows more follows at once (a small proxied answer is then
+        one write instead of three). At most :data:`HOLD_BYTES` are held."""
+        block, length, close, dated = _header_block(headers)  # before _start: a bad head: 500
+        self._start(status)
+        request = self._request
+        framing = b"" if length is None else b"content-length: %d\r\n" % length
+        if request.method == "HEAD" or status == 304:
+            self._mode = _NO_BODY
+        elif status == 204:
+            self._mode, framing = _NO_BODY, b""
+        elif length is not None:
+            self._mode, self._remaining = _LENGTH, length
+        elif request.http_version == "1.1":
+            self._mode, framing = _CHUNK, _CHUNKED
+        else:
+            self._mode, close = _UNTIL_CLOSE, True
+        self._close = close = close or not self._conn.may_keep_alive(request)
+        await self._write(b"".join((
+            _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status,
+            b"" if dated else _date_line(), block, framing, _connection_line(request, close),
+            b"\r\n")), hold)
+
+    async def send(self, chunk: bytes, *, hold: bool = False) -> None:
+        """Write the next piece of the body (flow-controlled by the client)."""
+        if not self.head_sent or self._ended:
+            raise RuntimeError("send() before send_head() or after end()")
+        if not chunk or self._mode == _NO_BODY:
+            if not hold:
+                await self._flush()
+            return
+        if self._mode == _CHUNK:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        elif self._mode == _LENGTH:
+            if len(chunk) > self._remaining:
+                raise RuntimeError("response body longer than its Content-Length")
+            self._remaining -= len(chunk)
+        await self._write(chunk, hold)
+
+    async def _write(self, data: bytes, hold: bool) -> None:
+        if hold and self._held_bytes + len(data) <= HOLD_BYTES:
+            self._held.append(data)
+            self._held_bytes += len(data)
+            return
+        if self._held:
+            data = b"".join((*self._held, data))
+            self._held.clear()
+            self._held_bytes = 0
+        await self._conn.write(data)
+
+    async def _flush(self) -> None:
+        if self._held:
+            await self._write(b"", False)
+
+    async def end(self) -> None:
+        """Finish the body. A body shorter than its Content-Length closes the connection, so
+        the client sees the truncation."""
+        if not self.head_sent:
+            raise RuntimeError("end() before send_head()")
+        if self._ended:
+            return
+        self._ended = True
+        if self._mode == _CHUNK:
+            await self._write(_LAST_CHUNK, False)
+            return
+        await self._flush()
+        if self._mode == _LENGTH and self._remaining:
+            log.warning("response to %s %s ended %d bytes short of its Content-Length; closing",
+                        self._request.method, self._request.path, self._remaining)
+            self._close = True
+
+    def _start(self, status: int) -> None:
+        if self.head_sent:
+            raise RuntimeError("response already started")
+        if not 200 <= status <= 999:
+            raise ValueError(f"status {status} cannot be sent by a handler")
+        self.head_sent = True
+
+
+Handler = Callable[[Request, Responder], Awaitable[None]]
+
+
+async def serve_http(handler: Handler, host: str, port: int, *, limits: Limits = DEFAULT_LIMITS,
+                     max_connections: int = DEFAULT_MAX_CONNECTIONS, name: str = "HTTP listener",
+                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``handler`` on ``host:port`` (0: any free port) until cancelled; reports the bound
+    port through ``task_status``."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    await serve_http_listeners(handler, listeners, limits=limits, task_status=task_status,
+                               gate=ConnectionGate(name, max_connections))
+
+
+async def serve_http_listeners(
+    handler: Handler, listeners: Sequence[trio.SocketListener], *,
+    limits: Limits = DEFAULT_LIMITS, gate: ConnectionGate | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handler`` on listeners the caller opened (and tuned); reports the first one's
+    port. Every connection task runs in a nursery owned by this call. ``gate`` caps the
+    connections of all of them together (see :mod:`eecp.core.capacity`); by default at
+    :data:`DEFAULT_MAX_CONNECTIONS`."""
+    port: int = listeners[0].socket.getsockname()[1]
+    gate = gate or ConnectionGate("HTTP listener", DEFAULT_MAX_CONNECTIONS)
+    quiet_accept_errors()  # trio's accept loop: EMFILE is one line a minute, not ten a second
+    serve_one = partial(_serve_connection, handler, limits, gate)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, serve_one, list(listeners))
+        task_status.started(port)
+
+
+async def _serve_connection(handler: Handler, limits: Limits, gate: ConnectionGate,
+                            stream: trio.SocketStream) -> None:
+    if not gate.admit():
+        # at the cap with nobody idle: accepted only to be closed (trio.serve_listeners closes
+        # it as we return), rather than left to fill the kernel's backlog
+        return
+    try:
+        await _Connection(stream, handler, limits, gate).run()
+    except Exception:
+        # A bug of ours must cost one connection, not the listener and every other client.
+        log.exception("HTTP connection failed")
+    finally:
+        gate.leave()
+        await trio.aclose_forcefully(stream)
+
+
+class _Connection:
+    """One client connection; also the target of the parser's callbacks.
+
+    The serving task reads requests and runs the handler itself: in the hot path (a small
+    request, a quick answer) nothing is handed between tasks. Input is pulled when needed, by
+    whoever needs it: the serving task for the next request, the handler (through
+    :meth:`next_body_chunk`) for its body, so a body is never read faster than it is consumed.
+    The guard task enforces the idle and head timeouts and, while a handler is slow (waiting
+    for an upstream, say), reads for it: to notice the client leaving, which cancels the
+    handler, and to queue what the client sends meanwhile, within the buffer limits.
+    """
+
+    def __init__(self, stream: trio.SocketStream, handler: Handler, limits: Limits,
+                 gate: ConnectionGate) -> None:
+        self.stream = stream
+        self.handler = handler
+        self.limits = limits
+        self.gate = gate
+        self.listed_idle = False  # the gate may evict it (see _list_idle)
+        self.client = _peer(stream)
+        self.parser = httptools.HttpRequestParser(self)
+        now = trio.current_time()
+        # What was read: requests not yet handled (or the refusal that ends the connection).
+        self.pending: deque[Request | RequestError] = deque()
+        self.buffered = 0  # body bytes parsed but not yet taken, over all requests
+        self.reading_done = False  # nothing more will be parsed: EOF, error, close, upgrade
+        self.eof = False  # the client is gone
+        self.last_input = now  # when the last read returned
+        # Who reads: one task at a time; another one waits for what it gets.
+        self.pulling = False
+        self.pulled = _Wakeup()
+        # The serving task. Cancelled when the client leaves during a request, or by the guard.
+        self.serve_scope = trio.CancelScope()
+        self.active = False  # a request is being handled
+        self.responder: Responder | None = None
+        self.idle_deadline = now + limits.header_timeout_sec  # fresh: a request must come soon
+        self.idle_closed = False
+        # The write under way (see write()): when its client was last seen to take enough of
+        # it (inf: no write under way), and how much the client had taken by then.
+        self.write_started = math.inf
+        self.write_mark = math.inf
+        self.write_mark_taken = 0
+        self.sent_total = 0  # bytes the kernel accepted from us on this connection
+        self.stalled = False  # dropped by the guard: a write waited on the client too long
+        self.refusal: RequestError | None = None  # the guard's verdict, sent once serving ends
+        # The guard sleeps under guard_scope until something may be due. Its deadline is kept
+        # lazily: never later than what is due, moved earlier only when needed, and when it
+        # fires early the guard just sleeps again (one wake now and then, instead of deadline
+        # updates on every request).
+        self.guard_scope = trio.CancelScope()
+        self.watch_at = math.inf  # when the request in hand counts as slow
+        self.watch_scope: trio.CancelScope | None = None  # the guard's read, while watching
+        # Parser state.
+        self.state = _BETWEEN
+        self.messages = 0
+        self.head_deadline = now + limits.header_timeout_sec
+        self.head_bytes = 0  # request line and headers seen by callbacks
+        self.head_fed = 0  # bytes fed while inside one head (what httptools may be holding)
+        # In a body, a read that made no progress (no body byte, chunk or trailer field) is
+        # all chunk framing or one unfinished trailer field: httptools holds the latter too.
+        self.body_fed = 0
+        self.progressed = False
+        self.host_seen = False
+        self.trailer_bytes = self.trailer_fields = 0
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.content_length: int | None = None
+        self.expect_continue = False
+        self.current: Request | None = None  # the request whose body is being parsed
+        self.closing = False  # a request without keep-alive was parsed: ignore what follows
+        self.parse_error: RequestError | None = None  # raised by a callback
+
+    async def run(self) -> None:
+        self._list_idle()  # accepted, nothing read yet: the first in line to make room
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._guard)
+                with self.serve_scope:
+                    await self._serve()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.gate.busy(self)
+        if self.refusal is not None:
+            await self._send_error(self.refusal)
+        if not self.eof and not self.idle_closed and not self.stalled:
+            await self._linger()
+
+    # ---- serving ----------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        while (item := await self._next_item()) is not None:
+            if isinstance(item, RequestError):
+                log.debug("refused request from %s: %s", self.client, item)
+                await self._send_error(item)
+                return
+            if not await self._handle(item):
+                return
+            self._become_idle()
+
+    async def _next_item(self) -> Request | RequestError | None:
+        while not self.pending:
+            if self.reading_done:
+                return None
+            await self._pull()
+        item = self.pending.popleft()
+        self.active = True
+        # From the read that brought it: a request queued a while ago counts as slow sooner,
+        # which only makes the guard watch earlier.
+        self.watch_at = self.last_input + WATCH_AFTER_SEC
+        self._call_guard(self.watch_at)
+        return item
+
+    async def _handle(self, request: Request) -> bool:
+        """Run the handler; True when the connection may carry another request.
+
+        The request's boundary: whatever the handler raises costs this request (and maybe its
+        connection), never the listener — also an exception group that mixes a failure with
+        the cancellation of the handler's other tasks (``except*``: the cancellation goes on
+        up to its scope, the failure is handled here)."""
+        responder = self.responder = Responder(self, request)
+        failure: RequestError | None = None
+        gone = False
+        try:
+            await self.handler(request, responder)
+            if not responder.head_sent:
+                raise RuntimeError("handler returned without responding")
+            await responder.end()
+        except* ClientDisconnected:
+            gone = True
+        except* RequestError as group:
+            failure = cast(RequestError, leaf_error(group))
+        except* Exception as group:
+            log.error("handler failed on %s %s", request.method, request.path,
+                      exc_info=leaf_error(group))
+            failure = RequestError(500, "internal_error")
+        if gone:
+            log.debug("client %s went away during %s %s", self.client, request.method,
+                      request.path)
+            return False
+        if failure is not None:
+            await self._fail(responder, failure)
+            return False
+        if request._chunks or not request._complete:
+            self._forget_body(request)
+        return not responder._close
+
+    async def _fail(self, responder: Responder, error: RequestError) -> None:
+        if responder.head_sent:
+            return  # too late for a status: closing the connection tells the client
+        with contextlib.suppress(ClientDisconnected):
+            await responder.respond(error.http_status, _JSON, _error_body(error))
+
+    async def _send_error(self, error: RequestError) -> None:
+        head = _STATUS_LINES.get(error.http_status) or b"HTTP/1.1 %d \r\n" % error.http_status
+        body = _error_body(error)
+        with contextlib.suppress(ClientDisconnected):
+            await self.write(b"%scontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
+                             % (head, len(body), _CLOSE, body))
+
+    def _forget_body(self, request: Request) -> None:
+        """The answer is out: drop what the handler left of the body. What has not arrived
+        yet (at most DRAIN_BYTES, or the connection closes: see may_keep_alive) is skipped by
+        the parser while the next request is read."""
+        request._forgotten = True
+        self.buffered -= request._received - request._consumed
+        request._consumed = request._received
+        request._chunks.clear()
+
+    def _become_idle(self) -> None:
+        self.active = False
+        self.responder = None
+        if self.watch_scope is not None:
+            self.watch_scope.cancel()  # the guard stops reading; the next request is ours
+        if not self.pending:
+            # No need to call the guard: it is due at watch_at, which is earlier.
+            self.idle_deadline = trio.current_time() + self.limits.idle_timeout_sec
+            if self.state == _BETWEEN and not self.reading_done:
+                self._list_idle()
+
+    # ---- connection accounting (eecp.capacity) ----------------------------------------------
+
+    def _list_idle(self) -> None:
+        """No request under way and no byte of the next one: the gate may close this
+        connection to make room for a new one. Any input ends that (:meth:`_feed`)."""
+        self.listed_idle = True
+        self.gate.idle(self)
+
+    def evict(self) -> None:
+        """Closed by the gate, while idle, to make room: like an idle timeout, but now."""
+        self.listed_idle = False
+        self.idle_closed = True
+        self.serve_scope.cancel()
+
+    def may_keep_alive(self, request: Request) -> bool:
+        """Whether the connection can survive this response: the client wants it and the
+        request's body is (or can cheaply be) read to its end."""
+        if not request.keep_alive or request._error is not None:
+            return False
+        if request._complete:
+            return True
+        if request._expect_continue or request.content_length is None:
+            return False  # the body may never come, or may be endless
+        return request.content_length - request._consumed <= DRAIN_BYTES
+
+    async def write(self, data: bytes) -> None:
+        # Stamps, not a cancel scope (one costs about 10 µs, a write's stamps under 1): the
+        # guard drops a connection whose write waited too long on its client (_write_stalled).
+        # The whole small answers of respond(), its hot path, go without.
+        self.write_started = self.write_mark = trio.current_time()
+        if self.limits.min_rate_bytes_sec:  # (one ioctl per write; none without a rate)
+            self.write_mark_taken = self._taken()
+        sock = self.stream.socket
+        try:
+            with memoryview(data) as view:
+                done = 0
+                while done < len(view):
+                    with view[done:] as rest:
+                        sent = await sock.send(rest)
+                    done += sent
+                    self.sent_total += sent
+        except (OSError, trio.ClosedResourceError) as exc:
+            raise ClientDisconnected(str(exc)) from exc
+        finally:
+            self.write_started = self.write_mark = math.inf
+
+    def _taken(self) -> int:
+        """Bytes of ours the client has taken: what the kernel accepted, less what it still
+        holds unacknowledged (TIOCOUTQ). A socket's send buffer grows to megabytes, so a write
+        returning, or the kernel taking more, says little about a client; its acknowledgements
+        do: they come at the pace of its network, and stop once a client that stopped reading
+        has filled its receive buffer. (A client *application* reading slowly is seen in bursts:
+        its kernel reopens the window only once half its receive buffer is free.) Where the
+        query is unsupported, everything the kernel accepted counts as taken."""
+        try:
+            queued: int = struct.unpack("i", fcntl.ioctl(self.stream.socket.fileno(),
+                                                         termios.TIOCOUTQ, _INT))[0]
+        except (OSError, ValueError):
+            queued = 0
+        return self.sent_total - queued
+
+    async def send_continue(self, request: Request) -> None:
+        if request._complete or request is not self.current:
+            return  # the body is here already, or the parser is past it
+        if self.responder is None or self.responder.head_sent:
+            return  # the final answer is out: the body is not wanted
+        await self.write(_CONTINUE)
+
+    async def next_body_chunk(self, request: Request) -> bytes | None:
+        """The next chunk of ``request``'s body, reading it from the client if needed; None at
+        its end."""
+        while not request._chunks:
+            if request._error is not None:
+                raise request._error
+            if request._complete:
+                return None
+            if self.eof:
+                raise ClientDisconnected("the client left during the request body")
+            await self._pull_body(request)
+        chunk = request._chunks.popleft()
+        request._consumed += len(chunk)
+        self.buffered -= len(chunk)
+        return chunk
+
+    async def _pull_body(self, request: Request) -> None:
+        """Read body bytes for ``request``, within its deadlines: the gap timeout, and the
+        minimum rate (both count only while we wait, not while the handler was busy)."""
+        limits = self.limits
+        rated = limits.min_rate_bytes_sec > 0
+        if rated and request._rate_waited >= limits.rate_grace_sec:
+            request._error = RequestError(
+                408, "body_too_slow", f"less than {limits.rate_quantum} bytes in "
+                f"{limits.rate_grace_sec:g} s (EE_PROXY_MIN_RATE_BYTES_SEC)")
+            return
+        patience = limits.body_read_timeout_sec
+        if rated:
+            patience = min(patience, limits.rate_grace_sec - request._rate_waited)
+        began = trio.current_time()
+        with trio.move_on_after(patience) as gap:
+            await self._pull()
+        if rated:
+            request._rate_waited += trio.current_time() - began
+            if request._received - request._rate_bytes >= limits.rate_quantum:
+                request._rate_bytes, request._rate_waited = request._received, 0.0
+        if gap.cancelled_caught and request._error is None and not (
+                rated and request._rate_waited >= limits.rate_grace_sec):
+            request._error = RequestError(408, "body_timeout")
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    async def _pull(self) -> None:
+        """Read once from the client and feed the parser; if another task is reading, wait
+        for what it gets instead."""
+        if self.pulling:
+            await self.pulled.wait()
+            return
+        self.pulling = True
+        try:
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+        except trio.BrokenResourceError:
+            data = b""
+        finally:
+            self.pulling = False
+            self.pulled.wake()  # runs after the feed below: nothing yields in between
+        self.last_input = trio.current_time()
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        if self.listed_idle:
+            self.listed_idle = False
+            self.gate.busy(self)
+        if not data:
+            self._on_eof()
+            return
+        if self.reading_done:
+            return  # nothing more is parsed (read only to notice the client leaving)
+        head_of = self.messages if self.state == _HEAD else -1
+        self.progressed = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.reading_done = True  # what follows is another protocol; the request closes
+            return
+        except httptools.HttpParserError as exc:
+            if not self.closing:
+                self._on_parse_error(exc)
+            self.reading_done = True
+            return
+        if self.closing:
+            self.reading_done = True
+        elif self.state == _HEAD:
+            if self.messages == head_of:
+                # Every byte of this read belongs to one unfinished head; httptools buffers a
+                # header until the next one starts, so callbacks alone cannot bound it.
+                self.head_fed += len(data)
+                if self.head_fed > self.limits.max_head_bytes:
+                    self.pending.append(RequestError(431, "header_too_large"))
+                    self.reading_done = True
+                    return
+            self._call_guard(self.head_deadline)  # a head split over reads: rare
+        elif self.state == _BODY and self.current is not None:
+            self.body_fed = 0 if self.progressed else self.body_fed + len(data)
+            if self.body_fed > self.limits.max_head_bytes:
+                # endless chunk extensions or trailer field: refused like an endless header
+                self.current._error = RequestError(431, "header_too_large",
+                                                   "chunk framing or trailer field too long")
+                self.reading_done = True
+
+    def _on_eof(self) -> None:
+        if self.active:
+            log.debug("client %s went away; cancelling its request", self.client)
+            self.serve_scope.cancel()
+        self.eof = self.reading_done = True
+
+    def _on_parse_error(self, exc: httptools.HttpParserError) -> None:
+        error = self.parse_error or _classify(exc)
+        if self.state == _BODY and self.current is not None:
+            self.current._error = error  # the handler sees it after the chunks before it
+        else:
+            self.pending.append(error)
+
+    # ---- the guard --------------------------------------------------------------------------
+
+    def _call_guard(self, when: float) -> None:
+        """Make sure the guard looks again no later than ``when``."""
+        if when < self.guard_scope.deadline:
+            self.guard_scope.deadline = when
+
+    def _guard_due(self) -> float:
+        """When something may be due: the request in hand turning slow, or a client timeout
+        (only while the serving task waits for a request)."""
+        if self.active:
+            return self.watch_at
+        if self.reading_done or self.pending:
+            return math.inf  # the serving task has something to do
+        if self.state == _HEAD:
+            return self.head_deadline
+        return self.idle_deadline
+
+    async def _guard(self) -> None:
+        while True:
+            self.guard_scope = trio.CancelScope(deadline=self._guard_due())
+            with self.guard_scope:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            if now < self._guard_due():
+                continue  # early: the deadline had moved on
+            if self.active:
+                await self._watch()
+                if self._write_stalled():
+                    self._drop_stalled()
+                    return
+                if self.active:
+                    # Still slow (it reads its own body, or the buffers are full): look again.
+                    self.watch_at = trio.current_time() + WATCH_AFTER_SEC
+            elif self.state == _HEAD:
+                self.refusal = RequestError(408, "header_timeout")
+                self.serve_scope.cancel()
+                return
+            else:
+                self.idle_closed = True
+                self.serve_scope.cancel()
+                return
+
+    async def _watch(self) -> None:
+        """Read for a slow handler (unless it reads itself, or the buffers are full) until it
+        ends: a client leaving cancels it, pipelined requests and body are queued (or, once
+        nothing more is parsed, discarded)."""
+        while (self.active and not self.pulling and len(self.pending) < MAX_QUEUED_REQUESTS
+               and self.buffered < BODY_BUFFER_BYTES and not self.eof):
+            deadline = self._watch_deadline()
+            # the read may wait for ever (no request under way): a write may stall meanwhile
+            stall_check = min(self.write_mark, trio.current_time()) + self._write_patience()
+            with trio.CancelScope(deadline=min(deadline, stall_check)) as self.watch_scope:
+                await self._pull()
+            self.watch_scope = None
+            if self._write_stalled():
+                return  # the guard drops the connection
+            if self.active and trio.current_time() >= deadline:
+                self._on_watch_timeout()
+                return
+
+    def _write_stalled(self) -> bool:
+        """Whether the write under way has waited ``send_timeout_sec`` in all, or (with a
+        minimum rate) ``rate_grace_sec`` while its client took less than ``rate_quantum``
+        bytes: a client that took enough starts a new stretch."""
+        now = trio.current_time()
+        limits = self.limits
+        if now - self.write_started >= limits.send_timeout_sec:
+            return True
+        if not limits.min_rate_bytes_sec or now - self.write_mark < limits.rate_grace_sec:
+            return False
+        taken = self._taken()
+        if taken - self.write_mark_taken >= limits.rate_quantum:
+            self.write_mark, self.write_mark_taken = now, taken
+            return False
+        return True
+
+    def _write_patience(self) -> float:
+        """How long after the write's mark the guard must look again."""
+        limits = self.limits
+        if not limits.min_rate_bytes_sec:
+            return limits.send_timeout_sec
+        if self.write_started == math.inf:  # no write under way: only when to look next
+            return limits.rate_grace_sec
+        return min(limits.rate_grace_sec,
+                   self.write_started + limits.send_timeout_sec - self.write_mark)
+
+    def _drop_stalled(self) -> None:
+        log.info("dropping %s: a response write waited on it too long (it took less than %d "
+                 "bytes in %g s, or nothing whole in %g s)", self.client,
+                 self.limits.rate_quantum, self.limits.rate_grace_sec,
+                 self.limits.send_timeout_sec)
+        self.stalled = True
+        self.serve_scope.cancel()
+
+    def _watch_deadline(self) -> float:
+        """The client's deadline for the read the guard is about to make."""
+        if self.reading_done:
+            return math.inf
+        if self.state == _HEAD:
+            return self.head_deadline
+        if self.state == _BODY:
+            if self.current is not None and self.current._expect_continue:
+                return math.inf  # the client waits for our 100 Continue
+            return trio.current_time() + self.limits.body_read_timeout_sec  # the gap starts now
+        return math.inf  # between requests while one is handled: no timeout
+
+    def _on_watch_timeout(self) -> None:
+        if self.state == _HEAD:
+            self.pending.append(RequestError(408, "header_timeout"))  # after the one in hand
+        elif self.current is not None:
+            self.current._error = RequestError(408, "body_timeout")
+        self.reading_done = True
+
+    async def _linger(self) -> None:
+        """Close gently: send FIN, then discard input for a while. Closing a socket that still
+        has unread input makes the kernel send a reset, which can destroy the answer we just
+        sent before the client reads it (e.g. a 413 while the body is still coming)."""
+        with trio.move_on_after(LINGER_SEC):
+            try:
+                await self.stream.send_eof()
+                discarded = 0
+                while discarded < LINGER_BYTES:
+                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                    if not data:
+                        return
+                    discarded += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    def _fail_parse(self, status: int, reason: str, detail: str = "") -> None:
+        self.parse_error = RequestError(status, reason, detail)
+        raise self.parse_error  # httptools turns it into HttpParserCallbackError
+
+    # ---- llhttp callbacks (synchronous, inside feed_data) ------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.closing:
+            raise _Ignored  # after a request that closes the connection: not ours to parse
+        if self.messages:  # (the first head is due header_timeout_sec after the accept)
+            self.head_deadline = self.last_input + self.limits.header_timeout_sec
+        self.messages += 1
+        self.state = _HEAD
+        self.url = b""
+        self.headers = []
+        self.head_bytes = self.head_fed = self.body_fed = 0
+        self.host_seen = False
+        self.trailer_bytes = self.trailer_fields = 0
+        self.content_length = None
+        self.expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self.head_bytes += len(url)
+        if self.head_bytes > self.limits.max_head_bytes:
+            self._fail_parse(431, "header_too_large")
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.state == _BODY:
+            self._on_trailer(name, value)
+            return
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.limits.max_head_bytes:
+            self._fail_parse(431, "header_too_large")
+        if len(self.headers) >= self.limits.max_headers:
+            self._fail_parse(431, "too_many_headers")
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        self.headers.append((key, text))
+        if key in _NOTABLE:
+            self._notable_header(key, text)
+
+    def _on_trailer(self, name: bytes, value: bytes) -> None:
+        # A chunked body's trailer fields are read and dropped: never merged into the head
+        # (they would override headers already checked, such as X-Forwarded-* or X-EE-App)
+        # and never forwarded (the tunnel carries no trailers). Bounded like a head.
+        self.progressed = True
+        self.trailer_bytes += len(name) + len(value) + 4
+        self.trailer_fields += 1
+        if self.trailer_bytes > self.limits.max_head_bytes:
+            self._fail_parse(431, "header_too_large", "trailer section")
+        if self.trailer_fields > self.limits.max_headers:
+            self._fail_parse(431, "too_many_headers", "trailer section")
+
+    def on_chunk_header(self) -> None:
+        self.progressed = True
+
+    def _notable_header(self, key: str, value: str) -> None:
+        if key == "transfer-encoding":
+            if value.strip().lower() != "chunked":
+                self._fail_parse(501, "unsupported_transfer_encoding", value)
+        elif key == "content-length":
+            self.content_length = int(value)  # llhttp has checked it is digits
+            limit = self.limits.max_body_bytes
+            if limit is not None and self.content_length > limit:
+                self._fail_parse(413, "body_too_large")
+        elif key == "host":
+            if self.host_seen:  # RFC 9112 3.2: which one names the app? refuse instead
+                self._fail_parse(400, "bad_request", "more than one Host")
+            self.host_seen = True
+        elif value.strip().lower() == "100-continue":
+            self.expect_continue = True
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._fail_parse(505, "http_version_not_supported", version)
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method)
+        if method is None:  # llhttp knows a few dozen methods: the table stays small
+            method = _METHODS[raw_method] = raw_method.decode("ascii")
+        request = Request(
+            self, method, self.url.decode("latin-1"), version,
+            self.headers, parser.should_keep_alive() and not parser.should_upgrade(),
+            self.content_length, self.expect_continue and version == "1.1")
+        self.current = request
+        self.state = _BODY
+        self.pending.append(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self.current
+        assert request is not None
+        self.progressed = True
+        request._received += len(body)
+        limit = self.limits.max_body_bytes
+        if limit is not None and request._received > limit:
+            self._fail_parse(413, "body_too_large")
+        if request._forgotten:
+            request._consumed += len(body)
+            return
+        request._chunks.append(body)
+        self.buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        request = self.current
+        assert request is not None
+        request._complete = True
+        request._expect_continue = False
+        self.current = None
+        self.state = _BETWEEN
+        self.closing = not request.keep_alive
+
+
+class _Wakeup:
+    """One task waiting for another: a cheaper :class:`trio.Event` for the hot path (nothing
+    allocated per wait), for one waiter at a time."""
+
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            raise trio.BusyResourceError("another task is already waiting here")
+        self._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def wake(self) -> None:
+        if self._task is not None:
+            trio.lowlevel.reschedule(self._task)
+            self._task = None
+
+    def _abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+class _Ignored(Exception):
+    """Raised from a parser callback to stop parsing input nobody will answer."""
+
+
+def _classify(exc: httptools.HttpParserError) -> RequestError:
+    detail = str(exc)
+    if "HTTP version" in detail:  # llhttp: "Invalid HTTP version" (HTTP/1.2, HTTP/3.0, ...)
+        return RequestError(505, "http_version_not_supported", detail)
+    return RequestError(400, "bad_request", detail)
+
+
+#: the encoded headers, their Content-Length, whether they ask to close, whether they carry a Date
+_HeaderBlock = tuple[bytes, int | None, bool, bool]
+_DECIMAL = re.compile(r"[0-9]{1,19}")
+_HEADER_BLOCKS: dict[tuple[tuple[str, str], ...], _HeaderBlock] = {}
+_HEADER_BLOCKS_MAX = 256
+
+
+def _header_block(headers: Sequence[tuple[str, str]]) -> _HeaderBlock:
+    """:func:`_encode_headers`, remembered for headers given as a tuple (immutable: the same
+    tuple always encodes the same way), as hot handlers do with their constant headers."""
+    if not isinstance(headers, tuple):
+        return _encode_headers(headers)
+    block = _HEADER_BLOCKS.get(headers)
+    if block is None:
+        if len(_HEADER_BLOCKS) >= _HEADER_BLOCKS_MAX:
+            _HEADER_BLOCKS.clear()  # handlers building fresh tuples per request: no cache
+        block = _HEADER_BLOCKS[headers] = _encode_headers(headers)
+    return block
+
+
+def _encode_headers(headers: Sequence[tuple[str, str]]) -> _HeaderBlock:
+    """The handler's headers as bytes (framing ones left out), its Content-Length, whether it
+    asked to close, and whether it gave a Date. Refuses CR/LF inside names or values (response
+    splitting).
+
+    A handler's Date replaces the server's (a proxy passes the origin's on, RFC 9110 6.6.1):
+    an answer has one Date, the first the handler gave."""
+    lines: list[str] = []
+    length: int | None = None
+    close = dated = False
+    for name, value in headers:
+        key = name.lower()
+        if key in _NOTED:
+            if key == "date":
+                if dated:
+                    continue
+                dated = True
+            else:
+                if key == "content-length":
+                    if not _DECIMAL.fullmatch(value.strip()):  # int() takes "-1", "+5", "1_0"
+                        raise ValueError(f"invalid Content-Length {value[:40]!r}")
+                    length = int(value)
+                elif key == "connection":
+                    close = close or "close" in value.lower()
+                continue
+        lines.append(f"{name}: {value}\r\n")
+    text = "".join(lines)
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        raise ValueError("CR or LF inside a response header")
+    return text.encode("latin-1"), length, close, dated
+
+
+def _connection_line(request: Request, close: bool) -> bytes:
+    if close:
+        return _CLOSE
+    return _KEEP_ALIVE if request.http_version == "1.0" else b""
+
+
+def _error_body(error: RequestError) -> bytes:
+    return json.dumps({"error": error.reason}).encode()
+
+
+_date_second = -1
+_date_bytes = b""
+
+
+def _date_line() -> bytes:
+    """The Date header, formatted once a second."""
+    global _date_second, _date_bytes
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_bytes = b"date: %s\r\n" % formatdate(now, usegmt=True).encode()
+    return _date_bytes
+
+
+def _peer(stream: trio.SocketStream) -> tuple[str, int]:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:  # already disconnected
+        return ("", 0)
+    return (str(address[0]), int(address[1]))

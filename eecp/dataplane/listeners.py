@@ -1,0 +1,259 @@
+"""The data plane: the proxy listener and the auth listener, on the lean httptools server.
+
+* proxy listener (``EE_PROXY_BIND:EE_PROXY_PORT``): any method and path; the app is named by
+  a trusted proxy's ``X-EE-App``, else by the first DNS label of the host asked for (a trusted
+  proxy's ``X-Forwarded-Host``, else ``Host``). Anybody else names it by ``Host`` alone: what
+  the app is told it was asked for is what chose it. A name given twice, or a list of hosts, is
+  400 ``ambiguous_host`` (resolve refuses the same, :mod:`eecp.dataplane.resolve`). The same allow
+  decision as resolve applies, then the request travels over the app's tunnel
+  (:mod:`eecp.dataplane.proxy`) and the response streams back chunk by chunk.
+* auth listener (``EE_AUTH_BIND:EE_AUTH_PORT``): only ``GET /v1/resolve/{app}`` and
+  ``GET /v1/resolve``, answered exactly like the control port's resolve, for nginx
+  ``auth_request`` and Caddy ``forward_auth`` at full speed.
+
+Each listener has its own connection cap (:mod:`eecp.core.capacity`): a flood of idle sockets on
+the proxy listener closes its own oldest idle connections, and resolve still answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import trio
+
+from eecp.core.capacity import ListenerCaps
+from eecp.dataplane.forwarded import (
+    Forwarding,
+    client_address,
+    forwarded_headers,
+    forwarding_of,
+    inbound_forwarding,
+)
+from eecp.dataplane.httpserver import (
+    ClientDisconnected,
+    Limits,
+    Request,
+    RequestError,
+    Responder,
+    serve_http,
+)
+from eecp.dataplane.proxy import (
+    ProxyError,
+    Upstream,
+    check_response_head,
+    counted,
+    open_upstream,
+    public_reason,
+    strip_hop_by_hop,
+)
+from eecp.dataplane.resolve import AmbiguousHost, host_label, resolve, resolve_by_host
+from eecp.wire.frames import is_origin_form
+from eecp.wire.streams import RequestHead, StreamError
+
+if TYPE_CHECKING:
+    from eecp.service import Services
+
+log = logging.getLogger("eecp.dataplane")
+
+_JSON = [("content-type", "application/json"), ("cache-control", "no-store")]
+_RESOLVE_PREFIX = "/v1/resolve/"
+
+
+def _failed(request: Request, app: str, reason: str) -> None:
+    """One line per proxied request that failed after it reached its agent (no traceback: a
+    client or an agent failing its own stream is no bug of eecp's)."""
+    log.info("proxy %s %s %s failed: %s", app, request.method, request.path[:200], reason)
+
+
+def error_body(reason: str, allowed: bool = False) -> bytes:
+    """The JSON every refusal carries."""
+    return json.dumps({"allowed": allowed, "reason": reason}, separators=(",", ":")).encode()
+
+
+class AuthHandler:
+    """The auth listener: resolve answers, nothing else."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    async def __call__(self, request: Request, responder: Responder) -> None:
+        if request.method not in ("GET", "HEAD"):
+            await responder.respond(405, _JSON, error_body("method_not_allowed"))
+            return
+        path = request.path
+        services = self._services
+        if path.startswith(_RESOLVE_PREFIX):
+            answer = resolve(services.registry, path[len(_RESOLVE_PREFIX):], services.clock.now())
+        elif path == "/v1/resolve":
+            answer = resolve_by_host(services.registry, request.headers, services.clock.now())
+        else:
+            await responder.respond(404, _JSON, error_body("not_found"))
+            return
+        await responder.respond(answer.status, answer.headers, answer.body)
+
+
+class ProxyHandler:
+    """The proxy listener: every request forwarded to its app over a tunnel."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        metrics = services.metrics
+        # metric children looked up once (labels() costs a lock and a lookup per call)
+        self._bytes_in = metrics.proxy_bytes.labels("in")
+        self._bytes_out = metrics.proxy_bytes.labels("out")
+        config = services.config
+        self._per_client = config.proxy_max_streams_per_client
+        # (a client holding none of the app's streams can always have the last slot)
+        self._reserve = min(config.proxy_slot_reserve, config.tunnel_max_streams - 1)
+        #: proxied requests in flight per (app, client address)
+        self._clients: dict[tuple[str, str], int] = {}
+
+    async def __call__(self, request: Request, responder: Responder) -> None:
+        forwarding = forwarding_of(inbound_forwarding(request.headers),
+                                   request.client[0] if request.client else "",
+                                   "http", request.header("host"),
+                                   self._services.trusted_proxies)
+        try:
+            app = app_named(request.headers, forwarding)
+        except AmbiguousHost as exc:
+            await responder.respond(400, _JSON, error_body(exc.reason))
+            return
+        if not app:
+            await responder.respond(400, _JSON, error_body("missing_app"))
+            return
+        if not is_origin_form(request.target):  # absolute-form, `*`, `//host`: no SSRF
+            await responder.respond(400, _JSON, error_body("invalid_target"))
+            return
+        head = RequestHead(request.method, request.target, forwarded_headers(
+            [(n, v) for n, v in request.headers if n != "x-ee-app"], forwarding))
+        app = app.lower()
+        key = (app, client_address(forwarding, self._services.trusted_proxies))
+        holding = self._clients.get(key, 0)
+        if self._per_client and holding >= self._per_client:
+            self._services.metrics.proxied(app, 429)
+            await responder.respond(429, _JSON, error_body("client_stream_limit"))
+            return
+        self._clients[key] = holding + 1
+        try:
+            # a client already holding one of the app's streams may not take the last slots
+            await self._forward(request, responder, app, head, self._reserve if holding else 0)
+        finally:
+            if (left := self._clients[key] - 1) > 0:
+                self._clients[key] = left
+            else:
+                del self._clients[key]
+
+    async def _forward(self, request: Request, responder: Responder, app: str,
+                       head: RequestHead, reserve: int) -> None:
+        body = self._body(request)
+        metrics = self._services.metrics
+        started = time.perf_counter()
+        status = 0
+        try:
+            async with open_upstream(self._services, app, head, body,
+                                     reserve=reserve) as upstream:
+                status = upstream.head.status
+                metrics.proxy_seconds.observe(time.perf_counter() - started)
+                await self._relay(upstream, responder, request, app)
+        except ProxyError as exc:
+            status = exc.http_status
+            if responder.head_sent:  # mid-body: closing the connection is all that is left
+                _failed(request, app, exc.reason)
+                raise RequestError(exc.http_status, exc.reason) from None
+            await responder.respond(exc.http_status, _JSON, error_body(exc.reason, exc.allowed))
+        except StreamError as exc:  # the agent reset the stream mid-body, or the tunnel died
+            _failed(request, app, f"{public_reason(exc.reason)} ({exc.reason})")
+            raise RequestError(502, public_reason(exc.reason)) from None
+        except RequestError as exc:  # the client's body: malformed, too large, too slow
+            status = exc.http_status
+            _failed(request, app, exc.reason)
+            raise
+        except ClientDisconnected:
+            _failed(request, app, "client_gone")
+            raise
+        except trio.Cancelled:  # the server saw the client leave (or eecp is stopping)
+            _failed(request, app, "cancelled")
+            raise
+        finally:
+            metrics.proxied(app, status)
+
+    async def _relay(self, upstream: Upstream, responder: Responder, request: Request,
+                     app: str) -> None:
+        # what is already here goes out with what follows: a small answer is one write, and a
+        # stream (SSE) is flushed as soon as nothing more is waiting
+        stream = upstream.stream
+        head = upstream.head
+        await responder.send_head(head.status, strip_hop_by_hop(head.headers), hold=stream.ready)
+        # (checked by open_upstream: a plain number or none)
+        length = check_response_head(head)
+        sent = 0
+        try:
+            # (the stream itself, not upstream.chunks(): no generator per request)
+            while (chunk := await stream.receive()) is not None:
+                if length is not None and sent + len(chunk) > length:
+                    # an agent's body longer than its head says: what is beyond is dropped
+                    log.info("proxy %s %s %s: the agent sent more than its Content-Length of "
+                             "%d; the rest is dropped", app, request.method,
+                             request.path[:200], length)
+                    chunk = chunk[:length - sent]
+                    sent += len(chunk)
+                    await responder.send(chunk)
+                    break
+                sent += len(chunk)
+                await responder.send(chunk, hold=stream.ready)
+        finally:
+            self._bytes_out.inc(sent)
+        await responder.end()
+
+    def _body(self, request: Request) -> AsyncIterator[bytes] | None:
+        chunked = (request.header("transfer-encoding") or "").lower().endswith("chunked")
+        if not chunked and not request.content_length:
+            return None
+        return counted(request.body_chunks(), self._bytes_in)
+
+
+def app_named(headers: list[tuple[str, str]], forwarding: Forwarding) -> str | None:
+    """The app a proxy-listener request is for: a trusted proxy's ``X-EE-App``, else the first
+    label of the host the app is asked for (a trusted proxy's ``X-Forwarded-Host``, else
+    ``Host``; a client's own X-Forwarded-Host picks nothing, as it reaches no app).
+    :class:`AmbiguousHost` when the one that counts names more than one."""
+    host = host_label(forwarding.host) if forwarding.host else None
+    if forwarding.trusted:
+        named = [value for name, value in headers if name == "x-ee-app"]
+        if len(named) > 1 or (named and "," in named[0]):
+            raise AmbiguousHost("x-ee-app names more than one app")
+        if named and named[0].strip():
+            return named[0].strip()
+    return host
+
+
+async def serve_dataplane(services: Services, caps: ListenerCaps,
+                          task_status: trio.TaskStatus[tuple[int, int]] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+    """Run the proxy and auth listeners; reports ``(proxy_port, auth_port)`` once both listen."""
+    config = services.config
+    limits = Limits(max_body_bytes=config.proxy_max_body_bytes,
+                    send_timeout_sec=config.proxy_send_timeout_sec,
+                    min_rate_bytes_sec=config.proxy_min_rate_bytes_sec,
+                    rate_grace_sec=config.proxy_rate_grace_sec)
+    async with trio.open_nursery() as nursery:
+        proxy_port: int = await nursery.start(
+            _serve, ProxyHandler(services), config.proxy_bind, config.proxy_port, limits,
+            caps.proxy, "proxy listener")
+        auth_port: int = await nursery.start(
+            _serve, AuthHandler(services), config.auth_bind, config.auth_port, Limits(),
+            caps.auth, "auth listener")
+        log.info("data plane: proxy on %s:%d, auth on %s:%d", config.proxy_bind, proxy_port,
+                 config.auth_bind, auth_port)
+        task_status.started((proxy_port, auth_port))
+
+
+async def _serve(handler: AuthHandler | ProxyHandler, host: str, port: int, limits: Limits,
+                 max_connections: int, name: str,
+                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    await serve_http(handler, host, port, limits=limits, max_connections=max_connections,
+                     name=name, task_status=task_status)

@@ -1,0 +1,232 @@
+"""``eecp demo``: the whole path on one machine, in one process, until Ctrl-C.
+
+A first run for a newcomer with no TDX hardware: a development PKI stands in for Intel, the
+agent's ``dev`` quote provider stands in for the TDX module, and everything else is the real
+code — eecp's ``serve()`` on SQLite, the real agent (``agent.tunnel.run_agent``) attesting over
+its tunnel, quotes verified by dcap-qvl against collateral fetched from a PCCS, the allowlist
+read from ``EE_ALLOWLIST_DIR``, proxied requests carried over the tunnel to a small backend::
+
+    serve_demo(settings)
+      outer nursery                         outlives eecp and the agent
+        ├─ signals                          SIGINT/SIGTERM → shutdown
+        ├─ dev PCCS (eecp.devpccs)          127.0.0.1:<free port>, the dev PKI's collateral
+        ├─ backend (hello app)              127.0.0.1:<free port>: /, /health, /echo, /events
+        └─ inner nursery                    ends when both have stopped on shutdown
+             ├─ eecp serve()                control, proxy and auth ports (loopback only)
+             └─ agent run_agent()           app ``hello`` of ``demo/hello@v0.1.0`` on sandbox-1
+
+Everything the demo writes (dev PKI, SQLite database, allowlist, agent id) lives in one
+directory, ``data/demo`` by default, so a second run reuses it. **Development only**: eecp trusts
+the dev PKI's root (``EE_DCAP_ROOT_CA``) and the admin endpoints are open.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent.agent import build_provider
+from agent.config import AgentConfig
+from agent.config import from_env as agent_from_env
+from agent.measure import measure
+from agent.providers import DevQuoteProvider
+from agent.tunnel import AgentState, run_agent
+from eecp.core.config import from_env
+from eecp.core.errors import EecpError
+from eecp.dataplane.httpserver import Request, Responder, serve_http
+from eecp.dev.pccs import DevPccs
+from eecp.service import Bound, serve, watch_signals
+from eecp.wire.measurements import Measurements
+
+log = logging.getLogger("eecp.demo")
+
+REPO, TAG, APP, NETWORK = "demo/hello", "v0.1.0", "hello", "sandbox-1"
+#: how long the agent has to connect and be attested before the demo gives up
+ATTEST_WITHIN_SEC = 60.0
+HELLO = b"hello from inside the TD (eecp demo backend)\n"
+
+
+class DemoError(EecpError):
+    """The demo could not get its agent attested (``demo_not_attested``)."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Where the demo keeps its files and which loopback ports it serves on (0: any free)."""
+
+    directory: Path = Path("data/demo")
+    control_port: int = 8088
+    proxy_port: int = 9090
+    auth_port: int = 8089
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class DemoUrls:
+    """What a running demo reports: where to point curl."""
+
+    bound: Bound
+    app: str = APP
+
+    @property
+    def control(self) -> str:
+        return self.bound.control_url
+
+    @property
+    def proxy(self) -> str:
+        """The proxy listener, reached through ``<app>.localhost`` (resolves to loopback)."""
+        return f"http://{self.app}.localhost:{self.bound.proxy_port}"
+
+    @property
+    def auth(self) -> str:
+        return f"http://127.0.0.1:{self.bound.auth_port}"
+
+    def lines(self) -> list[str]:
+        """The commands to try, one per line, for the terminal."""
+        tries = [
+            (f"curl -i {self.control}/v1/resolve/{self.app}", "may it be served?"),
+            (f"curl -i {self.auth}/v1/resolve/{self.app}", "the same, on the auth listener"),
+            (f"curl {self.proxy}/", "proxied over the agent's tunnel"),
+            (f"curl -N {self.proxy}/events", "a streamed (SSE) answer"),
+            (f"curl -d '{{\"path\":\"/\"}}' {self.control}/v1/proxy/{self.app}",
+             "one request as JSON"),
+            (f"curl {self.control}/v1/apps/{self.app}", "admin view with the audit log"),
+            (f"curl {self.control}/metrics", "Prometheus metrics"),
+        ]
+        width = max(len(command) for command, _ in tries)
+        return [
+            f"eecp demo: app {self.app!r} ({REPO}@{TAG} on {NETWORK}) is attested and served.",
+            "Try:",
+            *(f"  {command:<{width}}  # {why}" for command, why in tries),
+            "Ctrl-C stops everything.",
+        ]
+
+
+def allowlist_for(measurements: Measurements, config: AgentConfig) -> dict[str, Any]:
+    """The upstream-format allowlist that admits exactly this agent on the dev provider."""
+    return {
+        "version": "1.0",
+        "measurements": measurements.as_dict(),
+        "quote_measurements": {"mrtd": config.dev_mrtd.hex(),
+                               **{f"rtmr{i}": r.hex() for i, r in enumerate(config.dev_rtmrs)}},
+    }
+
+
+def agent_config(directory: Path, control_port: int, backend_port: int,
+                 settings: DemoSettings) -> AgentConfig:
+    """The demo agent's configuration, as its ``EE_*`` variables would give it."""
+    return agent_from_env({
+        "EE_CONTROL_WS": f"ws://127.0.0.1:{control_port}/v1/tunnel",
+        "EE_REPO": REPO, "EE_RELEASE_TAG": TAG, "EE_APP_NAME": APP, "EE_NETWORK": NETWORK,
+        "EE_AGENT_ID_FILE": str(directory / "agent-id"),
+        "EE_BACKEND_URL": f"http://127.0.0.1:{backend_port}",
+        "EE_QUOTE_PROVIDER": "dev", "EE_DEV_PKI_DIR": str(directory / "dev-pki"),
+        "EE_HEALTH_INTERVAL_SEC": "10",
+        "EE_LOG_FORMAT": settings.log_format, "EE_LOG_LEVEL": settings.log_level,
+    })
+
+
+def eecp_env(directory: Path, pccs_port: int, settings: DemoSettings) -> dict[str, str]:
+    """eecp's ``EE_*`` variables for the demo: loopback only, SQLite, the dev root, no GitHub."""
+    return {
+        "EE_CONTROL_BIND": "127.0.0.1", "EE_CONTROL_PORT": str(settings.control_port),
+        "EE_PROXY_BIND": "127.0.0.1", "EE_PROXY_PORT": str(settings.proxy_port),
+        "EE_AUTH_BIND": "127.0.0.1", "EE_AUTH_PORT": str(settings.auth_port),
+        "EE_DB_PATH": str(directory / "control-plane.db"),
+        "EE_DCAP_ROOT_CA": str(directory / "dev-pki" / "root.pem"),
+        "EE_PCCS_URL": f"http://127.0.0.1:{pccs_port}",
+        "EE_ALLOWLIST_DIR": str(directory / "allowlists"),
+        # every allowlist is local: a GitHub that cannot be reached is never needed
+        "EE_GITHUB_API_URL": "http://127.0.0.1:9",
+        "EE_LOG_FORMAT": settings.log_format, "EE_LOG_LEVEL": settings.log_level,
+    }
+
+
+async def serve_hello(request: Request, responder: Responder) -> None:
+    """The demo's app: the backend the agent forwards to, inside the "TD"."""
+    text = [("content-type", "text/plain; charset=utf-8")]
+    if request.path == "/health":
+        await responder.respond(200, text, b"ok\n")
+    elif request.path == "/echo":
+        body = await request.read_body(1024 * 1024)
+        await responder.respond(200, [("content-type", "application/octet-stream")], body)
+    elif request.path == "/events":
+        await responder.send_head(200, [("content-type", "text/event-stream"),
+                                        ("cache-control", "no-store")])
+        for tick in range(5):
+            await responder.send(f"data: tick {tick}\n\n".encode())
+            await trio.sleep(1)
+        await responder.end()
+    elif request.path == "/":
+        await responder.respond(200, text, HELLO)
+    else:
+        await responder.respond(404, text, b"not found\n")
+
+
+def prepare(directory: Path, config: AgentConfig) -> tuple[DevQuoteProvider, Measurements]:
+    """Blocking set-up (a worker thread): the dev quote provider (its PKI is created on the
+    first run), the agent's measurements, and the allowlist eecp will read for ``REPO@TAG``."""
+    provider = build_provider(config)
+    assert isinstance(provider, DevQuoteProvider)  # EE_QUOTE_PROVIDER=dev
+    measurements = measure(config)
+    owner, name = REPO.split("/")
+    target = directory / "allowlists" / owner / name / f"{TAG}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(allowlist_for(measurements, config), indent=2) + "\n")
+    return provider, measurements
+
+
+async def serve_demo(settings: DemoSettings, *, shutdown: trio.Event | None = None,
+                     handle_signals: bool = True,
+                     task_status: trio.TaskStatus[DemoUrls] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the demo until SIGINT/SIGTERM (or ``shutdown``); report :class:`DemoUrls` once the
+    agent is attested. Raises :class:`DemoError` if it is not within ``ATTEST_WITHIN_SEC``."""
+    shutdown = trio.Event() if shutdown is None else shutdown
+    directory = settings.directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    async with trio.open_nursery() as outer:
+        if handle_signals:
+            outer.start_soon(watch_signals, shutdown, name="signals")
+        backend_port: int = await outer.start(serve_http, serve_hello, "127.0.0.1", 0)
+        # the agent's config needs eecp's port, and eecp's needs the PCCS, which needs the PKI:
+        # build a provisional agent config to create the PKI and take the measurements
+        draft = agent_config(directory, settings.control_port, backend_port, settings)
+        provider, measurements = await trio.to_thread.run_sync(prepare, directory, draft)
+        pccs_port: int = await outer.start(serve_http, DevPccs(provider.pki,
+                                                               fmspc=provider.fmspc),
+                                           "127.0.0.1", 0)
+        config = from_env(eecp_env(directory, pccs_port, settings))
+        ready = False
+        async with trio.open_nursery() as inner:
+            bound: Bound = await inner.start(partial(serve, config, shutdown=shutdown,
+                                                     handle_signals=False))
+            agent = agent_config(directory, bound.control_port, backend_port, settings)
+            state: AgentState = await inner.start(partial(
+                run_agent, agent, provider, measurements, stop=shutdown))
+            ready = await _wait_attested(state, shutdown)
+            if ready:
+                task_status.started(DemoUrls(bound))
+        outer.cancel_scope.cancel()
+    if not ready:  # after a graceful stop of everything
+        raise DemoError("demo_stopped", "stopped before the agent was attested")
+
+
+async def _wait_attested(state: AgentState, shutdown: trio.Event) -> bool:
+    """True once the agent is attested; False when the demo is stopped first."""
+    with trio.move_on_after(ATTEST_WITHIN_SEC) as scope:
+        await state.wait_for(lambda s: shutdown.is_set() or (
+            s.last_status is not None and s.last_status.reason == "attested"))
+    if not scope.cancelled_caught:
+        return not shutdown.is_set()
+    last = state.last_status.reason if state.last_status else state.last_error
+    shutdown.set()
+    raise DemoError("demo_not_attested",
+                    f"the agent was not attested within {ATTEST_WITHIN_SEC:.0f}s "
+                    f"(last: {last})")

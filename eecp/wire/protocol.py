@@ -1,0 +1,272 @@
+"""The tunnel's JSON control protocol, sans I/O: messages as frozen dataclasses, strict decoding.
+
+Agent → eecp::
+
+    {"type":"register","repo":"org/repo","release_tag":"v0.1.3","app_name":"myapp",
+     "network":"forge-1","agent_id":"<uuid>","data_protocol":2}  (extra fields are ignored)
+    {"type":"attest_response","nonce":"<64 hex>","quote":"<base64>","report_data":"<128 hex>",
+     "measurements":{...}}
+    {"type":"health","status":"pass"|"fail"}
+
+eecp → agent::
+
+    {"type":"attest_request","nonce":"<64 hex>","deadline_s":30,"reason":"register"|"periodic"}
+    {"type":"status","state":"ok"|"invalid"|"warning","reason":"...", ...}
+
+Every decoding failure is a :class:`~eecp.core.errors.ProtocolError` with a stable reason
+(``message_too_large``, ``invalid_json``, ``not_an_object``, ``unknown_type``,
+``invalid_field:<name>``) and the WebSocket close code a session ends with when it cannot go on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from eecp.core.errors import ProtocolError
+
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_QUOTE_BYTES = 64 * 1024
+
+# WebSocket close codes. 1xxx are RFC 6455's; 4xxx are eecp's own, stable, documented in README.
+#: the tunnel data protocol (binary frames, docs/tunnel-data-protocol.md) this eecp speaks; an
+#: agent announces its own in ``register`` and one that speaks another is refused there, not
+#: left to fail on its first proxied request
+DATA_PROTOCOL = 2
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_INVALID_PAYLOAD = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_REGISTER_TIMEOUT = 4001
+CLOSE_ATTESTATION_TIMEOUT = 4002
+CLOSE_ATTESTATION_REFUSED = 4003
+CLOSE_REGISTRATION_REFUSED = 4004
+CLOSE_PROTOCOL_ERROR = 4005
+CLOSE_SUPERSEDED = 4009
+
+_REPO = re.compile(r"^[A-Za-z0-9_.-]{1,39}/[A-Za-z0-9_.-]{1,100}$")
+_TAG = re.compile(r"^[A-Za-z0-9_.+-]{1,128}$")
+_DNS_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_NETWORK = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_HEX = re.compile(r"^[0-9a-fA-F]*$")
+_B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+
+
+@dataclass(frozen=True)
+class Register:
+    """An agent asks to serve ``app_name`` from ``repo`` at ``release_tag`` on ``network``."""
+
+    repo: str
+    release_tag: str
+    app_name: str
+    network: str
+    agent_id: str
+    data_protocol: int = DATA_PROTOCOL  # 0 when a register did not announce one
+
+
+@dataclass(frozen=True)
+class AttestResponse:
+    """An agent's answer to a challenge (not yet judged)."""
+
+    nonce: bytes
+    quote: bytes
+    report_data: bytes
+    measurements: Mapping[str, Any] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class Health:
+    """An agent's health report, based on a probe of its backend."""
+
+    status: Literal["pass", "fail"]
+
+
+AgentMessage = Register | AttestResponse | Health
+
+
+@dataclass(frozen=True)
+class AttestRequest:
+    """eecp's challenge: quote ``sha256(measurement material) || nonce`` within ``deadline_s``."""
+
+    nonce: bytes
+    deadline_s: int
+    reason: Literal["register", "periodic"]
+
+    def encode(self) -> str:
+        return json.dumps({"type": "attest_request", "nonce": self.nonce.hex(),
+                           "deadline_s": self.deadline_s, "reason": self.reason})
+
+
+@dataclass(frozen=True)
+class Status:
+    """eecp's word after each decision: ``state`` ok/invalid/warning with a stable ``reason``."""
+
+    state: Literal["ok", "invalid", "warning"]
+    reason: str
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def encode(self) -> str:
+        return json.dumps({"type": "status", "state": self.state, "reason": self.reason,
+                           **self.extra})
+
+
+def decode_agent_message(data: str | bytes, *,
+                         max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> AgentMessage:
+    """Decode and validate one text message from an agent, or raise ``ProtocolError``."""
+    if isinstance(data, bytes):
+        raise ProtocolError("binary_unexpected", "control messages are JSON text",
+                            CLOSE_INVALID_PAYLOAD)
+    if len(data) > max_bytes:
+        raise ProtocolError("message_too_large", f"{len(data)} > {max_bytes} bytes", CLOSE_TOO_BIG)
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ProtocolError("invalid_json", "message is not JSON", CLOSE_INVALID_PAYLOAD) from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("not_an_object", "message is not a JSON object",
+                            CLOSE_INVALID_PAYLOAD)
+    kind = doc.get("type")
+    if kind == "register":
+        return _register(doc)
+    if kind == "attest_response":
+        return _attest_response(doc)
+    if kind == "health":
+        return _health(doc)
+    raise ProtocolError("unknown_type", f"type {str(kind)[:40]!r} is not known",
+                        CLOSE_PROTOCOL_ERROR)
+
+
+def _register(doc: Mapping[str, Any]) -> Register:
+    repo = _string(doc, "repo", 140)
+    if not _REPO.match(repo) or ".." in repo:
+        raise _invalid("repo", "expected owner/name")
+    tag = _string(doc, "release_tag", 128)
+    if not _TAG.match(tag) or tag.startswith(".") or ".." in tag:
+        raise _invalid("release_tag", "expected a release tag such as v1.2.3")
+    app = _string(doc, "app_name", 63).lower()
+    if not _DNS_LABEL.match(app):
+        raise _invalid("app_name", "expected a DNS label (a-z, 0-9, -; at most 63)")
+    network = _string(doc, "network", 63)
+    if not _NETWORK.match(network):
+        raise _invalid("network", "expected a network name")
+    agent_id = _string(doc, "agent_id", 36)
+    try:
+        canonical = str(uuid.UUID(agent_id))
+    except ValueError:
+        raise _invalid("agent_id", "expected a UUID") from None
+    if canonical != agent_id.lower():
+        raise _invalid("agent_id", "expected a UUID in its canonical 8-4-4-4-12 form")
+    return Register(repo, tag, app, network, canonical, _data_protocol(doc))
+
+
+def _data_protocol(doc: Mapping[str, Any]) -> int:
+    """The data protocol a register announces; 0 when it announces none."""
+    value = doc.get("data_protocol")
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**16:
+        raise _invalid("data_protocol", "expected an integer 1..65535")
+    return value
+
+
+def _attest_response(doc: Mapping[str, Any]) -> AttestResponse:
+    nonce = _hex(doc, "nonce", 32)
+    report_data = _hex(doc, "report_data", 64)
+    quote_b64 = _string(doc, "quote", MAX_QUOTE_BYTES * 4 // 3 + 4)
+    if not _B64.match(quote_b64):
+        raise _invalid("quote", "expected base64")
+    try:
+        quote = base64.b64decode(quote_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid("quote", "expected base64") from None
+    if not quote:
+        raise _invalid("quote", "empty quote")
+    measurements = doc.get("measurements")
+    if not isinstance(measurements, dict):
+        raise _invalid("measurements", "expected an object")
+    return AttestResponse(nonce, quote, report_data, measurements)
+
+
+def _health(doc: Mapping[str, Any]) -> Health:
+    status = doc.get("status")
+    if status == "pass":
+        return Health("pass")
+    if status == "fail":
+        return Health("fail")
+    raise _invalid("status", "expected pass or fail")
+
+
+def _string(doc: Mapping[str, Any], key: str, max_len: int) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value:
+        raise _invalid(key, "expected a non-empty string")
+    if len(value) > max_len:
+        raise _invalid(key, f"longer than {max_len} characters")
+    return value
+
+
+def _hex(doc: Mapping[str, Any], key: str, nbytes: int) -> bytes:
+    value = _string(doc, key, nbytes * 2)
+    if len(value) != nbytes * 2 or not _HEX.match(value):
+        raise _invalid(key, f"expected {nbytes * 2} hex characters")
+    return bytes.fromhex(value)
+
+
+def _invalid(key: str, detail: str) -> ProtocolError:
+    return ProtocolError(f"invalid_field:{key}", detail, CLOSE_PROTOCOL_ERROR)
+
+
+def encode_register(message: Register, **extra: Any) -> str:
+    """The wire form of a ``register`` (used by our agent and by tests)."""
+    return json.dumps({"type": "register", "repo": message.repo,
+                       "release_tag": message.release_tag, "app_name": message.app_name,
+                       "network": message.network, "agent_id": message.agent_id,
+                       "data_protocol": message.data_protocol, **extra})
+
+
+def encode_attest_response(message: AttestResponse) -> str:
+    """The wire form of an ``attest_response``."""
+    return json.dumps({"type": "attest_response", "nonce": message.nonce.hex(),
+                       "quote": base64.b64encode(message.quote).decode(),
+                       "report_data": message.report_data.hex(),
+                       "measurements": dict(message.measurements)})
+
+
+def encode_health(message: Health) -> str:
+    """The wire form of a ``health`` report."""
+    return json.dumps({"type": "health", "status": message.status})
+
+
+def decode_server_message(data: str) -> AttestRequest | Status:
+    """Decode what eecp sends (our agent's side); ``ProtocolError`` for anything else."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ProtocolError("invalid_json", "message is not JSON", CLOSE_INVALID_PAYLOAD) from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("not_an_object", "message is not a JSON object",
+                            CLOSE_INVALID_PAYLOAD)
+    if doc.get("type") == "attest_request":
+        reason = doc.get("reason")
+        deadline = doc.get("deadline_s")
+        if reason not in ("register", "periodic"):
+            raise _invalid("reason", "expected register or periodic")
+        if not isinstance(deadline, int) or isinstance(deadline, bool) or deadline <= 0:
+            raise _invalid("deadline_s", "expected a positive integer")
+        return AttestRequest(_hex(doc, "nonce", 32), deadline, reason)
+    if doc.get("type") == "status":
+        state = doc.get("state")
+        if state not in ("ok", "invalid", "warning"):
+            raise _invalid("state", "expected ok, invalid or warning")
+        extra = {k: v for k, v in doc.items() if k not in ("type", "state", "reason")}
+        return Status(state, str(doc.get("reason", "")), extra)
+    raise ProtocolError("unknown_type", f"type {str(doc.get('type'))[:40]!r} is not known",
+                        CLOSE_PROTOCOL_ERROR)
