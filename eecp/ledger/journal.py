@@ -274,8 +274,7 @@ def apply(accounts: Mapping[str, Balances], transfer: Transfer, *,
     checked_counter(credit.credits_pending + credit.credits_posted, "overflows_credits")
     if (transfer.phase in (Phase.SINGLE, Phase.PENDING) and not may_go_negative(transfer.debit)
             and debit.debits_posted + debit.debits_pending > debit.credits_posted):
-        raise LedgerConflictError("insufficient_funds", field="account_id",
-                                  extra={"account_id": transfer.debit})
+        raise LedgerConflictError("insufficient_funds", extra={"account_id": transfer.debit})
     if min(debit.debits_pending, credit.credits_pending) < 0:
         raise LedgerError("pending_counter_negative", str(transfer.id))  # a bug, never a user's
     return {transfer.debit: debit, transfer.credit: credit}

@@ -104,8 +104,9 @@ def parse_json_body(raw: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> JsonObjec
 
     Numbers come back as :class:`JsonNumber`; ``NaN``/``Infinity`` literals and repeated keys
     (at any depth) are refused, so ``{"amount_usd":"1","amount_usd":"1000"}`` cannot mean
-    either. One pass over the text; its findings are reported in the spec's order
-    (``syntax``, ``not_object``, ``non_finite_number``, ``duplicate_key``).
+    either, and so are escaped lone surrogates (``"\\ud800"``: not text, ``syntax``). One pass
+    over the text; its findings are reported in the spec's order (``syntax``, ``not_object``,
+    ``non_finite_number``, ``duplicate_key``).
     """
     if len(raw) > max_bytes:
         raise BodyTooLargeError("body_too_large", extra={"limit_bytes": max_bytes})
@@ -131,12 +132,30 @@ def parse_json_body(raw: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> JsonObjec
     # RecursionError: 16 KiB of "[" nests deeper than the C scanner allows
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise LedgerInputError("invalid_json", "syntax") from None
+    if not _encodable(doc):
+        raise LedgerInputError("invalid_json", "syntax")
     if not isinstance(doc, dict):
         raise LedgerInputError("invalid_json", "not_object")
     for detail in ("non_finite_number", "duplicate_key"):
         if detail in found:
             raise LedgerInputError("invalid_json", detail)
     return doc
+
+
+def _encodable(value: JsonValue) -> bool:
+    # "\ud800" is valid JSON syntax but no Unicode text: it could not be stored or echoed
+    # as UTF-8 later, so it is refused here with the body
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, list):
+        return all(_encodable(item) for item in value)
+    if isinstance(value, dict):
+        return all(_encodable(key) and _encodable(item) for key, item in value.items())
+    return True
 
 
 def reject_unknown_fields(body: Mapping[str, object], known: frozenset[str]) -> None:

@@ -75,6 +75,8 @@ def test_amounts_accepted(body: bytes, expected: int) -> None:
     (b"\xff\xfe{}", "invalid_json", "syntax"),
     (b'\xef\xbb\xbf{"amount_usd": "1"}', "invalid_json", "syntax"),  # a UTF-8 BOM
     (b'{"amount_usd": "1"} x', "invalid_json", "syntax"),
+    (b'{"note": "\\ud800", "amount_usd": "1"}', "invalid_json", "syntax"),  # a lone surrogate
+    (b'{"\\udfff": 1}', "invalid_json", "syntax"),
     (b'["amount_usd"]', "invalid_json", "not_object"),
     (b'"12"', "invalid_json", "not_object"),
     (b"[NaN]", "invalid_json", "not_object"),  # not an object is checked first
