@@ -8,11 +8,16 @@ The tree::
     ├── StoreError                 the database did not answer or refused
     ├── ProtocolError              a tunnel message that cannot be accepted (+ WebSocket close code)
     ├── RegistrationError          a register that cannot be honoured (app_name_taken, ...)
-    └── AttestationError           a quote was not accepted (every refusal is one of these)
-        ├── QuoteError             unparseable, failed verification, TCB status, debug TD
-        ├── CollateralError        PCCS unreachable with nothing valid cached, expired
-        ├── AllowlistError         not found, unreachable, malformed
-        └── PolicyError            the quote verified but does not match what it must
+    ├── AttestationError           a quote was not accepted (every refusal is one of these)
+    │   ├── QuoteError             unparseable, failed verification, TCB status, debug TD
+    │   ├── CollateralError        PCCS unreachable with nothing valid cached, expired
+    │   ├── AllowlistError         not found, unreachable, malformed
+    │   └── PolicyError            the quote verified but does not match what it must
+    └── LedgerError                a ledger rule refused (the base itself: a broken invariant, 500)
+        ├── LedgerInputError       400: the request is malformed (never stored for idempotency)
+        │   └── BodyTooLargeError  413 ``body_too_large``
+        ├── LedgerNotFoundError    404: ``account_not_found``, ``node_not_found``, ...
+        └── LedgerConflictError    409: a business rejection (``insufficient_funds``, ...)
 
 ``reason`` strings are part of the public interface (they reach agents, proxies, logs and the
 audit log): they are lower_snake_case, optionally followed by ``:detail`` — for example
@@ -125,6 +130,72 @@ def single_error() -> Iterator[None]:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+#: what a ledger error may add to its JSON body (``settleable_at``, ``usage_id``, ...)
+LedgerExtra = dict[str, str | int | bool | None]
+
+
+class LedgerError(EecpError):
+    """A ledger operation was refused (eecp/ledger/). Raised as the base class only for a broken
+    internal rule (a bug: answered 500, the transaction rolls back); requests get a subclass.
+
+    ``detail`` is a *stable* sub-reason where the spec lists one (``invalid_amount`` /
+    ``exponent``, ``invalid_json`` / ``duplicate_key``, ``invalid_period`` / ``unaligned``);
+    ``field`` names the request field at fault; ``extra`` holds further body members.
+    """
+
+    def __init__(self, reason: str, detail: str = "", *, field: str | None = None,
+                 extra: LedgerExtra | None = None) -> None:
+        super().__init__(reason, detail)
+        self.field = field
+        self.extra: LedgerExtra = dict(extra or {})
+
+    def body(self) -> LedgerExtra:
+        """The JSON error body: ``{"error": reason, "field"?, "detail"?, **extra}``."""
+        doc: LedgerExtra = {"error": self.reason}
+        if self.field is not None:
+            doc["field"] = self.field
+        if self.detail:
+            doc["detail"] = self.detail
+        doc.update(self.extra)
+        return doc
+
+
+class LedgerInputError(LedgerError):
+    """400: the request cannot be parsed or breaks a format (``invalid_json``, ``unknown_field``,
+    ``missing_amount``, ``invalid_amount``, ``invalid_vcpu_hours``, ``invalid_price``,
+    ``invalid_period``, ``invalid_account_id``, ``invalid_node_id``,
+    ``invalid_idempotency_key``, ``missing_idempotency_key``, ``accounts_must_be_different``,
+    ``amount_rounds_to_zero``, ``period_in_future``, ``period_too_old``,
+    ``abuse_span_too_long``, ``invalid_action``, ``invalid_decision``, ``missing_fields``).
+    Decided before any transaction, so never stored for idempotency."""
+
+    http_status = 400
+
+
+class BodyTooLargeError(LedgerInputError):
+    """413 ``body_too_large``: a ledger request body over its limit (16 KiB)."""
+
+    http_status = 413
+
+
+class LedgerNotFoundError(LedgerError):
+    """404: ``account_not_found``, ``node_not_found``, ``report_not_found``,
+    ``pending_transfer_not_found``. Stored for idempotency like a conflict."""
+
+    http_status = 404
+
+
+class LedgerConflictError(LedgerError):
+    """409, a business rejection after parsing: ``insufficient_funds``,
+    ``idempotency_key_reused``, ``overflows_debits``, ``overflows_credits``,
+    ``account_not_fundable``, ``period_not_ended``, ``period_finalized``, ``period_not_held``,
+    ``usage_conflict``, ``usage_exceeds_capacity``, ``report_already_decided``,
+    ``pending_transfer_already_posted``, ``pending_transfer_already_voided``, ... Stored for
+    idempotency: a retry with the same key gets the same rejection."""
+
+    http_status = 409
 
 
 def leaf_error(exc: BaseException) -> BaseException:

@@ -1,0 +1,1 @@
+"""Tests of the ledger's pure core (eecp/ledger/): plain synchronous pytest and hypothesis."""
