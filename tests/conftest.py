@@ -1,4 +1,5 @@
-"""Fixtures shared by the agent's tests (tests/test_agent.py, tests/test_forward.py)."""
+"""Fixtures shared by several test modules: the agent's (a dev PKI, a stand-in agent directory)
+and the store's databases (:mod:`tests.databases`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from eecp.dev import pki as devpki
+from tests.databases import backend, pg_url, sqlite_backend
+
+__all__ = ["agent_dir", "backend", "pg_url", "pki_dir", "sqlite_backend"]
 
 
 @pytest.fixture(scope="session")

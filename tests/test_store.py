@@ -11,12 +11,8 @@ only needs to let its user create schemas, e.g.::
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import threading
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+import contextlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,92 +23,13 @@ from eecp.core.blocking import Workers
 from eecp.core.clock import FixedClock
 from eecp.core.config import Config
 from eecp.core.errors import ConfigError, StoreError
-from eecp.store import store as store_module
+from eecp.store import migrations as migrations_module
+from eecp.store.migrations import LATEST_SCHEMA_VERSION, MIGRATIONS
 from eecp.store.records import AgentRecord, AppRecord, AuditEntry
-from eecp.store.store import LATEST_SCHEMA_VERSION, MIGRATIONS, Store, open_store
-from tests import pgserver
+from eecp.store.store import Store, open_store
+from tests.databases import Backend
 
 T0 = 1_754_000_000.123456  # fractional on purpose: times must survive as 8-byte floats
-PG_URL_ENV = "EECP_TEST_PG_URL"
-
-
-@dataclass
-class Backend:
-    """One database to run the suite against, plus a side door for doing things by hand."""
-
-    name: str
-    config: Config
-    raw_url: str | None = None  # PostgreSQL: libpq URI with the test schema on search_path
-
-    def raw(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
-        """Run one statement outside the store (autocommit) and return its rows."""
-        if self.name == "sqlite":
-            conn = sqlite3.connect(self.config.db_path)
-            try:
-                cur = conn.execute(sql, params)
-                rows = cur.fetchall()
-                conn.commit()
-                return rows
-            finally:
-                conn.close()
-        import psycopg2
-
-        pg = psycopg2.connect(self.raw_url)
-        try:
-            pg.autocommit = True
-            with pg.cursor() as cur:
-                cur.execute(sql.replace("?", "%s"), params)
-                return list(cur.fetchall()) if cur.description else []
-        finally:
-            pg.close()
-
-
-def _with_search_path(url: str, schema: str) -> str:
-    sep = "&" if "?" in url else "?"
-    return f"{url}{sep}options=-csearch_path%3D{schema}"
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str | None]:
-    """The PostgreSQL server of this run: EECP_TEST_PG_URL's, else a throwaway one (started
-    once, on first use), else None."""
-    url = os.environ.get(PG_URL_ENV, "").strip()
-    if url:
-        yield url
-    elif pgserver.unavailable() is not None:
-        yield None
-    else:
-        with pgserver.running_server() as url:
-            yield url
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "sqlite":
-        yield Backend("sqlite", Config(db_path=tmp_path / "nested" / "dir" / "cp.db"))
-        return
-    url = request.getfixturevalue("pg_url")
-    if url is None:
-        pytest.skip(f"no PostgreSQL to run the store suite on: {PG_URL_ENV} is not set and "
-                    f"no throwaway server can be started ({pgserver.unavailable()})")
-    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 missing (pip install .[postgres])")
-    schema = f"eecp_test_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(url)
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE SCHEMA "{schema}"')
-        scoped = _with_search_path(url, schema)
-        yield Backend("postgres", Config(db_url=scoped), raw_url=scoped)
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.close()
-
-
-@pytest.fixture
-def sqlite_backend(tmp_path: Path) -> Backend:
-    return Backend("sqlite", Config(db_path=tmp_path / "cp.db"))
 
 
 def app(name: str = "hello", **changes: Any) -> AppRecord:
@@ -197,7 +114,7 @@ async def test_app_round_trip_get_list_delete(backend: Backend) -> None:
         assert await store.get_app("missing") is None
         assert await store.list_apps() == [bare, full]  # ordered by name
 
-        await store.save_agent(agent(app_name="hello"))
+        await store.write_agent(agent(app_name="hello"))
         await store.append_audit(audit(app_name="hello"))
         assert await store.delete_app("hello") is True
         assert await store.delete_app("hello") is False
@@ -230,7 +147,7 @@ async def test_agent_round_trip_upsert_and_filter(backend: Backend) -> None:
     a3 = agent("agent-3", app_name="other", sealed=None, last_attested_at=None)
     async with open_store(backend.config, Workers()) as store:
         for record in (a3, a2, a1):
-            await store.save_agent(record)
+            await store.write_agent(record)
         assert await store.list_agents() == [a1, a2, a3]
         assert await store.list_agents("hello") == [a1, a2]
         assert await store.list_agents("other") == [a3]
@@ -239,94 +156,62 @@ async def test_agent_round_trip_upsert_and_filter(backend: Backend) -> None:
         assert sealed[0] is True and sealed[1] is False and sealed[2] is None
 
         moved = replace(a1, last_seen=T0 + 999.5, release_tag="v9", sealed=False)
-        await store.save_agent(moved)
+        await store.write_agent(moved)
         assert await store.list_agents("hello") == [moved, a2]
         assert len(await store.list_agents()) == 3
 
 
-async def test_one_agents_writes_land_in_the_order_they_were_made(
-        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    # a superseded session's last write is made before its successor's; with several store
-    # workers it must still not land after it (and undo it), however long it takes
-    first_started, release = threading.Event(), threading.Event()
-    save = Store._save_agent_sync
-
-    def slow_first(self: Store, data: dict[str, Any]) -> None:
-        if data["release_tag"] == "v1":
-            first_started.set()
-            release.wait(10)
-        save(self, data)
-
-    monkeypatch.setattr(Store, "_save_agent_sync", slow_first)
-    old, new = agent("agent-1", release_tag="v1"), agent("agent-1", release_tag="v2")
-    other = agent("agent-2", release_tag="v3")
-    async with open_store(backend.config, Workers(store=4)) as store:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(store.save_agent, old)
-            await trio.to_thread.run_sync(first_started.wait, 10)
-            nursery.start_soon(store.save_agent, new)
-            await store.save_agent(other)  # another agent's write does not wait for agent-1's
-            assert await store.list_agents() == [other]
-            release.set()
-        assert await store.list_agents() == [new, other]
-        assert store._agent_locks == {}  # nothing kept once the writes are done
+async def test_an_agents_writes_are_fenced_by_its_epoch(backend: Backend) -> None:
+    # a superseded session's write, made at its (older) epoch, changes nothing once a newer
+    # admission holds the row: however late it lands, and from whichever process
+    old = agent("agent-1", release_tag="v1", epoch=1)
+    async with open_store(backend.config, Workers(store=4)) as store, \
+            open_store(backend.config, Workers(store=4)) as elsewhere:
+        assert await store.write_agent(old) is True  # no row yet: inserted
+        newer = replace(old, release_tag="v2", epoch=2)
+        assert await elsewhere.atomic(lambda tx: tx.write_agent(newer, epoch=1)) is True
+        assert await store.write_agent(replace(old, last_seen=T0 + 999)) is False
+        assert await store.atomic(lambda tx: tx.write_agent(replace(old, epoch=3))) is False
+        assert await store.list_agents() == [newer]
+        assert await elsewhere.write_agent(replace(newer, last_seen=T0 + 5)) is True
+        # a write for another app or repo never lands on the row, whatever its epoch
+        assert await store.write_agent(replace(newer, app_name="other")) is False
+        assert await store.write_agent(replace(newer, repo="mallory/other")) is False
+        assert await store.list_agents() == [replace(newer, last_seen=T0 + 5)]
 
 
-async def test_an_agent_id_stays_bound_to_the_app_and_repo_it_was_first_saved_for(
-        backend: Backend) -> None:
-    mine = agent("agent-1", last_verdict=None, last_reason=None)
-    theirs = agent("agent-1", app_name="other", repo="mallory/other", last_seen=T0 + 50)
+async def test_a_unit_of_work_commits_whole_or_not_at_all(backend: Backend) -> None:
+    class Boom(Exception):
+        pass
+
+    def half(tx: Any) -> None:
+        tx.insert_app(app("hello"))
+        tx.insert_agent(agent("agent-1"))
+        raise Boom
+
     async with open_store(backend.config, Workers()) as store:
-        assert await store.get_agent("agent-1") is None
-        assert await store.bind_agent(mine) is None  # inserted: bound to hello
-        assert await store.get_agent("agent-1") == mine
-        assert await store.bind_agent(replace(mine, last_seen=T0 + 99)) is None  # writes nothing
-        assert await store.get_agent("agent-1") == mine
-        assert await store.bind_agent(theirs) == ("hello", "acme/hello-enclave")
-        assert await store.bind_agent(replace(mine, repo="acme/fork")) == (
-            "hello", "acme/hello-enclave")  # same app, another repo: bound as well
-        await store.save_agent(theirs)  # a write for another app changes nothing either
-        assert await store.list_agents() == [mine]
-        accepted = replace(mine, last_verdict="accepted", last_seen=T0 + 60)
-        await store.save_agent(accepted)  # the binding's own writes land
-        assert await store.list_agents() == [accepted]
-        # an operator releases it: the row (and the binding) go, the audit log stays
-        await store.append_audit(audit(1, agent_id="agent-1"))
-        assert await store.release_agent("agent-1") is True
-        assert await store.release_agent("agent-1") is False
-        assert await store.bind_agent(theirs) is None
-        assert await store.list_agents() == [theirs]
-        assert len(await store.recent_audit()) == 1
-    async with open_store(backend.config, Workers()) as store:  # and after a restart
-        assert await store.bind_agent(mine) == ("other", "mallory/other")
+        with pytest.raises(Boom):
+            await store.atomic(half)
+        assert await store.list_apps() == [] and await store.list_agents() == []
 
-
-async def test_two_processes_binding_one_agent_id_for_two_apps_cannot_both_win(
-        backend: Backend) -> None:
-    # two eecp processes on one database, each admitting an agent under the same ids for
-    # its own app at the same moment: the database decides, one app per id
-    ids = [f"agent-{n:02d}" for n in range(20)]
-    async with open_store(backend.config, Workers(store=4)) as one, \
-            open_store(backend.config, Workers(store=4)) as two:
-        won: dict[str, list[str]] = {agent_id: [] for agent_id in ids}
-
-        async def claim(store: Store, app_name: str, agent_id: str) -> None:
-            if await store.bind_agent(agent(agent_id, app_name=app_name)) is None:
-                won[agent_id].append(app_name)
-
-        async with trio.open_nursery() as nursery:
-            for agent_id in ids:
-                nursery.start_soon(claim, one, "alpha", agent_id)
-                nursery.start_soon(claim, two, "beta", agent_id)
-        rows = {a.agent_id: a.app_name for a in await one.list_agents()}
-    assert all(len(apps) == 1 for apps in won.values()), won
-    assert rows == {agent_id: apps[0] for agent_id, apps in won.items()}
+        def savepointed(tx: Any) -> bool:
+            tx.insert_app(app("hello"))
+            with contextlib.suppress(Boom), tx.savepoint():
+                tx.insert_agent(agent("agent-1"))
+                raise Boom
+            return bool(tx.insert_agent(agent("agent-2")))
+        assert await store.atomic(savepointed) is True
+        assert [a.name for a in await store.list_apps()] == ["hello"]
+        assert [a.agent_id for a in await store.list_agents()] == ["agent-2"]
+        # an insert of a row that exists does nothing, and says so
+        assert await store.atomic(lambda tx: tx.insert_app(app("hello", repo="x/y"))) is False
+        assert (await store.get_app("hello")) == app("hello")
 
 
 async def test_a_version_1_database_is_migrated_and_its_agent_rows_are_the_bindings(
         backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
-    monkeypatch.setattr(store_module, "LATEST_SCHEMA_VERSION", 1)
+    monkeypatch.setattr(migrations_module, "MIGRATIONS", MIGRATIONS[:1])
+    monkeypatch.setattr(migrations_module, "LATEST_SCHEMA_VERSION", 1)
     async with open_store(backend.config, Workers()) as store:
         assert await store.schema_version() == 1
     backend.raw("INSERT INTO agent (agent_id, app_name, repo, release_tag, network, first_seen, "
@@ -338,9 +223,10 @@ async def test_a_version_1_database_is_migrated_and_its_agent_rows_are_the_bindi
                 "accepted", "attested", "[]")
     monkeypatch.undo()
     async with open_store(backend.config, Workers()) as store:
-        assert await store.schema_version() == LATEST_SCHEMA_VERSION >= 2
-        assert await store.bind_agent(agent("agent-1", app_name="other")) == (
-            "hello", "acme/hello-enclave")
+        assert await store.schema_version() == LATEST_SCHEMA_VERSION >= 3
+        (row,) = await store.list_agents()  # the old row, at epoch 0 (the next admission: 1)
+        assert (row.app_name, row.epoch) == ("hello", 0)
+        assert await store.write_agent(agent("agent-1", app_name="other")) is False
         (entry,) = await store.recent_audit()
         assert (entry.reason, entry.platform_id) == ("attested", None)
         await store.append_audit(audit(2))
@@ -446,7 +332,7 @@ async def test_collateral_save_load_replace(backend: Backend) -> None:
 async def test_data_survives_restart_and_migrations_do_not_rerun(backend: Backend) -> None:
     async with open_store(backend.config, Workers(), clock=FixedClock(T0)) as store:
         await store.save_app(app())
-        await store.save_agent(agent())
+        await store.write_agent(agent())
         audit_id = await store.append_audit(audit(3))
         await store.save_collateral("k", "doc", T0 + 5)
 
@@ -540,7 +426,7 @@ async def test_concurrent_writes_all_land(backend: Backend) -> None:
 
         async def one(n: int) -> None:
             ids.append(await store.append_audit(audit(n, agent_id=f"agent-{n:03d}")))
-            await store.save_agent(agent(f"agent-{n % 20:03d}", last_seen=T0 + n))
+            await store.write_agent(agent(f"agent-{n % 20:03d}", last_seen=T0 + n))
 
         async with trio.open_nursery() as nursery:
             for n in range(200):

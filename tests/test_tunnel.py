@@ -21,7 +21,7 @@ from eecp import cli
 from eecp.agents.session import AgentSession
 from eecp.core.clock import isoformat
 from eecp.store.records import AgentRecord
-from eecp.store.store import Store
+from eecp.store.store import Tx
 from tests import quotefactory as qf
 from tests.harness import (
     ASSET,
@@ -651,38 +651,37 @@ async def test_an_agent_ids_binding_outlives_a_restart(
         mock_clock.autojump_threshold = math.inf
 
 
-_SAVE_AGENT = Store.save_agent
+_WRITE_AGENT = Tx.write_agent
 
 
-def hold_saves(monkeypatch: pytest.MonkeyPatch, hold: Callable[[AgentRecord], bool]
-               ) -> list[tuple[Store, AgentRecord]]:
-    """Keep back (instead of writing) every agent row ``hold`` picks; the returned list
-    collects them."""
-    held: list[tuple[Store, AgentRecord]] = []
+def watch_agent_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[AgentRecord, bool]]:
+    """Every fenced write of an agent's row from now on, with whether it changed the row."""
+    writes: list[tuple[AgentRecord, bool]] = []
 
-    async def save_agent(self: Store, record: AgentRecord) -> None:
-        if hold(record):
-            held.append((self, record))
-            return
-        await _SAVE_AGENT(self, record)
+    def write_agent(self: Tx, record: AgentRecord, *, epoch: int | None = None) -> bool:
+        changed = _WRITE_AGENT(self, record, epoch=epoch)
+        writes.append((record, changed))
+        return changed
 
-    monkeypatch.setattr(Store, "save_agent", save_agent)
-    return held
+    monkeypatch.setattr(Tx, "write_agent", write_agent)
+    return writes
 
 
 async def test_a_superseded_session_leaves_the_agents_row_to_its_successor(
         mock_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the old session's cleanup used to write its last_seen with its older attestation; with
-    # several store workers that write could land after the successor's and undo it
+    # the old session's cleanup writes its last_seen after the successor was admitted (with
+    # several store workers, or another process, it may land at any later moment): fenced by
+    # its older epoch, it changes nothing
     async with running_agent(world.agent()) as first:
         await first.wait_status("attested")
         [(_, _, _, _, first_attested)] = agent_rows(world)
-        held = hold_saves(monkeypatch, lambda r: r.last_attested_at == first_attested)
+        writes = watch_agent_writes(monkeypatch)
         world.clock.jump(5)
         async with running_agent(world.agent(agent_id=first.agent_id)) as second:
             await second.wait_status("attested")
             assert await first.wait_closed() == (4009, "superseded")  # after its cleanup
-            assert held == []
+            stale = [(r.epoch, changed) for r, changed in writes if r.epoch == 1]
+            assert stale == [(1, False)]  # the old session's last_seen: made, and fenced
             [(_, _, _, verdict, attested)] = agent_rows(world)
             assert (verdict, attested) == ("accepted", first_attested + 5)
 
@@ -691,15 +690,14 @@ async def test_an_ending_session_neither_keeps_its_agent_id_nor_writes_over_the_
         mock_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     # a session that is ending (here: held while it tells its agent why it is refused) no
     # longer holds its agent_id against the same agent reconnecting, and once that one is
-    # admitted, the ending session's last write is not made. Ending or not, the id stays
+    # admitted, the ending session's last write changes nothing. Ending or not, the id stays
     # bound to its app: an attested agent of another app is refused meanwhile
     refusing, release = hold_status(monkeypatch,
                                     lambda state, reason: reason == "invalid_json")
     async with running_agent(world.agent()) as first:
         await first.wait_status("attested")
         [(_, _, _, _, first_attested)] = agent_rows(world)
-        held = hold_saves(monkeypatch, lambda r: r.last_attested_at == first_attested
-                          and release.is_set())
+        writes = watch_agent_writes(monkeypatch)
         await first.send("not json")  # refused: the session ends, its status is held
         async with real_deadline(10):
             await refusing.wait()
@@ -710,7 +708,9 @@ async def test_an_ending_session_neither_keeps_its_agent_id_nor_writes_over_the_
             await second.wait_status("attested")
             release.set()
             assert (await first.wait_closed())[0] == 1007  # invalid payload
-            assert held == []  # (its cleanup is done once its socket closed)
+            # whatever the first session wrote after the second was admitted changed nothing
+            admitted_at = next(i for i, (r, _) in enumerate(writes) if r.epoch == 2)
+            assert all(not changed for r, changed in writes[admitted_at:] if r.epoch == 1)
             assert second.closed is None
             assert (await world.cp.resolve("shop")).json()["allowed"] is True
             [(agent_id, app, _, verdict, attested)] = agent_rows(world)

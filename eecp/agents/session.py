@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from eecp.agents.registration import check_claim, registration_state, renew
+from eecp.agents import admission
+from eecp.agents.registration import check_claim, registration_state
 from eecp.agents.registry import AgentView
 from eecp.attestation.engine import Challenge, Outcome
 from eecp.core.clock import Clock, isoformat
-from eecp.core.errors import EecpError, ProtocolError, RegistrationError
+from eecp.core.errors import EecpError, ProtocolError, RegistrationError, StoreError
 from eecp.core.ratelimit import SUMMARY_EVERY_SEC, RefusedAuditLimit
 from eecp.store.records import AgentRecord, AuditEntry
 from eecp.wire import protocol
@@ -110,8 +111,6 @@ class AgentSession:
         self._told_unknown = False
         #: the first attestation was accepted: the agent is in the registry and the store
         self.admitted = False
-        #: a newer session took this agent_id: its row is the newcomer's, not ours to write
-        self.replaced = False
         #: the store knows this agent_id, bound to this session's app and repo
         self._known = False
         config = services.config
@@ -206,8 +205,8 @@ class AgentSession:
             record = self.services.registry.update_agent(agent,
                                                          last_seen=self.services.clock.now())
             try:
-                if not self.replaced:  # else a stale write over the newer session's row
-                    await self.services.store.save_agent(record)
+                # at our epoch: after a newer admission of the agent, this changes nothing
+                await self.services.store.atomic(lambda tx: tx.write_agent(record))
             except EecpError as exc:
                 log.warning("could not record last_seen of %s: %s", agent.agent_id, exc)
         ending = self.ending or Ending(protocol.CLOSE_NORMAL, "closed")
@@ -359,24 +358,28 @@ class AgentSession:
         self.services.metrics.attestation_seconds.observe(outcome.duration_sec)
         entry = outcome.audit_entry(challenge=challenge, app_name=register.app_name,
                                     agent_id=register.agent_id, trigger=trigger)
-        if not outcome.accepted:
-            await self._verdict(entry)
-            await self._record_refusal(outcome.reason, outcome.at)
-            await self._refuse(ProtocolError(outcome.reason, outcome.verdict.detail,
-                                              protocol.CLOSE_ATTESTATION_REFUSED))
+        try:
+            if not outcome.accepted:
+                await self._record_refusal(entry)
+                await self._refuse(ProtocolError(outcome.reason, outcome.verdict.detail,
+                                                  protocol.CLOSE_ATTESTATION_REFUSED))
+                return False
+            return await self._record_acceptance(register, outcome, entry, trigger)
+        except StoreError as exc:
+            # nothing of the verdict was applied: the agent is told to try again later
+            log.warning("store failed on a verdict for %s: %s", register.agent_id, exc)
+            await self._refuse(ProtocolError("store_unavailable", exc.detail,
+                                             protocol.CLOSE_TRY_AGAIN))
             return False
-        return await self._record_acceptance(register, outcome, entry, trigger)
 
-    async def _verdict(self, entry: AuditEntry) -> None:
-        """Count and audit the final verdict of one attestation (which admission may have
-        turned into a refusal)."""
+    def _count(self, entry: AuditEntry) -> None:
         self.services.metrics.attestations.labels(entry.verdict, entry.reason).inc()
-        await self._audit(entry)
 
     async def _audit(self, entry: AuditEntry) -> None:
-        """Append ``entry`` to the audit log, or leave it out when its budget
+        """Count ``entry`` and append it to the audit log, or leave it out when its budget
         (``EE_AUDIT_REFUSALS_PER_MIN``, see :meth:`_audit_budget`) is spent."""
         services = self.services
+        self._count(entry)
         key = self._audit_budget(entry)
         if key is not None:
             limit = services.refused_audit
@@ -412,80 +415,84 @@ class AgentSession:
         if self.agent is not None:
             self.agent.attested = False
 
-    async def _record_refusal(self, reason: str, at: float) -> None:
+    async def _record_refusal(self, entry: AuditEntry) -> None:
+        """A refused attestation: audited, and for an admitted agent its row too, together."""
         agent = self.agent
         assert agent is not None
         agent.attested = False
         if not self.admitted:
-            return  # never admitted: the audit log has the refusal; the agent's row is not ours
-        record = self.services.registry.update_agent(
-            agent, last_verdict="refused", last_reason=reason, last_seen=at)
-        await self.services.store.save_agent(record)
-
-    async def _admit(self, register: Register, now: float) -> None:
-        """Decide whether an accepted register attestation admits the agent; raise
-        ``RegistrationError`` if not. Nothing of the acceptance is applied before this.
-
-        The name is checked again (another session may have claimed it while we verified);
-        then, on first admission, the agent_id is bound in the store to this app and repo (an
-        id first admitted for another app is refused ``agent_id_in_use``, whether or not that
-        agent is online, and after restarts); then the live sessions are told (a previous
-        session of this agent is superseded)."""
-        registry = self.services.registry
-        check_claim(registry.app(register.app_name), register, now)
-        if self.admitted:
+            await self._audit(entry)  # never admitted: the agent's row is not ours to write
             return
-        agent = self.agent
-        assert agent is not None
-        holder = await self.services.store.bind_agent(agent.record)
-        if holder is not None:
-            raise RegistrationError("agent_id_in_use",
-                                    f"agent {register.agent_id} is bound to app {holder[0]}")
-        # again: the name may have been taken while the store answered. From here to the
-        # registration's renewal nothing awaits, so no other session can come between. (Lost
-        # that way, the row just bound stays, bound to an app it was refused: harmless.)
-        check_claim(registry.app(register.app_name), register, now)
-        if self._on_registered is not None:
-            await self._on_registered(self)  # may supersede, or refuse, a live session
+        record = self.services.registry.update_agent(
+            agent, last_verdict="refused", last_reason=entry.reason, last_seen=entry.at)
+        self._count(entry)
+        await self.services.store.atomic(lambda tx: admission.record_verdict(tx, record, entry))
 
     async def _record_acceptance(self, register: Register, outcome: Outcome,
                                  entry: AuditEntry, trigger: str) -> bool:
-        registry = self.services.registry
+        """An accepted attestation, applied in the store (one unit of work), then in memory;
+        False when it ends the session (admission refused, or the session was superseded)."""
         agent = self.agent
         assert agent is not None
         now = outcome.at
-        if trigger == "register":
-            try:
-                await self._admit(register, now)
-            except RegistrationError as exc:
-                # the audit says what happened: the attestation passed, the admission did not
-                await self._verdict(replace(entry, verdict="refused", reason=exc.reason))
-                await self._record_refusal(exc.reason, now)
-                await self._refuse(exc, protocol.CLOSE_REGISTRATION_REFUSED)
-                return False
-            app = renew(registry.app(register.app_name), register, now,
-                        self.services.config.registration_ttl_days * 86400)
-            registry.put_app(app)
-            await self.services.store.save_app(app)
-            self.register = register
-            self._renewed.set()
-            self._renewed = trio.Event()
-        record = registry.update_agent(
-            agent, release_tag=register.release_tag, network=register.network,
+        record = replace(
+            agent.record, release_tag=register.release_tag, network=register.network,
             sealed=outcome.measurements.sealed if outcome.measurements else None,
             last_attested_at=now, last_verdict="accepted", last_reason="attested",
             last_seen=now)
+        if trigger == "register":
+            return await self._admit(register, record, entry, now)
+        self._count(entry)
+        if not await self.services.store.atomic(
+                lambda tx: admission.record_verdict(tx, record, entry)):
+            await self._superseded()
+            return False
+        agent.record = record
+        agent.attested = True
+        app = self.services.registry.app(register.app_name)
+        assert app is not None
+        await self.send_status("ok", "attested", trigger=trigger,
+                               expires_at=isoformat(app.expires_at))
+        return True
+
+    async def _admit(self, register: Register, record: AgentRecord, entry: AuditEntry,
+                     now: float) -> bool:
+        """A register attestation that verified: the claim, the renewal, the binding and the
+        audit row decided in the store; memory then follows what committed."""
+        registry = self.services.registry
+        ttl = self.services.config.registration_ttl_days * 86400
+        result = await self.services.store.atomic(
+            lambda tx: admission.admit(tx, register, record, entry, now, ttl))
+        if isinstance(result, admission.Refused):
+            self._count(replace(entry, verdict="refused", reason=result.error.reason))
+            if result.app is not None:
+                registry.put_app(result.app)  # memory follows the database
+            await self._refuse(result.error, protocol.CLOSE_REGISTRATION_REFUSED)
+            return False
+        self._count(entry)
+        agent = self.agent
+        assert agent is not None
+        if not self.admitted and self._on_registered is not None:
+            await self._on_registered(self)  # supersedes a previous live session
+        registry.put_app(result.app)
+        agent.record = result.agent
         agent.attested = True
         self.admitted = True
+        self._known = True
         if registry.apps[register.app_name].agents.get(agent.agent_id) is not agent:
             registry.attach(agent)
-        await self.services.store.save_agent(record)
-        await self._verdict(entry)  # accepted: the agent is admitted and its row written
-        app_record = registry.app(register.app_name)
-        assert app_record is not None
-        await self.send_status("ok", "attested", trigger=trigger,
-                               expires_at=isoformat(app_record.expires_at))
+        self.register = register
+        self._renewed.set()
+        self._renewed = trio.Event()
+        await self.send_status("ok", "attested", trigger="register",
+                               expires_at=isoformat(result.app.expires_at))
         return True
+
+    async def _superseded(self) -> None:
+        """A newer admission of this agent (here or in another eecp process) holds its row."""
+        log.info("agent %s was admitted again elsewhere: this session is superseded",
+                 self.agent.agent_id if self.agent else self.peer)
+        self.end(protocol.CLOSE_SUPERSEDED, "superseded")
 
     # ---- health ---------------------------------------------------------------------------
 

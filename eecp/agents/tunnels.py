@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from eecp.agents.session import AgentSession, TunnelSocket
-from eecp.core.errors import RegistrationError
 from eecp.wire import protocol
 
 if TYPE_CHECKING:
@@ -121,24 +120,15 @@ class Tunnels:
             session.end(protocol.CLOSE_GOING_AWAY, reason)
 
     async def _registered(self, session: AgentSession) -> None:
-        """``session``'s first attestation was accepted and its agent_id is bound to its app
-        and repo in the store (:meth:`AgentSession._admit`): it becomes the live session of
-        that id. An older one of the same app and repo is superseded (the agent reconnected
-        before its old tunnel was noticed dead). One of another app can only be live here
-        when an operator released the binding under it: it keeps the id, and the newcomer is
-        refused ``agent_id_in_use``."""
+        """``session`` was admitted: the store bound its agent_id to its app and repo at a new
+        epoch (:mod:`eecp.agents.admission`), so it becomes the live session of that id, and
+        an older one is superseded (the agent reconnected before its old tunnel was noticed
+        dead; or an operator released the id and another app's agent took it). The older
+        session's writes are fenced by the database already: this only closes its tunnel."""
         assert session.register is not None
         agent_id = session.register.agent_id
         old = self.sessions.get(agent_id)
-        if old is not None and old is not session and old.ending is None and (
-                old.register is not None) and (
-                old.register.app_name, old.register.repo) != (
-                session.register.app_name, session.register.repo):
-            raise RegistrationError("agent_id_in_use", f"agent {agent_id} serves "
-                                    f"{old.register.app_name} on another tunnel")
         self.sessions[agent_id] = session
-        if old is not None and old is not session:
-            old.replaced = True  # even one already ending: its last write would be stale
-            if old.ending is None:
-                log.info("agent %s reconnected: superseding its previous session", agent_id)
-                old.end(protocol.CLOSE_SUPERSEDED, "superseded")
+        if old is not None and old is not session and old.ending is None:
+            log.info("agent %s reconnected: superseding its previous session", agent_id)
+            old.end(protocol.CLOSE_SUPERSEDED, "superseded")

@@ -40,6 +40,8 @@ class AgentRecord:
     last_attested_at: float | None = None
     last_verdict: str | None = None
     last_reason: str | None = None
+    #: the admission the row was last written under (see :mod:`eecp.store.store`)
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
