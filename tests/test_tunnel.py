@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -19,9 +20,11 @@ from trio.testing import MockClock
 
 from eecp import cli
 from eecp.agents.session import AgentSession
+from eecp.attestation import engine as engine_module
 from eecp.core.clock import isoformat
 from eecp.store.records import AgentRecord
 from eecp.store.store import Tx
+from eecp.wire.measurements import Measurements
 from tests import quotefactory as qf
 from tests.harness import (
     ASSET,
@@ -744,3 +747,58 @@ async def test_admin_requires_the_token(mock_clock: MockClock, world: World) -> 
     assert response.status_code == 200 and response.json() == {"apps": [], "count": 0}
     assert (await world.cp.get("/v1/apps/shop", headers=world.cp.admin_headers)).status_code \
         == 404
+
+
+async def test_a_superseded_sessions_late_verdict_leaves_its_successor_served(
+        mock_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the old session's periodic quote is still being verified (a worker thread, which no
+    # cancellation stops) when the agent reconnects and is admitted again; the old verdict
+    # then arrives: it must change nothing, in the store or in what resolve says
+    real = engine_module.verify_quote
+    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def gated(*args: Any) -> Any:
+        if armed.is_set():
+            armed.clear()
+            entered.set()
+            release.wait(20)
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "verify_quote", gated)
+    async with running_agent(world.agent()) as first:
+        await first.wait_status("attested")
+        armed.set()
+        async with real_deadline(10):
+            while not entered.is_set():  # until its periodic re-attestation is under way
+                world.clock.jump(400)
+                await first.health()
+                await trio.to_thread.run_sync(time.sleep, 0.02)
+        second = world.agent(agent_id=first.agent_id)
+        async with running_agent(second):
+            await second.wait_status("attested")
+            await second.health()
+            assert (await world.cp.resolve("shop")).json()["allowed"] is True
+            release.set()
+            assert await first.wait_closed() == (4009, "superseded")
+            await trio.to_thread.run_sync(time.sleep, 0.2)  # the late verdict, whatever it does
+            body = (await world.cp.resolve("shop")).json()
+            assert (body["allowed"], body["agents"], second.closed) == (True, 1, None), body
+
+
+@pytest.mark.parametrize("world", [{"EE_AUDIT_REFUSALS_PER_MIN": "5"}], indirect=True)
+async def test_a_genuine_td_cannot_write_audit_rows_without_bound(
+        mock_clock: MockClock, world: World) -> None:
+    # one machine's verified quotes, naming a real app's repo and tag (its allowlist exists)
+    # with measurements that do not match it, under fresh agent ids: refusals it can ask for
+    # as often as it likes, so they are budgeted by its platform
+    platform = {"pck_key": ec.generate_private_key(ec.SECP256R1())}
+    wrong = Measurements("d" * 64, "b" * 64, "tag=v1.2.0\nsha256=" + "c" * 64, True)
+    for _ in range(12):
+        async with running_agent(world.agent(measurements=wrong, mint_kwargs=platform)) as a:
+            assert (await a.wait_closed())[0] == 4003
+    rows = audit_rows(world)
+    assert 1 <= len(rows) <= 5, rows
+    assert {row[3] for row in rows} == {"measurement_mismatch:agent_dir_sha256"}
+    metrics = (await world.cp.get("/metrics")).text
+    assert ('eecp_audit_suppressed_total{reason="measurement_mismatch:agent_dir_sha256"} '
+            f"{12.0 - len(rows)}") in metrics

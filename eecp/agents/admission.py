@@ -8,8 +8,9 @@ committed:
 * :func:`admit` — a register attestation that verified: the app name's claim (the first repo
   wins; the same repo may move its tag; no network move while the registration lives), the
   renewal (``expires_at``), the agent_id's binding to its app and repo, the agent's next epoch,
-  and the audit row of the decision. A refused claim rolls its writes back and commits only its
-  audit row, together with the app row as it now stands (memory follows it).
+  and the audit row of the decision. A refused claim rolls its writes back and writes nothing:
+  it returns the app row as it now stands (memory follows it), and the session audits the
+  refusal within the audit budget (an attested TD can ask for refusals in bulk).
 * :func:`record_verdict` — a later verdict about an admitted agent (a periodic attestation
   accepted or refused): its row, written only while it still holds its epoch, and the audit row.
   A session whose epoch was taken by a newer admission (here or on another process) learns
@@ -57,7 +58,6 @@ def admit(tx: Tx, register: Register, agent: AgentRecord, entry: AuditEntry, now
             app = _claim(tx, register, now, ttl_sec)
             bound = _bind(tx, agent)
     except RegistrationError as exc:
-        tx.append_audit(replace(entry, verdict="refused", reason=exc.reason))
         return Refused(exc, tx.app(register.app_name))
     tx.append_audit(entry)
     return Admitted(app, bound)

@@ -393,18 +393,17 @@ class AgentSession:
         """The share of the audit budget ``entry`` is written under; None: always written.
 
         Budgeted are the refusals of attempts never admitted that anyone can cause in bulk:
-        those whose quote did not verify (any peer; by the app name it named), and those
-        whose quote verified but named a release without a usable allowlist (one genuine TD
-        can name any number: by its platform) unless the agent is a known one of this app.
-        Acceptances, every decision about an admitted agent and the other refusals of a
-        verified quote (it met a real allowlist, or a taken name) are always recorded."""
-        if entry.verdict == "accepted" or self.admitted:
+        those whose quote did not verify (any peer; by the app name it named), and every
+        refusal of a verified quote (one genuine TD can name any public repo, tag, app name
+        and agent id, as often as it likes: by its platform) unless the agent is a known one
+        of this app and repo. Acceptances and every decision about an admitted or known agent
+        are always recorded."""
+        if entry.verdict == "accepted" or self.admitted or self._known:
             return None
         if entry.tcb_status is None:
             return entry.app_name
-        if entry.reason.startswith("allowlist_") and not self._known:
-            return f"platform:{entry.platform_id}"  # (app names are DNS labels: no ':')
-        return None
+        # (app names are DNS labels: no ':'; a platform eecp could not name shares one key)
+        return f"platform:{entry.platform_id or 'unknown'}"
 
     async def _audit_timeout(self, register: Register, trigger: str) -> None:
         await self._audit(AuditEntry(
@@ -464,7 +463,7 @@ class AgentSession:
         result = await self.services.store.atomic(
             lambda tx: admission.admit(tx, register, record, entry, now, ttl))
         if isinstance(result, admission.Refused):
-            self._count(replace(entry, verdict="refused", reason=result.error.reason))
+            await self._audit(replace(entry, verdict="refused", reason=result.error.reason))
             if result.app is not None:
                 registry.put_app(result.app)  # memory follows the database
             await self._refuse(result.error, protocol.CLOSE_REGISTRATION_REFUSED)
