@@ -219,3 +219,18 @@ def test_the_platform_id_is_the_pck_leafs_ppid_else_a_digest_of_its_key() -> Non
     assert no_ppid != platform(pck_key=other, ppid=bytes(16))
     assert no_ppid != platform(pck_key=key, ppid=bytes(16), fmspc="00906ED50001")
     assert platform_id(b"", qf.DEFAULT_FMSPC) is None  # no PEM chain, no platform
+
+
+@pytest.mark.parametrize("prefix", [b"-----END CERTIFICATE-----\n",
+                                    b"junk -----END CERTIFICATE-----\n",
+                                    b"-----BEGIN X-----\nAAAA\n-----END X-----\n"])
+def test_stray_pem_markers_before_the_chain_do_not_hide_the_platform(prefix: bytes) -> None:
+    # the certification data lies outside what the quote's signature covers: bytes a TD puts
+    # in front of its genuine chain (which dcap-qvl and the chain check still accept) must not
+    # make its platform unknown, and so free of its share of the GitHub fetch limit
+    pki = qf.make_pki(seed=7)
+    facts = parse_quote(qf.mint_tdx_quote(pki, now=1_790_000_000.0,
+                                          pck_key=ec.generate_private_key(ec.SECP256R1())).quote)
+    plain = platform_id(facts.pck_chain, facts.fmspc)
+    assert plain is not None
+    assert platform_id(prefix + facts.pck_chain, facts.fmspc) == plain

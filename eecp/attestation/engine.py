@@ -172,7 +172,8 @@ class AttestationEngine:
         # word, and any peer could otherwise spend the operator's API quota on names it picks;
         # and one genuine TD may still name any number, so its fetches count per platform
         allowlist: Allowlist = await self._allowlists.get(
-            challenge.repo, challenge.release_tag, platform=verified.platform_id)
+            # a verified quote whose platform cannot be named shares one share of the limit
+            challenge.repo, challenge.release_tag, platform=verified.platform_id or "unknown")
         policy.check(
             policy.Evidence(verified, challenge.claimed_report_data, measurements),
             nonce=challenge.nonce,

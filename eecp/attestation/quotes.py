@@ -35,7 +35,6 @@ INTEL_ROOT_SHA256 = bytes.fromhex(
 MAX_CHAIN_ABOVE_LEAF = 4
 #: bound of check_pck_chain's ``known_cas``
 MAX_KNOWN_CAS = 64
-_PEM_END = b"-----END CERTIFICATE-----"
 
 
 @dataclass(frozen=True)
@@ -220,24 +219,25 @@ def platform_id(pck_chain: bytes, fmspc: str) -> str | None:
     """The platform a PCK chain's leaf was issued to: its PPID (OID 1.2.840.113741.1.13.1.1,
     lower-case hex), the same for every TD on one machine; else, for a leaf without one,
     ``pck-`` and the first 16 bytes of SHA-256 over the FMSPC and the leaf's public key, in
-    hex. None when there is no PEM leaf (certification data of another type).
+    hex. None when there is no certificate (certification data of another type).
 
-    Meaningful only for a chain that verified: rate limits are keyed by it."""
-    end = pck_chain.find(_PEM_END)
-    if end < 0:
-        return None
-    leaf = pck_chain[: end + len(_PEM_END)]
+    The leaf is the first *certificate* of the chain as :func:`check_pck_chain` reads it, never
+    the first PEM-looking bytes: the certification data lies outside what the quote's
+    signature covers, and stray PEM markers put in front of a genuine chain must not make the
+    platform unknown (and so escape its share of a rate limit). Meaningful only for a chain
+    that verified: rate limits are keyed by it."""
     try:
-        ppid = bytes(dcap_qvl.parse_pck_extension_from_pem(leaf).ppid)
+        leaf = x509.load_pem_x509_certificates(pck_chain.rstrip(b"\0"))[0]
+    except (ValueError, UnsupportedAlgorithm, IndexError):
+        return None
+    try:
+        ppid = bytes(dcap_qvl.parse_pck_extension_from_pem(
+            leaf.public_bytes(Encoding.PEM)).ppid)
     except (ValueError, RuntimeError, TypeError):
         ppid = b""
     if any(ppid):
         return ppid.hex()
-    try:
-        key = x509.load_pem_x509_certificate(leaf).public_key().public_bytes(
-            Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    except (ValueError, UnsupportedAlgorithm):
-        return None
+    key = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     digest = hashlib.sha256(fmspc.upper().encode() + b"\0" + key).digest()
     return "pck-" + digest[:16].hex()
 
