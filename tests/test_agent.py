@@ -970,3 +970,48 @@ async def test_attested_and_renewed_by_the_real_control_plane(
                 assert body["expires_at"] == isoformat(harness.START + 57 * 86400), body
                 stop.set()
             assert state.connections == 1  # renewed on the same tunnel
+
+
+# ---- the measured tree is the code the agent runs --------------------------------------------
+
+def test_the_measured_tree_holds_every_eecp_module_the_agent_runs(tmp_path: Path) -> None:
+    # what the agent's own modules load, asked of a fresh interpreter (the dev quote provider's
+    # lazy import of the dev PKI included), must all be in what its measurement covers
+    probe = ("import sys, agent.agent, agent.providers, agent.forward, agent.backend\n"
+             "agent.providers.DevQuoteProvider\n"
+             "print('\\n'.join(sorted(m.__file__ for n, m in sys.modules.items()\n"
+             "    if (n == 'eecp' or n.startswith('eecp.')) and getattr(m, '__file__', None))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, cwd=measure_mod.PROJECT).stdout.split()
+    closure = {str(p) for p in measure_mod.import_closure(measure_mod.PROJECT / "agent")}
+    assert loaded and set(loaded) <= closure, set(loaded) - closure
+    for wire in ("frames", "streams", "protocol"):
+        assert str(measure_mod.PROJECT / "eecp" / "wire" / f"{wire}.py") in closure
+
+
+def test_agent_dir_sha256_changes_with_the_eecp_code_the_agent_imports(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "eecp" / "wire").mkdir(parents=True)
+    (project / "agent").mkdir()
+    (project / "eecp" / "__init__.py").write_text("")
+    (project / "eecp" / "wire" / "__init__.py").write_text("")
+    (project / "eecp" / "wire" / "frames.py").write_text("from eecp.wire import codec\n")
+    (project / "eecp" / "wire" / "codec.py").write_text("X = 1\n")
+    (project / "eecp" / "unused.py").write_text("Y = 1\n")
+    (project / "agent" / "agent.py").write_text("def go():\n    from eecp.wire import frames\n")
+    agent = project / "agent"
+
+    def measured() -> str:
+        return measure_mod.sha256_measured_tree(agent, project)
+
+    before = measured()
+    assert before != measure_mod.sha256_dir(agent)  # the closure is in it
+    assert [p.relative_to(project).as_posix() for p in
+            measure_mod.import_closure(agent, project)] == [
+        "eecp/__init__.py", "eecp/wire/__init__.py", "eecp/wire/codec.py", "eecp/wire/frames.py"]
+    (project / "eecp" / "unused.py").write_text("Y = 2\n")
+    assert measured() == before  # code the agent never imports is not its measurement
+    (project / "eecp" / "wire" / "codec.py").write_text("X = 2\n")  # imported through frames
+    assert measured() != before
+    (project / "agent" / "agent.py").write_text("def go():\n    pass\n")
+    assert measured() == measure_mod.sha256_dir(agent)  # nothing of eecp: upstream's scheme
