@@ -1,4 +1,5 @@
-"""Fixtures shared by the agent's tests (tests/test_agent.py, tests/test_forward.py)."""
+"""Fixtures shared by the tests: the library patches every process applies at its start, and
+the agent's (tests/test_agent.py, tests/test_forward.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from eecp import patches
 from eecp.dev import pki as devpki
+
+
+@pytest.fixture(scope="session", autouse=True)
+def library_patches() -> None:
+    """What ``eecp serve``, ``eecp demo`` and ``eecp-agent`` apply once at their start (serve()
+    and run_agent() do not: a process may run them many times), so that the tests run eecp
+    and the agent as they run in production."""
+    patches.apply_all()
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
-"""The hypercorn changes (eecp.hypercorn_fixes): a write that loses the race with a close is
+"""The hypercorn changes (eecp.patches.hypercorn): a write that loses the race with a close is
 handled as a closed connection, a closed tunnel's ping task does not outlive it, a
 connection's reads take more than one full DATA message at a time, a request head has
-HEAD_TIMEOUT_SEC (keep-alive and tunnels untouched), and the control port has a connection
-cap."""
+CONTROL_HEAD_TIMEOUT_SEC (keep-alive and tunnels untouched), and the control port has a
+connection cap."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from trio.testing import MockClock
 from eecp.core.clock import TrioClock
 from eecp.core.config import from_env
 from eecp.patches import hypercorn as hypercorn_fixes
-from eecp.service import Bound, serve
+from eecp.service import CONTROL_HEAD_TIMEOUT_SEC, Bound, serve
 from tests import quotefactory as qf
 from tests.harness import (
     START,
@@ -121,7 +121,7 @@ async def test_shutdown_right_after_a_tunnel_closed_does_not_wait_out_the_pings(
 
 # ---- the head timeout and the connection cap (fixes 4 and 5) ------------------------------
 
-HEAD = hypercorn_fixes.HEAD_TIMEOUT_SEC
+HEAD = CONTROL_HEAD_TIMEOUT_SEC
 HALF_HEAD = b"GET /health HTTP/1.1\r\nHost: t\r\n"  # no blank line: the head never ends
 
 

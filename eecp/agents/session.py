@@ -29,10 +29,11 @@ import random
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
+from eecp.agents.deps import SessionDeps
 from eecp.agents.registration import check_claim, registration_state, renew
 from eecp.agents.registry import AgentView
 from eecp.attestation.engine import Challenge, Outcome
@@ -43,9 +44,6 @@ from eecp.store.records import AgentRecord, AuditEntry
 from eecp.wire import protocol
 from eecp.wire.protocol import AttestResponse, Health, Register, Status
 from eecp.wire.streams import Mux
-
-if TYPE_CHECKING:
-    from eecp.service import Services
 
 log = logging.getLogger("eecp.session")
 
@@ -83,10 +81,10 @@ class Ending:
 class AgentSession:
     """Runs one agent's tunnel from its first message to its close."""
 
-    def __init__(self, services: Services, socket: TunnelSocket, peer: str,
+    def __init__(self, deps: SessionDeps, socket: TunnelSocket, peer: str,
                  on_registered: Callable[[AgentSession], Awaitable[None]] | None = None,
                  rng: random.Random | None = None) -> None:
-        self.services = services
+        self.deps = deps
         self.socket = socket
         self.peer = peer
         self.register: Register | None = None
@@ -114,7 +112,7 @@ class AgentSession:
         self.replaced = False
         #: the store knows this agent_id, bound to this session's app and repo
         self._known = False
-        config = services.config
+        config = deps.config
         #: request streams to the app over this tunnel (the forwarding scope of the session)
         self.mux = Mux(self.send, opener=True, max_streams=config.tunnel_max_streams,
                        initial_window=config.stream_window_bytes)
@@ -140,7 +138,7 @@ class AgentSession:
             self._scope.cancel()
 
     async def _await_register(self) -> Register | None:
-        deadline = self.services.config.attest_deadline_sec
+        deadline = self.deps.config.attest_deadline_sec
         with trio.move_on_after(deadline):
             while True:
                 message = await self._receive()
@@ -163,8 +161,8 @@ class AgentSession:
             await self._refuse(exc, protocol.CLOSE_REGISTRATION_REFUSED)
             return
         self.register = register
-        now = self.services.clock.now()
-        known = await self.services.store.get_agent(register.agent_id)
+        now = self.deps.clock.now()
+        known = await self.deps.store.get_agent(register.agent_id)
         if known is not None and (known.app_name, known.repo) != (register.app_name,
                                                                   register.repo):
             known = None  # bound to another app: admission will refuse it (agent_id_in_use)
@@ -192,22 +190,22 @@ class AgentSession:
             raise RegistrationError(
                 "data_protocol_unsupported", f"this eecp speaks data protocol "
                 f"{protocol.DATA_PROTOCOL}; the agent announced {register.data_protocol or 'none'}")
-        if self.services.registry.network(register.network) is None:
+        if self.deps.registry.network(register.network) is None:
             raise RegistrationError("network_unknown",
                                     f"network {register.network!r} is not served here")
-        check_claim(self.services.registry.app(register.app_name), register,
-                    self.services.clock.now())
+        check_claim(self.deps.registry.app(register.app_name), register,
+                    self.deps.clock.now())
 
     async def _cleanup(self) -> None:
         self.mux.close("tunnel_closed")  # every request in flight on this tunnel ends now
         agent = self.agent
         if agent is not None and self.admitted:
-            self.services.registry.detach(agent)
-            record = self.services.registry.update_agent(agent,
-                                                         last_seen=self.services.clock.now())
+            self.deps.registry.detach(agent)
+            record = self.deps.registry.update_agent(agent,
+                                                         last_seen=self.deps.clock.now())
             try:
                 if not self.replaced:  # else a stale write over the newer session's row
-                    await self.services.store.save_agent(record)
+                    await self.deps.store.save_agent(record)
             except EecpError as exc:
                 log.warning("could not record last_seen of %s: %s", agent.agent_id, exc)
         ending = self.ending or Ending(protocol.CLOSE_NORMAL, "closed")
@@ -233,7 +231,7 @@ class AgentSession:
             return None
         try:
             return protocol.decode_agent_message(
-                data, max_bytes=self.services.config.tunnel_max_message_bytes)
+                data, max_bytes=self.deps.config.tunnel_max_message_bytes)
         except ProtocolError as exc:
             if exc.reason == "unknown_type":
                 # newer agents may speak messages we do not know yet: say so (once: answering
@@ -331,12 +329,12 @@ class AgentSession:
     def _next_interval(self) -> float:
         """The attestation interval less up to 10 % (at most 5 min), so agents that all
         connected at one restart spread out instead of attesting in the same second."""
-        interval = self.services.config.attest_interval_sec
+        interval = self.deps.config.attest_interval_sec
         return interval - self._rng.uniform(0, min(0.1 * interval, 300.0))
 
     async def _challenge(self, register: Register, trigger: str) -> bool:
         """One challenge/answer/verdict round; False when the session must end."""
-        deadline = self.services.config.attest_deadline_sec
+        deadline = self.deps.config.attest_deadline_sec
         nonce = secrets.token_bytes(32)
         # a fresh mailbox: an answer that arrived late for an earlier challenge was refused
         answered = self._answered = trio.Event()
@@ -355,8 +353,8 @@ class AgentSession:
                               network=register.network, nonce=nonce, quote=answer.quote,
                               claimed_report_data=answer.report_data,
                               measurements=answer.measurements)
-        outcome = await self.services.engine.attest(challenge)
-        self.services.metrics.attestation_seconds.observe(outcome.duration_sec)
+        outcome = await self.deps.engine.attest(challenge)
+        self.deps.metrics.attestation_seconds.observe(outcome.duration_sec)
         entry = outcome.audit_entry(challenge=challenge, app_name=register.app_name,
                                     agent_id=register.agent_id, trigger=trigger)
         if not outcome.accepted:
@@ -370,21 +368,21 @@ class AgentSession:
     async def _verdict(self, entry: AuditEntry) -> None:
         """Count and audit the final verdict of one attestation (which admission may have
         turned into a refusal)."""
-        self.services.metrics.attestations.labels(entry.verdict, entry.reason).inc()
+        self.deps.metrics.attestations.labels(entry.verdict, entry.reason).inc()
         await self._audit(entry)
 
     async def _audit(self, entry: AuditEntry) -> None:
         """Append ``entry`` to the audit log, or leave it out when its budget
         (``EE_AUDIT_REFUSALS_PER_MIN``, see :meth:`_audit_budget`) is spent."""
-        services = self.services
+        deps = self.deps
         key = self._audit_budget(entry)
         if key is not None:
-            limit = services.refused_audit
+            limit = deps.refused_audit
             what = f"{entry.reason} for app {entry.app_name} from {self.peer}"
             if not limit.allow(key, entry.at, what):  # serve_audit_summaries logs it
-                services.metrics.audit_suppressed.labels(entry.reason).inc()
+                deps.metrics.audit_suppressed.labels(entry.reason).inc()
                 return
-        await services.store.append_audit(entry)
+        await deps.store.append_audit(entry)
 
     def _audit_budget(self, entry: AuditEntry) -> str | None:
         """The share of the audit budget ``entry`` is written under; None: always written.
@@ -405,7 +403,7 @@ class AgentSession:
 
     async def _audit_timeout(self, register: Register, trigger: str) -> None:
         await self._audit(AuditEntry(
-            at=self.services.clock.now(), app_name=register.app_name,
+            at=self.deps.clock.now(), app_name=register.app_name,
             agent_id=register.agent_id, repo=register.repo, release_tag=register.release_tag,
             network=register.network, trigger=trigger, verdict="refused",
             reason="attestation_timeout"))
@@ -418,9 +416,9 @@ class AgentSession:
         agent.attested = False
         if not self.admitted:
             return  # never admitted: the audit log has the refusal; the agent's row is not ours
-        record = self.services.registry.update_agent(
+        record = self.deps.registry.update_agent(
             agent, last_verdict="refused", last_reason=reason, last_seen=at)
-        await self.services.store.save_agent(record)
+        await self.deps.store.save_agent(record)
 
     async def _admit(self, register: Register, now: float) -> None:
         """Decide whether an accepted register attestation admits the agent; raise
@@ -431,13 +429,13 @@ class AgentSession:
         id first admitted for another app is refused ``agent_id_in_use``, whether or not that
         agent is online, and after restarts); then the live sessions are told (a previous
         session of this agent is superseded)."""
-        registry = self.services.registry
+        registry = self.deps.registry
         check_claim(registry.app(register.app_name), register, now)
         if self.admitted:
             return
         agent = self.agent
         assert agent is not None
-        holder = await self.services.store.bind_agent(agent.record)
+        holder = await self.deps.store.bind_agent(agent.record)
         if holder is not None:
             raise RegistrationError("agent_id_in_use",
                                     f"agent {register.agent_id} is bound to app {holder[0]}")
@@ -450,7 +448,7 @@ class AgentSession:
 
     async def _record_acceptance(self, register: Register, outcome: Outcome,
                                  entry: AuditEntry, trigger: str) -> bool:
-        registry = self.services.registry
+        registry = self.deps.registry
         agent = self.agent
         assert agent is not None
         now = outcome.at
@@ -464,9 +462,9 @@ class AgentSession:
                 await self._refuse(exc, protocol.CLOSE_REGISTRATION_REFUSED)
                 return False
             app = renew(registry.app(register.app_name), register, now,
-                        self.services.config.registration_ttl_days * 86400)
+                        self.deps.config.registration_ttl_days * 86400)
             registry.put_app(app)
-            await self.services.store.save_app(app)
+            await self.deps.store.save_app(app)
             self.register = register
             self._renewed.set()
             self._renewed = trio.Event()
@@ -479,7 +477,7 @@ class AgentSession:
         self.admitted = True
         if registry.apps[register.app_name].agents.get(agent.agent_id) is not agent:
             registry.attach(agent)
-        await self.services.store.save_agent(record)
+        await self.deps.store.save_agent(record)
         await self._verdict(entry)  # accepted: the agent is admitted and its row written
         app_record = registry.app(register.app_name)
         assert app_record is not None
@@ -494,10 +492,10 @@ class AgentSession:
         if agent is None:
             return
         before = agent.health
-        agent.health, agent.health_at = message.status, self.services.clock.now()
+        agent.health, agent.health_at = message.status, self.deps.clock.now()
         if self._health_scope is not None:
             self._health_scope.deadline = (trio.current_time()
-                                           + self.services.config.health_timeout_sec)
+                                           + self.deps.config.health_timeout_sec)
         self._health_heard.set()
         if before == "fail" and message.status == "pass":
             await self.send_status("ok", "health_restored")
@@ -505,7 +503,7 @@ class AgentSession:
             await self.send_status("warning", "health_fail")
 
     async def _health_watchdog(self) -> None:
-        timeout = self.services.config.health_timeout_sec
+        timeout = self.deps.config.health_timeout_sec
         while True:
             with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
                 self._health_scope = scope
@@ -523,14 +521,14 @@ class AgentSession:
     # ---- registration TTL -----------------------------------------------------------------
 
     async def _ttl_watcher(self) -> None:
-        config = self.services.config
+        config = self.deps.config
         warn_sec = config.registration_warn_days * 86400
         while True:
             register = self.register
             assert register is not None
-            app = self.services.registry.app(register.app_name)
+            app = self.deps.registry.app(register.app_name)
             assert app is not None
-            now = self.services.clock.now()
+            now = self.deps.clock.now()
             state = registration_state(app.expires_at, now, warn_sec)
             renewed = self._renewed
             if state == "active":
