@@ -134,7 +134,7 @@ def demo_command(args: argparse.Namespace, env: dict[str, str]) -> int:
     settings = DemoSettings(Path(args.dir), args.control_port, args.proxy_port, args.auth_port,
                             logging_config.log_format, logging_config.log_level)
     setup_logging(settings.log_format, settings.log_level)
-    apply_patches()  # the demo's agent runs in this process too: the wsproto one is its
+    apply_patches()  # (the demo's agent runs in this process too: it gets the wsproto one)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

@@ -4,8 +4,8 @@ bottom, as ``serve()``.
 This is the one module that sees all the components. Each takes exactly its collaborators as
 arguments (a component with a long list takes a small frozen dataclass of them:
 :class:`~eecp.agents.deps.SessionDeps`, :class:`~eecp.control.app.ControlDeps`), and none
-imports another's wiring, this module or :mod:`eecp.service`. The order is the order of
-dependency::
+imports this module or :mod:`eecp.service` (``lint-imports`` holds the layers). The order
+is the order of dependency::
 
     store, HTTP client                      opened here, closed on exit
     attestation: collateral, allowlists, engine
@@ -52,13 +52,13 @@ class Components:
     """What :func:`eecp.service.serve` runs."""
 
     clock: Clock
-    store: Store  #: (named in the start-up line)
-    collateral: CollateralCache  #: its refresher runs in the background
-    refused_audit: RefusedAuditLimit  #: its summaries run in the background
-    tunnels: Tunnels  #: ended at shutdown
-    control_app: TunnelRouter  #: what hypercorn serves on the control port
-    proxy: ProxyHandler  #: the proxy listener's handler
-    auth: AuthHandler  #: the auth listener's handler
+    store: Store  # (named in the start-up line)
+    collateral: CollateralCache  # its refresher runs in the background
+    refused_audit: RefusedAuditLimit  # its summaries run in the background
+    tunnels: Tunnels  # ended at shutdown
+    control_app: TunnelRouter  # what hypercorn serves on the control port
+    proxy: ProxyHandler  # the proxy listener's handler
+    auth: AuthHandler  # the auth listener's handler
 
 
 def root_ca_from_config(config: Config) -> bytes | None:
