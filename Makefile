@@ -22,11 +22,13 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/eecp demo
 
-## Set up and run the whole test suite: ruff, mypy (strict on eecp/), pytest.
+## Set up and run the whole test suite: ruff, mypy (strict on eecp/), the import layers
+## (lint-imports, contracts in pyproject.toml), pytest.
 test: $(STAMP)
 	$(BIN)/ruff check eecp agent tests
 	$(BIN)/mypy eecp agent
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .grimp_cache

@@ -33,6 +33,7 @@ from agent.providers import ConfigfsTsmProvider, DevQuoteProvider, QuoteProvider
 from agent.tunnel import CLOSE_TIMEOUT_SEC, run_agent
 from eecp.core.errors import ConfigError
 from eecp.core.logs import setup_logging
+from eecp.patches import wsproto as wsproto_speedups
 from eecp.wire.measurements import Measurements
 
 log = logging.getLogger("agent")
@@ -98,6 +99,8 @@ def run(env: Mapping[str, str]) -> int:
         print(f"eecp-agent: configuration error: {exc.detail}", file=sys.stderr)
         return 2
     setup_logging(config.log_format, config.log_level)
+    # once, at the process's start: an agent masks every byte it sends, in C, not in Python
+    wsproto_speedups.install()
     _announce(config, provider, measurements)
     gc.freeze()  # start-up's objects out of the collector's sight: see eecp.cli.serve_command
     trio.run(_serve, config, provider, measurements)

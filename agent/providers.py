@@ -4,7 +4,8 @@
   (Linux ≥ 6.7, ``/sys/kernel/config/tsm/report``): the production provider.
 * :class:`DevQuoteProvider` mints quotes under a development PKI (:mod:`eecp.dev.pki`) for
   machines without TDX. eecp accepts them only when ``EE_DCAP_ROOT_CA`` names that PKI's
-  ``root.pem``.
+  ``root.pem``. It is the agent's one use of ``eecp.dev``, imported when the provider is
+  built and never otherwise: a production agent does not load development code.
 
 Failures are :class:`QuoteProviderError` with a stable reason.
 """
@@ -25,7 +26,6 @@ import trio
 
 from agent.config import DEFAULT_TSM_REPORT_DIR
 from eecp.core.errors import EecpError
-from eecp.dev import pki as devpki
 
 log = logging.getLogger("agent.providers")
 P = ParamSpec("P")
@@ -172,26 +172,26 @@ class DevQuoteProvider:
     anyone with the directory can mint quotes for any report_data.
     """
 
-    def __init__(self, pki_dir: Path, *, mrtd: bytes = devpki.DEFAULT_MRTD,
-                 rtmrs: tuple[bytes, bytes, bytes, bytes] = devpki.DEFAULT_RTMRS,
-                 fmspc: str = devpki.DEFAULT_FMSPC,
+    def __init__(self, pki_dir: Path, *, mrtd: bytes | None = None,
+                 rtmrs: tuple[bytes, bytes, bytes, bytes] | None = None,
+                 fmspc: str | None = None,
                  now: Callable[[], float] = time.time) -> None:
+        from eecp.dev import pki as devpki  # here only: see the module docstring
+
+        self._devpki = devpki
         self.pki_dir = pki_dir
         self.pki = devpki.ensure_pki(pki_dir)
-        self.mrtd = mrtd
-        self.rtmrs = rtmrs
-        self.fmspc = fmspc
+        self.mrtd = devpki.DEFAULT_MRTD if mrtd is None else mrtd
+        self.rtmrs = devpki.DEFAULT_RTMRS if rtmrs is None else rtmrs
+        self.fmspc = devpki.DEFAULT_FMSPC if fmspc is None else fmspc
+        #: the root certificate eecp must trust (``EE_DCAP_ROOT_CA``)
+        self.root_pem_path = pki_dir / devpki.ROOT_CERT_FILE
         self._now = now
-
-    @property
-    def root_pem_path(self) -> Path:
-        """The root certificate eecp must trust (``EE_DCAP_ROOT_CA``)."""
-        return self.pki_dir / devpki.ROOT_CERT_FILE
 
     async def quote(self, report_data: bytes) -> bytes:
         """Mint a quote over ``report_data`` (signing takes milliseconds: a worker thread)."""
         _check_report_data(report_data)
-        mint = partial(devpki.mint_tdx_quote, self.pki, now=self._now(),
+        mint = partial(self._devpki.mint_tdx_quote, self.pki, now=self._now(),
                        report_data=report_data, mrtd=self.mrtd, rtmrs=self.rtmrs,
                        fmspc=self.fmspc)
         minted = await trio.to_thread.run_sync(mint)

@@ -51,7 +51,6 @@ from agent.forward import open_backend_pool, serve_forwarding
 from agent.health import HealthStatus, probe_backend
 from agent.providers import QuoteProvider, QuoteProviderError
 from eecp.core.errors import EecpError, ProtocolError, leaf_error
-from eecp.patches import wsproto as wsproto_speedups
 from eecp.wire.measurements import Measurements, report_data_for
 from eecp.wire.protocol import (
     CLOSE_GOING_AWAY,
@@ -159,8 +158,8 @@ async def run_agent(config: AgentConfig, provider: QuoteProvider, measurements: 
     config's; ``rng`` (the jitter) to a fresh ``random.Random``. Setting ``stop`` closes the
     open tunnel with 1001 ``agent_stopping`` (waiting up to ``CLOSE_TIMEOUT_SEC`` for eecp's
     answer) and returns; cancelling also sends that close, but cannot wait for the answer.
+    The process installs :mod:`eecp.patches.wsproto` at its start (:func:`agent.agent.run`).
     """
-    wsproto_speedups.install()  # an agent masks every byte it sends: in C, not in Python
     stop = stop if stop is not None else trio.Event()
     state = state if state is not None else AgentState()
     backoff = backoff if backoff is not None else Backoff.from_config(config)

@@ -1,7 +1,9 @@
 """The ``eecp`` command: ``eecp serve``, ``eecp verify-quote``, ``eecp demo`` and
 ``eecp release-agent``.
 
-Configuration errors print one line naming the variable and exit with status 2.
+Configuration errors print one line naming the variable and exit with status 2. The commands
+that run the control plane (``serve``, ``demo``) apply the library patches once, at start
+(:func:`eecp.patches.apply_all`), after logging is set up so that their versions are logged.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from eecp.attestation import verify_cli as verify_quote
 from eecp.core.config import from_env
 from eecp.core.errors import ConfigError, StoreError
 from eecp.core.logs import setup_logging
+from eecp.patches import apply_all as apply_patches
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +72,7 @@ def serve_command(env: dict[str, str]) -> int:
         print(f"eecp: configuration error: {exc.detail}", file=sys.stderr)
         return 2
     setup_logging(config.log_format, config.log_level)
+    apply_patches()
     # What start-up made (modules, libraries) lives as long as the process: out of the cyclic
     # collector's sight, a full collection scans what requests make, ~2 ms instead of 15-25 ms
     # stalls that every request in flight would wait out (bench/RESULTS.md, the c=64 p99)
@@ -130,6 +134,7 @@ def demo_command(args: argparse.Namespace, env: dict[str, str]) -> int:
     settings = DemoSettings(Path(args.dir), args.control_port, args.proxy_port, args.auth_port,
                             logging_config.log_format, logging_config.log_level)
     setup_logging(settings.log_format, settings.log_level)
+    apply_patches()  # (the demo's agent runs in this process too: it gets the wsproto one)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

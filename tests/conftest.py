@@ -1,5 +1,6 @@
-"""Fixtures shared by several test modules: the agent's (a dev PKI, a stand-in agent directory)
-and the store's databases (:mod:`tests.databases`)."""
+"""Fixtures shared by the tests: the library patches every process applies at its start, the
+agent's (a dev PKI, a stand-in agent directory) and the store's databases
+(:mod:`tests.databases`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from eecp import patches
 from eecp.dev import pki as devpki
 from tests.databases import backend, pg_url, sqlite_backend
 
-__all__ = ["agent_dir", "backend", "pg_url", "pki_dir", "sqlite_backend"]
+__all__ = ["agent_dir", "backend", "library_patches", "pg_url", "pki_dir", "sqlite_backend"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def library_patches() -> None:
+    """What ``eecp serve``, ``eecp demo`` and ``eecp-agent`` apply once at their start (serve()
+    and run_agent() do not: a process may run them many times), so that the tests run eecp
+    and the agent as they run in production."""
+    patches.apply_all()
 
 
 @pytest.fixture(scope="session")

@@ -875,6 +875,29 @@ def test_console_script_is_the_same_entry_point() -> None:
     assert result.stderr.startswith("eecp-agent: configuration error: EE_CONTROL_WS: ")
 
 
+def test_a_production_agent_loads_no_development_code_and_no_hypercorn() -> None:
+    """The agent's whole import graph, configured for configfs-tsm: the dev PKI is imported by
+    the dev quote provider only when it is built (not for config defaults), and the wsproto
+    patch it installs does not pull in the control plane's hypercorn."""
+    probe = ("import sys, agent.agent, agent.config, agent.tunnel, agent.forward;"
+             "from eecp.patches import wsproto;"
+             "print(sorted(m for m in sys.modules if m.startswith(('eecp.dev', 'hypercorn'))))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_dev_provider_takes_the_dev_pki_defaults(pki_dir: Path) -> None:
+    config = from_env(valid_env(EE_QUOTE_PROVIDER="dev", EE_DEV_PKI_DIR=str(pki_dir)))
+    assert (config.dev_mrtd, config.dev_rtmrs, config.dev_fmspc) == (None, None, None)
+    provider = build_provider(config)
+    assert isinstance(provider, DevQuoteProvider)
+    assert (provider.mrtd, provider.rtmrs, provider.fmspc) == (
+        devpki.DEFAULT_MRTD, devpki.DEFAULT_RTMRS, devpki.DEFAULT_FMSPC)
+    assert provider.root_pem_path == pki_dir / "root.pem"
+
+
 async def test_script_connects_registers_and_stops_on_sigterm(
         tmp_path: Path, pki_dir: Path, agent_dir: Path) -> None:
     async with open_fake_eecp() as eecp, open_backend() as backend:

@@ -1,11 +1,14 @@
-"""The hypercorn changes (eecp.hypercorn_fixes): a write that loses the race with a close is
+"""The hypercorn changes (eecp.patches.hypercorn): a write that loses the race with a close is
 handled as a closed connection, a closed tunnel's ping task does not outlive it, a
 connection's reads take more than one full DATA message at a time, a request head has
-HEAD_TIMEOUT_SEC (keep-alive and tunnels untouched), and the control port has a connection
-cap."""
+CONTROL_HEAD_TIMEOUT_SEC (keep-alive and tunnels untouched), and the control port has a
+connection cap."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +18,7 @@ from typing import Any
 
 import h11
 import httpx
+import pytest
 import trio
 import trio.testing
 from hypercorn.events import Closed, RawData
@@ -24,7 +28,8 @@ from trio.testing import MockClock
 from eecp.core.clock import TrioClock
 from eecp.core.config import from_env
 from eecp.patches import hypercorn as hypercorn_fixes
-from eecp.service import Bound, serve
+from eecp.patches import versions
+from eecp.service import CONTROL_HEAD_TIMEOUT_SEC, Bound, serve
 from tests import quotefactory as qf
 from tests.harness import (
     START,
@@ -65,6 +70,31 @@ async def test_a_write_racing_the_close_is_a_closed_connection_not_a_crash() -> 
     server.protocol = _Protocol()
     await server.protocol_send(RawData(data=b"pong"))
     assert [type(e) for e in server.protocol.events] == [Closed]
+
+
+def test_apply_refuses_a_hypercorn_the_fixes_were_not_written_for(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    patched = TCPServer.protocol_send
+    monkeypatch.setattr(TCPServer, "_eecp_fixes_applied", False)  # as in a fresh process
+    for version in ("0.19.0", "0.17.0", "0.19.0rc1", None):
+        monkeypatch.setattr(versions, "installed", lambda distribution, v=version: v)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="eecp.patches.hypercorn"):
+            assert not hypercorn_fixes.apply()
+        assert f"hypercorn {version}: " in caplog.text and ">=0.18,<0.19" in caplog.text
+        assert TCPServer.protocol_send is patched  # nothing (re)patched
+
+
+def test_a_process_applies_the_patches_once_and_logs_their_versions() -> None:
+    script = ("import logging; logging.basicConfig(level=logging.INFO, format='%(message)s');"
+              "from eecp import patches; patches.apply_all(); patches.apply_all()")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    hypercorn, wsproto = versions.installed("hypercorn"), versions.installed("wsproto")
+    assert result.stderr.splitlines() == [
+        f"hypercorn {hypercorn}: 6 fixes applied",
+        f"wsproto {wsproto}: masking in C and the two-copy frame writer installed"]
 
 
 class _RecordingStream:
@@ -121,7 +151,7 @@ async def test_shutdown_right_after_a_tunnel_closed_does_not_wait_out_the_pings(
 
 # ---- the head timeout and the connection cap (fixes 4 and 5) ------------------------------
 
-HEAD = hypercorn_fixes.HEAD_TIMEOUT_SEC
+HEAD = CONTROL_HEAD_TIMEOUT_SEC
 HALF_HEAD = b"GET /health HTTP/1.1\r\nHost: t\r\n"  # no blank line: the head never ends
 
 

@@ -768,7 +768,8 @@ async def test_the_json_proxy_takes_a_bearer_token_once_one_is_set(
         api = world.cp.url + "/v1/proxy/shop"
         for headers in ({}, {"Authorization": "Bearer wrong"},
                         {"Authorization": "Basic proxy-secret"},
-                        {"Authorization": "Bearer admin-secret"}):  # the admin's is not it
+                        {"Authorization": "Bearer admin-secret"},  # the admin's is not it
+                        [("Authorization", "Bearer proxy-secret")] * 2):  # one header, once
             refused = await client.post(api, json={"path": "/hello"}, headers=headers)
             assert (refused.status_code, refused.json()) == (
                 401, {"allowed": False, "reason": "proxy_token_required"}), headers

@@ -705,7 +705,6 @@ async def test_the_proxy_ends_a_request_on_its_last_frame_when_it_knows_it(
         expected: list[tuple[type[Any], bool]]) -> None:
     """eecp's side (eecp.proxy): a GET is one message; an upload whose Content-Length is
     reached ends on that chunk; one of unknown length ends with END once it is exhausted."""
-    services = SimpleNamespace(config=SimpleNamespace(proxy_timeout_sec=WAIT))
     async with mux_pair() as p, trio.open_nursery() as nursery:
         agent = SimpleNamespace(mux=p.eecp, in_flight=0)
         received: list[bytes] = []
@@ -719,7 +718,7 @@ async def test_the_proxy_ends_a_request_on_its_last_frame_when_it_knows_it(
         nursery.start_soon(serve)
         head = RequestHead("POST", "/", headers)
         source = None if body is None else _chunks(body)
-        attempt = proxy._attempt(services, agent, head, source)  # type: ignore[arg-type]
+        attempt = proxy._attempt(WAIT, agent, head, source)  # type: ignore[arg-type]
         async with attempt as upstream:
             assert upstream.head == OK
             assert [chunk async for chunk in upstream.chunks()] == [b"pong"]
@@ -736,12 +735,11 @@ async def test_the_proxy_ends_a_request_on_its_last_frame_when_it_knows_it(
 
 
 async def test_the_proxy_refuses_a_body_longer_than_its_content_length() -> None:
-    services = SimpleNamespace(config=SimpleNamespace(proxy_timeout_sec=WAIT))
     async with mux_pair() as p:
         agent = SimpleNamespace(mux=p.eecp, in_flight=0)
         head = RequestHead("POST", "/", [("Content-Length", "3")])
         with pytest.raises(proxy.ProxyError) as caught:
-            async with proxy._attempt(services, agent, head,  # type: ignore[arg-type]
+            async with proxy._attempt(WAIT, agent, head,  # type: ignore[arg-type]
                                       _chunks([b"abc", b"d"])):
                 pytest.fail("no answer can come")
         assert (caught.value.http_status, caught.value.reason) == (400, "invalid_request")

@@ -1,10 +1,11 @@
-"""eecp.wsproto_speedups: the C masker and the frame serializer produce exactly what wsproto's
-own do (chunk by chunk, frame by frame), and a wsproto client and server with them installed
-exchange messages intact."""
+"""eecp.patches.wsproto: the C masker and the frame serializer produce exactly what wsproto's
+own do (chunk by chunk, frame by frame), a wsproto client and server with them installed
+exchange messages intact, and a wsproto they were not written for is left alone."""
 
 from __future__ import annotations
 
 import array
+import logging
 import os
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, Request
 
+from eecp.patches import versions
 from eecp.patches import wsproto as wsproto_speedups
 
 pytestmark = pytest.mark.skipif(not wsproto_speedups.available(),
@@ -27,7 +29,10 @@ def c_masker() -> Iterator[None]:
     assert wsproto_speedups.install()
     assert wsproto_speedups.installed()
     yield
-    if not was:
+    # as it was (the conftest installs it for the session, as every eecp process does)
+    if was:
+        assert wsproto_speedups.install()
+    else:
         wsproto_speedups.uninstall()
 
 
@@ -100,6 +105,17 @@ def test_install_is_idempotent_and_uninstall_restores_wsproto(c_masker: None) ->
     wsproto_speedups.uninstall()
     assert frame_protocol.XorMaskerSimple is wsproto_speedups._ORIGINAL
     assert not wsproto_speedups.installed()
+
+
+def test_install_refuses_a_wsproto_it_was_not_written_for(
+        c_masker: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    wsproto_speedups.uninstall()
+    monkeypatch.setattr(versions, "installed", lambda distribution: "1.4.0")
+    with caplog.at_level(logging.WARNING, logger="eecp.patches.wsproto"):
+        assert not wsproto_speedups.install()
+    assert not wsproto_speedups.installed()
+    assert frame_protocol.XorMaskerSimple is wsproto_speedups._ORIGINAL
+    assert "wsproto 1.4.0" in caplog.text and ">=1.3,<1.4" in caplog.text
 
 
 # ---- the frame serializer ---------------------------------------------------------------------

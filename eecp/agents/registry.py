@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from typing import Any, Literal
 from eecp.agents.registration import RegistrationState, registration_state
 from eecp.core.clock import isoformat
 from eecp.core.config import Network
+from eecp.core.metrics import StateGauges
 from eecp.store.records import AgentRecord, AppRecord
 from eecp.wire.streams import Mux
 
@@ -243,6 +245,14 @@ class Registry:
         network = self._networks.get(view.record.network)
         agents = [a for a in view.agents.values() if a.routable_for(view.record, network)]
         return sorted(agents, key=lambda a: a.in_flight)
+
+    def gauges(self, now: float) -> StateGauges:
+        """What the metrics' state gauges show (read at each scrape)."""
+        agents = [a for view in self.apps.values() for a in view.agents.values()]
+        return StateGauges(
+            agents_connected=sum(a.connected for a in agents),
+            streams_in_flight=sum(a.in_flight for a in agents),
+            apps_by_state=Counter(self.resolve(name, now).reason for name in list(self.apps)))
 
 
 def decide(view: AppView | None, name: str, now: float, networks: dict[str, Network],

@@ -29,11 +29,12 @@ import random
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
 from eecp.agents import admission
+from eecp.agents.deps import SessionDeps
 from eecp.agents.registration import check_claim, registration_state
 from eecp.agents.registry import AgentView
 from eecp.attestation.engine import Challenge, Outcome
@@ -44,9 +45,6 @@ from eecp.store.records import AgentRecord, AuditEntry
 from eecp.wire import protocol
 from eecp.wire.protocol import AttestResponse, Health, Register, Status
 from eecp.wire.streams import Mux
-
-if TYPE_CHECKING:
-    from eecp.service import Services
 
 log = logging.getLogger("eecp.session")
 
@@ -84,10 +82,10 @@ class Ending:
 class AgentSession:
     """Runs one agent's tunnel from its first message to its close."""
 
-    def __init__(self, services: Services, socket: TunnelSocket, peer: str,
+    def __init__(self, deps: SessionDeps, socket: TunnelSocket, peer: str,
                  on_registered: Callable[[AgentSession], Awaitable[None]] | None = None,
                  rng: random.Random | None = None) -> None:
-        self.services = services
+        self.deps = deps
         self.socket = socket
         self.peer = peer
         self.register: Register | None = None
@@ -113,7 +111,7 @@ class AgentSession:
         self.admitted = False
         #: the store knows this agent_id, bound to this session's app and repo
         self._known = False
-        config = services.config
+        config = deps.config
         #: request streams to the app over this tunnel (the forwarding scope of the session)
         self.mux = Mux(self.send, opener=True, max_streams=config.tunnel_max_streams,
                        initial_window=config.stream_window_bytes)
@@ -139,7 +137,7 @@ class AgentSession:
             self._scope.cancel()
 
     async def _await_register(self) -> Register | None:
-        deadline = self.services.config.attest_deadline_sec
+        deadline = self.deps.config.attest_deadline_sec
         with trio.move_on_after(deadline):
             while True:
                 message = await self._receive()
@@ -162,8 +160,8 @@ class AgentSession:
             await self._refuse(exc, protocol.CLOSE_REGISTRATION_REFUSED)
             return
         self.register = register
-        now = self.services.clock.now()
-        known = await self.services.store.get_agent(register.agent_id)
+        now = self.deps.clock.now()
+        known = await self.deps.store.get_agent(register.agent_id)
         if known is not None and (known.app_name, known.repo) != (register.app_name,
                                                                   register.repo):
             known = None  # bound to another app: admission will refuse it (agent_id_in_use)
@@ -191,22 +189,22 @@ class AgentSession:
             raise RegistrationError(
                 "data_protocol_unsupported", f"this eecp speaks data protocol "
                 f"{protocol.DATA_PROTOCOL}; the agent announced {register.data_protocol or 'none'}")
-        if self.services.registry.network(register.network) is None:
+        if self.deps.registry.network(register.network) is None:
             raise RegistrationError("network_unknown",
                                     f"network {register.network!r} is not served here")
-        check_claim(self.services.registry.app(register.app_name), register,
-                    self.services.clock.now())
+        check_claim(self.deps.registry.app(register.app_name), register,
+                    self.deps.clock.now())
 
     async def _cleanup(self) -> None:
         self.mux.close("tunnel_closed")  # every request in flight on this tunnel ends now
         agent = self.agent
         if agent is not None and self.admitted:
-            self.services.registry.detach(agent)
-            record = self.services.registry.update_agent(agent,
-                                                         last_seen=self.services.clock.now())
+            self.deps.registry.detach(agent)
+            record = self.deps.registry.update_agent(agent,
+                                                         last_seen=self.deps.clock.now())
             try:
                 # at our epoch: after a newer admission of the agent, this changes nothing
-                await self.services.store.atomic(lambda tx: tx.write_agent(record))
+                await self.deps.store.atomic(lambda tx: tx.write_agent(record))
             except EecpError as exc:
                 log.warning("could not record last_seen of %s: %s", agent.agent_id, exc)
         ending = self.ending or Ending(protocol.CLOSE_NORMAL, "closed")
@@ -232,7 +230,7 @@ class AgentSession:
             return None
         try:
             return protocol.decode_agent_message(
-                data, max_bytes=self.services.config.tunnel_max_message_bytes)
+                data, max_bytes=self.deps.config.tunnel_max_message_bytes)
         except ProtocolError as exc:
             if exc.reason == "unknown_type":
                 # newer agents may speak messages we do not know yet: say so (once: answering
@@ -330,12 +328,12 @@ class AgentSession:
     def _next_interval(self) -> float:
         """The attestation interval less up to 10 % (at most 5 min), so agents that all
         connected at one restart spread out instead of attesting in the same second."""
-        interval = self.services.config.attest_interval_sec
+        interval = self.deps.config.attest_interval_sec
         return interval - self._rng.uniform(0, min(0.1 * interval, 300.0))
 
     async def _challenge(self, register: Register, trigger: str) -> bool:
         """One challenge/answer/verdict round; False when the session must end."""
-        deadline = self.services.config.attest_deadline_sec
+        deadline = self.deps.config.attest_deadline_sec
         nonce = secrets.token_bytes(32)
         # a fresh mailbox: an answer that arrived late for an earlier challenge was refused
         answered = self._answered = trio.Event()
@@ -354,8 +352,8 @@ class AgentSession:
                               network=register.network, nonce=nonce, quote=answer.quote,
                               claimed_report_data=answer.report_data,
                               measurements=answer.measurements)
-        outcome = await self.services.engine.attest(challenge)
-        self.services.metrics.attestation_seconds.observe(outcome.duration_sec)
+        outcome = await self.deps.engine.attest(challenge)
+        self.deps.metrics.attestation_seconds.observe(outcome.duration_sec)
         entry = outcome.audit_entry(challenge=challenge, app_name=register.app_name,
                                     agent_id=register.agent_id, trigger=trigger)
         try:
@@ -373,21 +371,21 @@ class AgentSession:
             return False
 
     def _count(self, entry: AuditEntry) -> None:
-        self.services.metrics.attestations.labels(entry.verdict, entry.reason).inc()
+        self.deps.metrics.attestations.labels(entry.verdict, entry.reason).inc()
 
     async def _audit(self, entry: AuditEntry) -> None:
         """Count ``entry`` and append it to the audit log, or leave it out when its budget
         (``EE_AUDIT_REFUSALS_PER_MIN``, see :meth:`_audit_budget`) is spent."""
-        services = self.services
+        deps = self.deps
         self._count(entry)
         key = self._audit_budget(entry)
         if key is not None:
-            limit = services.refused_audit
+            limit = deps.refused_audit
             what = f"{entry.reason} for app {entry.app_name} from {self.peer}"
             if not limit.allow(key, entry.at, what):  # serve_audit_summaries logs it
-                services.metrics.audit_suppressed.labels(entry.reason).inc()
+                deps.metrics.audit_suppressed.labels(entry.reason).inc()
                 return
-        await services.store.append_audit(entry)
+        await deps.store.append_audit(entry)
 
     def _audit_budget(self, entry: AuditEntry) -> str | None:
         """The share of the audit budget ``entry`` is written under; None: always written.
@@ -407,7 +405,7 @@ class AgentSession:
 
     async def _audit_timeout(self, register: Register, trigger: str) -> None:
         await self._audit(AuditEntry(
-            at=self.services.clock.now(), app_name=register.app_name,
+            at=self.deps.clock.now(), app_name=register.app_name,
             agent_id=register.agent_id, repo=register.repo, release_tag=register.release_tag,
             network=register.network, trigger=trigger, verdict="refused",
             reason="attestation_timeout"))
@@ -422,10 +420,10 @@ class AgentSession:
         if not self.admitted:
             await self._audit(entry)  # never admitted: the agent's row is not ours to write
             return
-        record = self.services.registry.update_agent(
+        record = self.deps.registry.update_agent(
             agent, last_verdict="refused", last_reason=entry.reason, last_seen=entry.at)
         self._count(entry)
-        await self.services.store.atomic(lambda tx: admission.record_verdict(tx, record, entry))
+        await self.deps.store.atomic(lambda tx: admission.record_verdict(tx, record, entry))
 
     async def _record_acceptance(self, register: Register, outcome: Outcome,
                                  entry: AuditEntry, trigger: str) -> bool:
@@ -442,13 +440,13 @@ class AgentSession:
         if trigger == "register":
             return await self._admit(register, record, entry, now)
         self._count(entry)
-        if not await self.services.store.atomic(
+        if not await self.deps.store.atomic(
                 lambda tx: admission.record_verdict(tx, record, entry)):
             await self._superseded()
             return False
         agent.record = record
         agent.attested = True
-        app = self.services.registry.app(register.app_name)
+        app = self.deps.registry.app(register.app_name)
         assert app is not None
         await self.send_status("ok", "attested", trigger=trigger,
                                expires_at=isoformat(app.expires_at))
@@ -458,9 +456,9 @@ class AgentSession:
                      now: float) -> bool:
         """A register attestation that verified: the claim, the renewal, the binding and the
         audit row decided in the store; memory then follows what committed."""
-        registry = self.services.registry
-        ttl = self.services.config.registration_ttl_days * 86400
-        result = await self.services.store.atomic(
+        registry = self.deps.registry
+        ttl = self.deps.config.registration_ttl_days * 86400
+        result = await self.deps.store.atomic(
             lambda tx: admission.admit(tx, register, record, entry, now, ttl))
         if isinstance(result, admission.Refused):
             await self._audit(replace(entry, verdict="refused", reason=result.error.reason))
@@ -500,10 +498,10 @@ class AgentSession:
         if agent is None:
             return
         before = agent.health
-        agent.health, agent.health_at = message.status, self.services.clock.now()
+        agent.health, agent.health_at = message.status, self.deps.clock.now()
         if self._health_scope is not None:
             self._health_scope.deadline = (trio.current_time()
-                                           + self.services.config.health_timeout_sec)
+                                           + self.deps.config.health_timeout_sec)
         self._health_heard.set()
         if before == "fail" and message.status == "pass":
             await self.send_status("ok", "health_restored")
@@ -511,7 +509,7 @@ class AgentSession:
             await self.send_status("warning", "health_fail")
 
     async def _health_watchdog(self) -> None:
-        timeout = self.services.config.health_timeout_sec
+        timeout = self.deps.config.health_timeout_sec
         while True:
             with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
                 self._health_scope = scope
@@ -529,14 +527,14 @@ class AgentSession:
     # ---- registration TTL -----------------------------------------------------------------
 
     async def _ttl_watcher(self) -> None:
-        config = self.services.config
+        config = self.deps.config
         warn_sec = config.registration_warn_days * 86400
         while True:
             register = self.register
             assert register is not None
-            app = self.services.registry.app(register.app_name)
+            app = self.deps.registry.app(register.app_name)
             assert app is not None
-            now = self.services.clock.now()
+            now = self.deps.clock.now()
             state = registration_state(app.expires_at, now, warn_sec)
             renewed = self._renewed
             if state == "active":

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from eecp.agents.deps import SessionDeps
 from eecp.agents.session import AgentSession, TunnelSocket
 from eecp.wire import protocol
-
-if TYPE_CHECKING:
-    from eecp.service import Services
 
 log = logging.getLogger("eecp.tunnel")
 
@@ -92,8 +90,8 @@ class TunnelRouter:
 class Tunnels:
     """The live agent sessions of this process."""
 
-    def __init__(self, services: Services) -> None:
-        self._services = services
+    def __init__(self, deps: SessionDeps) -> None:
+        self._deps = deps
         self.sessions: dict[str, AgentSession] = {}
         self._live: set[AgentSession] = set()  # registered or not
 
@@ -104,7 +102,7 @@ class Tunnels:
 
     async def serve_session(self, socket: TunnelSocket, peer: str) -> None:
         """Run one agent's session to its end (the caller owns the WebSocket)."""
-        session = AgentSession(self._services, socket, peer, on_registered=self._registered)
+        session = AgentSession(self._deps, socket, peer, on_registered=self._registered)
         self._live.add(session)
         try:
             await session.run()

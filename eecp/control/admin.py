@@ -1,25 +1,43 @@
-"""Admin views: ``GET /v1/apps`` and ``GET /v1/apps/{app}``, and their bearer-token check."""
+"""Admin views: ``GET /v1/apps`` and ``GET /v1/apps/{app}``, on one blueprint whose every
+route the admin guard checks (:mod:`eecp.control.auth`)."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
+from quart import Blueprint, Response, jsonify, request
+
 from eecp.agents.registry import AgentView, Registry
-from eecp.core.clock import isoformat
+from eecp.control.auth import Guard, Role
+from eecp.core.clock import Clock, isoformat
 from eecp.store.records import AgentRecord, AuditEntry
+from eecp.store.store import Store
 
 
-def authorized(expected: str | None, authorization: str | None) -> bool:
-    """True when ``authorization`` is ``Bearer <expected>`` (constant time), or when no token
-    is configured (admin open, as the seed has it; start-up warns)."""
-    if not expected:
-        return True
-    if not authorization:
-        return False
-    scheme, _, token = authorization.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                              expected.encode())
+def blueprint(guard: Guard, registry: Registry, clock: Clock, store: Store,
+              audit_entries_shown: int) -> Blueprint:
+    """The admin routes, for the admin only (``EE_ADMIN_TOKEN``)."""
+    admin = guard.protect(Blueprint("admin", __name__), Role.ADMIN)
+
+    @admin.get("/v1/apps")
+    async def list_apps_view() -> Response:
+        return jsonify(list_apps(registry, clock.now()))
+
+    @admin.get("/v1/apps/<app_name>")
+    async def app_detail_view(app_name: str) -> Response | tuple[Response, int]:
+        name = app_name.lower()
+        # ?verdict=accepted: the last accepted ones, however many refusals came after them
+        verdict = request.args.get("verdict")
+        if verdict not in (None, "accepted", "refused"):
+            return jsonify({"error": "invalid_query:verdict",
+                            "detail": "expected accepted or refused"}), 400
+        audit = await store.recent_audit(name, audit_entries_shown, verdict)
+        doc = app_detail(registry, name, clock.now(), audit)
+        if doc is None:
+            return jsonify({"error": "unknown_app", "app": name}), 404
+        return jsonify(doc)
+
+    return admin
 
 
 def list_apps(registry: Registry, now: float) -> dict[str, Any]:

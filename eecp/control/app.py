@@ -5,7 +5,7 @@
 | ``GET /health`` | liveness, version, whether the store answers |
 | ``GET /v1/tunnel`` | agents' WebSocket tunnel (:mod:`eecp.agents.tunnels`) |
 | ``GET /v1/resolve/{app}``, ``GET /v1/resolve`` | may the app be served (``dataplane.resolve``) |
-| ``GET /v1/apps``, ``GET /v1/apps/{app}`` | admin views, bearer ``EE_ADMIN_TOKEN`` |
+| ``GET /v1/apps``, ``GET /v1/apps/{app}`` | admin views (:mod:`eecp.control.admin`) |
 | ``POST /v1/proxy/{app}`` | one request to the app as JSON (:mod:`eecp.dataplane.jsonproxy`) |
 | ``GET /metrics`` | Prometheus metrics (:mod:`eecp.core.metrics`) |
 
@@ -14,6 +14,9 @@
 the proxy listener; start-up warns). Set, it takes ``Authorization: Bearer <token>`` (constant
 time), else 401 ``proxy_token_required``: the JSON proxy holds whole answers in memory, which
 the streaming proxy listener never does, so a deployment may keep it for its own tools.
+
+The app is built from :class:`ControlDeps`, exactly what its routes use (:mod:`eecp.wiring`
+builds it); the admin routes are a blueprint behind the one guard of :mod:`eecp.control.auth`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from quart import Response, jsonify, request
 from quart.wrappers.response import ResponseBody
@@ -32,25 +37,33 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from eecp import __version__
+from eecp.agents.registry import Registry
 from eecp.control import admin
+from eecp.control.auth import Guard, bearer, matches, unauthorized
+from eecp.core.clock import Clock
+from eecp.core.config import Config
 from eecp.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from eecp.dataplane.forwarded import FORWARDED_HEADERS, forwarded_headers, forwarding_of
+from eecp.core.metrics import Metrics
+from eecp.dataplane.forwarded import (
+    FORWARDED_HEADERS,
+    TrustedProxies,
+    forwarded_headers,
+    forwarding_of,
+)
 from eecp.dataplane.jsonproxy import Budget, JsonAnswer, Share
 from eecp.dataplane.proxy import (
     MAX_JSON_PROXY_BODY,
+    Forwarder,
     ProxyCall,
     ProxyError,
     counted,
-    open_upstream,
     parse_proxy_call,
     public_reason,
     strip_hop_by_hop,
 )
 from eecp.dataplane.resolve import ResolveAnswer, resolve, resolve_by_host
+from eecp.store.store import Store
 from eecp.wire.streams import RequestHead, StreamError
-
-if TYPE_CHECKING:
-    from eecp.service import Services
 
 log = logging.getLogger("eecp.api")
 
@@ -61,77 +74,95 @@ MAX_REQUEST_BYTES = 1024 * 1024
 ANSWER_PIECE_BYTES = 256 * 1024
 
 
-def create_app(services: Services) -> QuartTrio:
-    """Build the quart-trio app bound to one process's ``services``."""
+@dataclass(frozen=True)
+class ControlConfig:
+    """The settings the control app reads (each named as in :class:`~eecp.core.config.Config`)."""
+
+    proxy_api_token: str | None = field(repr=False)
+    proxy_json_buffer_bytes: int
+    proxy_max_body_bytes: int | None
+    audit_entries_shown: int
+    #: network name -> sealed, for /health
+    networks: Mapping[str, bool]
+
+    @classmethod
+    def from_config(cls, config: Config) -> ControlConfig:
+        return cls(
+            proxy_api_token=config.proxy_api_token,
+            proxy_json_buffer_bytes=config.proxy_json_buffer_bytes,
+            proxy_max_body_bytes=config.proxy_max_body_bytes,
+            audit_entries_shown=config.audit_entries_shown,
+            networks={n.name: n.sealed for n in config.networks},
+        )
+
+
+@dataclass(frozen=True)
+class ControlDeps:
+    """Everything the control app's routes use."""
+
+    config: ControlConfig
+    clock: Clock
+    store: Store
+    registry: Registry
+    metrics: Metrics
+    forwarder: Forwarder
+    trusted_proxies: TrustedProxies
+    guard: Guard
+    #: how many agents are admitted now (/health)
+    agents_connected: Callable[[], int]
+    #: EE_DCAP_ROOT_CA replaces Intel's root (/health says so)
+    dev_root_ca: bool
+
+
+def create_app(deps: ControlDeps) -> QuartTrio:
+    """Build the quart-trio app over one process's components."""
     app = QuartTrio("eecp")
     app.config["JSON_SORT_KEYS"] = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
-    budget = Budget(services.config.proxy_json_buffer_bytes)  # one app per process
-    services.metrics.proxy_json_buffered.set_function(lambda: budget.used)
-    if not services.config.proxy_api_token:
+    budget = Budget(deps.config.proxy_json_buffer_bytes)  # one app per process
+    deps.metrics.proxy_json_buffered.set_function(lambda: budget.used)
+    if not deps.config.proxy_api_token:
         log.warning("EE_PROXY_API_TOKEN is unset: POST /v1/proxy/{app} is open to anyone who "
                     "can reach the control port")
 
     @app.get("/health")
     async def health() -> tuple[Response, int]:
-        return await health_response(services)
+        return await health_response(deps)
 
     @app.get("/v1/resolve/<app_name>")
     async def resolve_named(app_name: str) -> Response:
-        return _render(resolve(services.registry, app_name, services.clock.now()))
+        return _render(resolve(deps.registry, app_name, deps.clock.now()))
 
     @app.get("/v1/resolve")
     async def resolve_host() -> Response:
         headers = [(k.lower(), v) for k, v in request.headers.items()]  # repeats kept
-        return _render(resolve_by_host(services.registry, headers, services.clock.now()))
+        return _render(resolve_by_host(deps.registry, headers, deps.clock.now()))
 
-    @app.get("/v1/apps")
-    async def list_apps() -> Response | tuple[Response, int]:
-        if not admin.authorized(services.config.admin_token,
-                                request.headers.get("Authorization")):
-            return _unauthorized()
-        return jsonify(admin.list_apps(services.registry, services.clock.now()))
-
-    @app.get("/v1/apps/<app_name>")
-    async def app_detail(app_name: str) -> Response | tuple[Response, int]:
-        name = app_name.lower()
-        if not admin.authorized(services.config.admin_token,
-                                request.headers.get("Authorization")):
-            return _unauthorized()
-        # ?verdict=accepted: the last accepted ones, however many refusals came after them
-        verdict = request.args.get("verdict")
-        if verdict not in (None, "accepted", "refused"):
-            return jsonify({"error": "invalid_query:verdict",
-                            "detail": "expected accepted or refused"}), 400
-        audit = await services.store.recent_audit(name, services.config.audit_entries_shown,
-                                                  verdict)
-        doc = admin.app_detail(services.registry, name, services.clock.now(), audit)
-        if doc is None:
-            return jsonify({"error": "unknown_app", "app": name}), 404
-        return jsonify(doc)
+    app.register_blueprint(admin.blueprint(deps.guard, deps.registry, deps.clock, deps.store,
+                                           deps.config.audit_entries_shown))
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(services.metrics.render(), status=200,
+        return Response(deps.metrics.render(), status=200,
                         headers={"content-type": METRICS_CONTENT_TYPE})
 
     @app.post("/v1/proxy/<app_name>")
     async def proxy_json(app_name: str) -> tuple[Response, int]:
-        return await proxy_json_response(services, budget, app_name.lower())
+        return await proxy_json_response(deps, budget, app_name.lower())
 
     return app
 
 
-async def proxy_json_response(services: Services, budget: Budget, app: str
+async def proxy_json_response(deps: ControlDeps, budget: Budget, app: str
                               ) -> tuple[Response, int]:
     """``POST /v1/proxy/{app}``: ``{"method","path","headers","body_b64"}`` in, the app's
     ``{"status","headers","body_b64"}`` out (whole bodies: use the proxy listener to stream).
 
     What the call buffers is taken from ``budget`` (its request, then its answer) and given
     back once the answer has been sent or dropped; 503 ``proxy_busy`` when it is spent."""
-    if not admin.authorized(services.config.proxy_api_token,
-                            request.headers.get("Authorization")):
-        return _unauthorized({"allowed": False, "reason": "proxy_token_required"})
+    token = deps.config.proxy_api_token
+    if token and not matches(bearer(request.headers.getlist("Authorization")), [token]):
+        return unauthorized({"allowed": False, "reason": "proxy_token_required"})
     share = budget.share()
     body: _AnswerBody | None = None
     try:
@@ -140,11 +171,11 @@ async def proxy_json_response(services: Services, budget: Budget, app: str
         except ProxyError as exc:
             return _proxy_error(exc)
         try:
-            answer = await _forward(services, app, call, share)
+            answer = await _forward(deps, app, call, share)
         except ProxyError as exc:
-            services.metrics.proxied(app, exc.http_status)
+            deps.metrics.proxied(app, exc.http_status)
             return _proxy_error(exc)
-        services.metrics.proxied(app, answer.status)
+        deps.metrics.proxied(app, answer.status)
         data = answer.finish()
         body = _AnswerBody(data, share)
         return Response(body, status=200, content_type="application/json",
@@ -174,25 +205,26 @@ async def _read_call(share: Share) -> object:
         return None
 
 
-async def _forward(services: Services, app: str, call: ProxyCall, share: Share) -> JsonAnswer:
+async def _forward(deps: ControlDeps, app: str, call: ProxyCall, share: Share) -> JsonAnswer:
     """Send ``call`` to ``app``; its answer, whole (raises :class:`ProxyError`)."""
     # the JSON's own X-Forwarded-* are the caller's claims: the HTTP request's count, and only
     # from a trusted proxy (Caddy in front of the control port)
     host = next((v for n, v in call.headers if n.lower() == "host"), None)
     inbound = {name: ", ".join(request.headers.getlist(name)) for name in FORWARDED_HEADERS}
     forwarding = forwarding_of(inbound, request.remote_addr or "", request.scheme, host,
-                               services.trusted_proxies, proxied_host=False)
+                               deps.trusted_proxies, proxied_host=False)
     head = RequestHead(call.method, call.path, forwarded_headers(call.headers, forwarding,
                                                                  from_proxy=False))
-    limit = services.config.proxy_max_body_bytes or MAX_JSON_PROXY_BODY
-    metrics = services.metrics
+    limit = deps.config.proxy_max_body_bytes or MAX_JSON_PROXY_BODY
+    metrics = deps.metrics
     started = time.perf_counter()
     # counted as the proxy listener counts: time to the head, body bytes as they pass
     answer: JsonAnswer | None = None
     body = call.body()
     try:
-        async with open_upstream(services, app, head, None if body is None else
-                                 counted(body, metrics.proxy_bytes.labels("in"))) as upstream:
+        async with deps.forwarder.open_upstream(
+                app, head, None if body is None else
+                counted(body, metrics.proxy_bytes.labels("in"))) as upstream:
             metrics.proxy_seconds.observe(time.perf_counter() - started)
             answer = JsonAnswer(upstream.head.status, strip_hop_by_hop(upstream.head.headers),
                                 share, limit)
@@ -248,24 +280,19 @@ def _render(answer: ResolveAnswer) -> Response:
     return Response(answer.body, status=answer.status, headers=Headers(list(answer.headers)))
 
 
-def _unauthorized(doc: dict[str, Any] | None = None) -> tuple[Response, int]:
-    response = jsonify(doc or {"error": "unauthorized", "reason": "admin_token_required"})
-    response.headers["WWW-Authenticate"] = 'Bearer realm="eecp"'
-    return response, 401
-
-
-async def health_response(services: Services) -> tuple[Response, int]:
+async def health_response(deps: ControlDeps) -> tuple[Response, int]:
     """``{"status":"ok"}`` (200) when the store answers, ``degraded`` (503) otherwise."""
-    store_ok = await services.store.ping()
+    store_ok = await deps.store.ping()
     body: dict[str, Any] = {
         "status": "ok" if store_ok else "degraded",
         "version": __version__,
         "store": "ok" if store_ok else "unavailable",
-        "store_backend": services.store.describe().split(":", 1)[0],
-        "dev_root_ca": services.dev_root_ca,
-        "networks": {n.name: "sealed" if n.sealed else "open" for n in services.config.networks},
-        "agents_connected": services.tunnels.connected,
+        "store_backend": deps.store.describe().split(":", 1)[0],
+        "dev_root_ca": deps.dev_root_ca,
+        "networks": {name: "sealed" if sealed else "open"
+                     for name, sealed in deps.config.networks.items()},
+        "agents_connected": deps.agents_connected(),
     }
-    if services.dev_root_ca:
+    if deps.dev_root_ca:
         body["warning"] = "EE_DCAP_ROOT_CA replaces Intel's root: development only"
     return jsonify(body), 200 if store_ok else 503

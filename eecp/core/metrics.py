@@ -2,31 +2,44 @@
 
 Counters and histograms are updated where things happen (sessions, the proxy); gauges that
 describe state (connected agents, apps by state, streams in flight) are read from the live
-registry at scrape time, so they can never drift from it.
+registry at scrape time, so they can never drift from it. The core knows no registry: wiring
+hands :class:`Metrics` two callables over it (``state``, a :class:`StateGauges` snapshot, and
+``known_app``), so the metrics sit below every component that counts into them.
 """
 
 from __future__ import annotations
 
-from collections import Counter as Tally
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from eecp.agents.registry import Registry
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: the ``app`` label of proxied requests for names no app is registered under
 UNKNOWN_APP = "_unknown"
+#: the ``state`` label of ``eecp_apps``: every resolve reason an app can be in
+APP_STATES = ("ok", "registration_expired", "not_connected", "not_attested", "health_fail",
+              "sealed_required")
+
+
+@dataclass(frozen=True)
+class StateGauges:
+    """What the state gauges show at one scrape."""
+
+    agents_connected: int
+    streams_in_flight: int
+    #: registered apps by resolve reason (``ok`` = served)
+    apps_by_state: Mapping[str, int]
 
 
 class Metrics:
     """eecp's metrics; ``render()`` is the scrape body."""
 
-    def __init__(self, registry: Registry, now: Callable[[], float]) -> None:
+    def __init__(self, state: Callable[[], StateGauges], known_app: Callable[[str], bool]
+                 ) -> None:
         self.prometheus = CollectorRegistry()
         self.attestations = Counter(
             "eecp_attestations", "Attestation decisions", ["result", "reason"],
@@ -51,15 +64,15 @@ class Metrics:
         self.proxy_json_buffered = Gauge(
             "eecp_proxy_json_buffered_bytes", "Bytes POST /v1/proxy calls hold now (requests "
             "and answers; EE_PROXY_JSON_BUFFER_BYTES bounds them)", registry=self.prometheus)
-        self.prometheus.register(_StateCollector(registry, now))
-        self._registry = registry
+        self.prometheus.register(_StateCollector(state))
+        self._known_app = known_app
         self._proxied: dict[tuple[str, int], Any] = {}  # metric children, looked up once
 
     def proxied(self, app: str, status: int) -> None:
         """Count one proxied request (either entry point). An app name is the client's choice
         (its Host, or the URL): only registered apps get a series of their own, or random
         names would grow the metrics, and the process, without bound."""
-        if self._registry.app(app) is None:
+        if not self._known_app(app):
             app = UNKNOWN_APP
         counter = self._proxied.get((app, status))
         if counter is None:
@@ -73,24 +86,19 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    def __init__(self, registry: Registry, now: Callable[[], float]) -> None:
-        self._registry = registry
-        self._now = now
+    def __init__(self, state: Callable[[], StateGauges]) -> None:
+        self._state = state
 
     def collect(self) -> Iterator[Metric]:
-        agents = [a for view in self._registry.apps.values() for a in view.agents.values()]
+        state = self._state()
         connected = GaugeMetricFamily("eecp_agents_connected", "Agents with an open tunnel")
-        connected.add_metric([], sum(a.connected for a in agents))
+        connected.add_metric([], state.agents_connected)
         yield connected
         streams = GaugeMetricFamily("eecp_streams_in_flight", "Proxied requests in flight")
-        streams.add_metric([], sum(a.in_flight for a in agents))
+        streams.add_metric([], state.streams_in_flight)
         yield streams
-        now = self._now()
-        states = Tally(self._registry.resolve(name, now).reason
-                       for name in list(self._registry.apps))
         apps = GaugeMetricFamily("eecp_apps", "Apps by resolve state (ok = served)",
                                  labels=["state"])
-        for state in ("ok", "registration_expired", "not_connected", "not_attested",
-                      "health_fail", "sealed_required"):
-            apps.add_metric([state], states.get(state, 0))
+        for name in APP_STATES:
+            apps.add_metric([name], state.apps_by_state.get(name, 0))
         yield apps

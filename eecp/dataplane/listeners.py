@@ -21,13 +21,17 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import trio
 
+from eecp.agents.registry import Registry
 from eecp.core.capacity import ListenerCaps
+from eecp.core.clock import Clock
+from eecp.core.config import Config
+from eecp.core.metrics import Metrics
 from eecp.dataplane.forwarded import (
     Forwarding,
+    TrustedProxies,
     client_address,
     forwarded_headers,
     forwarding_of,
@@ -42,20 +46,17 @@ from eecp.dataplane.httpserver import (
     serve_http,
 )
 from eecp.dataplane.proxy import (
+    Forwarder,
     ProxyError,
     Upstream,
     check_response_head,
     counted,
-    open_upstream,
     public_reason,
     strip_hop_by_hop,
 )
 from eecp.dataplane.resolve import AmbiguousHost, host_label, resolve, resolve_by_host
 from eecp.wire.frames import is_origin_form
 from eecp.wire.streams import RequestHead, StreamError
-
-if TYPE_CHECKING:
-    from eecp.service import Services
 
 log = logging.getLogger("eecp.dataplane")
 
@@ -77,19 +78,19 @@ def error_body(reason: str, allowed: bool = False) -> bytes:
 class AuthHandler:
     """The auth listener: resolve answers, nothing else."""
 
-    def __init__(self, services: Services) -> None:
-        self._services = services
+    def __init__(self, registry: Registry, clock: Clock) -> None:
+        self._registry = registry
+        self._clock = clock
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         if request.method not in ("GET", "HEAD"):
             await responder.respond(405, _JSON, error_body("method_not_allowed"))
             return
         path = request.path
-        services = self._services
         if path.startswith(_RESOLVE_PREFIX):
-            answer = resolve(services.registry, path[len(_RESOLVE_PREFIX):], services.clock.now())
+            answer = resolve(self._registry, path[len(_RESOLVE_PREFIX):], self._clock.now())
         elif path == "/v1/resolve":
-            answer = resolve_by_host(services.registry, request.headers, services.clock.now())
+            answer = resolve_by_host(self._registry, request.headers, self._clock.now())
         else:
             await responder.respond(404, _JSON, error_body("not_found"))
             return
@@ -99,24 +100,25 @@ class AuthHandler:
 class ProxyHandler:
     """The proxy listener: every request forwarded to its app over a tunnel."""
 
-    def __init__(self, services: Services) -> None:
-        self._services = services
-        metrics = services.metrics
+    def __init__(self, forwarder: Forwarder, trusted_proxies: TrustedProxies, metrics: Metrics,
+                 *, max_streams_per_client: int, slot_reserve: int, tunnel_max_streams: int
+                 ) -> None:
+        self._forwarder = forwarder
+        self._trusted = trusted_proxies
+        self._metrics = metrics
         # metric children looked up once (labels() costs a lock and a lookup per call)
         self._bytes_in = metrics.proxy_bytes.labels("in")
         self._bytes_out = metrics.proxy_bytes.labels("out")
-        config = services.config
-        self._per_client = config.proxy_max_streams_per_client
+        self._per_client = max_streams_per_client
         # (a client holding none of the app's streams can always have the last slot)
-        self._reserve = min(config.proxy_slot_reserve, config.tunnel_max_streams - 1)
+        self._reserve = min(slot_reserve, tunnel_max_streams - 1)
         #: proxied requests in flight per (app, client address)
         self._clients: dict[tuple[str, str], int] = {}
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         forwarding = forwarding_of(inbound_forwarding(request.headers),
                                    request.client[0] if request.client else "",
-                                   "http", request.header("host"),
-                                   self._services.trusted_proxies)
+                                   "http", request.header("host"), self._trusted)
         try:
             app = app_named(request.headers, forwarding)
         except AmbiguousHost as exc:
@@ -131,10 +133,10 @@ class ProxyHandler:
         head = RequestHead(request.method, request.target, forwarded_headers(
             [(n, v) for n, v in request.headers if n != "x-ee-app"], forwarding))
         app = app.lower()
-        key = (app, client_address(forwarding, self._services.trusted_proxies))
+        key = (app, client_address(forwarding, self._trusted))
         holding = self._clients.get(key, 0)
         if self._per_client and holding >= self._per_client:
-            self._services.metrics.proxied(app, 429)
+            self._metrics.proxied(app, 429)
             await responder.respond(429, _JSON, error_body("client_stream_limit"))
             return
         self._clients[key] = holding + 1
@@ -150,12 +152,12 @@ class ProxyHandler:
     async def _forward(self, request: Request, responder: Responder, app: str,
                        head: RequestHead, reserve: int) -> None:
         body = self._body(request)
-        metrics = self._services.metrics
+        metrics = self._metrics
         started = time.perf_counter()
         status = 0
         try:
-            async with open_upstream(self._services, app, head, body,
-                                     reserve=reserve) as upstream:
+            async with self._forwarder.open_upstream(app, head, body,
+                                                     reserve=reserve) as upstream:
                 status = upstream.head.status
                 metrics.proxy_seconds.observe(time.perf_counter() - started)
                 await self._relay(upstream, responder, request, app)
@@ -188,7 +190,7 @@ class ProxyHandler:
         stream = upstream.stream
         head = upstream.head
         await responder.send_head(head.status, strip_hop_by_hop(head.headers), hold=stream.ready)
-        # (checked by open_upstream: a plain number or none)
+        # (checked by Forwarder.open_upstream: a plain number or none)
         length = check_response_head(head)
         sent = 0
         try:
@@ -231,21 +233,22 @@ def app_named(headers: list[tuple[str, str]], forwarding: Forwarding) -> str | N
     return host
 
 
-async def serve_dataplane(services: Services, caps: ListenerCaps,
+async def serve_dataplane(proxy: ProxyHandler, auth: AuthHandler, config: Config,
+                          caps: ListenerCaps,
                           task_status: trio.TaskStatus[tuple[int, int]] = trio.TASK_STATUS_IGNORED
                           ) -> None:
-    """Run the proxy and auth listeners; reports ``(proxy_port, auth_port)`` once both listen."""
-    config = services.config
+    """Run the proxy and auth listeners (binds, ports and limits from ``config``); reports
+    ``(proxy_port, auth_port)`` once both listen."""
     limits = Limits(max_body_bytes=config.proxy_max_body_bytes,
                     send_timeout_sec=config.proxy_send_timeout_sec,
                     min_rate_bytes_sec=config.proxy_min_rate_bytes_sec,
                     rate_grace_sec=config.proxy_rate_grace_sec)
     async with trio.open_nursery() as nursery:
         proxy_port: int = await nursery.start(
-            _serve, ProxyHandler(services), config.proxy_bind, config.proxy_port, limits,
+            _serve, proxy, config.proxy_bind, config.proxy_port, limits,
             caps.proxy, "proxy listener")
         auth_port: int = await nursery.start(
-            _serve, AuthHandler(services), config.auth_bind, config.auth_port, Limits(),
+            _serve, auth, config.auth_bind, config.auth_port, Limits(),
             caps.auth, "auth listener")
         log.info("data plane: proxy on %s:%d, auth on %s:%d", config.proxy_bind, proxy_port,
                  config.auth_bind, auth_port)

@@ -1,10 +1,10 @@
 """Forwarding HTTP requests to an app over its agents' tunnels, independent of the HTTP server
 in front (the data-plane proxy listener and ``POST /v1/proxy/{app}`` both use it).
 
-:func:`open_upstream` enforces the same allow decision as resolve, picks the least loaded
-routable agent, opens a stream on its tunnel, pumps the request body while waiting for the
-response head (bounded by ``EE_PROXY_TIMEOUT_SEC``), and yields the response for the caller to
-stream out. A request that failed before any response byte may be retried once on another agent
+:meth:`Forwarder.open_upstream` enforces the same allow decision as resolve, picks the least
+loaded routable agent, opens a stream on its tunnel, pumps the request body while waiting for
+the response head (bounded by ``EE_PROXY_TIMEOUT_SEC``), and yields the response for the caller
+to stream out. A request that failed before any response byte may be retried once on another agent
 when its method is idempotent and it has no body. Refusals are :class:`ProxyError` with the
 HTTP status and a stable reason.
 
@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from eecp.core.clock import Clock
 from eecp.core.errors import EecpError, ProtocolError, single_error
 from eecp.wire.frames import check_head, content_length, is_origin_form
 from eecp.wire.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
 
 if TYPE_CHECKING:
-    from eecp.agents.registry import AgentView
-    from eecp.service import Services
+    from eecp.agents.registry import AgentView, Registry
 
 log = logging.getLogger("eecp.proxy")
 
@@ -155,41 +155,52 @@ def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
             and not n.lower().startswith("proxy-")]
 
 
+class Forwarder:
+    """Opens upstreams: routes by ``registry`` at ``clock``'s time, waits at most
+    ``timeout_sec`` (``EE_PROXY_TIMEOUT_SEC``) for progress. Both entry points share one."""
+
+    def __init__(self, registry: Registry, clock: Clock, timeout_sec: float) -> None:
+        self._registry = registry
+        self._clock = clock
+        self._timeout_sec = timeout_sec
+
+    @asynccontextmanager
+    async def open_upstream(self, app: str, head: RequestHead,
+                            body: AsyncIterable[bytes] | None, *, reserve: int = 0
+                            ) -> AsyncIterator[Upstream]:
+        """Forward one request to ``app``; yields the response (raises :class:`ProxyError`).
+
+        ``reserve``: the last stream slots of each agent this request may not take (the proxy
+        listener keeps ``EE_PROXY_SLOT_RESERVE`` of them for clients holding none of the app's
+        streams, so that a few clients cannot hold every slot)."""
+        now = self._clock.now()
+        decision = self._registry.resolve(app, now)
+        if not decision.allowed:
+            raise ProxyError(403, decision.reason)
+        agents = [a for a in self._registry.routable(app, now) if a.mux is not None]
+        if not agents:
+            raise ProxyError(503, "no_tunnel")
+        retryable = body is None and head.method.upper() in IDEMPOTENT
+        candidates = agents[:2] if retryable else agents[:1]
+        for attempt, agent in enumerate(candidates):
+            last = attempt == len(candidates) - 1
+            answered = False
+            try:
+                async with _attempt(self._timeout_sec, agent, head, body,
+                                    reserve) as upstream:
+                    answered = True
+                    yield upstream
+                    return
+            except ProxyError as exc:
+                if answered or last or exc.http_status not in (502, 503):
+                    raise
+                log.info("retrying %s %s on another agent after %s", head.method, app,
+                         exc.reason)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
 @asynccontextmanager
-async def open_upstream(services: Services, app: str, head: RequestHead,
-                        body: AsyncIterable[bytes] | None, *, reserve: int = 0
-                        ) -> AsyncIterator[Upstream]:
-    """Forward one request to ``app``; yields the response (raises :class:`ProxyError`).
-
-    ``reserve``: the last stream slots of each agent this request may not take (the proxy
-    listener keeps ``EE_PROXY_SLOT_RESERVE`` of them for clients holding none of the app's
-    streams, so that a few clients cannot hold every slot)."""
-    now = services.clock.now()
-    decision = services.registry.resolve(app, now)
-    if not decision.allowed:
-        raise ProxyError(403, decision.reason)
-    agents = [a for a in services.registry.routable(app, now) if a.mux is not None]
-    if not agents:
-        raise ProxyError(503, "no_tunnel")
-    retryable = body is None and head.method.upper() in IDEMPOTENT
-    candidates = agents[:2] if retryable else agents[:1]
-    for attempt, agent in enumerate(candidates):
-        last = attempt == len(candidates) - 1
-        answered = False
-        try:
-            async with _attempt(services, agent, head, body, reserve) as upstream:
-                answered = True
-                yield upstream
-                return
-        except ProxyError as exc:
-            if answered or last or exc.http_status not in (502, 503):
-                raise
-            log.info("retrying %s %s on another agent after %s", head.method, app, exc.reason)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-@asynccontextmanager
-async def _attempt(services: Services, agent: AgentView, head: RequestHead,
+async def _attempt(timeout_sec: float, agent: AgentView, head: RequestHead,
                    body: AsyncIterable[bytes] | None, reserve: int = 0
                    ) -> AsyncIterator[Upstream]:
     mux = agent.mux
@@ -198,7 +209,7 @@ async def _attempt(services: Services, agent: AgentView, head: RequestHead,
     agent.in_flight += 1
     started = time.perf_counter()
     # the wait for the head, which every chunk of the upload extends
-    progress = Progress(services.config.proxy_timeout_sec)
+    progress = Progress(timeout_sec)
     try:
         if body is None:  # (the common case, without a nursery: nothing runs beside it)
             yield Upstream(await _await_head(stream, progress), stream, agent)

@@ -109,13 +109,13 @@ class DemoUrls:
         ]
 
 
-def allowlist_for(measurements: Measurements, config: AgentConfig) -> dict[str, Any]:
+def allowlist_for(measurements: Measurements, provider: DevQuoteProvider) -> dict[str, Any]:
     """The upstream-format allowlist that admits exactly this agent on the dev provider."""
     return {
         "version": "1.0",
         "measurements": measurements.as_dict(),
-        "quote_measurements": {"mrtd": config.dev_mrtd.hex(),
-                               **{f"rtmr{i}": r.hex() for i, r in enumerate(config.dev_rtmrs)}},
+        "quote_measurements": {"mrtd": provider.mrtd.hex(),
+                               **{f"rtmr{i}": r.hex() for i, r in enumerate(provider.rtmrs)}},
     }
 
 
@@ -179,7 +179,7 @@ def prepare(directory: Path, config: AgentConfig) -> tuple[DevQuoteProvider, Mea
     owner, name = REPO.split("/")
     target = directory / "allowlists" / owner / name / f"{TAG}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(allowlist_for(measurements, config), indent=2) + "\n")
+    target.write_text(json.dumps(allowlist_for(measurements, provider), indent=2) + "\n")
     return provider, measurements
 
 

@@ -1,5 +1,5 @@
 """Six changes to hypercorn's trio worker that eecp's control port needs; :func:`apply` installs
-them once, before the control server starts (``eecp.service.serve_control``).
+them once, at the process's start (:func:`eecp.patches.apply_all`), before any server runs.
 
 1. **A close racing a write ends the whole server.** ``TCPServer._close`` sends EOF outside
    the send lock every other write takes; a write that starts meanwhile — the pong hypercorn
@@ -19,18 +19,18 @@ them once, before the control server starts (``eecp.service.serve_control``).
    messages at once (``bench/RESULTS.md``). An idle connection holds no such buffer: trio
    allocates one only for a read that finds data waiting.
 4. **A request head may take 75 s.** hypercorn has one timer for a connection without a request
-   under way, ``keep_alive_timeout`` (75 s here, so that clients reusing connections between
-   API calls keep them), and it also runs while a head is coming in: a slowloris held a
-   connection for 75 s a socket. ``read_timeout`` is no help, as it bounds every read, tunnels'
-   included. The fix: while no request is under way, the first bytes of the next head (and a
-   fresh connection's accept) start :data:`HEAD_TIMEOUT_SEC` (the config's
-   ``eecp_head_timeout_sec``) for the whole head; once it is complete, the timer stops as
-   before. A kept-alive connection that sends nothing still waits ``keep_alive_timeout``, and
-   an established WebSocket is never under the timer (hypercorn stops it when the upgrade's
-   head is complete and never restarts it). And the timer is restarted after each response
-   for sure: under quart-trio, the restart ran in the app's task just as quart cancelled it
-   (its request nursery, once the response is out), so after a connection's first request it
-   had no timer at all and could stay open, silent, for ever.
+   under way, ``keep_alive_timeout`` (75 s here, so that clients reusing connections between API
+   calls keep them), and it also runs while a head is coming in: a slowloris held a connection
+   for 75 s a socket. ``read_timeout`` is no help, as it bounds every read, tunnels' included.
+   The fix: while no request is under way, the first bytes of the next head (and a fresh
+   connection's accept) start the config's ``eecp_head_timeout_sec``
+   (``eecp.service.CONTROL_HEAD_TIMEOUT_SEC``) for the whole head; once it is complete, the timer
+   stops as before. A kept-alive connection that sends nothing still waits
+   ``keep_alive_timeout``, and an established WebSocket is never under the timer (hypercorn stops
+   it when the upgrade's head is complete and never restarts it). And the timer is restarted
+   after each response for sure: under quart-trio, the restart ran in the app's task just as
+   quart cancelled it (its request nursery, once the response is out), so after a connection's
+   first request it had no timer at all and could stay open, silent, for ever.
 5. **No connection cap.** The config's ``eecp_gate`` (an :class:`eecp.core.capacity.ConnectionGate`)
    admits each accepted connection; at the cap it closes the oldest connection waiting for a
    request (not one receiving a head, nor one serving a request or a tunnel) to make room, or
@@ -42,10 +42,11 @@ them once, before the control server starts (``eecp.service.serve_control``).
    fix: the handshake ignores ``Sec-WebSocket-Extensions`` (the only WebSockets on the control
    port are tunnels), so no extension is ever negotiated.
 
-The fixes patch private methods (the third a module constant), so :func:`apply` checks that
-they are there and refuses (logging why) to patch anything else; a plain hypercorn config
-(without the ``eecp_*`` attributes) gets hypercorn's own timers and no cap.
-``tests/test_hypercorn_fixes.py`` pins the behaviour.
+The fixes patch private methods (the third a module constant), read in hypercorn 0.18.0. So
+:func:`apply` patches only the releases in :data:`WRITTEN_FOR` (pyproject pins the same range)
+and only when every name it patches is there; otherwise it patches nothing and logs a warning
+naming the version. A plain hypercorn config (without the ``eecp_*`` attributes) gets
+hypercorn's own timers and no cap. ``tests/test_hypercorn_fixes.py`` pins the behaviour.
 """
 
 from __future__ import annotations
@@ -62,33 +63,41 @@ from hypercorn.protocol.ws_stream import Handshake, WSStream
 from hypercorn.trio.tcp_server import TCPServer
 
 from eecp.core.capacity import ConnectionGate
-from eecp.dataplane.httpserver import DEFAULT_LIMITS
+from eecp.patches import versions
 
-log = logging.getLogger("eecp.hypercorn_fixes")
+log = logging.getLogger("eecp.patches.hypercorn")
 
+#: the hypercorn releases the fixes were written for: 0.18.x (pyproject: the same pin)
+WRITTEN_FOR: tuple[versions.Release, versions.Release] = ((0, 18), (0, 19))
+FIXES = 6
 _APPLIED = "_eecp_fixes_applied"
 #: what one read of a control-port connection may take (hypercorn's own is 64 KiB)
 READ_BYTES = 256 * 1024
-#: how long a request head may take on the control port: as on the data plane
-HEAD_TIMEOUT_SEC = DEFAULT_LIMITS.header_timeout_sec
 _PATCHED = ((TCPServer, "protocol_send"), (TCPServer, "run"), (TCPServer, "_idle_timeout"),
             (TCPServer, "_initiate_server_close"), (H11Protocol, "handle"),
             (WSStream, "_send_pings"), (WSStream, "handle"))
 
 
 def apply() -> bool:
-    """Install the six changes (idempotent); False when this hypercorn lacks what they
-    patch."""
+    """Install the six changes (idempotent); False, and nothing patched, when this hypercorn
+    is not one they were written for or lacks what they patch."""
     if getattr(TCPServer, _APPLIED, False):
         return True
+    version = versions.installed("hypercorn")
+    if not versions.within(version, WRITTEN_FOR):
+        log.warning("hypercorn %s: eecp's fixes were written for hypercorn %s and are not "
+                    "applied (its close/write race, ping linger, read size, head timeout, "
+                    "connection cap and compression stay as they are)", version,
+                    versions.describe(WRITTEN_FOR))
+        return False
     missing = [f"{cls.__name__}.{name}" for cls, name in _PATCHED
                if not callable(getattr(cls, name, None))]
     if "extensions" not in Handshake([], "1.1").__dict__:
         missing.append("Handshake.extensions")
     if missing or not isinstance(getattr(tcp_server, "MAX_RECV", None), int):
-        log.warning("hypercorn changed (%s): its close/write race, ping linger, read size, "
-                    "head timeout, connection cap and compression are not patched",
-                    ", ".join(missing) or "MAX_RECV")
+        log.warning("hypercorn %s changed (%s): its close/write race, ping linger, read "
+                    "size, head timeout, connection cap and compression are not patched",
+                    version, ", ".join(missing) or "MAX_RECV")
         return False
     _patch_protocol_send()
     _patch_pings()
@@ -97,6 +106,7 @@ def apply() -> bool:
     _patch_idle_timer()
     _patch_admission()
     setattr(TCPServer, _APPLIED, True)
+    log.info("hypercorn %s: %d fixes applied", version, FIXES)
     return True
 
 

@@ -19,7 +19,10 @@
 keys are still drawn from ``os.urandom`` for every frame, as wsproto does; only the work moves.
 
 When ``websockets`` has no compiled speedups on this platform, :func:`install` leaves wsproto as
-it is (its pure-Python fallback is slower than wsproto's) and says so once.
+it is (its pure-Python fallback is slower than wsproto's) and says so once. Both replace
+wsproto internals read in wsproto 1.3.2, so :func:`install` patches only the releases in
+:data:`WRITTEN_FOR` (pyproject pins the same range), and otherwise logs a warning naming the
+version and leaves wsproto as it is.
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ from typing import Any
 import wsproto.frame_protocol as frame_protocol
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-log = logging.getLogger("eecp.wsproto_speedups")
+from eecp.patches import versions
+
+log = logging.getLogger("eecp.patches.wsproto")
+
+#: the wsproto releases the two replacements were written for: 1.3.x (pyproject: the same pin)
+WRITTEN_FOR: tuple[versions.Release, versions.Release] = ((1, 3), (1, 4))
 
 _ORIGINAL = frame_protocol.XorMaskerSimple
 _ORIGINAL_SERIALIZE = FrameProtocol._serialize_frame
@@ -116,14 +124,22 @@ def install() -> bool:
     """Make wsproto mask with :class:`CMasker` and write frames with :func:`_serialize_frame`
     (idempotent, process-wide).
 
-    False, and wsproto stays as it is, when ``websockets``' speedups are missing."""
+    False, and wsproto stays as it is, when this wsproto is not one they were written for or
+    ``websockets``' speedups are missing."""
     if installed():
         return True
+    version = versions.installed("wsproto")
+    if not versions.within(version, WRITTEN_FOR):
+        log.warning("wsproto %s: eecp's speedups were written for wsproto %s and are not "
+                    "installed (masking and frame writing stay wsproto's own)", version,
+                    versions.describe(WRITTEN_FOR))
+        return False
     if not available():
         log.info("websockets' C speedups are missing: WebSocket masking stays in pure Python")
         return False
     frame_protocol.XorMaskerSimple = CMasker  # type: ignore[misc,assignment]
     FrameProtocol._serialize_frame = _serialize_frame  # type: ignore[assignment,method-assign]
+    log.info("wsproto %s: masking in C and the two-copy frame writer installed", version)
     return True
 
 

@@ -1,0 +1,130 @@
+"""``open_services()``: every component of one eecp process, built from ``Config``. Read it top to
+bottom, as ``serve()``.
+
+This is the one module that sees all the components. Each takes exactly its collaborators as
+arguments (a component with a long list takes a small frozen dataclass of them:
+:class:`~eecp.agents.deps.SessionDeps`, :class:`~eecp.control.app.ControlDeps`), and none
+imports this module or :mod:`eecp.service` (``lint-imports`` holds the layers). The order
+is the order of dependency::
+
+    store, HTTP client                      opened here, closed on exit
+    attestation: collateral, allowlists, engine
+    registry (loaded from the store), metrics over it, the refused-audit budget
+    tunnels (their sessions' deps)
+    the data: one forwarder, trusted proxies; the proxy and auth listeners' handlers
+    the control app: the guard, quart, the tunnel router in front of it
+
+What :func:`serve` runs is handed back as :class:`Components`, and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from eecp import __version__
+from eecp.agents.deps import SessionConfig, SessionDeps
+from eecp.agents.registry import Registry
+from eecp.agents.tunnels import TunnelRouter, Tunnels
+from eecp.attestation.allowlist import AllowlistSource
+from eecp.attestation.collateral import CollateralCache
+from eecp.attestation.engine import AttestationEngine
+from eecp.attestation.quotes import load_root_ca
+from eecp.control.app import ControlConfig, ControlDeps, create_app
+from eecp.control.auth import Guard, Tokens
+from eecp.core.blocking import Workers
+from eecp.core.clock import Clock, SystemClock
+from eecp.core.config import Config
+from eecp.core.errors import ConfigError, InputError
+from eecp.core.metrics import Metrics
+from eecp.core.ratelimit import RefusedAuditLimit
+from eecp.dataplane.forwarded import TrustedProxies
+from eecp.dataplane.listeners import AuthHandler, ProxyHandler
+from eecp.dataplane.proxy import Forwarder
+from eecp.store.store import Store, open_store
+
+
+@dataclass(frozen=True)
+class Components:
+    """What :func:`eecp.service.serve` runs."""
+
+    clock: Clock
+    store: Store  # (named in the start-up line)
+    collateral: CollateralCache  # its refresher runs in the background
+    refused_audit: RefusedAuditLimit  # its summaries run in the background
+    tunnels: Tunnels  # ended at shutdown
+    control_app: TunnelRouter  # what hypercorn serves on the control port
+    proxy: ProxyHandler  # the proxy listener's handler
+    auth: AuthHandler  # the auth listener's handler
+
+
+def root_ca_from_config(config: Config) -> bytes | None:
+    """The replacement root CA as DER, or None for Intel's; a bad file is a ``ConfigError``."""
+    if config.dcap_root_ca is None:
+        return None
+    try:
+        return load_root_ca(config.dcap_root_ca)
+    except InputError as exc:
+        raise ConfigError("EE_DCAP_ROOT_CA", exc.detail) from None
+
+
+@asynccontextmanager
+async def open_services(config: Config, clock: Clock | None = None
+                        ) -> AsyncIterator[Components]:
+    """Open the store and the HTTP client, build every component over them; close on exit."""
+    clock = clock or SystemClock()
+    root_ca = root_ca_from_config(config)
+    workers = Workers(store=config.store_threads, verify=config.verify_workers)
+    async with open_store(config, workers, clock) as store, httpx.AsyncClient(
+        headers={"User-Agent": f"eecp/{__version__}"}, follow_redirects=True
+    ) as http:
+        collateral = CollateralCache(
+            client=http,
+            base_url=config.pccs_url,
+            clock=clock,
+            persistence=store,
+            refresh_margin_sec=config.collateral_refresh_margin_sec,
+            fetch_timeout_sec=config.pccs_timeout_sec,
+        )
+        engine = AttestationEngine(
+            collateral=collateral,
+            allowlists=AllowlistSource.from_config(config, http, clock),
+            workers=workers,
+            clock=clock,
+            networks=config.networks,
+            allowed_statuses=config.allowed_tcb_statuses,
+            root_ca_der=root_ca,
+        )
+
+        registry = Registry(config.networks, config.registration_warn_days * 86400)
+        registry.load(await store.list_apps(), await store.list_agents())
+        metrics = Metrics(state=lambda: registry.gauges(clock.now()),
+                          known_app=lambda name: registry.app(name) is not None)
+        refused_audit = RefusedAuditLimit(config.audit_refusals_per_min)
+
+        tunnels = Tunnels(SessionDeps(
+            config=SessionConfig.from_config(config), clock=clock, store=store,
+            registry=registry, engine=engine, metrics=metrics, refused_audit=refused_audit))
+
+        # one forwarder for both entry points: the proxy listener and POST /v1/proxy
+        forwarder = Forwarder(registry, clock, config.proxy_timeout_sec)
+        trusted_proxies = TrustedProxies(config.trusted_proxies)
+        proxy = ProxyHandler(forwarder, trusted_proxies, metrics,
+                             max_streams_per_client=config.proxy_max_streams_per_client,
+                             slot_reserve=config.proxy_slot_reserve,
+                             tunnel_max_streams=config.tunnel_max_streams)
+        auth = AuthHandler(registry, clock)
+
+        control = create_app(ControlDeps(
+            config=ControlConfig.from_config(config), clock=clock, store=store,
+            registry=registry, metrics=metrics, forwarder=forwarder,
+            trusted_proxies=trusted_proxies, guard=Guard(Tokens.from_config(config)),
+            agents_connected=lambda: tunnels.connected, dev_root_ca=root_ca is not None))
+
+        yield Components(
+            clock=clock, store=store, collateral=collateral, refused_audit=refused_audit,
+            tunnels=tunnels, control_app=TunnelRouter(control, tunnels),  # tunnels skip quart
+            proxy=proxy, auth=auth)
