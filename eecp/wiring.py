@@ -110,12 +110,12 @@ async def open_services(config: Config, clock: Clock | None = None
             registry=registry, engine=engine, metrics=metrics, refused_audit=refused_audit))
 
         # one forwarder for both entry points: the proxy listener and POST /v1/proxy
-        forwarder = Forwarder(registry, clock, config.proxy_timeout_sec)
+        forwarder = Forwarder(registry, clock, config.proxy_timeout_sec,
+                              max_streams_per_client=config.proxy_max_streams_per_client,
+                              slot_reserve=config.proxy_slot_reserve,
+                              tunnel_max_streams=config.tunnel_max_streams)
         trusted_proxies = TrustedProxies(config.trusted_proxies)
-        proxy = ProxyHandler(forwarder, trusted_proxies, metrics,
-                             max_streams_per_client=config.proxy_max_streams_per_client,
-                             slot_reserve=config.proxy_slot_reserve,
-                             tunnel_max_streams=config.tunnel_max_streams)
+        proxy = ProxyHandler(forwarder, trusted_proxies, metrics)
         auth = AuthHandler(registry, clock)
 
         control = create_app(ControlDeps(

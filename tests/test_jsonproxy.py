@@ -35,10 +35,12 @@ def test_the_answer_is_the_json_of_the_whole_body_however_it_is_chunked(
 
 
 def test_a_call_that_cannot_have_its_bytes_is_proxy_busy_and_takes_nothing() -> None:
-    budget = Budget(1000)
-    other = budget.share()
-    other.take(600)
-    share = budget.share()
+    budget = Budget(2000)
+    other = budget.share("192.0.2.1")
+    other.take(1000)
+    another = budget.share("192.0.2.2")
+    another.take(600)
+    share = budget.share("192.0.2.3")
     answer = JsonAnswer(200, [], share, limit=10_000)
     taken = budget.used
     answer.feed(b"x" * 240)  # 320 bytes of base64: it fits
@@ -49,7 +51,22 @@ def test_a_call_that_cannot_have_its_bytes_is_proxy_busy_and_takes_nothing() -> 
     assert budget.used == taken + 320
     share.release()
     other.release()
+    another.release()
     assert budget.used == 0
+
+
+def test_one_client_holds_at_most_half_the_budget() -> None:
+    budget = Budget(1000)
+    first, second = budget.share("192.0.2.1"), budget.share("192.0.2.1")
+    first.take(300)
+    with pytest.raises(ProxyError) as caught:
+        second.take(201)  # 501 in all for that client
+    assert caught.value.reason == "proxy_busy" and budget.used == 300
+    second.take(200)
+    budget.share("192.0.2.2").take(500)  # another client still gets the rest
+    first.release()
+    second.release()
+    assert budget.used == 500
 
 
 def test_an_answer_over_the_limit_is_response_too_large() -> None:

@@ -16,8 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 from trio.testing import MockClock
 
+from eecp.dataplane import proxy as proxy_module
 from tests import quotefactory as qf
 from tests.fakehttp import FakeServer, Request, Response, open_fake_http
 from tests.harness import (
@@ -790,8 +792,9 @@ async def json_buffered(cp: ControlPlane) -> float:
 
 async def test_json_proxy_calls_share_a_bounded_buffer(tmp_path: Path, pki: qf.TestPki,
                                                        mock_clock: MockClock) -> None:
-    # 1 MiB for every JSON call at once: one 600 KiB answer (800 KiB of base64) fits, two do not
-    extra = {"EE_PROXY_JSON_BUFFER_BYTES": str(1024 * 1024)}
+    # 2 MiB for every JSON call at once, one client's calls at most half of it: one 600 KiB
+    # answer (800 KiB of base64) fits, a second one of the same client does not
+    extra = {"EE_PROXY_JSON_BUFFER_BYTES": str(2 * 1024 * 1024)}
     async with open_world(tmp_path, pki, mock_clock, **extra) as world, \
             open_backend("one") as (backend, server), \
             running_agent(world.agent(server)) as agent, \
@@ -811,6 +814,10 @@ async def test_json_proxy_calls_share_a_bounded_buffer(tmp_path: Path, pki: qf.T
         busy = await client.post(api, json={"path": "/big"})
         assert (busy.status_code, busy.json()) == (503, {"allowed": True,
                                                          "reason": "proxy_busy"})
+        # another client (as the trusted front proxy on loopback names it) still has its part
+        other = await client.post(api, json={"path": "/big"},
+                                  headers={"X-Forwarded-For": "203.0.113.9"})
+        assert other.status_code == 200, other.text
         async with real_deadline(10):  # its stream was let go: only the first is in flight
             while "eecp_streams_in_flight 1.0" not in (await world.cp.get("/metrics")).text:
                 pass
@@ -890,3 +897,76 @@ async def test_a_json_answer_is_held_once_not_copied(mock_clock: MockClock,
     # the answer is 4/3 of the body (its base64), in one buffer; the seed held 5 bodies' worth
     assert peak < 2.0 * size, f"peak {peak / size:.2f} x the body"
     assert kept < 0.1 * size, f"{kept / size:.2f} x the body stayed"  # and nothing stays
+
+
+async def test_both_entry_points_share_the_per_client_stream_limit(
+        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+    # one client's JSON calls count against the same per-(app, client) limit as its requests
+    # on the proxy listener (they held every slot through POST /v1/proxy before)
+    async with open_world(tmp_path, pki, mock_clock, EE_PROXY_MAX_STREAMS_PER_CLIENT="2"
+                          ) as world, open_backend("one") as (backend, server), \
+            running_agent(world.agent(server)) as agent, \
+            httpx.AsyncClient(timeout=None) as client, trio.open_nursery() as nursery:
+        await agent.wait_status("attested")
+        api = world.cp.url + "/v1/proxy/shop"
+        held: list[httpx.Response] = []
+
+        async def hang() -> None:
+            held.append(await client.post(api, json={"path": "/hang"}))
+        for _ in range(2):
+            nursery.start_soon(hang)
+        async with real_deadline(10):
+            while "eecp_streams_in_flight 2.0" not in (await world.cp.get("/metrics")).text:
+                pass
+        third = await client.post(api, json={"path": "/hello"})
+        assert (third.status_code, third.json()["reason"]) == (429, "client_stream_limit")
+        listener = await proxy_get(world.cp, "/hello")
+        assert (listener.status_code, listener.json()["reason"]) == (429, "client_stream_limit")
+        other = await client.post(api, json={"path": "/hello"},
+                                  headers={"X-Forwarded-For": "203.0.113.9"})
+        assert other.status_code == 200, other.text
+        backend.release.set()
+        await eventually(lambda: len(held) == 2)
+        assert [r.status_code for r in held] == [200, 200]
+
+
+async def test_a_json_call_whose_body_never_comes_holds_no_budget_and_times_out(
+        mock_clock: MockClock, world: World) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", world.cp.bound.control_port)
+    async with stream:
+        await stream.send_all(b"POST /v1/proxy/shop HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                              b"application/json\r\nContent-Length: 1000000\r\n\r\n{\"pa")
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert await json_buffered(world.cp) <= 16  # what arrived, not what was declared
+        world.clock.jump(16)  # BODY_TIMEOUT_SEC
+        data = b""
+        async with real_deadline(10):
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = await stream.receive_some(65536)
+                assert chunk, data
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 408"), data
+    assert b'"body_timeout"' in data
+    assert await json_buffered(world.cp) == 0
+
+
+async def test_a_json_call_naming_two_hosts_is_refused_as_the_listener_refuses_it(
+        mock_clock: MockClock, world: World) -> None:
+    async with httpx.AsyncClient() as client:
+        for headers in ([["Host", "a.example"], ["Host", "b.example"]],
+                        [["Host", "a.example, b.example"]]):
+            response = await client.post(world.cp.url + "/v1/proxy/shop",
+                                         json={"path": "/", "headers": headers})
+            assert (response.status_code, response.json()["reason"]) == (400, "ambiguous_host")
+
+
+@pytest.mark.parametrize(("address", "key"), [
+    ("198.51.100.7", "198.51.100.7"),
+    ("::ffff:198.51.100.7", "198.51.100.7"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),  # one /64: one client
+    ("fe80::1%eth0", "fe80::/64"),
+    ("", ""),
+])
+def test_a_client_is_its_address_or_its_ipv6_slash_64(address: str, key: str) -> None:
+    assert proxy_module.client_key(address) == key

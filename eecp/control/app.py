@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import trio
 from quart import Response, jsonify, request
 from quart.wrappers.response import ResponseBody
 from quart_trio import QuartTrio
@@ -47,6 +48,7 @@ from eecp.core.metrics import Metrics
 from eecp.dataplane.forwarded import (
     FORWARDED_HEADERS,
     TrustedProxies,
+    client_address,
     forwarded_headers,
     forwarding_of,
 )
@@ -56,6 +58,7 @@ from eecp.dataplane.proxy import (
     Forwarder,
     ProxyCall,
     ProxyError,
+    client_key,
     counted,
     parse_proxy_call,
     public_reason,
@@ -69,6 +72,8 @@ log = logging.getLogger("eecp.api")
 
 #: the largest request body the control app reads (a ``POST /v1/proxy`` call's JSON)
 MAX_REQUEST_BYTES = 1024 * 1024
+#: the time a request body (a ``POST /v1/proxy`` call's JSON) has to arrive whole
+BODY_TIMEOUT_SEC = 15
 #: a JSON answer leaves in pieces of this size: the HTTP server copies each piece it writes,
 #: so a piece, not the whole answer, is the extra copy
 ANSWER_PIECE_BYTES = 256 * 1024
@@ -163,7 +168,12 @@ async def proxy_json_response(deps: ControlDeps, budget: Budget, app: str
     token = deps.config.proxy_api_token
     if token and not matches(bearer(request.headers.getlist("Authorization")), [token]):
         return unauthorized({"allowed": False, "reason": "proxy_token_required"})
-    share = budget.share()
+    # who calls: the address a trusted proxy (Caddy in front of the control port) vouches for
+    inbound = {name: ", ".join(request.headers.getlist(name)) for name in FORWARDED_HEADERS}
+    caller = client_address(forwarding_of(inbound, request.remote_addr or "", request.scheme,
+                                          None, deps.trusted_proxies, proxied_host=False),
+                            deps.trusted_proxies)
+    share = budget.share(client_key(caller))
     body: _AnswerBody | None = None
     try:
         try:
@@ -171,7 +181,7 @@ async def proxy_json_response(deps: ControlDeps, budget: Budget, app: str
         except ProxyError as exc:
             return _proxy_error(exc)
         try:
-            answer = await _forward(deps, app, call, share)
+            answer = await _forward(deps, app, call, share, inbound, caller)
         except ProxyError as exc:
             deps.metrics.proxied(app, exc.http_status)
             return _proxy_error(exc)
@@ -186,33 +196,43 @@ async def proxy_json_response(deps: ControlDeps, budget: Budget, app: str
 
 
 async def _read_call(share: Share) -> object:
-    """The call's JSON document (None if it is not JSON). The JSON and the body decoded from
-    it are taken from ``share`` before they are held."""
+    """The call's JSON document (None if it is not JSON). Each piece of the JSON, and the body
+    it will decode to, is taken from ``share`` as it arrives, before it is held: a declared
+    length that never comes costs nothing, a chunked JSON no more than what arrived."""
     declared = request.content_length
-    if declared is not None:
-        if declared > MAX_REQUEST_BYTES:
-            raise ProxyError(413, "body_too_large", f"over {MAX_REQUEST_BYTES} bytes")
-        share.take(2 * declared)
-    try:
-        raw = await request.get_data(cache=False)
-    except RequestEntityTooLarge:
-        raise ProxyError(413, "body_too_large", f"over {MAX_REQUEST_BYTES} bytes") from None
-    if declared is None:
-        share.take(2 * len(raw))
+    if declared is not None and declared > MAX_REQUEST_BYTES:
+        raise ProxyError(413, "body_too_large", f"over {MAX_REQUEST_BYTES} bytes")
+    raw = bytearray()
+    # a JSON that has not arrived whole within BODY_TIMEOUT_SEC is 408: a call's share of the
+    # budget must not be held by a client trickling it (quart's get_data would wait 60 s)
+    with trio.move_on_after(BODY_TIMEOUT_SEC) as late:
+        try:
+            async for chunk in request.body:
+                share.take(2 * len(chunk))  # the JSON, and the body decoded from it
+                raw += chunk
+        except RequestEntityTooLarge:
+            raise ProxyError(413, "body_too_large", f"over {MAX_REQUEST_BYTES} bytes") from None
+    if late.cancelled_caught:
+        raise ProxyError(408, "body_timeout",
+                         f"the JSON did not arrive within {BODY_TIMEOUT_SEC} s")
     try:
         return json.loads(raw)
     except (ValueError, RecursionError):
         return None
 
 
-async def _forward(deps: ControlDeps, app: str, call: ProxyCall, share: Share) -> JsonAnswer:
-    """Send ``call`` to ``app``; its answer, whole (raises :class:`ProxyError`)."""
+async def _forward(deps: ControlDeps, app: str, call: ProxyCall, share: Share,
+                   inbound: dict[str, str], caller: str) -> JsonAnswer:
+    """Send ``call`` to ``app`` for ``caller``; its answer, whole (raises :class:`ProxyError`).
+    ``inbound``: the HTTP request's ``X-Forwarded-*`` (believed from a trusted proxy only)."""
     # the JSON's own X-Forwarded-* are the caller's claims: the HTTP request's count, and only
     # from a trusted proxy (Caddy in front of the control port)
-    host = next((v for n, v in call.headers if n.lower() == "host"), None)
-    inbound = {name: ", ".join(request.headers.getlist(name)) for name in FORWARDED_HEADERS}
-    forwarding = forwarding_of(inbound, request.remote_addr or "", request.scheme, host,
-                               deps.trusted_proxies, proxied_host=False)
+    hosts = [v for n, v in call.headers if n.lower() == "host"]
+    if len(hosts) > 1 or (hosts and "," in hosts[0]):  # as the proxy listener refuses it
+        raise ProxyError(400, "ambiguous_host", "the call's Host names more than one host")
+    forwarding = forwarding_of(inbound, request.remote_addr or "", request.scheme,
+                               hosts[0] if hosts else None, deps.trusted_proxies,
+                               proxied_host=False)
     head = RequestHead(call.method, call.path, forwarded_headers(call.headers, forwarding,
                                                                  from_proxy=False))
     limit = deps.config.proxy_max_body_bytes or MAX_JSON_PROXY_BODY
@@ -224,7 +244,7 @@ async def _forward(deps: ControlDeps, app: str, call: ProxyCall, share: Share) -
     try:
         async with deps.forwarder.open_upstream(
                 app, head, None if body is None else
-                counted(body, metrics.proxy_bytes.labels("in"))) as upstream:
+                counted(body, metrics.proxy_bytes.labels("in")), client=caller) as upstream:
             metrics.proxy_seconds.observe(time.perf_counter() - started)
             answer = JsonAnswer(upstream.head.status, strip_hop_by_hop(upstream.head.headers),
                                 share, limit)

@@ -13,10 +13,12 @@ JSON proxy from turning one small request into many copies of a large answer:
   the answer takes 4/3 of the body (plus ``bytearray``'s growth slack of 1/8), where the seed's
   held about five bodies' worth at its peak.
 * **A process-wide budget** (:class:`Budget`, ``EE_PROXY_JSON_BUFFER_BYTES``) of bytes all JSON
-  calls buffer at once: a call takes its share as it buffers (its request, then its answer) and
-  gives it back when the answer has been sent or dropped. A call that cannot have its next
-  bytes fails with 503 ``proxy_busy`` and releases its stream, instead of the process growing
-  until the kernel kills it. Single-threaded (trio): plain counters, no lock.
+  calls buffer at once: a call takes its share as it buffers (its request as its bytes arrive,
+  then its answer) and gives it back when the answer has been sent or dropped. A call that
+  cannot have its next bytes fails with 503 ``proxy_busy`` and releases its stream, instead of
+  the process growing until the kernel kills it. One client (address; IPv6 by /64) holds at
+  most :data:`CLIENT_SHARE` of the budget at once, so a few callers that stop reading their
+  answers cannot spend it for everyone. Single-threaded (trio): plain counters, no lock.
 """
 
 from __future__ import annotations
@@ -30,38 +32,60 @@ from eecp.dataplane.proxy import ProxyError
 _SUFFIX = b'"}'
 
 
+#: the part of the budget one client may hold at once
+CLIENT_SHARE = 0.5
+
+
 class Budget:
     """Bytes the JSON proxy may buffer at once, across every call in the process."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.used = 0
+        self._per_client = max(1, int(total * CLIENT_SHARE))
+        self._clients: dict[str, int] = {}  # client -> bytes its calls hold
 
-    def share(self) -> Share:
-        """A new call's share, empty until it takes some."""
-        return Share(self)
+    def share(self, client: str = "") -> Share:
+        """A new call's share for ``client`` (see :func:`eecp.dataplane.proxy.client_key`),
+        empty until it takes some."""
+        return Share(self, client)
+
+    def _take(self, client: str, size: int) -> None:
+        if self.used + size > self.total:
+            raise ProxyError(503, "proxy_busy", f"JSON proxy calls buffer {self.used} of "
+                             f"EE_PROXY_JSON_BUFFER_BYTES={self.total} bytes")
+        held = self._clients.get(client, 0)
+        if held + size > self._per_client:
+            raise ProxyError(503, "proxy_busy", f"this client's calls buffer {held} bytes, "
+                             f"{CLIENT_SHARE:.0%} of EE_PROXY_JSON_BUFFER_BYTES at most")
+        self.used += size
+        self._clients[client] = held + size
+
+    def _give_back(self, client: str, size: int) -> None:
+        self.used -= size
+        left = self._clients.get(client, 0) - size
+        if left > 0:
+            self._clients[client] = left
+        else:
+            self._clients.pop(client, None)
 
 
 class Share:
     """One call's part of a :class:`Budget`; :meth:`release` gives it all back (once)."""
 
-    def __init__(self, budget: Budget) -> None:
+    def __init__(self, budget: Budget, client: str = "") -> None:
         self._budget = budget
+        self._client = client
         self.held = 0
 
     def take(self, size: int) -> None:
-        """``size`` more bytes, or ``ProxyError(503, "proxy_busy")`` if the budget has not
-        got them (then nothing is taken)."""
-        budget = self._budget
-        if budget.used + size > budget.total:
-            raise ProxyError(503, "proxy_busy",
-                             f"JSON proxy calls buffer {budget.used} of "
-                             f"EE_PROXY_JSON_BUFFER_BYTES={budget.total} bytes")
-        budget.used += size
+        """``size`` more bytes, or ``ProxyError(503, "proxy_busy")`` if the budget (or this
+        client's part of it) has not got them (then nothing is taken)."""
+        self._budget._take(self._client, size)
         self.held += size
 
     def release(self) -> None:
-        self._budget.used -= self.held
+        self._budget._give_back(self._client, self.held)
         self.held = 0
 
 

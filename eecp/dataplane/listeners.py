@@ -100,8 +100,7 @@ class AuthHandler:
 class ProxyHandler:
     """The proxy listener: every request forwarded to its app over a tunnel."""
 
-    def __init__(self, forwarder: Forwarder, trusted_proxies: TrustedProxies, metrics: Metrics,
-                 *, max_streams_per_client: int, slot_reserve: int, tunnel_max_streams: int
+    def __init__(self, forwarder: Forwarder, trusted_proxies: TrustedProxies, metrics: Metrics
                  ) -> None:
         self._forwarder = forwarder
         self._trusted = trusted_proxies
@@ -109,11 +108,6 @@ class ProxyHandler:
         # metric children looked up once (labels() costs a lock and a lookup per call)
         self._bytes_in = metrics.proxy_bytes.labels("in")
         self._bytes_out = metrics.proxy_bytes.labels("out")
-        self._per_client = max_streams_per_client
-        # (a client holding none of the app's streams can always have the last slot)
-        self._reserve = min(slot_reserve, tunnel_max_streams - 1)
-        #: proxied requests in flight per (app, client address)
-        self._clients: dict[tuple[str, str], int] = {}
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         forwarding = forwarding_of(inbound_forwarding(request.headers),
@@ -132,32 +126,18 @@ class ProxyHandler:
             return
         head = RequestHead(request.method, request.target, forwarded_headers(
             [(n, v) for n, v in request.headers if n != "x-ee-app"], forwarding))
-        app = app.lower()
-        key = (app, client_address(forwarding, self._trusted))
-        holding = self._clients.get(key, 0)
-        if self._per_client and holding >= self._per_client:
-            self._metrics.proxied(app, 429)
-            await responder.respond(429, _JSON, error_body("client_stream_limit"))
-            return
-        self._clients[key] = holding + 1
-        try:
-            # a client already holding one of the app's streams may not take the last slots
-            await self._forward(request, responder, app, head, self._reserve if holding else 0)
-        finally:
-            if (left := self._clients[key] - 1) > 0:
-                self._clients[key] = left
-            else:
-                del self._clients[key]
+        await self._forward(request, responder, app.lower(), head,
+                            client_address(forwarding, self._trusted))
 
     async def _forward(self, request: Request, responder: Responder, app: str,
-                       head: RequestHead, reserve: int) -> None:
+                       head: RequestHead, client: str) -> None:
         body = self._body(request)
         metrics = self._metrics
         started = time.perf_counter()
         status = 0
         try:
             async with self._forwarder.open_upstream(app, head, body,
-                                                     reserve=reserve) as upstream:
+                                                     client=client) as upstream:
                 status = upstream.head.status
                 metrics.proxy_seconds.observe(time.perf_counter() - started)
                 await self._relay(upstream, responder, request, app)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import ipaddress
 import logging
 import re
 import time
@@ -157,22 +158,51 @@ def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 class Forwarder:
     """Opens upstreams: routes by ``registry`` at ``clock``'s time, waits at most
-    ``timeout_sec`` (``EE_PROXY_TIMEOUT_SEC``) for progress. Both entry points share one."""
+    ``timeout_sec`` (``EE_PROXY_TIMEOUT_SEC``) for progress. Both entry points share one, and
+    with it the rules that keep a few clients from holding an app's every stream slot: at
+    most ``max_streams_per_client`` requests in flight per (app, client), and the last
+    ``slot_reserve`` slots of each agent (at most all but one) only for a client holding none
+    of the app's requests. A client is its address, an IPv6 one by its /64 (one host's or
+    one customer's network: an address apiece there is free)."""
 
-    def __init__(self, registry: Registry, clock: Clock, timeout_sec: float) -> None:
+    def __init__(self, registry: Registry, clock: Clock, timeout_sec: float, *,
+                 max_streams_per_client: int = 0, slot_reserve: int = 0,
+                 tunnel_max_streams: int = 1) -> None:
         self._registry = registry
         self._clock = clock
         self._timeout_sec = timeout_sec
+        self._per_client = max_streams_per_client
+        self._reserve = max(0, min(slot_reserve, tunnel_max_streams - 1))
+        #: requests in flight per (app, client)
+        self._clients: dict[tuple[str, str], int] = {}
 
     @asynccontextmanager
     async def open_upstream(self, app: str, head: RequestHead,
-                            body: AsyncIterable[bytes] | None, *, reserve: int = 0
+                            body: AsyncIterable[bytes] | None, *, client: str = ""
                             ) -> AsyncIterator[Upstream]:
-        """Forward one request to ``app``; yields the response (raises :class:`ProxyError`).
+        """Forward one request of ``client`` (its address as trusted: see
+        :func:`eecp.dataplane.forwarded.client_address`) to ``app``; yields the response.
+        Raises :class:`ProxyError`: 429 ``client_stream_limit`` when the client has its share
+        of the app's requests in flight already, the refusals and failures otherwise."""
+        key = (app, client_key(client))
+        holding = self._clients.get(key, 0)
+        if self._per_client and holding >= self._per_client:
+            raise ProxyError(429, "client_stream_limit",
+                             f"{holding} requests of this client to {app} are in flight")
+        self._clients[key] = holding + 1
+        try:
+            # a client already holding one of the app's streams may not take the last slots
+            async with self._open(app, head, body, self._reserve if holding else 0) as up:
+                yield up
+        finally:
+            if (left := self._clients[key] - 1) > 0:
+                self._clients[key] = left
+            else:
+                del self._clients[key]
 
-        ``reserve``: the last stream slots of each agent this request may not take (the proxy
-        listener keeps ``EE_PROXY_SLOT_RESERVE`` of them for clients holding none of the app's
-        streams, so that a few clients cannot hold every slot)."""
+    @asynccontextmanager
+    async def _open(self, app: str, head: RequestHead, body: AsyncIterable[bytes] | None,
+                    reserve: int) -> AsyncIterator[Upstream]:
         now = self._clock.now()
         decision = self._registry.resolve(app, now)
         if not decision.allowed:
@@ -197,6 +227,20 @@ class Forwarder:
                 log.info("retrying %s %s on another agent after %s", head.method, app,
                          exc.reason)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def client_key(address: str) -> str:
+    """What counts as one client: an IPv4 address (IPv4-mapped ones included), an IPv6
+    address's /64 network; anything else as it is."""
+    try:
+        parsed = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(parsed)
 
 
 @asynccontextmanager
