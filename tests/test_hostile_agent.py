@@ -19,7 +19,8 @@ from trio.testing import MockClock
 from wsproto.extensions import PerMessageDeflate
 
 from eecp.wire.frames import DataFrame, encode_frame
-from eecp.wire.streams import Mux, ResponseHead
+from eecp.wire.httpmsg import ResponseHead
+from eecp.wire.streams import Mux
 from tests import quotefactory as qf
 from tests.harness import (
     ControlPlane,

@@ -30,7 +30,8 @@ from trio.testing import MockClock
 
 import eecp.agents.session
 from eecp.wire.frames import MAX_DATA
-from eecp.wire.streams import Mux, RequestHead, Stream
+from eecp.wire.httpmsg import RequestHead
+from eecp.wire.streams import Mux, Stream
 from tests import quotefactory as qf
 from tests.harness import (
     ControlPlane,

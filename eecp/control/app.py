@@ -44,10 +44,10 @@ from eecp.dataplane.proxy import (
     open_upstream,
     parse_proxy_call,
     public_reason,
-    strip_hop_by_hop,
 )
 from eecp.dataplane.resolve import ResolveAnswer, resolve, resolve_by_host
-from eecp.wire.streams import RequestHead, StreamError
+from eecp.wire.httpmsg import RequestHead, strip_hop_by_hop
+from eecp.wire.streams import StreamError
 
 if TYPE_CHECKING:
     from eecp.service import Services

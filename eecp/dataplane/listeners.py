@@ -48,11 +48,16 @@ from eecp.dataplane.proxy import (
     counted,
     open_upstream,
     public_reason,
+)
+from eecp.dataplane.resolve import resolve, resolve_by_host
+from eecp.wire.httpmsg import (
+    AmbiguousHost,
+    RequestHead,
+    host_label,
+    is_origin_form,
     strip_hop_by_hop,
 )
-from eecp.dataplane.resolve import AmbiguousHost, host_label, resolve, resolve_by_host
-from eecp.wire.frames import is_origin_form
-from eecp.wire.streams import RequestHead, StreamError
+from eecp.wire.streams import StreamError
 
 if TYPE_CHECKING:
     from eecp.service import Services

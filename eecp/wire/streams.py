@@ -53,16 +53,15 @@ from eecp.wire.frames import (
     DataFrame,
     EndFrame,
     Frame,
-    RequestHead,
     RequestHeadFrame,
     ResetFrame,
-    ResponseHead,
     ResponseHeadFrame,
     WindowFrame,
 )
+from eecp.wire.httpmsg import RequestHead, ResponseHead
 from eecp.wire.protocol import CLOSE_PROTOCOL_ERROR
 
-__all__ = ["Mux", "RequestHead", "ResponseHead", "Stream", "StreamError"]
+__all__ = ["Mux", "Stream", "StreamError"]
 
 log = logging.getLogger("eecp.streams")
 
