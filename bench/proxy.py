@@ -900,7 +900,7 @@ def report(args: argparse.Namespace, f: dict[str, Any]) -> str:
     auth, control = runs["auth_resolve_c64"], runs["control_resolve_c64"]
     lines += [
         "d)  GET /v1/resolve/bench c=64",
-        f"    auth listener (eecp.httpserver) {auth.summary()}",
+        f"    auth listener (eecp.dataplane.http) {auth.summary()}",
         f"    control port (hypercorn)        {control.summary()}",
         f"    auth/control {s['auth_over_control']:.1f}x; target auth >= "
         f"{TARGET_AUTH_RPS:.0f} req/s: {_verdict(s['auth_ok'])}",

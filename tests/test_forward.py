@@ -24,7 +24,7 @@ import trio
 import trio.testing
 
 from agent.forward import ForwardError, backend_target, open_backend_pool, serve_forwarding
-from eecp.dataplane.httpserver import Request, Responder, serve_http
+from eecp.dataplane.http import Request, Responder, serve_http
 from eecp.wire.frames import ResponseHeadFrame
 from eecp.wire.httpmsg import RequestHead, ResponseHead
 from eecp.wire.streams import Mux, Stream, StreamError

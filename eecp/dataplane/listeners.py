@@ -33,7 +33,7 @@ from eecp.dataplane.forwarded import (
     forwarding_of,
     inbound_forwarding,
 )
-from eecp.dataplane.httpserver import (
+from eecp.dataplane.http import (
     ClientDisconnected,
     Limits,
     Request,

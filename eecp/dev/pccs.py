@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote
 
-from eecp.dataplane.httpserver import Request, Responder
+from eecp.dataplane.http import Request, Responder
 from eecp.dev.pki import DAY, DEFAULT_FMSPC, CollateralParts, DevPki, make_collateral
 
 #: minted collateral is valid this long ...
@@ -80,7 +80,7 @@ def pccs_answer(parts: CollateralParts, fmspc: str, method: str, path: str,
 
 
 class DevPccs:
-    """An :mod:`eecp.dataplane.httpserver` handler serving ``pki``'s collateral for platform
+    """An :mod:`eecp.dataplane.http` handler serving ``pki``'s collateral for platform
     ``fmspc``.
 
     Run it with ``serve_http(DevPccs(pki), "127.0.0.1", 0)`` and point ``EE_PCCS_URL`` at it.

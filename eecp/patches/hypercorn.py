@@ -62,7 +62,7 @@ from hypercorn.protocol.ws_stream import Handshake, WSStream
 from hypercorn.trio.tcp_server import TCPServer
 
 from eecp.core.capacity import ConnectionGate
-from eecp.dataplane.httpserver import DEFAULT_LIMITS
+from eecp.dataplane.http import DEFAULT_LIMITS
 
 log = logging.getLogger("eecp.hypercorn_fixes")
 
