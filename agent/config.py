@@ -21,7 +21,7 @@ from typing import Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from eecp.core.errors import ConfigError, ProtocolError
-from eecp.dev import pki as devpki
+from eecp.dev import mint as devmint
 from eecp.wire.protocol import Register, decode_agent_message, encode_register
 
 T = TypeVar("T")
@@ -77,10 +77,10 @@ class AgentConfig:
     quote_provider: QuoteProviderName = "configfs-tsm"
     tsm_report_dir: Path = DEFAULT_TSM_REPORT_DIR
     dev_pki_dir: Path = DEFAULT_DEV_PKI_DIR
-    dev_mrtd: bytes = field(default=devpki.DEFAULT_MRTD, repr=False)
-    dev_rtmrs: tuple[bytes, bytes, bytes, bytes] = field(default=devpki.DEFAULT_RTMRS,
+    dev_mrtd: bytes = field(default=devmint.DEFAULT_MRTD, repr=False)
+    dev_rtmrs: tuple[bytes, bytes, bytes, bytes] = field(default=devmint.DEFAULT_RTMRS,
                                                          repr=False)
-    dev_fmspc: str = devpki.DEFAULT_FMSPC
+    dev_fmspc: str = devmint.DEFAULT_FMSPC
     agent_dir: Path = AGENT_PACKAGE_DIR
     agent_file: Path = AGENT_MAIN_FILE
     vm_image_id: str | None = None
@@ -138,9 +138,9 @@ def from_env(env: Mapping[str, str]) -> AgentConfig:
         quote_provider=r.get("EE_QUOTE_PROVIDER", "configfs-tsm", _provider_name),
         tsm_report_dir=r.get("EE_TSM_REPORT_DIR", DEFAULT_TSM_REPORT_DIR, Path),
         dev_pki_dir=r.get("EE_DEV_PKI_DIR", DEFAULT_DEV_PKI_DIR, Path),
-        dev_mrtd=r.get("EE_DEV_MRTD", devpki.DEFAULT_MRTD, _sha384_hex),
-        dev_rtmrs=r.get("EE_DEV_RTMRS", devpki.DEFAULT_RTMRS, _rtmrs),
-        dev_fmspc=r.get("EE_DEV_FMSPC", devpki.DEFAULT_FMSPC, _fmspc),
+        dev_mrtd=r.get("EE_DEV_MRTD", devmint.DEFAULT_MRTD, _sha384_hex),
+        dev_rtmrs=r.get("EE_DEV_RTMRS", devmint.DEFAULT_RTMRS, _rtmrs),
+        dev_fmspc=r.get("EE_DEV_FMSPC", devmint.DEFAULT_FMSPC, _fmspc),
         agent_dir=r.get("EE_AGENT_DIR", AGENT_PACKAGE_DIR, Path),
         agent_file=r.get("EE_AGENT_FILE", AGENT_MAIN_FILE, Path),
         vm_image_id=r.get("VM_IMAGE_ID", None, str),

@@ -25,6 +25,7 @@ import trio
 
 from agent.config import DEFAULT_TSM_REPORT_DIR
 from eecp.core.errors import EecpError
+from eecp.dev import mint as devmint
 from eecp.dev import pki as devpki
 
 log = logging.getLogger("agent.providers")
@@ -172,9 +173,9 @@ class DevQuoteProvider:
     anyone with the directory can mint quotes for any report_data.
     """
 
-    def __init__(self, pki_dir: Path, *, mrtd: bytes = devpki.DEFAULT_MRTD,
-                 rtmrs: tuple[bytes, bytes, bytes, bytes] = devpki.DEFAULT_RTMRS,
-                 fmspc: str = devpki.DEFAULT_FMSPC,
+    def __init__(self, pki_dir: Path, *, mrtd: bytes = devmint.DEFAULT_MRTD,
+                 rtmrs: tuple[bytes, bytes, bytes, bytes] = devmint.DEFAULT_RTMRS,
+                 fmspc: str = devmint.DEFAULT_FMSPC,
                  now: Callable[[], float] = time.time) -> None:
         self.pki_dir = pki_dir
         self.pki = devpki.ensure_pki(pki_dir)
@@ -191,7 +192,7 @@ class DevQuoteProvider:
     async def quote(self, report_data: bytes) -> bytes:
         """Mint a quote over ``report_data`` (signing takes milliseconds: a worker thread)."""
         _check_report_data(report_data)
-        mint = partial(devpki.mint_tdx_quote, self.pki, now=self._now(),
+        mint = partial(devmint.mint_tdx_quote, self.pki, now=self._now(),
                        report_data=report_data, mrtd=self.mrtd, rtmrs=self.rtmrs,
                        fmspc=self.fmspc)
         minted = await trio.to_thread.run_sync(mint)
