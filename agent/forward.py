@@ -42,7 +42,8 @@ from typing import cast
 import trio
 
 from agent.backend import BackendError, BackendExchange, BackendPool
-from eecp.core.errors import EecpError, leaf_error, single_error
+from eecp.core.errors import EecpError
+from eecp.core.trioutil import leaf_error, single_error
 from eecp.wire.httpmsg import RequestHead, ResponseHead, is_origin_form, strip_hop_by_hop
 from eecp.wire.streams import Mux, Stream, StreamError
 

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from eecp.core.errors import EecpError, ProtocolError, single_error
+from eecp.core.errors import EecpError, ProtocolError
+from eecp.core.trioutil import single_error
 from eecp.wire.frames import check_head
 from eecp.wire.httpmsg import RequestHead, ResponseHead, content_length, is_origin_form
 from eecp.wire.streams import Mux, Stream, StreamError

@@ -37,7 +37,7 @@ from typing import cast
 import trio
 
 from eecp.core.capacity import ConnectionGate
-from eecp.core.errors import leaf_error
+from eecp.core.trioutil import Wakeup, leaf_error
 from eecp.dataplane.http.encoding import (
     CHUNKED,
     CLOSE,
@@ -344,7 +344,7 @@ class Connection:
         self.last_input = now  # when the last read returned
         # Who reads: one task at a time; another one waits for what it gets.
         self.pulling = False
-        self.pulled = _Wakeup()
+        self.pulled = Wakeup()
         # The serving task. Cancelled when the client leaves during a request, or by the guard.
         self.serve_scope = trio.CancelScope()
         self.active = False  # a request is being handled
@@ -751,31 +751,6 @@ class Connection:
                     discarded += len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-
-
-class _Wakeup:
-    """One task waiting for another: a cheaper :class:`trio.Event` for the hot path (nothing
-    allocated per wait), for one waiter at a time."""
-
-    __slots__ = ("_task",)
-
-    def __init__(self) -> None:
-        self._task: trio.lowlevel.Task | None = None
-
-    async def wait(self) -> None:
-        if self._task is not None:
-            raise trio.BusyResourceError("another task is already waiting here")
-        self._task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort)
-
-    def wake(self) -> None:
-        if self._task is not None:
-            trio.lowlevel.reschedule(self._task)
-            self._task = None
-
-    def _abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        self._task = None
-        return trio.lowlevel.Abort.SUCCEEDED
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, int]:
