@@ -35,7 +35,7 @@ import httptools
 import trio
 
 from eecp.core.errors import EecpError
-from eecp.wire.frames import content_length
+from eecp.wire.httpmsg import content_length
 
 READ_BYTES = 64 * 1024
 #: the most a response head (status line, headers, interim 1xx heads) may take: what the

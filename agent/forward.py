@@ -42,17 +42,16 @@ from typing import cast
 import trio
 
 from agent.backend import BackendError, BackendExchange, BackendPool
-from eecp.core.errors import EecpError, leaf_error, single_error
-from eecp.wire.frames import is_origin_form
-from eecp.wire.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
+from eecp.core.errors import EecpError
+from eecp.core.trioutil import leaf_error, single_error
+from eecp.wire.httpmsg import RequestHead, ResponseHead, is_origin_form, strip_hop_by_hop
+from eecp.wire.streams import Mux, Stream, StreamError
 
 log = logging.getLogger("agent.forward")
 
-#: headers that describe one hop, not the message (RFC 9110 §7.6.1), plus ``Host`` (the
-#: backend's own is set) and ``Expect`` (the body is already on its way). ``Proxy-*`` are
-#: dropped by prefix.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te",
-                        "trailer", "trailers", "proxy-connection"})
+#: dropped from requests on top of the hop-by-hop headers both ends drop
+#: (:func:`eecp.wire.httpmsg.strip_hop_by_hop`): ``Host`` (the backend's own is set) and
+#: ``Expect`` (the body is already on its way)
 _REQUEST_ONLY = frozenset({"host", "expect"})
 #: requests the agent may send twice (see _forward): bodyless and safe, as Go's net/http has it;
 #: a POST or DELETE the backend may have acted on before its connection broke is not resent
@@ -294,7 +293,7 @@ class _RequestBody:
 def backend_target(path: str) -> str:
     """``path`` (with its query) as the request target for the backend, or
     ``ForwardError("bad_path")`` for anything but an origin-form target
-    (:func:`eecp.wire.frames.is_origin_form`): nothing but the backend can be reached."""
+    (:func:`eecp.wire.httpmsg.is_origin_form`): nothing but the backend can be reached."""
     if not is_origin_form(path):
         raise ForwardError("bad_path", f"{path[:80]!r} is not an origin-form path")
     return path
@@ -302,17 +301,9 @@ def backend_target(path: str) -> str:
 
 def request_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """What to send the backend: hop-by-hop, ``Host`` and ``Expect`` dropped."""
-    return [(n, v) for n, v in _end_to_end(headers) if n.lower() not in _REQUEST_ONLY]
+    return [(n, v) for n, v in strip_hop_by_hop(headers) if n.lower() not in _REQUEST_ONLY]
 
 
 def response_headers(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """What to send eecp: the backend's headers, hop-by-hop dropped, order and repeats kept."""
-    return _end_to_end(raw)
-
-
-def _end_to_end(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    named = {token.strip().lower() for name, value in headers if name.lower() == "connection"
-             for token in value.split(",")}
-    return [(n, v) for n, v in headers
-            if n.lower() not in HOP_BY_HOP and n.lower() not in named
-            and not n.lower().startswith("proxy-")]
+    return strip_hop_by_hop(raw)

@@ -176,14 +176,16 @@ class DevQuoteProvider:
                  rtmrs: tuple[bytes, bytes, bytes, bytes] | None = None,
                  fmspc: str | None = None,
                  now: Callable[[], float] = time.time) -> None:
-        from eecp.dev import pki as devpki  # here only: see the module docstring
+        # here only: see the module docstring
+        from eecp.dev import mint as devmint
+        from eecp.dev import pki as devpki
 
-        self._devpki = devpki
+        self._devmint = devmint
         self.pki_dir = pki_dir
         self.pki = devpki.ensure_pki(pki_dir)
-        self.mrtd = devpki.DEFAULT_MRTD if mrtd is None else mrtd
-        self.rtmrs = devpki.DEFAULT_RTMRS if rtmrs is None else rtmrs
-        self.fmspc = devpki.DEFAULT_FMSPC if fmspc is None else fmspc
+        self.mrtd = devmint.DEFAULT_MRTD if mrtd is None else mrtd
+        self.rtmrs = devmint.DEFAULT_RTMRS if rtmrs is None else rtmrs
+        self.fmspc = devmint.DEFAULT_FMSPC if fmspc is None else fmspc
         #: the root certificate eecp must trust (``EE_DCAP_ROOT_CA``)
         self.root_pem_path = pki_dir / devpki.ROOT_CERT_FILE
         self._now = now
@@ -191,7 +193,7 @@ class DevQuoteProvider:
     async def quote(self, report_data: bytes) -> bytes:
         """Mint a quote over ``report_data`` (signing takes milliseconds: a worker thread)."""
         _check_report_data(report_data)
-        mint = partial(self._devpki.mint_tdx_quote, self.pki, now=self._now(),
+        mint = partial(self._devmint.mint_tdx_quote, self.pki, now=self._now(),
                        report_data=report_data, mrtd=self.mrtd, rtmrs=self.rtmrs,
                        fmspc=self.fmspc)
         minted = await trio.to_thread.run_sync(mint)

@@ -50,7 +50,8 @@ from agent.config import AgentConfig
 from agent.forward import open_backend_pool, serve_forwarding
 from agent.health import HealthStatus, probe_backend
 from agent.providers import QuoteProvider, QuoteProviderError
-from eecp.core.errors import EecpError, ProtocolError, leaf_error
+from eecp.core.errors import EecpError, ProtocolError
+from eecp.core.trioutil import leaf_error
 from eecp.wire.measurements import Measurements, report_data_for
 from eecp.wire.protocol import (
     CLOSE_GOING_AWAY,

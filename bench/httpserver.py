@@ -1,4 +1,4 @@
-"""Micro-benchmark of ``eecp.dataplane.httpserver`` against hypercorn, run by hand::
+"""Micro-benchmark of ``eecp.dataplane.http`` against hypercorn, run by hand::
 
     python bench/httpserver.py [--duration 5] [--connections 64] [--threads 2]
 
@@ -27,7 +27,7 @@ HEADERS = (("content-type", "application/json"), ("cache-control", "no-store"))
 def serve_eecp(port: int) -> None:
     import trio
 
-    from eecp.dataplane.httpserver import Request, Responder, serve_http
+    from eecp.dataplane.http import Request, Responder, serve_http
 
     async def resolve(request: Request, responder: Responder) -> None:
         await responder.respond(200, HEADERS, BODY)

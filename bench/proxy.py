@@ -168,6 +168,7 @@ import trio  # noqa: E402
 from agent.config import from_env as agent_config  # noqa: E402
 from agent.measure import measure  # noqa: E402
 from bench.tunnels import free_port, raise_fd_limit, rss_kib, wait_serving  # noqa: E402
+from eecp.dev import mint as devmint  # noqa: E402
 from eecp.dev import pki as devpki  # noqa: E402
 from tests.fake_pccs import open_fake_pccs  # noqa: E402
 from tests.harness import REPO, TAG, allowlist_doc  # noqa: E402
@@ -543,7 +544,7 @@ async def open_stack(args: argparse.Namespace, work: Path) -> AsyncIterator[Stac
     """Backend, PCCS, eecp and the agents; everything stopped when the block ends."""
     pki_dir = work / "dev-pki"
     pki = devpki.ensure_pki(pki_dir)
-    baseline = devpki.mint_tdx_quote(pki, now=time.time(), collateral_days=30)
+    baseline = devmint.mint_tdx_quote(pki, now=time.time(), collateral_days=30)
     children = Children()
     with ExitStack() as cleanup:
         cleanup.callback(children.stop_all)
@@ -900,7 +901,7 @@ def report(args: argparse.Namespace, f: dict[str, Any]) -> str:
     auth, control = runs["auth_resolve_c64"], runs["control_resolve_c64"]
     lines += [
         "d)  GET /v1/resolve/bench c=64",
-        f"    auth listener (eecp.httpserver) {auth.summary()}",
+        f"    auth listener (eecp.dataplane.http) {auth.summary()}",
         f"    control port (hypercorn)        {control.summary()}",
         f"    auth/control {s['auth_over_control']:.1f}x; target auth >= "
         f"{TARGET_AUTH_RPS:.0f} req/s: {_verdict(s['auth_ok'])}",

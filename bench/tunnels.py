@@ -59,6 +59,8 @@ import httpx  # noqa: E402
 import trio  # noqa: E402
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url  # noqa: E402
 
+from eecp.dev import mint as devmint  # noqa: E402
+from eecp.dev import pki as devpki  # noqa: E402
 from eecp.wire.measurements import report_data_for  # noqa: E402
 from eecp.wire.protocol import (  # noqa: E402
     AttestResponse,
@@ -66,7 +68,6 @@ from eecp.wire.protocol import (  # noqa: E402
     encode_attest_response,
     encode_register,
 )
-from tests import quotefactory as qf  # noqa: E402
 from tests.fake_github import open_fake_github  # noqa: E402
 from tests.fake_pccs import open_fake_pccs  # noqa: E402
 from tests.harness import ASSET, MEAS, REPO, TAG, allowlist_doc  # noqa: E402
@@ -83,7 +84,7 @@ class BenchAgent:
     """A minimal agent: register, answer challenges with minted quotes, send health."""
 
     url: str
-    pki: qf.TestPki
+    pki: devpki.DevPki
     app: str
     agent_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     started: float = 0.0  # monotonic, when it began to connect
@@ -96,7 +97,7 @@ class BenchAgent:
 
     def answer(self, nonce: bytes) -> str:
         report_data = report_data_for(MEAS, nonce)
-        minted = qf.mint_tdx_quote(self.pki, now=time.time(), report_data=report_data)
+        minted = devmint.mint_tdx_quote(self.pki, now=time.time(), report_data=report_data)
         return encode_attest_response(AttestResponse(nonce, minted.quote, report_data,
                                                      MEAS.as_dict()))
 
@@ -367,10 +368,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 async def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     n: int = args.agents
-    pki = qf.make_pki()
+    pki = devpki.make_pki()
     root = work / "root.pem"
     pki.write_root(root)
-    baseline = qf.mint_tdx_quote(pki, now=time.time(), collateral_days=30)
+    baseline = devmint.mint_tdx_quote(pki, now=time.time(), collateral_days=30)
     figures: dict[str, Any] = {"agents": n}
     async with open_fake_pccs(baseline.collateral_json) as pccs, \
             open_fake_github() as github:

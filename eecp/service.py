@@ -43,7 +43,7 @@ from eecp.core import capacity
 from eecp.core.capacity import ConnectionGate, ListenerCaps
 from eecp.core.clock import Clock
 from eecp.core.config import Config
-from eecp.dataplane.httpserver import DEFAULT_LIMITS
+from eecp.dataplane.http import DEFAULT_LIMITS
 from eecp.dataplane.listeners import serve_dataplane
 from eecp.wiring import Components, open_services
 

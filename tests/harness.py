@@ -30,11 +30,12 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from agent.forward import open_backend_pool, serve_forwarding
 from eecp.core.clock import TrioClock
 from eecp.core.config import Config, from_env
+from eecp.dev import mint as devmint
+from eecp.dev import pki as devpki
 from eecp.service import Bound, serve
 from eecp.wire.measurements import Measurements, report_data_for
 from eecp.wire.protocol import AttestResponse, Register, encode_attest_response, encode_register
 from eecp.wire.streams import Mux
-from tests import quotefactory as qf
 from tests.fake_github import FakeGitHub, open_fake_github
 from tests.fake_pccs import FakePccs, open_fake_pccs
 
@@ -50,8 +51,9 @@ def allowlist_doc(measurements: Measurements = MEAS, **overrides: Any) -> bytes:
     doc: dict[str, Any] = {
         "version": "1.0",
         "measurements": measurements.as_dict(),
-        "quote_measurements": {"mrtd": qf.DEFAULT_MRTD.hex(),
-                               **{f"rtmr{i}": r.hex() for i, r in enumerate(qf.DEFAULT_RTMRS)}},
+        "quote_measurements": {
+            "mrtd": devmint.DEFAULT_MRTD.hex(),
+            **{f"rtmr{i}": r.hex() for i, r in enumerate(devmint.DEFAULT_RTMRS)}},
     }
     doc.update(overrides)
     return json.dumps(doc).encode()
@@ -132,7 +134,7 @@ class ControlPlane:
 
     bound: Bound
     config: Config
-    pki: qf.TestPki
+    pki: devpki.DevPki
     pccs: FakePccs
     github: FakeGitHub
     env: dict[str, str]
@@ -172,7 +174,7 @@ class ControlPlane:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def control_plane_env(tmp_path: Path, pki: qf.TestPki, pccs_url: str, github_url: str,
+def control_plane_env(tmp_path: Path, pki: devpki.DevPki, pccs_url: str, github_url: str,
                       **extra: str) -> dict[str, str]:
     root = tmp_path / "root.pem"
     if not root.exists():
@@ -188,16 +190,16 @@ def control_plane_env(tmp_path: Path, pki: qf.TestPki, pccs_url: str, github_url
 
 
 @asynccontextmanager
-async def open_upstreams(pki: qf.TestPki) -> AsyncIterator[tuple[FakePccs, FakeGitHub]]:
+async def open_upstreams(pki: devpki.DevPki) -> AsyncIterator[tuple[FakePccs, FakeGitHub]]:
     """The stand-in PCCS (collateral valid 400 days) and GitHub (REPO@TAG released)."""
-    baseline = qf.mint_tdx_quote(pki, now=MINTED_AT, collateral_days=400)
+    baseline = devmint.mint_tdx_quote(pki, now=MINTED_AT, collateral_days=400)
     async with open_fake_pccs(baseline.collateral_json) as pccs, open_fake_github() as github:
         github.add_release(REPO, TAG, {ASSET: allowlist_doc()})
         yield pccs, github
 
 
 @asynccontextmanager
-async def open_control_plane(env: dict[str, str], pki: qf.TestPki, pccs: FakePccs,
+async def open_control_plane(env: dict[str, str], pki: devpki.DevPki, pccs: FakePccs,
                              github: FakeGitHub) -> AsyncIterator[ControlPlane]:
     """Run ``serve()`` with ``env`` until the block ends (then shut it down gracefully)."""
     config = from_env(env)
@@ -225,7 +227,7 @@ class FakeAgent:
     """
 
     url: str
-    pki: qf.TestPki
+    pki: devpki.DevPki
     app: str = "shop"
     repo: str = REPO
     tag: str = TAG
@@ -252,7 +254,7 @@ class FakeAgent:
     def answer(self, nonce: bytes) -> str:
         bound = self.answer_nonce if self.answer_nonce is not None else nonce
         report_data = report_data_for(self.measurements, bound)
-        minted = qf.mint_tdx_quote(self.pki, now=MINTED_AT, report_data=report_data,
+        minted = devmint.mint_tdx_quote(self.pki, now=MINTED_AT, report_data=report_data,
                                    **self.mint_kwargs)
         return encode_attest_response(AttestResponse(
             nonce, minted.quote, report_data, (self.claimed or self.measurements).as_dict()))

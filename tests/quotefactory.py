@@ -1,140 +1,58 @@
-"""The test quote factory: a re-export of :mod:`eecp.dev.pki`, where it lives now.
+"""The test-suite's quote scenarios: quotes that verify one way or fail one way, minted under a
+development PKI by :mod:`eecp.dev.mint` (the PKI itself is :mod:`eecp.dev.pki`).
 
-The development PKI moved into the package because the agent's ``dev`` quote provider (and
-``eecp demo``) mint quotes at run time. Tests keep importing ``tests.quotefactory as qf``.
+The package holds what also runs outside the tests (the agent's ``dev`` quote provider,
+``eecp demo``, the dev PCCS); the named failures only tests need live here.
 """
 
 from __future__ import annotations
 
-# The star import keeps any name added to eecp.devpki available here; the explicit list below
-# (and __all__) tell mypy and ruff which names this module re-exports on purpose.
-from eecp.dev.pki import *  # noqa: F403
-from eecp.dev.pki import (
-    ATTESTATION_KEY_TYPE_ECDSA_P256,
-    CERT_NOT_AFTER,
-    CERT_NOT_BEFORE,
-    DAY,
-    DEBUG_BIT,
-    DEFAULT_CPUSVN,
-    DEFAULT_FMSPC,
-    DEFAULT_MRTD,
-    DEFAULT_RTMRS,
-    DEFAULT_TD_ATTRIBUTES,
-    DEFAULT_TEE_TCB_SVN,
-    DEFAULT_XFAM,
-    OUTDATED_ADVISORY,
-    OUTDATED_MODULE_ADVISORY,
-    OUTDATED_PCESVN,
-    PCK_CA_CN,
-    PCK_LEAF_CN,
-    PKI_FILES,
-    QE_ATTRIBUTES,
-    QE_ISVPRODID,
-    QE_ISVSVN,
-    QE_MRENCLAVE,
-    QE_MRSIGNER,
-    QE_VENDOR_ID,
-    QUOTE_VERSION,
-    REVOKED_ADVISORY,
-    REVOKED_PCESVN,
-    ROOT_CERT_FILE,
-    ROOT_CN,
-    SEPT_VE_DISABLE_BIT,
-    SGX_EXTENSION_OID,
-    TCB_EVALUATION_DATA_NUMBER,
-    TCB_SIGNER_CN,
-    TDX_MODULE_ISVSVN,
-    TDX_MODULE_MRSIGNER,
-    TDX_MODULE_OUTDATED_ISVSVN,
-    TDX_MODULE_VERSION,
-    TDX_TEE_TYPE,
-    UPTODATE_PCESVN,
-    CollateralParts,
-    DevPki,
-    MintedQuote,
-    TestPki,
-    compact_json,
-    ensure_pki,
-    load_pki,
-    make_collateral,
-    make_crl,
-    make_pki,
-    mint_bad_signature,
-    mint_debug_td,
-    mint_outofdate,
-    mint_revoked_pck,
-    mint_tdx_quote,
-    mint_uptodate,
-    pccs_qe_identity_body,
-    pccs_tcb_info_body,
-    qe_identity_object,
-    rfc3339,
-    save_pki,
-    sgx_extension_der,
-    tcb_info_object,
-)
+from typing import Any
 
-__all__ = [
-    "ATTESTATION_KEY_TYPE_ECDSA_P256",
-    "CERT_NOT_AFTER",
-    "CERT_NOT_BEFORE",
-    "DAY",
-    "DEBUG_BIT",
-    "DEFAULT_CPUSVN",
-    "DEFAULT_FMSPC",
-    "DEFAULT_MRTD",
-    "DEFAULT_RTMRS",
-    "DEFAULT_TD_ATTRIBUTES",
-    "DEFAULT_TEE_TCB_SVN",
-    "DEFAULT_XFAM",
-    "OUTDATED_ADVISORY",
-    "OUTDATED_MODULE_ADVISORY",
-    "OUTDATED_PCESVN",
-    "PCK_CA_CN",
-    "PCK_LEAF_CN",
-    "PKI_FILES",
-    "QE_ATTRIBUTES",
-    "QE_ISVPRODID",
-    "QE_ISVSVN",
-    "QE_MRENCLAVE",
-    "QE_MRSIGNER",
-    "QE_VENDOR_ID",
-    "QUOTE_VERSION",
-    "REVOKED_ADVISORY",
-    "REVOKED_PCESVN",
-    "ROOT_CERT_FILE",
-    "ROOT_CN",
-    "SEPT_VE_DISABLE_BIT",
-    "SGX_EXTENSION_OID",
-    "TCB_EVALUATION_DATA_NUMBER",
-    "TCB_SIGNER_CN",
-    "TDX_MODULE_ISVSVN",
-    "TDX_MODULE_MRSIGNER",
-    "TDX_MODULE_OUTDATED_ISVSVN",
-    "TDX_MODULE_VERSION",
-    "TDX_TEE_TYPE",
-    "UPTODATE_PCESVN",
-    "CollateralParts",
-    "DevPki",
-    "MintedQuote",
-    "TestPki",
-    "compact_json",
-    "ensure_pki",
-    "load_pki",
-    "make_collateral",
-    "make_crl",
-    "make_pki",
-    "mint_bad_signature",
-    "mint_debug_td",
-    "mint_outofdate",
-    "mint_revoked_pck",
-    "mint_tdx_quote",
-    "mint_uptodate",
-    "pccs_qe_identity_body",
-    "pccs_tcb_info_body",
-    "qe_identity_object",
-    "rfc3339",
-    "save_pki",
-    "sgx_extension_der",
-    "tcb_info_object",
-]
+from eecp.dev.mint import (
+    DEBUG_BIT,
+    DEFAULT_TD_ATTRIBUTES,
+    OUTDATED_PCESVN,
+    MintedQuote,
+    mint_tdx_quote,
+)
+from eecp.dev.pccs import pccs_answer
+from eecp.dev.pki import DevPki
+
+
+def mint_uptodate(pki: DevPki, *, now: float, **kwargs: Any) -> MintedQuote:
+    """Verifies as ``UpToDate`` at ``minted.now_secs``."""
+    return mint_tdx_quote(pki, now=now, **kwargs)
+
+
+def mint_outofdate(pki: DevPki, *, now: float, **kwargs: Any) -> MintedQuote:
+    """Verifies as ``OutOfDate`` with advisory ``OUTDATED_ADVISORY``."""
+    return mint_tdx_quote(pki, now=now, pcesvn=OUTDATED_PCESVN, **kwargs)
+
+
+def mint_revoked_pck(pki: DevPki, *, now: float, **kwargs: Any) -> MintedQuote:
+    """PCK leaf serial is in the PCK CRL: verification fails with ``CertRevoked``."""
+    return mint_tdx_quote(pki, now=now, revoke_pck=True, **kwargs)
+
+
+def mint_bad_signature(pki: DevPki, *, now: float, **kwargs: Any) -> MintedQuote:
+    """Quote signature byte flipped: fails with "ISV enclave report signature is invalid"."""
+    return mint_tdx_quote(pki, now=now, corrupt_signature=True, **kwargs)
+
+
+def mint_debug_td(pki: DevPki, *, now: float, **kwargs: Any) -> MintedQuote:
+    """TD DEBUG attribute set: fails with "Debug mode is enabled"."""
+    return mint_tdx_quote(pki, now=now, td_attributes=DEFAULT_TD_ATTRIBUTES | DEBUG_BIT, **kwargs)
+
+
+def pccs_tcb_info_body(minted: MintedQuote) -> bytes:
+    """PCS/PCCS ``/tdx/certification/v4/tcb`` response body, keeping ``tcb_info`` byte-exact
+    (as the dev PCCS serves it)."""
+    return pccs_answer(minted.parts, minted.fmspc, "GET", "/tdx/certification/v4/tcb",
+                       {"fmspc": minted.fmspc}).body
+
+
+def pccs_qe_identity_body(minted: MintedQuote) -> bytes:
+    """PCS/PCCS ``/tdx/certification/v4/qe/identity`` response body, byte-exact identity."""
+    return pccs_answer(minted.parts, minted.fmspc, "GET", "/tdx/certification/v4/qe/identity",
+                       {}).body

@@ -56,6 +56,7 @@ from agent.providers import (
 from agent.tunnel import AgentState, Backoff, run_agent
 from eecp.core.clock import isoformat
 from eecp.core.errors import ConfigError
+from eecp.dev import mint as devmint
 from eecp.dev import pki as devpki
 from eecp.wire.measurements import Measurements, measurements_from_json, report_data_for
 from eecp.wire.protocol import (
@@ -302,12 +303,12 @@ async def test_answers_a_challenge_with_a_quote_that_verifies(
     # the quote binds exactly that report_data and verifies under the dev PKI's root
     pki = devpki.load_pki(pki_dir)
     now = time.time()
-    collateral = devpki.make_collateral(pki, now=now).to_collateral()
+    collateral = devmint.make_collateral(pki, now=now).to_dcap()
     report = dcap_qvl.verify_with_root_ca(answer.quote, collateral, pki.root_der, int(now))
     assert report.status == "UpToDate"
     parsed = dcap_qvl.parse_quote(answer.quote).report
     assert parsed.report_data == answer.report_data
-    assert parsed.mr_td == devpki.DEFAULT_MRTD
+    assert parsed.mr_td == devmint.DEFAULT_MRTD
 
 
 async def test_dev_quotes_carry_the_configured_mrtd_and_rtmrs(
@@ -668,7 +669,7 @@ class FakeTsmKernel(ConfigfsTsmProvider):
     mkdir populates the attributes, writing inblob bumps generation, reading outblob produces
     a quote over inblob, rmdir takes the attributes with it."""
 
-    def __init__(self, base: Path, pki: devpki.TestPki, *, races: int = 0,
+    def __init__(self, base: Path, pki: devpki.DevPki, *, races: int = 0,
                  provider_name: str = "tdx_guest", empty: bool = False,
                  deny: bool = False, max_attempts: int = 3) -> None:
         super().__init__(base, max_attempts=max_attempts)
@@ -708,7 +709,7 @@ class FakeTsmKernel(ConfigfsTsmProvider):
             self._bump(path.parent)
         if self.empty:
             return b""
-        return devpki.mint_tdx_quote(self.pki, now=time.time(), report_data=inblob).quote
+        return devmint.mint_tdx_quote(self.pki, now=time.time(), report_data=inblob).quote
 
     def _rmdir(self, path: Path) -> None:
         self.inblobs.append((path / "inblob").read_bytes())
@@ -721,11 +722,11 @@ def leftovers(base: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tsm_pki() -> devpki.TestPki:
+def tsm_pki() -> devpki.DevPki:
     return devpki.make_pki(seed=11)
 
 
-async def test_configfs_tsm_quote(tmp_path: Path, tsm_pki: devpki.TestPki) -> None:
+async def test_configfs_tsm_quote(tmp_path: Path, tsm_pki: devpki.DevPki) -> None:
     kernel = FakeTsmKernel(tmp_path, tsm_pki)
     report_data = os.urandom(64)
     quote = await kernel.quote(report_data)
@@ -736,7 +737,7 @@ async def test_configfs_tsm_quote(tmp_path: Path, tsm_pki: devpki.TestPki) -> No
 
 
 async def test_configfs_tsm_retries_when_another_writer_races(
-        tmp_path: Path, tsm_pki: devpki.TestPki) -> None:
+        tmp_path: Path, tsm_pki: devpki.DevPki) -> None:
     kernel = FakeTsmKernel(tmp_path, tsm_pki, races=2)
     report_data = bytes(range(64))
     quote = await kernel.quote(report_data)
@@ -757,7 +758,7 @@ async def test_configfs_tsm_retries_when_another_writer_races(
     ({"provider_name": "sev_guest"}, "tsm_provider_unsupported"),
     ({"deny": True}, "configfs_tsm_denied"),
 ])
-async def test_configfs_tsm_errors(tmp_path: Path, tsm_pki: devpki.TestPki,
+async def test_configfs_tsm_errors(tmp_path: Path, tsm_pki: devpki.DevPki,
                                    kwargs: dict[str, Any], reason: str) -> None:
     kernel = FakeTsmKernel(tmp_path, tsm_pki, **kwargs)
     with pytest.raises(QuoteProviderError) as err:
@@ -894,7 +895,7 @@ def test_the_dev_provider_takes_the_dev_pki_defaults(pki_dir: Path) -> None:
     provider = build_provider(config)
     assert isinstance(provider, DevQuoteProvider)
     assert (provider.mrtd, provider.rtmrs, provider.fmspc) == (
-        devpki.DEFAULT_MRTD, devpki.DEFAULT_RTMRS, devpki.DEFAULT_FMSPC)
+        devmint.DEFAULT_MRTD, devmint.DEFAULT_RTMRS, devmint.DEFAULT_FMSPC)
     assert provider.root_pem_path == pki_dir / "root.pem"
 
 
@@ -922,7 +923,7 @@ async def test_script_connects_registers_and_stops_on_sigterm(
             pki = devpki.load_pki(tmp_path / "fresh-pki")
             assert (tmp_path / "fresh-pki" / "root.pem").read_bytes() == pki.root_pem
             quote = base64.b64decode(raw["quote"])
-            collateral = devpki.make_collateral(pki, now=time.time()).to_collateral()
+            collateral = devmint.make_collateral(pki, now=time.time()).to_dcap()
             assert dcap_qvl.verify_with_root_ca(quote, collateral, pki.root_der,
                                                 int(time.time())).status == "UpToDate"
             process.send_signal(signal.SIGTERM)

@@ -18,13 +18,8 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eecp.attestation.allowlist import (
-    MAX_ALLOWLIST_BYTES,
-    NEGATIVE_TTL_SEC,
-    Allowlist,
-    AllowlistSource,
-    parse_allowlist,
-)
+from eecp.attestation.allowlist import NEGATIVE_TTL_SEC, AllowlistSource
+from eecp.attestation.allowlist_doc import MAX_ALLOWLIST_BYTES, Allowlist, parse_allowlist
 from eecp.core.clock import FixedClock
 from eecp.core.errors import AllowlistError
 from eecp.core.ratelimit import SharedLimit

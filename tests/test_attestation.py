@@ -19,8 +19,9 @@ from eecp.core.blocking import Workers
 from eecp.core.clock import FixedClock
 from eecp.core.config import Config
 from eecp.core.ratelimit import SharedLimit
+from eecp.dev import mint as devmint
+from eecp.dev import pki as devpki
 from eecp.wire.measurements import Measurements, report_data_for
-from tests import quotefactory as qf
 from tests.fake_github import FakeGitHub, open_fake_github
 from tests.fake_pccs import FakePccs, open_fake_pccs
 
@@ -35,8 +36,9 @@ def allowlist_doc(**overrides: Any) -> bytes:
         "version": "1.0", "release_tag": TAG,
         "measurements": MEAS.as_dict(),
         "report_data": (MEAS.digest() + bytes(32)).hex(),
-        "quote_measurements": {"mrtd": qf.DEFAULT_MRTD.hex(),
-                               **{f"rtmr{i}": r.hex() for i, r in enumerate(qf.DEFAULT_RTMRS)}},
+        "quote_measurements": {
+            "mrtd": devmint.DEFAULT_MRTD.hex(),
+            **{f"rtmr{i}": r.hex() for i, r in enumerate(devmint.DEFAULT_RTMRS)}},
     }
     doc.update(overrides)
     return json.dumps(doc).encode()
@@ -44,7 +46,7 @@ def allowlist_doc(**overrides: Any) -> bytes:
 
 @dataclass
 class Rig:
-    pki: qf.TestPki
+    pki: devpki.DevPki
     pccs: FakePccs
     github: FakeGitHub
     clock: FixedClock
@@ -55,7 +57,7 @@ class Rig:
         self.nonce_counter += 1
         return self.nonce_counter.to_bytes(32, "big")
 
-    def challenge(self, minted: qf.MintedQuote, nonce: bytes, *, network: str = "forge-1",
+    def challenge(self, minted: devmint.MintedQuote, nonce: bytes, *, network: str = "forge-1",
                   measurements: Measurements = MEAS, repo: str = REPO, tag: str = TAG,
                   claimed: bytes | None = None) -> Challenge:
         return Challenge(repo=repo, release_tag=tag, network=network, nonce=nonce,
@@ -64,15 +66,15 @@ class Rig:
                          measurements=measurements.as_dict())
 
     def mint(self, nonce: bytes, measurements: Measurements = MEAS, **kwargs: Any
-             ) -> qf.MintedQuote:
-        return qf.mint_tdx_quote(self.pki, now=NOW,
+             ) -> devmint.MintedQuote:
+        return devmint.mint_tdx_quote(self.pki, now=NOW,
                                  report_data=report_data_for(measurements, nonce), **kwargs)
 
 
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
-    pki = qf.make_pki(seed=3)
-    baseline = qf.mint_tdx_quote(pki, now=NOW)
+    pki = devpki.make_pki(seed=3)
+    baseline = devmint.mint_tdx_quote(pki, now=NOW)
     clock = FixedClock(NOW + 3600)
     async with open_fake_pccs(baseline.collateral_json) as pccs, open_fake_github() as github, \
             httpx.AsyncClient() as client:
@@ -98,9 +100,9 @@ async def test_good_quote_is_accepted_with_facts_for_the_audit(rig: Rig) -> None
     entry = outcome.audit_entry(challenge=rig.challenge(minted, nonce), app_name="shop",
                                 agent_id="agent-1", trigger="register")
     assert entry.verdict == "accepted" and entry.reason == "attested"
-    assert entry.mrtd == qf.DEFAULT_MRTD.hex()
-    assert entry.rtmrs == tuple(r.hex() for r in qf.DEFAULT_RTMRS)
-    assert entry.fmspc == qf.DEFAULT_FMSPC.upper() and entry.sealed is True
+    assert entry.mrtd == devmint.DEFAULT_MRTD.hex()
+    assert entry.rtmrs == tuple(r.hex() for r in devmint.DEFAULT_RTMRS)
+    assert entry.fmspc == devmint.DEFAULT_FMSPC.upper() and entry.sealed is True
     assert entry.at == rig.clock.now()
 
 
@@ -114,11 +116,11 @@ async def test_replayed_quote_is_refused(rig: Rig) -> None:
 
 
 @pytest.mark.parametrize(("mint_kwargs", "challenge_kwargs", "reason"), [
-    ({"rtmrs": (*qf.DEFAULT_RTMRS[:1], bytes(48), *qf.DEFAULT_RTMRS[2:])}, {},
+    ({"rtmrs": (*devmint.DEFAULT_RTMRS[:1], bytes(48), *devmint.DEFAULT_RTMRS[2:])}, {},
      "quote_measurement_mismatch:rtmr1"),
     ({"mrtd": b"\x01" * 48}, {}, "quote_measurement_mismatch:mrtd"),
-    ({"pcesvn": qf.OUTDATED_PCESVN}, {}, "tcb_status:OutOfDate"),
-    ({"td_attributes": qf.SEPT_VE_DISABLE_BIT | qf.DEBUG_BIT}, {}, "debug_td"),
+    ({"pcesvn": devmint.OUTDATED_PCESVN}, {}, "tcb_status:OutOfDate"),
+    ({"td_attributes": devmint.SEPT_VE_DISABLE_BIT | devmint.DEBUG_BIT}, {}, "debug_td"),
     ({"corrupt_signature": True}, {}, "quote_invalid"),
     ({}, {"claimed": bytes(64)}, "report_data_mismatch"),
     ({}, {"network": "moon-1"}, "network_unknown"),
@@ -196,11 +198,11 @@ async def test_github_fetches_count_against_the_verified_quotes_platform(rig: Ri
 async def test_only_a_pck_chain_under_the_root_makes_eecp_ask_the_pccs(rig: Rig) -> None:
     # the FMSPC is read from the PCK leaf: quotes under another PKI, each naming a new FMSPC,
     # must cost no PCCS request (nor keep a cache entry)
-    foreign = qf.make_pki(seed=4)
+    foreign = devpki.make_pki(seed=4)
     before = sum(rig.pccs.hits.values())
     for fmspc in ("00A1B2C3D4E5", "00A1B2C3D4E6"):
         nonce = rig.nonce()
-        minted = qf.mint_tdx_quote(foreign, now=NOW, report_data=report_data_for(MEAS, nonce),
+        minted = devmint.mint_tdx_quote(foreign, now=NOW, report_data=report_data_for(MEAS, nonce),
                                    fmspc=fmspc)
         outcome = await rig.engine.attest(rig.challenge(minted, nonce))
         assert (outcome.accepted, outcome.reason) == (False, "pck_chain_untrusted")
@@ -212,7 +214,7 @@ async def test_only_a_pck_chain_under_the_root_makes_eecp_ask_the_pccs(rig: Rig)
     assert fetched > before
     # a platform whose collateral is held: dcap-qvl's verification refuses the foreign chain
     nonce = rig.nonce()
-    minted = qf.mint_tdx_quote(foreign, now=NOW, report_data=report_data_for(MEAS, nonce))
+    minted = devmint.mint_tdx_quote(foreign, now=NOW, report_data=report_data_for(MEAS, nonce))
     outcome = await rig.engine.attest(rig.challenge(minted, nonce))
     assert outcome.reason == "quote_invalid" and sum(rig.pccs.hits.values()) == fetched
 

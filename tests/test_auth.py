@@ -12,7 +12,7 @@ import pytest
 from trio.testing import MockClock
 
 from eecp.control.auth import Guard, Role, Tokens, bearer
-from tests import quotefactory as qf
+from eecp.dev import pki as devpki
 from tests.harness import ControlPlane, control_plane_env, open_control_plane, open_upstreams
 
 TOKEN = "admin-secret"  # the harness's EE_ADMIN_TOKEN
@@ -42,12 +42,12 @@ PRESENTED: dict[str, tuple[list[tuple[str, str]], bool]] = {
 
 
 @pytest.fixture(scope="module")
-def pki() -> qf.TestPki:
-    return qf.make_pki(seed=14)
+def pki() -> devpki.DevPki:
+    return devpki.make_pki(seed=14)
 
 
 @pytest.fixture
-async def cp(tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
+async def cp(tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock,
              request: pytest.FixtureRequest) -> AsyncIterator[ControlPlane]:
     extra: dict[str, str] = getattr(request, "param", {})
     async with open_upstreams(pki) as (pccs, github):

@@ -22,7 +22,8 @@ import trio
 import trio.testing
 
 from agent.backend import BackendError, BackendExchange, BackendPool
-from eecp.wire.streams import RequestHead, Stream, StreamError
+from eecp.wire.httpmsg import RequestHead
+from eecp.wire.streams import Stream, StreamError
 from tests.selfsigned import make_self_signed
 from tests.test_forward import call, forwarding
 from tests.test_streams import read_all

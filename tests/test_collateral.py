@@ -14,12 +14,8 @@ import pytest
 import trio
 
 from eecp.attestation import collateral
-from eecp.attestation.collateral import (
-    CollateralCache,
-    CollateralParts,
-    parts_from_dcap_json,
-    raw_json_members,
-)
+from eecp.attestation.collateral import CollateralCache
+from eecp.attestation.collateral_doc import CollateralParts, parts_from_dcap_json, raw_json_members
 from eecp.core.clock import FixedClock, parse_isoformat
 from eecp.core.errors import CollateralError
 from tests.fake_pccs import ENDPOINTS, FakePccs, open_fake_pccs

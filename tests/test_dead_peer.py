@@ -34,7 +34,7 @@ import httpx
 import pytest
 import trio
 
-from tests import quotefactory as qf
+from eecp.dev import pki as devpki
 from tests.harness import ControlPlane, control_plane_env, open_control_plane, open_upstreams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +50,13 @@ import sys
 
 import trio
 
-from tests import quotefactory as qf
+from eecp.dev import pki as devpki
 from tests.harness import FakeAgent
 
 
 async def main() -> None:
     url, pki_dir, app = sys.argv[1:4]
-    agent = FakeAgent(url, qf.load_pki(pki_dir), app=app)
+    agent = FakeAgent(url, devpki.load_pki(pki_dir), app=app)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)
         await agent.wait_status("attested", 30)
@@ -192,9 +192,9 @@ async def run_scenario(tmp_path: Path) -> float | None:
     """Attest an agent across the veth, cut its end of the link and return how long the control
     plane took to drop the session (None if it still holds it after ``DETECT_WITHIN_SEC``, or
     ``CONTROL_WATCH_SEC`` when TCP_USER_TIMEOUT is unavailable)."""
-    pki = qf.make_pki(seed=23)
+    pki = devpki.make_pki(seed=23)
     pki_dir = tmp_path / "pki"
-    qf.save_pki(pki, pki_dir)
+    devpki.save_pki(pki, pki_dir)
     watch = DETECT_WITHIN_SEC if hasattr(socket, "TCP_USER_TIMEOUT") else CONTROL_WATCH_SEC
     async with veth_namespace() as link, open_upstreams(pki) as (pccs, github):
         env = control_plane_env(tmp_path, pki, pccs.url, github.url,

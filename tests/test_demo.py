@@ -20,6 +20,7 @@ import httpx
 import pytest
 import trio
 
+from eecp.dev import mint as devmint
 from eecp.dev import pki as devpki
 from eecp.dev.demo import APP, HELLO, REPO, TAG, DemoError, DemoSettings, DemoUrls, serve_demo
 from eecp.dev.pccs import REISSUE_AFTER_SEC, DevPccs, pccs_answer
@@ -176,8 +177,8 @@ def _query(url: str) -> tuple[str, dict[str, str]]:
 
 
 def test_dev_pccs_answers_like_intels_pcs(pki: devpki.DevPki) -> None:
-    parts = devpki.make_collateral(pki, now=1_800_000_000)
-    fmspc = devpki.DEFAULT_FMSPC
+    parts = devmint.make_collateral(pki, now=1_800_000_000)
+    fmspc = devmint.DEFAULT_FMSPC
     tcb = pccs_answer(parts, fmspc, "GET", *_query(f"/tdx/certification/v4/tcb?fmspc={fmspc}"))
     assert tcb.status == 200
     envelope = tcb.body.decode()

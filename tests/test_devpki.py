@@ -10,6 +10,7 @@ import dcap_qvl
 import pytest
 
 from eecp.core.config import from_env
+from eecp.dev import mint as devmint
 from eecp.dev import pki as devpki
 
 NOW = 1_750_000_000.0
@@ -29,7 +30,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert loaded.root_der == pki.root_der
     assert loaded.pck_ca_pem == pki.pck_ca_pem and loaded.tcb_pem == pki.tcb_pem
     # a quote minted with the loaded keys verifies under the saved root
-    minted = devpki.mint_tdx_quote(loaded, now=NOW)
+    minted = devmint.mint_tdx_quote(loaded, now=NOW)
     root_der = devpki.load_pki(tmp_path / "pki").root_der
     report = dcap_qvl.verify_with_root_ca(minted.quote, minted.collateral, root_der,
                                           minted.now_secs)

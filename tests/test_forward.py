@@ -24,9 +24,10 @@ import trio
 import trio.testing
 
 from agent.forward import ForwardError, backend_target, open_backend_pool, serve_forwarding
-from eecp.dataplane.httpserver import Request, Responder, serve_http
+from eecp.dataplane.http import Request, Responder, serve_http
 from eecp.wire.frames import ResponseHeadFrame
-from eecp.wire.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
+from eecp.wire.httpmsg import RequestHead, ResponseHead
+from eecp.wire.streams import Mux, Stream, StreamError
 from tests.test_agent import open_world, running_agent
 from tests.test_streams import Pair, mux_pair, read_all
 

@@ -12,7 +12,6 @@ from eecp.dataplane.forwarded import (
     forwarded_headers,
     forwarding_of,
     inbound_forwarding,
-    is_proxy_header,
 )
 
 LOOPBACK = TrustedProxies(parse_trusted("127.0.0.0/8,::1"))
@@ -97,23 +96,6 @@ def test_inbound_forwarding_joins_repeated_lines() -> None:
     assert got == {"x-forwarded-for": "1.1.1.1, 2.2.2.2", "x-forwarded-proto": "https"}
     chain = forwarding_of(got, "127.0.0.1", "http", None, LOOPBACK).chain
     assert chain == ("1.1.1.1", "2.2.2.2", "127.0.0.1")
-
-
-@pytest.mark.parametrize(("name", "proxy"), [
-    ("Forwarded", True), ("X-Real-IP", True), ("x-forwarded-port", True),
-    ("X_Forwarded_For", True), ("x_forwarded_proto", True), ("X-EE-Release-Tag", True),
-    ("x_ee_registration_state", True), ("True-Client-IP", True), ("X-EE-App", True),
-    # the family beyond X-Forwarded-*: client addresses as CDNs and proxies report them...
-    ("CF-Connecting-IP", True), ("Fastly-Client-IP", True), ("X-Cluster-Client-IP", True),
-    ("X-Original-Forwarded-For", True), ("X-ProxyUser-IP", True), ("X_Client_IP", True),
-    # ...and the URL or host asked for, as rewriting proxies report it
-    ("X-Original-URL", True), ("X-Rewrite-URL", True), ("X-Original-Host", True),
-    ("X-Forwarded-Prefix", True), ("x-forwarded-uri", True),
-    ("X-Request-Id", False), ("Host", False), ("X-Forwardedfor", False), ("Cookie", False),
-    ("X-Originals", False), ("Original-URL", False), ("X-URL", False),
-])
-def test_is_proxy_header(name: str, proxy: bool) -> None:
-    assert is_proxy_header(name) is proxy
 
 
 PROXY_SAID = [("Host", "shop"), ("Forwarded", "for=6.6.6.6;proto=https"),

@@ -21,15 +21,12 @@ from eecp.wire.frames import (
     EndFrame,
     Frame,
     FrameType,
-    RequestHead,
     RequestHeadFrame,
     ResetFrame,
-    ResponseHead,
     ResponseHeadFrame,
     WindowFrame,
     batch_size,
     check_head,
-    content_length,
     decode_frame,
     encode_batch,
     encode_frame,
@@ -37,6 +34,7 @@ from eecp.wire.frames import (
     reset_reason,
     split_message,
 )
+from eecp.wire.httpmsg import RequestHead, ResponseHead
 
 
 def raw(kind: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -433,14 +431,3 @@ def test_valid_request_heads_round_trip(method: str, path: str, headers: list[tu
                                         stream_id: int, fin: bool) -> None:
     frame = RequestHeadFrame(stream_id, RequestHead(method, path, headers), fin)
     assert decode_frame(encode_frame(frame)) == frame
-
-
-def test_content_length_is_read_one_way_for_both_sides() -> None:
-    assert content_length([("Host", "x")]) is None
-    assert content_length([("Content-Length", " 42 ")]) == 42
-    assert content_length([("content-length", "7"), ("Content-Length", "7")]) == 7
-    for bad in ([("content-length", "1"), ("content-length", "2")],
-                [("content-length", "²")], [("content-length", "-1")],
-                [("content-length", "1" * 19)], [("content-length", "")]):
-        with pytest.raises(ValueError):
-            content_length(bad)

@@ -187,7 +187,7 @@ class World:
     proxy: fp.FrontProxy
     backend: Backend
     agent: AgentState
-    pki: devpki.TestPki
+    pki: devpki.DevPki
 
     def client(self, **kwargs: object) -> httpx.AsyncClient:
         """A client whose connections come from 127.0.0.2 (so X-Forwarded-For can be told
@@ -217,12 +217,12 @@ async def wait_resolve(cp: harness.ControlPlane, app: str, status: int) -> dict[
 
 
 @pytest.fixture(scope="module")
-def pki() -> devpki.TestPki:
+def pki() -> devpki.DevPki:
     return devpki.make_pki(seed=41)
 
 
 @pytest.fixture(params=KINDS)
-async def world(request: pytest.FixtureRequest, tmp_path: Path, pki: devpki.TestPki
+async def world(request: pytest.FixtureRequest, tmp_path: Path, pki: devpki.DevPki
                 ) -> AsyncIterator[World]:
     kind: str = request.param
     require(kind)

@@ -18,9 +18,10 @@ import wsproto.events
 from trio.testing import MockClock
 from wsproto.extensions import PerMessageDeflate
 
+from eecp.dev import pki as devpki
 from eecp.wire.frames import DataFrame, encode_frame
-from eecp.wire.streams import Mux, ResponseHead
-from tests import quotefactory as qf
+from eecp.wire.httpmsg import ResponseHead
+from eecp.wire.streams import Mux
 from tests.harness import (
     ControlPlane,
     FakeAgent,
@@ -35,12 +36,12 @@ HOST = b"shop.example.com"
 
 
 @pytest.fixture(scope="session")
-def pki() -> qf.TestPki:
-    return qf.make_pki(seed=67)
+def pki() -> devpki.DevPki:
+    return devpki.make_pki(seed=67)
 
 
 @asynccontextmanager
-async def open_cp(tmp_path: Path, pki: qf.TestPki) -> AsyncIterator[ControlPlane]:
+async def open_cp(tmp_path: Path, pki: devpki.DevPki) -> AsyncIterator[ControlPlane]:
     async with open_upstreams(pki) as (pccs, github):
         env = control_plane_env(tmp_path, pki, pccs.url, github.url)
         async with open_control_plane(env, pki, pccs, github) as cp:
@@ -88,7 +89,7 @@ async def get(cp: ControlPlane, path: bytes) -> bytes:
 
 
 async def test_heads_an_agent_must_not_send_are_502_agent_error(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     async with open_cp(tmp_path, pki) as cp, running_agent(
@@ -114,7 +115,7 @@ async def test_heads_an_agent_must_not_send_are_502_agent_error(
 # ---- before admission, only JSON control messages ---------------------------------------------
 
 async def test_data_frames_before_the_first_accepted_attestation_end_the_session(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
     async with open_cp(tmp_path, pki) as cp, running_agent(
             FakeAgent(cp.ws_url, pki, auto=False)) as agent, safety_net(30):
         await agent.wait_for(lambda a: bool(a.challenges()))  # registered, not yet admitted
@@ -151,7 +152,7 @@ async def refused_with_compression_offered(cp: ControlPlane
 
 
 async def test_tunnels_never_negotiate_compression_and_refusals_keep_their_reason(
-        tmp_path: Path, pki: qf.TestPki) -> None:
+        tmp_path: Path, pki: devpki.DevPki) -> None:
     async with open_cp(tmp_path, pki) as cp:
         with trio.fail_after(60):
             for _ in range(20):

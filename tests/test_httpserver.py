@@ -1,4 +1,4 @@
-"""The data plane's HTTP/1.1 server (``eecp.dataplane.httpserver``), over real loopback sockets.
+"""The data plane's HTTP/1.1 server (``eecp.dataplane.http``), over real loopback sockets.
 
 Raw ``trio.open_tcp_stream`` clients where the bytes on the wire matter (pipelining, 100
 Continue, malformed input, framing), httpx where a real client's view is enough. Every test is
@@ -29,7 +29,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eecp.dataplane.httpserver import (
+from eecp.dataplane.http import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_CONNECTIONS,
     HOLD_BYTES,

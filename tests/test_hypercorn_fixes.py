@@ -27,10 +27,10 @@ from trio.testing import MockClock
 
 from eecp.core.clock import TrioClock
 from eecp.core.config import from_env
+from eecp.dev import pki as devpki
 from eecp.patches import hypercorn as hypercorn_fixes
 from eecp.patches import versions
 from eecp.service import CONTROL_HEAD_TIMEOUT_SEC, Bound, serve
-from tests import quotefactory as qf
 from tests.harness import (
     START,
     ControlPlane,
@@ -128,7 +128,7 @@ async def test_shutdown_right_after_a_tunnel_closed_does_not_wait_out_the_pings(
     """With pings every 10 s, a tunnel that just closed used to hold hypercorn's graceful
     shutdown for the whole grace period. Under a clock that only moves when told, the old
     behaviour never finishes; now the shutdown completes with no time passing."""
-    pki = qf.make_pki(seed=5)
+    pki = devpki.make_pki(seed=5)
     async with open_upstreams(pki) as (pccs, github):
         env = control_plane_env(tmp_path, pki, pccs.url, github.url,
                                 EE_TUNNEL_PING_INTERVAL_SEC="10", EE_SHUTDOWN_GRACE_SEC="5")
@@ -189,7 +189,7 @@ async def closed(stream: trio.SocketStream) -> bool:
 async def control_plane(tmp_path: Path, **extra: str) -> AsyncIterator[tuple[ControlPlane,
                                                                             FakeAgent]]:
     """eecp with one attested agent, whose tunnel is a control-port connection too."""
-    pki = qf.make_pki(seed=6)
+    pki = devpki.make_pki(seed=6)
     async with open_upstreams(pki) as (pccs, github):
         env = control_plane_env(tmp_path, pki, pccs.url, github.url, **extra)
         async with (open_control_plane(env, pki, pccs, github) as cp,

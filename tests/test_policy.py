@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from eecp.attestation import policy
-from eecp.attestation.allowlist import Allowlist, parse_allowlist
+from eecp.attestation.allowlist_doc import Allowlist, parse_allowlist
 from eecp.attestation.quotes import QuoteFacts, VerifiedQuote
 from eecp.core.errors import AttestationError
 from eecp.wire.measurements import Measurements, report_data_for

@@ -20,7 +20,8 @@ import trio.testing
 from trio.testing import MockClock
 
 from eecp.dataplane import proxy as proxy_module
-from tests import quotefactory as qf
+from eecp.dev import mint as devmint
+from eecp.dev import pki as devpki
 from tests.fakehttp import FakeServer, Request, Response, open_fake_http
 from tests.harness import (
     ControlPlane,
@@ -95,7 +96,7 @@ class Backend:
 @dataclass
 class World:
     cp: ControlPlane
-    pki: qf.TestPki
+    pki: devpki.DevPki
     clock: MockClock
 
     def agent(self, backend: FakeServer, **kwargs: object) -> FakeAgent:
@@ -112,12 +113,12 @@ async def open_backend(name: str) -> AsyncIterator[tuple[Backend, FakeServer]]:
 
 
 @pytest.fixture(scope="session")
-def pki() -> qf.TestPki:
-    return qf.make_pki(seed=31)
+def pki() -> devpki.DevPki:
+    return devpki.make_pki(seed=31)
 
 
 @asynccontextmanager
-async def open_world(tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
+async def open_world(tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock,
                      **extra: str) -> AsyncIterator[World]:
     assert trio.lowlevel.current_clock() is mock_clock, "request mock_clock in the test"
     async with open_upstreams(pki) as (pccs, github):
@@ -127,7 +128,7 @@ async def open_world(tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
 
 
 @pytest.fixture
-async def world(tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> AsyncIterator[World]:
+async def world(tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> AsyncIterator[World]:
     async with open_world(tmp_path, pki, mock_clock) as world:
         yield world
 
@@ -180,7 +181,7 @@ ALSO_SPOOFED = {"X-Real-IP": "6.6.6.6", "X_Forwarded_For": "6.6.6.6", "Forwarded
 
 @pytest.mark.parametrize("trusted", ["10.0.0.0/8", "none"])
 async def test_forwarded_headers_from_an_untrusted_client_are_replaced(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock, trusted: str) -> None:
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock, trusted: str) -> None:
     # this client (127.0.0.1) is not a trusted proxy here: what it claims must not reach the app
     async with open_world(tmp_path, pki, mock_clock, EE_TRUSTED_PROXIES=trusted) as world, \
             open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
@@ -274,7 +275,7 @@ async def test_an_app_whose_agents_left_is_not_connected_on_both_entry_points(
         assert [r.path for r in server.requests] == ["/hello"]
 
 
-async def test_upstream_timeout_on_both_entry_points(tmp_path: Path, pki: qf.TestPki,
+async def test_upstream_timeout_on_both_entry_points(tmp_path: Path, pki: devpki.DevPki,
                                                     mock_clock: MockClock) -> None:
     # shorter than the agent's own backend timeout (30 s here): eecp's is what answers
     patience = 5
@@ -308,7 +309,7 @@ async def test_upstream_timeout_on_both_entry_points(tmp_path: Path, pki: qf.Tes
 
 
 async def test_a_slow_upload_that_keeps_moving_is_no_upstream_timeout(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
     # (20 s between its chunks: far below EE_PROXY_MIN_RATE_BYTES_SEC, off here)
     async with open_world(tmp_path, pki, mock_clock, EE_PROXY_MIN_RATE_BYTES_SEC="0"
                           ) as world, open_backend("one") as (_, server), running_agent(
@@ -483,7 +484,7 @@ async def test_an_agent_failing_reattestation_is_drained_from_the_pick(
         # idle agents tie: the pick is the same one each time; that one's node changes
         preferred = (await proxy_get(world.cp, "/hello")).text
         failing, staying = (first, second) if preferred == "hello from one" else (second, first)
-        failing.mint_kwargs = {"rtmrs": (*qf.DEFAULT_RTMRS[:3], b"\x09" * 48)}
+        failing.mint_kwargs = {"rtmrs": (*devmint.DEFAULT_RTMRS[:3], b"\x09" * 48)}
         world.clock.jump(3600)
         assert await failing.wait_closed() == (4003, "quote_measurement_mismatch:rtmr3")
         await staying.wait_for(lambda a: a.statuses().count(("ok", "attested")) == 2)
@@ -532,7 +533,7 @@ async def test_control_messages_flow_while_a_stream_is_open(mock_clock: MockCloc
 
 
 async def test_a_request_waits_briefly_for_a_stream_slot_then_is_agent_busy(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
     async with open_world(tmp_path, pki, mock_clock, EE_TUNNEL_MAX_STREAMS="1") as world, \
             open_backend("one") as (backend, server), \
             running_agent(world.agent(server)) as agent, trio.open_nursery() as nursery:
@@ -566,7 +567,7 @@ async def test_a_request_waits_briefly_for_a_stream_slot_then_is_agent_busy(
 
 
 async def test_a_body_over_the_configured_limit_is_refused(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
     async with open_world(tmp_path, pki, mock_clock, EE_PROXY_MAX_BODY_BYTES="1000") as world, \
             open_backend("one") as (_, server), running_agent(world.agent(server)) as agent, \
             httpx.AsyncClient() as client:
@@ -745,7 +746,7 @@ async def test_a_header_naming_two_hosts_is_refused_alike_by_resolve_and_the_pro
     assert [r.path for r in server.requests] == []
 
 
-async def test_only_a_trusted_proxy_names_the_app(tmp_path: Path, pki: qf.TestPki,
+async def test_only_a_trusted_proxy_names_the_app(tmp_path: Path, pki: devpki.DevPki,
                                                   mock_clock: MockClock) -> None:
     async with open_world(tmp_path, pki, mock_clock, EE_TRUSTED_PROXIES="none") as world, \
             open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
@@ -762,7 +763,7 @@ async def test_only_a_trusted_proxy_names_the_app(tmp_path: Path, pki: qf.TestPk
 
 
 async def test_the_json_proxy_takes_a_bearer_token_once_one_is_set(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
     async with open_world(tmp_path, pki, mock_clock, EE_PROXY_API_TOKEN="proxy-secret") as world, \
             open_backend("one") as (_, server), running_agent(world.agent(server)) as agent, \
             httpx.AsyncClient() as client:
@@ -790,7 +791,7 @@ async def json_buffered(cp: ControlPlane) -> float:
                       if line.startswith("eecp_proxy_json_buffered_bytes ")))
 
 
-async def test_json_proxy_calls_share_a_bounded_buffer(tmp_path: Path, pki: qf.TestPki,
+async def test_json_proxy_calls_share_a_bounded_buffer(tmp_path: Path, pki: devpki.DevPki,
                                                        mock_clock: MockClock) -> None:
     # 2 MiB for every JSON call at once, one client's calls at most half of it: one 600 KiB
     # answer (800 KiB of base64) fits, a second one of the same client does not
@@ -900,7 +901,7 @@ async def test_a_json_answer_is_held_once_not_copied(mock_clock: MockClock,
 
 
 async def test_both_entry_points_share_the_per_client_stream_limit(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
     # one client's JSON calls count against the same per-(app, client) limit as its requests
     # on the proxy listener (they held every slot through POST /v1/proxy before)
     async with open_world(tmp_path, pki, mock_clock, EE_PROXY_MAX_STREAMS_PER_CLIENT="2"

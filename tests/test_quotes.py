@@ -21,7 +21,8 @@ from eecp.attestation.quotes import (
 from eecp.attestation.verify_cli import decode_quote
 from eecp.core.clock import parse_isoformat
 from eecp.core.errors import CollateralError, QuoteError
-from tests import quotefactory as qf
+from eecp.dev import mint as devmint
+from eecp.dev import pki as devpki
 from tests.vectors import vector
 
 INSIDE_WINDOW = parse_isoformat("2025-06-25T00:00:00Z")
@@ -115,8 +116,8 @@ def pem(*certs: x509.Certificate) -> bytes:
     return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
 
 
-def chain_of(pki: qf.TestPki, **kwargs: object) -> list[x509.Certificate]:
-    minted = qf.mint_tdx_quote(pki, now=1_790_000_000.0, **kwargs)  # type: ignore[arg-type]
+def chain_of(pki: devpki.DevPki, **kwargs: object) -> list[x509.Certificate]:
+    minted = devmint.mint_tdx_quote(pki, now=1_790_000_000.0, **kwargs)  # type: ignore[arg-type]
     return x509.load_pem_x509_certificates(parse_quote(minted.quote).pck_chain.rstrip(b"\0"))
 
 
@@ -133,11 +134,11 @@ def test_an_intel_chain_is_untrusted_without_its_root_or_under_another() -> None
         check_pck_chain(pem(leaf, ca), None)  # dcap-qvl would accept it; we need the anchor
     assert info.value.reason == "pck_chain_untrusted"
     with pytest.raises(QuoteError, match="does not chain"):
-        check_pck_chain(chain, qf.make_pki(seed=5).root_der)
+        check_pck_chain(chain, devpki.make_pki(seed=5).root_der)
 
 
 def test_minted_chains_under_the_configured_root() -> None:
-    pki, foreign = qf.make_pki(seed=7), qf.make_pki(seed=8)
+    pki, foreign = devpki.make_pki(seed=7), devpki.make_pki(seed=8)
     check_pck_chain(pem(*chain_of(pki)), pki.root_der)
     check_pck_chain(pem(*chain_of(pki, include_root_in_chain=False)), pki.root_der)
     leaf, ca, root = chain_of(foreign)
@@ -167,12 +168,12 @@ def test_the_leaf_checked_is_the_one_the_fmspc_comes_from() -> None:
     # dcap-qvl takes the leaf (and the FMSPC) from the first PEM block of any label, while
     # cryptography skips blocks of other labels: a made-up leaf hidden that way before a
     # genuine chain must not pass, or it could make eecp fetch collateral for its FMSPC
-    pki, foreign = qf.make_pki(seed=7), qf.make_pki(seed=8)
+    pki, foreign = devpki.make_pki(seed=7), devpki.make_pki(seed=8)
     genuine = pem(*chain_of(pki))
     fake_leaf = pem(chain_of(foreign, fmspc="DEADBEEF0001")[0]).replace(b"CERTIFICATE", b"FOO")
     with pytest.raises(QuoteError, match="other kinds"):
         check_pck_chain(fake_leaf + genuine, pki.root_der)
-    check_pck_chain(genuine, pki.root_der, fmspc=qf.DEFAULT_FMSPC)
+    check_pck_chain(genuine, pki.root_der, fmspc=devmint.DEFAULT_FMSPC)
     with pytest.raises(QuoteError, match="not the PCK leaf's") as info:
         check_pck_chain(genuine, pki.root_der, fmspc="DEADBEEF0001")
     assert info.value.reason == "pck_chain_untrusted"
@@ -194,20 +195,21 @@ def with_a_der_leaf(quote: bytes) -> bytes:
 def test_a_quote_without_a_pem_chain_parses_with_an_empty_one() -> None:
     # dcap-qvl reads the FMSPC from a DER leaf but has no PEM chain to give (None): that was a
     # TypeError out of the engine; now the (empty) chain is refused by the chain check
-    raw = with_a_der_leaf(qf.mint_tdx_quote(qf.make_pki(seed=7), now=1_790_000_000.0).quote)
+    minted = devmint.mint_tdx_quote(devpki.make_pki(seed=7), now=1_790_000_000.0)
+    raw = with_a_der_leaf(minted.quote)
     facts = parse_quote(raw)
-    assert (facts.fmspc, facts.pck_chain) == (qf.DEFAULT_FMSPC.upper(), b"")
+    assert (facts.fmspc, facts.pck_chain) == (devmint.DEFAULT_FMSPC.upper(), b"")
     with pytest.raises(QuoteError) as info:
         check_pck_chain(facts.pck_chain, None)
     assert info.value.reason == "pck_chain_untrusted"
 
 
 def test_the_platform_id_is_the_pck_leafs_ppid_else_a_digest_of_its_key() -> None:
-    pki = qf.make_pki(seed=7)
+    pki = devpki.make_pki(seed=7)
     key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
 
     def platform(**kwargs: object) -> str | None:
-        facts = parse_quote(qf.mint_tdx_quote(pki, now=1_790_000_000.0, **kwargs).quote)
+        facts = parse_quote(devmint.mint_tdx_quote(pki, now=1_790_000_000.0, **kwargs).quote)
         return platform_id(facts.pck_chain, facts.fmspc)
 
     ppid = bytes(range(1, 17))
@@ -218,7 +220,7 @@ def test_the_platform_id_is_the_pck_leafs_ppid_else_a_digest_of_its_key() -> Non
     assert no_ppid == platform(pck_key=key, ppid=bytes(16))
     assert no_ppid != platform(pck_key=other, ppid=bytes(16))
     assert no_ppid != platform(pck_key=key, ppid=bytes(16), fmspc="00906ED50001")
-    assert platform_id(b"", qf.DEFAULT_FMSPC) is None  # no PEM chain, no platform
+    assert platform_id(b"", devmint.DEFAULT_FMSPC) is None  # no PEM chain, no platform
 
 
 @pytest.mark.parametrize("prefix", [b"-----END CERTIFICATE-----\n",
@@ -228,8 +230,8 @@ def test_stray_pem_markers_before_the_chain_do_not_hide_the_platform(prefix: byt
     # the certification data lies outside what the quote's signature covers: bytes a TD puts
     # in front of its genuine chain (which dcap-qvl and the chain check still accept) must not
     # make its platform unknown, and so free of its share of the GitHub fetch limit
-    pki = qf.make_pki(seed=7)
-    facts = parse_quote(qf.mint_tdx_quote(pki, now=1_790_000_000.0,
+    pki = devpki.make_pki(seed=7)
+    facts = parse_quote(devmint.mint_tdx_quote(pki, now=1_790_000_000.0,
                                           pck_key=ec.generate_private_key(ec.SECP256R1())).quote)
     plain = platform_id(facts.pck_chain, facts.fmspc)
     assert plain is not None

@@ -19,8 +19,8 @@ import httpx
 import trio
 
 from eecp.core.config import from_env
+from eecp.dev import pki as devpki
 from eecp.service import Bound, serve
-from tests import quotefactory as qf
 
 
 def config_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -31,7 +31,7 @@ def config_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 async def test_serve_reports_its_port_and_answers_health(tmp_path: Path) -> None:
-    root = qf.make_pki(seed=1).write_root(tmp_path / "root.pem")
+    root = devpki.make_pki(seed=1).write_root(tmp_path / "root.pem")
     config = from_env(config_env(tmp_path, EE_DCAP_ROOT_CA=str(root)))
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:

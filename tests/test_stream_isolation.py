@@ -24,7 +24,7 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from tests import quotefactory as qf
+from eecp.dev import pki as devpki
 from tests.harness import (
     ControlPlane,
     FakeAgent,
@@ -121,12 +121,12 @@ class World:
 
 
 @pytest.fixture(scope="session")
-def pki() -> qf.TestPki:
-    return qf.make_pki(seed=61)
+def pki() -> devpki.DevPki:
+    return devpki.make_pki(seed=61)
 
 
 @asynccontextmanager
-async def open_world(tmp_path: Path, pki: qf.TestPki, **extra: str) -> AsyncIterator[World]:
+async def open_world(tmp_path: Path, pki: devpki.DevPki, **extra: str) -> AsyncIterator[World]:
     backend = Backend()
     async with open_upstreams(pki) as (pccs, github), trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, backend.serve, 0,
@@ -200,7 +200,7 @@ async def fail_one_stream(cp: ControlPlane, how: str) -> None:
 
 
 async def test_failed_streams_leave_a_long_sse_stream_and_the_session_alone(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     async with open_world(tmp_path, pki) as world, safety_net(60):
@@ -305,7 +305,7 @@ async def run_for(clock: MockClock, seconds: int) -> None:
 
 
 async def test_one_client_cannot_hold_every_stream_slot(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
     async with open_world(tmp_path, pki) as world, safety_net(60), \
             trio.open_nursery() as nursery:
         answers: list[bytes] = []
@@ -335,7 +335,7 @@ async def fetch_as(cp: ControlPlane, path: bytes, client: str) -> bytes:
 
 
 async def test_trickling_uploads_cannot_starve_an_app(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
     async with open_world(tmp_path, pki) as world, safety_net(60), \
             trio.open_nursery() as nursery:
         answers: list[bytes] = []
@@ -359,7 +359,7 @@ async def test_trickling_uploads_cannot_starve_an_app(
 
 
 async def test_clients_that_stop_reading_cannot_starve_an_app(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock) -> None:
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
     async with open_world(tmp_path, pki, EE_TUNNEL_MAX_STREAMS="20") as world, \
             safety_net(60), trio.open_nursery() as nursery:
         heads: list[bytes] = []

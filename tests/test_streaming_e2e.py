@@ -29,9 +29,10 @@ import trio.testing
 from trio.testing import MockClock
 
 import eecp.agents.session
+from eecp.dev import pki as devpki
 from eecp.wire.frames import MAX_DATA
-from eecp.wire.streams import Mux, RequestHead, Stream
-from tests import quotefactory as qf
+from eecp.wire.httpmsg import RequestHead
+from eecp.wire.streams import Mux, Stream
 from tests.harness import (
     ControlPlane,
     FakeAgent,
@@ -154,12 +155,12 @@ class World:
 
 
 @pytest.fixture(scope="session")
-def pki() -> qf.TestPki:
-    return qf.make_pki(seed=53)
+def pki() -> devpki.DevPki:
+    return devpki.make_pki(seed=53)
 
 
 @asynccontextmanager
-async def open_world(tmp_path: Path, pki: qf.TestPki, clock: MockClock,
+async def open_world(tmp_path: Path, pki: devpki.DevPki, clock: MockClock,
                      **extra: str) -> AsyncIterator[World]:
     """eecp, the backend, and an attested agent forwarding to it."""
     assert trio.lowlevel.current_clock() is clock, "request mock_clock in the test"
@@ -233,7 +234,7 @@ def assert_held_back(world: World, mux: WatchedMux) -> None:
 
 @pytest.mark.parametrize("framing", ["chunked", "content-length"])
 async def test_the_backend_gets_the_first_upload_chunk_before_the_client_sends_the_next(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock, framing: str) -> None:
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock, framing: str) -> None:
     first, second = b"a" * 20_000, b"b" * 30_000
     if framing == "chunked":
         head = b"Transfer-Encoding: chunked\r\n"
@@ -264,7 +265,7 @@ async def test_the_backend_gets_the_first_upload_chunk_before_the_client_sends_t
 # ---- 2. a download to a client that stops reading stays bounded in eecp -------------------
 
 async def test_a_download_to_a_client_that_does_not_read_is_held_back_within_one_window(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock,
         eecp_muxes: list[WatchedMux]) -> None:
     async with open_world(tmp_path, pki, mock_clock) as world:
         client, mux = await hold_download(world, eecp_muxes)
@@ -279,7 +280,7 @@ async def test_a_download_to_a_client_that_does_not_read_is_held_back_within_one
 
 
 async def test_responses_complete_but_unread_hold_their_slots(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock,
         eecp_muxes: list[WatchedMux]) -> None:
     # a response that reached eecp whole but waits for a slow client still takes one of the
     # agent's EE_TUNNEL_MAX_STREAMS slots: otherwise every slow client would hold a window
@@ -309,7 +310,7 @@ async def test_responses_complete_but_unread_hold_their_slots(
 
 
 async def test_a_client_that_takes_nothing_is_dropped_and_frees_the_slot(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock,
         eecp_muxes: list[WatchedMux]) -> None:
     async with open_world(tmp_path, pki, mock_clock, EE_TUNNEL_MAX_STREAMS="1",
                           EE_PROXY_SEND_TIMEOUT_SEC="30") as world:
@@ -334,7 +335,7 @@ async def test_a_client_that_takes_nothing_is_dropped_and_frees_the_slot(
 # ---- 3. control messages keep flowing while data is held by flow control -------------------
 
 async def test_attestation_and_health_go_on_while_a_download_is_held(
-        tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock,
         eecp_muxes: list[WatchedMux]) -> None:
     # the hour's jump would otherwise also be an hour of health silence (EE_HEALTH_TIMEOUT_SEC,
     # 120 s by default, is test_tunnel's subject): only the messages themselves matter here

@@ -45,7 +45,8 @@ from eecp.wire.frames import (
     encode_frame,
     split_message,
 )
-from eecp.wire.streams import FEED_BUDGET, Mux, RequestHead, ResponseHead, Stream, StreamError
+from eecp.wire.httpmsg import RequestHead, ResponseHead
+from eecp.wire.streams import FEED_BUDGET, Mux, Stream, StreamError
 
 WAIT = 10.0
 GET = RequestHead("GET", "/", [])

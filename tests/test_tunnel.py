@@ -22,10 +22,11 @@ from eecp import cli
 from eecp.agents.session import AgentSession
 from eecp.attestation import engine as engine_module
 from eecp.core.clock import isoformat
+from eecp.dev import mint as devmint
+from eecp.dev import pki as devpki
 from eecp.store.records import AgentRecord
 from eecp.store.store import Tx
 from eecp.wire.measurements import Measurements
-from tests import quotefactory as qf
 from tests.harness import (
     ASSET,
     MEAS,
@@ -47,19 +48,19 @@ from tests.harness import (
 class World:
     cp: ControlPlane
     clock: MockClock
-    pki: qf.TestPki
+    pki: devpki.DevPki
 
     def agent(self, **kwargs: object) -> FakeAgent:
         return FakeAgent(self.cp.ws_url, self.pki, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
-def pki() -> qf.TestPki:
-    return qf.make_pki(seed=11)
+def pki() -> devpki.DevPki:
+    return devpki.make_pki(seed=11)
 
 
 @pytest.fixture
-async def world(tmp_path: Path, pki: qf.TestPki, mock_clock: MockClock,
+async def world(tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock,
                 request: pytest.FixtureRequest) -> AsyncIterator[World]:
     # pytest-trio runs a test under the clock the *test* requests: every test here asks for
     # ``mock_clock``, and this makes sure none forgets
@@ -93,7 +94,7 @@ async def test_agent_registers_is_attested_and_resolves(
         detail = await world.cp.app("shop")
         assert [e["reason"] for e in detail["audit"]] == ["attested"]
         assert detail["audit"][0]["trigger"] == "register"
-        assert detail["audit"][0]["rtmrs"][2] == qf.DEFAULT_RTMRS[2].hex()
+        assert detail["audit"][0]["rtmrs"][2] == devmint.DEFAULT_RTMRS[2].hex()
         assert detail["agents"][0]["agent_id"] == agent.agent_id
     # the tunnel is gone: the app is no longer served
     body = await resolve_until(world.cp, "shop", lambda b: b["agents"] == 0)
@@ -119,14 +120,15 @@ async def health_seen(world: World, app: str, at: float) -> None:
 
 @pytest.mark.parametrize(("kwargs", "reason"), [
     ({"answer_nonce": bytes(32)}, "nonce_mismatch"),
-    ({"mint_kwargs": {"rtmrs": (qf.DEFAULT_RTMRS[0], bytes(48), *qf.DEFAULT_RTMRS[2:])}},
+    ({"mint_kwargs": {"rtmrs": (devmint.DEFAULT_RTMRS[0], bytes(48), *devmint.DEFAULT_RTMRS[2:])}},
      "quote_measurement_mismatch:rtmr1"),
     ({"measurements": replace(MEAS, agent_py_sha256="d" * 64)},
      "measurement_mismatch:agent_py_sha256"),
     ({"claimed": replace(MEAS, agent_py_sha256="d" * 64)}, "measurements_binding_mismatch"),
     ({"measurements": replace(MEAS, sealed=False)}, "sealed_required"),
-    ({"mint_kwargs": {"pcesvn": qf.OUTDATED_PCESVN}}, "tcb_status:OutOfDate"),
-    ({"mint_kwargs": {"td_attributes": qf.SEPT_VE_DISABLE_BIT | qf.DEBUG_BIT}}, "debug_td"),
+    ({"mint_kwargs": {"pcesvn": devmint.OUTDATED_PCESVN}}, "tcb_status:OutOfDate"),
+    ({"mint_kwargs": {"td_attributes": devmint.SEPT_VE_DISABLE_BIT | devmint.DEBUG_BIT}},
+     "debug_td"),
     ({"tag": "v9.9.9"}, "allowlist_not_found"),
 ])
 async def test_refused_attestations_close_with_their_reason(
@@ -282,7 +284,7 @@ async def test_periodic_attestation_and_its_failure(mock_clock: MockClock, world
         await agent.health()
         assert (await world.cp.resolve("shop")).status_code == 200
         # the node changes under us: the next periodic challenge fails
-        agent.mint_kwargs = {"rtmrs": (*qf.DEFAULT_RTMRS[:3], b"\x09" * 48)}
+        agent.mint_kwargs = {"rtmrs": (*devmint.DEFAULT_RTMRS[:3], b"\x09" * 48)}
         world.clock.jump(3600)
         assert await agent.wait_closed() == (4003, "quote_measurement_mismatch:rtmr3")
     response = await world.cp.resolve("shop")
@@ -327,7 +329,7 @@ async def test_refusals_of_attempts_never_admitted_are_rate_limited_in_the_audit
         audit = (await world.cp.app("shop"))["audit"]
         assert audit[0]["reason"] == "nonce_mismatch" and len(audit) == 4
         # the admitted agent's own refusal is recorded, though the limit is spent
-        agent.mint_kwargs = {"rtmrs": (*qf.DEFAULT_RTMRS[:3], b"\x09" * 48)}
+        agent.mint_kwargs = {"rtmrs": (*devmint.DEFAULT_RTMRS[:3], b"\x09" * 48)}
         await agent.send(agent.register_message())  # renewal: challenged at once
         assert await agent.wait_closed() == (4003, "quote_measurement_mismatch:rtmr3")
     audit = (await world.cp.app("shop"))["audit"]
@@ -632,7 +634,7 @@ async def test_an_operator_can_release_an_offline_agents_binding(
 
 
 async def test_an_agent_ids_binding_outlives_a_restart(
-        mock_clock: MockClock, tmp_path: Path, pki: qf.TestPki) -> None:
+        mock_clock: MockClock, tmp_path: Path, pki: devpki.DevPki) -> None:
     async with open_upstreams(pki) as (pccs, github):
         github.add_release("bob/other", "v1", {ASSET: allowlist_doc()})
         env = control_plane_env(tmp_path, pki, pccs.url, github.url)

@@ -24,8 +24,8 @@ import httpx
 import pytest
 import trio
 
+from eecp.dev import pki as devpki
 from tests import pgserver
-from tests import quotefactory as qf
 from tests.databases import PG_URL_ENV
 from tests.harness import ASSET, FakeAgent, allowlist_doc, open_upstreams
 
@@ -35,8 +35,8 @@ ROUNDS = 8
 
 
 @pytest.fixture(scope="session")
-def pki() -> qf.TestPki:
-    return qf.make_pki(seed=71)
+def pki() -> devpki.DevPki:
+    return devpki.make_pki(seed=71)
 
 
 def free_port() -> int:
@@ -110,7 +110,7 @@ async def claim(agent: FakeAgent, done: dict[str, str]) -> None:
 
 
 async def test_two_processes_never_give_one_app_name_to_two_repos(
-        tmp_path: Path, pki: qf.TestPki, cluster_db: str) -> None:
+        tmp_path: Path, pki: devpki.DevPki, cluster_db: str) -> None:
     async with open_upstreams(pki) as (pccs, github):
         github.add_release(OTHER_REPO, "v1.2.0", {ASSET: allowlist_doc()})
         root = tmp_path / "root.pem"

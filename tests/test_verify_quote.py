@@ -12,6 +12,8 @@ import pytest
 import trio
 
 from eecp.cli import main
+from eecp.dev import mint as devmint
+from eecp.dev import pki as devpki
 from eecp.wire.measurements import Measurements, report_data_for
 from tests import quotefactory as qf
 from tests.vectors import vector
@@ -29,11 +31,12 @@ def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str
 
 
 @pytest.fixture(scope="module")
-def pki() -> qf.TestPki:
-    return qf.make_pki(seed=7)
+def pki() -> devpki.DevPki:
+    return devpki.make_pki(seed=7)
 
 
-def write_minted(tmp_path: Path, minted: qf.MintedQuote, pki: qf.TestPki) -> tuple[Path, ...]:
+def write_minted(tmp_path: Path, minted: devmint.MintedQuote,
+                 pki: devpki.DevPki) -> tuple[Path, ...]:
     quote = tmp_path / "quote.bin"
     quote.write_bytes(minted.quote)
     collateral = tmp_path / "collateral.json"
@@ -42,11 +45,11 @@ def write_minted(tmp_path: Path, minted: qf.MintedQuote, pki: qf.TestPki) -> tup
     return quote, collateral, root
 
 
-def write_allowlist(tmp_path: Path, rtmrs: tuple[bytes, ...] = qf.DEFAULT_RTMRS) -> Path:
+def write_allowlist(tmp_path: Path, rtmrs: tuple[bytes, ...] = devmint.DEFAULT_RTMRS) -> Path:
     path = tmp_path / "allowlist.json"
     path.write_text(json.dumps({
         "measurements": MEAS.as_dict(),
-        "quote_measurements": {"mrtd": qf.DEFAULT_MRTD.hex(),
+        "quote_measurements": {"mrtd": devmint.DEFAULT_MRTD.hex(),
                                **{f"rtmr{i}": r.hex() for i, r in enumerate(rtmrs)}},
     }))
     return path
@@ -84,7 +87,7 @@ def test_intel_vector_expired_collateral_is_refused(capsys: pytest.CaptureFixtur
 
 
 def test_status_policy_option(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                              pki: qf.TestPki) -> None:
+                              pki: devpki.DevPki) -> None:
     minted = qf.mint_outofdate(pki, now=NOW)
     quote, collateral, root = write_minted(tmp_path, minted, pki)
     at = "2026-09-22T00:00:00Z"
@@ -92,14 +95,14 @@ def test_status_policy_option(capsys: pytest.CaptureFixture[str], tmp_path: Path
                        "--json")
     doc = json.loads(out)
     assert code == 1 and doc["reason"] == "tcb_status:OutOfDate"
-    assert doc["advisory_ids"] == [qf.OUTDATED_ADVISORY]
+    assert doc["advisory_ids"] == [devmint.OUTDATED_ADVISORY]
     code, out, _ = run(capsys, quote, "--collateral", collateral, "--root-ca", root, "--at", at,
                        "--allow-status", "UpToDate,OutOfDate")
     assert code == 0 and "accepted" in out
 
 
 def test_minted_quote_with_allowlist_nonce_and_network(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path, pki: qf.TestPki) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, pki: devpki.DevPki) -> None:
     minted = qf.mint_uptodate(pki, now=NOW, report_data=report_data_for(MEAS, NONCE))
     quote, collateral, root = write_minted(tmp_path, minted, pki)
     base64_quote = tmp_path / "quote.b64"
@@ -110,16 +113,17 @@ def test_minted_quote_with_allowlist_nonce_and_network(
     code, out, _ = run(capsys, base64_quote, *common, "--nonce", NONCE.hex(), "--network",
                        "forge-1")
     assert code == 0, out
-    assert json.loads(out)["mrtd"] == qf.DEFAULT_MRTD.hex()
+    assert json.loads(out)["mrtd"] == devmint.DEFAULT_MRTD.hex()
     code, out, _ = run(capsys, quote, *common, "--nonce", "00" * 32)
     assert (code, json.loads(out)["reason"]) == (1, "nonce_mismatch")
-    bad = write_allowlist(tmp_path, (*qf.DEFAULT_RTMRS[:1], bytes(48), *qf.DEFAULT_RTMRS[2:]))
+    rtmrs = devmint.DEFAULT_RTMRS
+    bad = write_allowlist(tmp_path, (rtmrs[0], bytes(48), *rtmrs[2:]))
     code, out, _ = run(capsys, quote, *common[:-3], "--allowlist", bad, "--json")
     assert (code, json.loads(out)["reason"]) == (1, "quote_measurement_mismatch:rtmr1")
 
 
 def test_unsealed_measurements_on_sealed_network(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path, pki: qf.TestPki) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, pki: devpki.DevPki) -> None:
     unsealed = Measurements(MEAS.agent_dir_sha256, MEAS.agent_py_sha256, MEAS.vm_image_id, False)
     minted = qf.mint_uptodate(pki, now=NOW, report_data=report_data_for(unsealed, NONCE))
     quote, collateral, root = write_minted(tmp_path, minted, pki)
@@ -139,7 +143,7 @@ def test_unsealed_measurements_on_sealed_network(
     (qf.mint_bad_signature, "quote_invalid"),
     (qf.mint_debug_td, "debug_td"),
 ])
-def test_minted_failures(capsys: pytest.CaptureFixture[str], tmp_path: Path, pki: qf.TestPki,
+def test_minted_failures(capsys: pytest.CaptureFixture[str], tmp_path: Path, pki: devpki.DevPki,
                          scenario: object, reason: str) -> None:
     minted = scenario(pki, now=NOW)  # type: ignore[operator]
     quote, collateral, root = write_minted(tmp_path, minted, pki)
@@ -149,10 +153,10 @@ def test_minted_failures(capsys: pytest.CaptureFixture[str], tmp_path: Path, pki
 
 
 def test_foreign_root_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                 pki: qf.TestPki) -> None:
+                                 pki: devpki.DevPki) -> None:
     minted = qf.mint_uptodate(pki, now=NOW)
     quote, collateral, _ = write_minted(tmp_path, minted, pki)
-    other = qf.make_pki(seed=99).write_root(tmp_path / "other.pem")
+    other = devpki.make_pki(seed=99).write_root(tmp_path / "other.pem")
     code, out, _ = run(capsys, quote, "--collateral", collateral, "--root-ca", other, "--at",
                        "2026-09-22T00:00:00Z", "--json")
     assert code == 1 and json.loads(out)["verdict"] == "refused"
@@ -202,7 +206,7 @@ def test_console_script_never_prints_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-async def test_collateral_fetched_from_a_pccs(tmp_path: Path, pki: qf.TestPki) -> None:
+async def test_collateral_fetched_from_a_pccs(tmp_path: Path, pki: devpki.DevPki) -> None:
     from tests.fake_pccs import open_fake_pccs
 
     minted = qf.mint_uptodate(pki, now=NOW)

@@ -3,8 +3,9 @@
 Why not ``dcap_qvl.get_collateral``: it is an asyncio coroutine (unusable from trio), and the
 object it returns carries the PCK chain of the quote it was fetched for, which verification then
 prefers over the chain inside any later quote — cache that object and every other machine's quote
-fails. Here the cache holds only :class:`CollateralParts` (no PCK chain) and builds a fresh
-``QuoteCollateralV3`` per verification with :meth:`CollateralParts.to_dcap`.
+fails. Here the cache holds only :class:`~eecp.attestation.collateral_doc.CollateralParts` (no PCK
+chain; the value, and the PCS formats it is read from, are :mod:`eecp.attestation.collateral_doc`)
+and builds a fresh ``QuoteCollateralV3`` per verification with ``CollateralParts.to_dcap``.
 
 Caching rules (:class:`CollateralCache`): one entry per ``tee:FMSPC:ca``; memory first, then the
 store (so a restart works while the PCCS is down); refetch when within the refresh margin of the
@@ -13,323 +14,34 @@ earliest ``nextUpdate``; on a failed fetch serve a copy that is still valid, nev
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
-from urllib.parse import unquote
 
-import dcap_qvl
 import httpx
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
-from eecp.core.clock import Clock, isoformat, parse_isoformat
+from eecp.attestation.collateral_doc import (
+    CollateralParts,
+    UnusableResponse,
+    crl_der,
+    issuer_chain,
+    parts_from_fields,
+    signed_body,
+)
+from eecp.core.clock import Clock, isoformat
 from eecp.core.errors import CollateralError
 
 log = logging.getLogger("eecp.collateral")
 
 Tee = Literal["tdx", "sgx"]
 
-#: Field names of dcap-qvl's ``QuoteCollateralV3.from_json``; the ``bytes`` ones are hex there.
-_STR_FIELDS = (
-    "pck_crl_issuer_chain",
-    "tcb_info_issuer_chain",
-    "tcb_info",
-    "qe_identity_issuer_chain",
-    "qe_identity",
-)
-_BYTES_FIELDS = ("root_ca_crl", "pck_crl", "tcb_info_signature", "qe_identity_signature")
-_FIELD_ORDER = (
-    "pck_crl_issuer_chain",
-    "root_ca_crl",
-    "pck_crl",
-    "tcb_info_issuer_chain",
-    "tcb_info",
-    "tcb_info_signature",
-    "qe_identity_issuer_chain",
-    "qe_identity",
-    "qe_identity_signature",
-)
 _CAS = ("platform", "processor")
 _TEES = ("tdx", "sgx")
 _FMSPC = re.compile(r"^[0-9A-Fa-f]{12}$")
-_HEX_BODY = re.compile(rb"^[0-9A-Fa-f]+$")
-_JSON_WS = re.compile(r"[ \t\n\r]*")
-#: A PCS signature over tcbInfo / enclaveIdentity is raw r‖s of P-256: dcap-qvl splits it at 32.
-_SIGNATURE_LEN = 64
-
-
-# ------------------------------------------------------------------------------------------------
-# The cached value
-
-
-@dataclass(frozen=True)
-class CollateralParts:
-    """The nine collateral fields dcap-qvl needs, plus when they stop being valid.
-
-    Deliberately *not* a ``QuoteCollateralV3``: see the module docstring (caching trap).
-    ``next_update`` is the earliest of tcbInfo.nextUpdate, enclaveIdentity.nextUpdate and both
-    CRLs' nextUpdate (Unix seconds); ``fetched_at`` is when eecp obtained the parts (Unix seconds,
-    0 when unknown).
-    """
-
-    pck_crl_issuer_chain: str
-    root_ca_crl: bytes
-    pck_crl: bytes
-    tcb_info_issuer_chain: str
-    tcb_info: str
-    tcb_info_signature: bytes
-    qe_identity_issuer_chain: str
-    qe_identity: str
-    qe_identity_signature: bytes
-    next_update: float
-    fetched_at: float
-
-    def to_dcap(self) -> dcap_qvl.QuoteCollateralV3:
-        """A fresh dcap-qvl collateral object (without any PCK chain) for one verification."""
-        return dcap_qvl.QuoteCollateralV3(
-            self.pck_crl_issuer_chain,
-            self.root_ca_crl,
-            self.pck_crl,
-            self.tcb_info_issuer_chain,
-            self.tcb_info,
-            self.tcb_info_signature,
-            self.qe_identity_issuer_chain,
-            self.qe_identity,
-            self.qe_identity_signature,
-        )
-
-    def is_valid_at(self, now: float) -> bool:
-        """True while every part is still within its validity at ``now`` (Unix seconds).
-
-        Strictly before ``next_update``: dcap-qvl already rejects a CRL at ``now == nextUpdate``.
-        """
-        return now < self.next_update
-
-    def to_json(self) -> str:
-        """dcap-qvl's collateral JSON (same names, bytes as hex) plus next_update and fetched_at.
-
-        dcap-qvl's ``QuoteCollateralV3.from_json`` ignores the two extra fields, so the document
-        can be handed to it (or to ``dcap-qvl`` tooling) as is.
-        """
-        doc: dict[str, Any] = {}
-        for name in _FIELD_ORDER:
-            value = getattr(self, name)
-            doc[name] = value.hex() if isinstance(value, bytes) else value
-        doc["next_update"] = self.next_update
-        doc["fetched_at"] = self.fetched_at
-        return json.dumps(doc)
-
-    @classmethod
-    def from_json(cls, text: str) -> CollateralParts:
-        """Parse a document written by :meth:`to_json` (or a plain dcap-qvl collateral JSON).
-
-        ``next_update`` is recomputed from the documents rather than trusted, so a tampered or
-        stale stored value can never keep expired collateral alive. Raises ``ValueError``.
-        """
-        doc = _load_object(text)
-        fetched_at = doc.get("fetched_at", 0.0)
-        if isinstance(fetched_at, bool) or not isinstance(fetched_at, int | float):
-            raise ValueError("collateral document: fetched_at is not a number")
-        return _parts_from_mapping(doc, fetched_at=float(fetched_at))
-
-
-def parts_from_dcap_json(text: str, *, fetched_at: float = 0.0) -> CollateralParts:
-    """Build parts from a dcap-qvl collateral JSON (e.g. ``--collateral FILE``).
-
-    ``next_update`` is computed from the contents (both JSON bodies and both CRLs). Extra fields
-    are ignored. Raises ``ValueError`` when the document is not usable collateral.
-    """
-    return _parts_from_mapping(_load_object(text), fetched_at=fetched_at)
-
-
-def _load_object(text: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"collateral document is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ValueError("collateral document is not a JSON object")
-    return doc
-
-
-def _parts_from_mapping(doc: Mapping[str, Any], *, fetched_at: float) -> CollateralParts:
-    values: dict[str, Any] = {}
-    for name in _STR_FIELDS:
-        value = doc.get(name)
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"collateral document: {name} missing or not a string")
-        values[name] = value
-    for name in _BYTES_FIELDS:
-        value = doc.get(name)
-        if not isinstance(value, str):
-            raise ValueError(f"collateral document: {name} missing or not a hex string")
-        try:
-            values[name] = bytes.fromhex(value)
-        except ValueError:
-            raise ValueError(f"collateral document: {name} is not hex") from None
-    next_update = _earliest_next_update(
-        tcb_info=values["tcb_info"],
-        qe_identity=values["qe_identity"],
-        crls=(values["root_ca_crl"], values["pck_crl"]),
-    )
-    return CollateralParts(**values, next_update=next_update, fetched_at=fetched_at)
-
-
-def _json_next_update(text: str, what: str) -> float:
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError:
-        raise ValueError(f"{what} is not JSON") from None
-    stamp = body.get("nextUpdate") if isinstance(body, dict) else None
-    if not isinstance(stamp, str):
-        raise ValueError(f"{what} has no nextUpdate")
-    return parse_isoformat(stamp)
-
-
-def _crl_next_update(der: bytes, what: str) -> float:
-    crl = x509.load_der_x509_crl(der)  # ValueError when not a DER CRL
-    next_update = crl.next_update_utc
-    if next_update is None:
-        raise ValueError(f"{what} has no nextUpdate")
-    return next_update.timestamp()
-
-
-def _earliest_next_update(*, tcb_info: str, qe_identity: str, crls: tuple[bytes, bytes]) -> float:
-    return min(
-        _json_next_update(tcb_info, "tcbInfo"),
-        _json_next_update(qe_identity, "enclaveIdentity"),
-        _crl_next_update(crls[0], "root CA CRL"),
-        _crl_next_update(crls[1], "PCK CRL"),
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# Parsing PCS responses
-
-
-class _FetchError(Exception):
-    """A PCS response that cannot be used (status, headers or body); the message is the detail."""
-
-
-def raw_json_members(text: str) -> dict[str, str]:
-    """The members of a top-level JSON object as ``{name: raw value text}``, byte for byte.
-
-    The PCS signs the exact text of ``tcbInfo`` / ``enclaveIdentity`` as served, so that text must
-    be cut out of the envelope, never re-serialised. ``json.JSONDecoder.raw_decode`` is used to
-    find where each value ends (it understands strings, escapes and nesting). Raises
-    ``ValueError`` for anything but one JSON object (duplicate names included: which copy would
-    the signature be over?).
-    """
-    decoder = json.JSONDecoder()
-
-    def skip_ws(pos: int) -> int:
-        match = _JSON_WS.match(text, pos)
-        assert match is not None  # the pattern matches the empty string
-        return match.end()
-
-    pos = skip_ws(0)
-    if text[pos : pos + 1] != "{":
-        raise ValueError("not a JSON object")
-    pos = skip_ws(pos + 1)
-    members: dict[str, str] = {}
-    if text[pos : pos + 1] == "}":
-        pos += 1
-    else:
-        while True:
-            if text[pos : pos + 1] != '"':
-                raise ValueError(f"expected a member name at offset {pos}")
-            name, pos = decoder.raw_decode(text, pos)
-            pos = skip_ws(pos)
-            if text[pos : pos + 1] != ":":
-                raise ValueError(f"expected ':' at offset {pos}")
-            start = skip_ws(pos + 1)
-            _, pos = decoder.raw_decode(text, start)
-            if name in members:
-                raise ValueError(f"duplicate member {name!r}")
-            members[name] = text[start:pos]
-            pos = skip_ws(pos)
-            sep = text[pos : pos + 1]
-            pos += 1
-            if sep == "}":
-                break
-            if sep != ",":
-                raise ValueError(f"expected ',' or '}}' at offset {pos - 1}")
-            pos = skip_ws(pos)
-    if skip_ws(pos) != len(text):
-        raise ValueError(f"trailing data at offset {pos}")
-    return members
-
-
-def _issuer_chain(response: httpx.Response, *names: str) -> str:
-    for name in names:
-        value = response.headers.get(name)
-        if value:
-            chain = unquote(value)
-            if "-----BEGIN CERTIFICATE-----" not in chain:
-                raise _FetchError(f"{name} header is not a PEM certificate chain")
-            return chain
-    raise _FetchError(f"missing {' / '.join(names)} header")
-
-
-def _crl_der(body: bytes, what: str) -> bytes:
-    """A CRL body as DER, whichever of the forms PCCS implementations serve it in.
-
-    Intel's PCS serves DER; several PCCS serve the hex of the DER (that is what dcap-qvl's own
-    fetcher expects for rootcacrl); without ``encoding=der`` the PCS serves PEM. DER itself can
-    never be all hex digits (its first length byte is >= 0x80 for any real CRL).
-    """
-    stripped = body.strip()
-    if stripped and _HEX_BODY.match(stripped) and len(stripped) % 2 == 0:
-        der = bytes.fromhex(stripped.decode("ascii"))
-    elif stripped.startswith(b"-----BEGIN X509 CRL-----"):
-        try:
-            der = x509.load_pem_x509_crl(stripped).public_bytes(Encoding.DER)
-        except ValueError:
-            raise _FetchError(f"{what}: PEM body is not a CRL") from None
-    else:
-        der = body
-    try:
-        _crl_next_update(der, what)
-    except ValueError as exc:
-        raise _FetchError(f"{what}: {exc}") from None
-    return der
-
-
-def _signed_body(
-    response: httpx.Response, member: str, what: str, *, fmspc: str | None = None
-) -> tuple[str, bytes]:
-    """``(raw text of member, signature bytes)`` from a ``{"<member>":{...},"signature":hex}``."""
-    try:
-        # Decode strictly as UTF-8 (the PCS's charset) rather than httpx's guess: the str handed to
-        # dcap-qvl is re-encoded as UTF-8, and must give back exactly the signed bytes.
-        text = response.content.decode("utf-8")
-        members = raw_json_members(text)
-    except ValueError as exc:
-        raise _FetchError(f"{what}: malformed envelope: {exc}") from None
-    raw = members.get(member)
-    signature = members.get("signature")
-    if raw is None or signature is None:
-        raise _FetchError(f"{what}: envelope lacks {member!r} or 'signature'")
-    body = json.loads(raw)
-    if not isinstance(body, dict):
-        raise _FetchError(f"{what}: {member} is not an object")
-    sig_hex = json.loads(signature)
-    try:
-        sig = bytes.fromhex(sig_hex) if isinstance(sig_hex, str) else b""
-    except ValueError:
-        sig = b""
-    if len(sig) != _SIGNATURE_LEN:
-        raise _FetchError(f"{what}: signature is not {_SIGNATURE_LEN} bytes of hex")
-    if fmspc is not None and str(body.get("fmspc", "")).upper() != fmspc:
-        # A PCCS answering for another platform would poison the cache for weeks.
-        raise _FetchError(f"{what}: fmspc {body.get('fmspc')!r} is not the one asked for")
-    return raw, sig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -512,7 +224,7 @@ class CollateralCache:
         try:
             with trio.fail_after(self._timeout):
                 fresh = await self._fetch(entry.fmspc, entry.ca, entry.tee)
-        except (_FetchError, httpx.HTTPError, trio.TooSlowError, ValueError) as exc:
+        except (UnusableResponse, httpx.HTTPError, trio.TooSlowError, ValueError) as exc:
             detail = _describe(exc, self._timeout)
             fail_reason = "collateral_unavailable"
         else:
@@ -561,28 +273,28 @@ class CollateralCache:
 
         async def pck_crl() -> None:
             resp = await self._get(f"{sgx}/pckcrl", {"ca": ca, "encoding": "der"})
-            got["pck_crl_issuer_chain"] = _issuer_chain(resp, "SGX-PCK-CRL-Issuer-Chain")
-            got["pck_crl"] = _crl_der(resp.content, "PCK CRL")
+            got["pck_crl_issuer_chain"] = issuer_chain(resp, "SGX-PCK-CRL-Issuer-Chain")
+            got["pck_crl"] = crl_der(resp.content, "PCK CRL")
 
         async def root_crl() -> None:
             resp = await self._get(f"{sgx}/rootcacrl", None)
-            got["root_ca_crl"] = _crl_der(resp.content, "root CA CRL")
+            got["root_ca_crl"] = crl_der(resp.content, "root CA CRL")
 
         async def tcb_info() -> None:
             resp = await self._get(f"{tee_base}/tcb", {"fmspc": fmspc})
-            got["tcb_info_issuer_chain"] = _issuer_chain(
+            got["tcb_info_issuer_chain"] = issuer_chain(
                 resp, "TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain"
             )
-            got["tcb_info"], got["tcb_info_signature"] = _signed_body(
+            got["tcb_info"], got["tcb_info_signature"] = signed_body(
                 resp, "tcbInfo", "TCB info", fmspc=fmspc
             )
 
         async def qe_identity() -> None:
             resp = await self._get(f"{tee_base}/qe/identity", None)
-            got["qe_identity_issuer_chain"] = _issuer_chain(
+            got["qe_identity_issuer_chain"] = issuer_chain(
                 resp, "SGX-Enclave-Identity-Issuer-Chain", "Enclave-Identity-Issuer-Chain"
             )
-            got["qe_identity"], got["qe_identity_signature"] = _signed_body(
+            got["qe_identity"], got["qe_identity_signature"] = signed_body(
                 resp, "enclaveIdentity", "QE identity"
             )
 
@@ -591,29 +303,24 @@ class CollateralCache:
             # an ExceptionGroup, and one readable detail is all the caller needs.
             try:
                 await step()
-            except (_FetchError, httpx.HTTPError, ValueError) as exc:
+            except (UnusableResponse, httpx.HTTPError, ValueError) as exc:
                 errors.append(_describe(exc, self._timeout))
 
         async with trio.open_nursery() as nursery:
             for step in (pck_crl, root_crl, tcb_info, qe_identity):
                 nursery.start_soon(guarded, step)
         if errors:
-            raise _FetchError("; ".join(errors))
+            raise UnusableResponse("; ".join(errors))
         try:
-            next_update = _earliest_next_update(
-                tcb_info=got["tcb_info"],
-                qe_identity=got["qe_identity"],
-                crls=(got["root_ca_crl"], got["pck_crl"]),
-            )
+            return parts_from_fields(got, fetched_at=self._clock.now())
         except ValueError as exc:
-            raise _FetchError(f"collateral contents: {exc}") from None
-        return CollateralParts(**got, next_update=next_update, fetched_at=self._clock.now())
+            raise UnusableResponse(f"collateral contents: {exc}") from None
 
     async def _get(self, url: str, params: dict[str, str] | None) -> httpx.Response:
         resp = await self._client.get(url, params=params)
         if resp.status_code != 200:
             path = url[len(self._base) :]
-            raise _FetchError(f"{path}: HTTP {resp.status_code}")
+            raise UnusableResponse(f"{path}: HTTP {resp.status_code}")
         return resp
 
 

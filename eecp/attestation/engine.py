@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from eecp.attestation import policy
-from eecp.attestation.allowlist import Allowlist, AllowlistSource
+from eecp.attestation.allowlist import AllowlistSource
+from eecp.attestation.allowlist_doc import Allowlist
 from eecp.attestation.collateral import CollateralCache
 from eecp.attestation.quotes import (
     QuoteFacts,

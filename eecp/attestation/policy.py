@@ -27,7 +27,7 @@ import hmac
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from eecp.attestation.allowlist import Allowlist
+from eecp.attestation.allowlist_doc import Allowlist
 from eecp.attestation.quotes import VerifiedQuote
 from eecp.core.errors import AttestationError, PolicyError, QuoteError
 from eecp.wire.measurements import CODE_KEYS, Measurements

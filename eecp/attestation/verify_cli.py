@@ -22,7 +22,7 @@ import httpx
 import trio
 
 from eecp.attestation import policy
-from eecp.attestation.allowlist import Allowlist, parse_allowlist
+from eecp.attestation.allowlist_doc import Allowlist, parse_allowlist
 from eecp.attestation.collateral import CollateralCache
 from eecp.attestation.quotes import (
     QuoteFacts,

@@ -62,11 +62,11 @@ from eecp.dataplane.proxy import (
     counted,
     parse_proxy_call,
     public_reason,
-    strip_hop_by_hop,
 )
 from eecp.dataplane.resolve import ResolveAnswer, resolve, resolve_by_host
 from eecp.store.store import Store
-from eecp.wire.streams import RequestHead, StreamError
+from eecp.wire.httpmsg import RequestHead, strip_hop_by_hop
+from eecp.wire.streams import StreamError
 
 log = logging.getLogger("eecp.api")
 

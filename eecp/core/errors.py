@@ -27,11 +27,6 @@ audit log): they are lower_snake_case, optionally followed by ``:detail`` — fo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-import trio
-
 
 class EecpError(Exception):
     """Base of every deliberate eecp error.
@@ -120,18 +115,6 @@ class PolicyError(AttestationError):
     ``allowlist_report_data_mismatch``, ``network_unknown``, ``measurements_invalid:<key>``."""
 
 
-@contextmanager
-def single_error() -> Iterator[None]:
-    """Re-raise a nursery's lone exception as itself, so callers can catch an ``EecpError``
-    (or a consumer's own error) plainly; anything else stays grouped."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
-
-
 #: what a ledger error may add to its JSON body (``settleable_at``, ``usage_id``, ...)
 LedgerExtra = dict[str, str | int | bool | None]
 
@@ -197,12 +180,3 @@ class LedgerConflictError(LedgerError):
 
     http_status = 409
 
-
-def leaf_error(exc: BaseException) -> BaseException:
-    """The exception that matters inside (nested) exception groups: the first leaf that is not
-    a ``trio.Cancelled`` (one of those only if that is all there is). For a log line or a
-    close reason; handlers that must treat every leaf use ``except*``."""
-    while isinstance(exc, BaseExceptionGroup):
-        members = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
-        exc = (members or list(exc.exceptions))[0]
-    return exc

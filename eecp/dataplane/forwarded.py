@@ -9,7 +9,8 @@ are dropped and replaced by what eecp saw itself: the peer's address, its own sc
 That is the rule nginx's ``set_real_ip_from`` and most servers' "forwarded-allow-ips" follow.
 The same holds for the whole family apps read as a proxy's word (client-address headers such
 as ``X-Real-IP`` or ``CF-Connecting-IP``, URL rewrites such as ``X-Original-URL``, eecp's own
-``X-EE-*``, which name the app on the proxy listener): one list, :func:`is_proxy_header`.
+``X-EE-*``, which name the app on the proxy listener): one list,
+:func:`eecp.wire.httpmsg.is_proxy_header`, beside the other HTTP message rules.
 """
 
 from __future__ import annotations
@@ -20,29 +21,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from eecp.core.config import IPNetwork
-from eecp.dataplane.proxy import strip_hop_by_hop
+from eecp.wire.httpmsg import is_proxy_header, strip_hop_by_hop
 
 #: replaced on every request by what eecp establishes (inbound ones only inform it)
 FORWARDED_HEADERS = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
-#: The one list of the headers an app may read as a proxy's word (:func:`is_proxy_header`):
-#: only a trusted proxy may send them. Apps and frameworks read the client's address from
-#: any of these, and some take the URL or host a request is for from the rewrite ones (IIS,
-#: older Symfony and Zend: ``X-Original-URL``, ``X-Rewrite-URL``), which would let a client
-#: reach a path a front proxy filters out.
-_PROXY_NAMES = frozenset({
-    # the client's address (or scheme), as some proxy or CDN reports it
-    "forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "client-ip",
-    "cf-connecting-ip", "cf-connecting-ipv6", "cf-visitor", "fastly-client-ip",
-    "akamai-client-ip", "x-cluster-client-ip", "x-proxyuser-ip", "x-originating-ip",
-    "x-remote-ip", "x-remote-addr", "wl-proxy-client-ip", "x-envoy-external-address",
-    "x-azure-clientip", "x-azure-socketip", "x-url-scheme", "x-scheme", "front-end-https",
-    # the URL or host asked for, as a rewriting proxy reports it
-    "x-rewrite-url", "x-host", "x-http-host-override", "x-envoy-original-path",
-})
-#: and whole families: X-Forwarded-For/-Proto/-Host/-Port/-Prefix/-Uri/-Ssl/-Server...,
-#: X-Original-URL/-URI/-Host/-Forwarded-For/-Method..., and eecp's own X-EE-* (the app's
-#: name, the allow decision)
-_PROXY_PREFIXES = ("x-forwarded-", "x-original-", "x-ee-")
 _PROTOS = ("http", "https")
 
 
@@ -105,16 +87,6 @@ def inbound_forwarding(headers: Sequence[tuple[str, str]]) -> dict[str, str]:
         if key in FORWARDED_HEADERS:
             found.setdefault(key, []).append(value)
     return {key: ", ".join(values) for key, values in found.items()}
-
-
-def is_proxy_header(name: str) -> bool:
-    """A name an app may read as a proxy's word about the client's address or the URL it
-    asked for (``Forwarded``, ``X-Real-IP``, ``CF-Connecting-IP``, ``X-Forwarded-*``,
-    ``X-Original-*``, ``X-Rewrite-URL``..., eecp's ``X-EE-*``: :data:`_PROXY_NAMES`,
-    :data:`_PROXY_PREFIXES`), in any case and with ``_`` for ``-`` (CGI and WSGI servers map
-    both spellings to one variable)."""
-    key = name.lower().replace("_", "-")
-    return key in _PROXY_NAMES or key.startswith(_PROXY_PREFIXES)
 
 
 def forwarded_headers(headers: list[tuple[str, str]], forwarding: Forwarding, *,

@@ -37,7 +37,7 @@ from eecp.dataplane.forwarded import (
     forwarding_of,
     inbound_forwarding,
 )
-from eecp.dataplane.httpserver import (
+from eecp.dataplane.http import (
     ClientDisconnected,
     Limits,
     Request,
@@ -52,11 +52,16 @@ from eecp.dataplane.proxy import (
     check_response_head,
     counted,
     public_reason,
+)
+from eecp.dataplane.resolve import resolve, resolve_by_host
+from eecp.wire.httpmsg import (
+    AmbiguousHost,
+    RequestHead,
+    host_label,
+    is_origin_form,
     strip_hop_by_hop,
 )
-from eecp.dataplane.resolve import AmbiguousHost, host_label, resolve, resolve_by_host
-from eecp.wire.frames import is_origin_form
-from eecp.wire.streams import RequestHead, StreamError
+from eecp.wire.streams import StreamError
 
 log = logging.getLogger("eecp.dataplane")
 

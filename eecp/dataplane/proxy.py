@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from eecp.core.clock import Clock
-from eecp.core.errors import EecpError, ProtocolError, single_error
-from eecp.wire.frames import check_head, content_length, is_origin_form
-from eecp.wire.streams import Mux, RequestHead, ResponseHead, Stream, StreamError
+from eecp.core.errors import EecpError, ProtocolError
+from eecp.core.trioutil import single_error
+from eecp.wire.frames import check_head
+from eecp.wire.httpmsg import RequestHead, ResponseHead, content_length, is_origin_form
+from eecp.wire.streams import Mux, Stream, StreamError
 
 if TYPE_CHECKING:
     from eecp.agents.registry import AgentView, Registry
@@ -44,9 +46,6 @@ log = logging.getLogger("eecp.proxy")
 #: how long a request waits for a stream slot on a busy agent before 503 agent_busy
 BUSY_WAIT_SEC = 2.0
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te",
-                        "trailer", "trailers", "proxy-connection", "proxy-authenticate",
-                        "proxy-authorization"})
 
 
 class ProxyError(EecpError):
@@ -145,15 +144,6 @@ async def counted(chunks: AsyncIterable[bytes], counter: Any) -> AsyncIterator[b
     async for chunk in chunks:
         counter.inc(len(chunk))
         yield chunk
-
-
-def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Drop hop-by-hop headers (and those a Connection header names); keep order and repeats."""
-    named = {token.strip().lower() for name, value in headers if name.lower() == "connection"
-             for token in value.split(",")}
-    return [(n, v) for n, v in headers
-            if n.lower() not in HOP_BY_HOP and n.lower() not in named
-            and not n.lower().startswith("proxy-")]
 
 
 class Forwarder:

@@ -12,7 +12,8 @@ answer byte for byte alike.
 5.3), so two lines and a comma list are alike, and refused alike (403 ``ambiguous_host``):
 believing the first, as one server would, or the last, as another, lets a client have the
 decision made for one app and the request served by another. The proxy listener reads the
-host it routes by with the same :func:`host_label` (400 ``ambiguous_host`` there).
+host it routes by with the same :func:`eecp.wire.httpmsg.host_label` (400 ``ambiguous_host``
+there).
 """
 
 from __future__ import annotations
@@ -22,20 +23,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from eecp.agents.registry import Decision, Registry
-from eecp.core.errors import EecpError
+from eecp.wire.httpmsg import AmbiguousHost, host_label
 
 _DNS_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 HOST_HEADERS = ("x-original-host", "x-forwarded-host", "host")
 _HOST_NAMES = frozenset(HOST_HEADERS)
-
-
-class AmbiguousHost(EecpError):
-    """A header naming the app names more than one host (two lines, or a comma list)."""
-
-    http_status = 400
-
-    def __init__(self, detail: str = "") -> None:
-        super().__init__("ambiguous_host", detail)
 
 
 @dataclass(frozen=True)
@@ -60,16 +52,6 @@ def app_from_host(headers: Iterable[tuple[str, str]]) -> str | None:
         if named:
             return host_label(named, header)
     return None
-
-
-def host_label(value: str, header: str = "host") -> str:
-    """The first DNS label of a Host-like header's value (port dropped); a list of hosts is
-    :class:`AmbiguousHost` (``header`` names it in the detail)."""
-    if "," in value:
-        raise AmbiguousHost(f"{header} names more than one host")
-    host = value.strip().lower()
-    host = host.rsplit(":", 1)[0] if not host.startswith("[") else host
-    return host.split(".", 1)[0]
 
 
 def resolve_by_host(registry: Registry, headers: Iterable[tuple[str, str]],

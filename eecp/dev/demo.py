@@ -39,7 +39,7 @@ from agent.providers import DevQuoteProvider
 from agent.tunnel import AgentState, run_agent
 from eecp.core.config import from_env
 from eecp.core.errors import EecpError
-from eecp.dataplane.httpserver import Request, Responder, serve_http
+from eecp.dataplane.http import Request, Responder, serve_http
 from eecp.dev.pccs import DevPccs
 from eecp.service import Bound, serve, watch_signals
 from eecp.wire.measurements import Measurements

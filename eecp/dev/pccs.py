@@ -1,7 +1,7 @@
 """A development PCCS: serves a development PKI's collateral over the Intel PCS v4 API.
 
 **Development only** (``eecp demo``, local experiments). Quotes minted under a dev PKI
-(:mod:`eecp.dev.pki`, the agent's ``dev`` quote provider) verify only against collateral signed
+(:mod:`eecp.dev.mint`, the agent's ``dev`` quote provider) verify only against collateral signed
 by the same PKI; this serves exactly that, in the shapes Intel's PCS uses, so that eecp's
 collateral client (:mod:`eecp.attestation.collateral`) talks to it as it would to the real one:
 
@@ -27,8 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote
 
-from eecp.dataplane.httpserver import Request, Responder
-from eecp.dev.pki import DAY, DEFAULT_FMSPC, CollateralParts, DevPki, make_collateral
+from eecp.attestation.collateral_doc import CollateralParts
+from eecp.dataplane.http import Request, Responder
+from eecp.dev.mint import DAY, DEFAULT_FMSPC, make_collateral
+from eecp.dev.pki import DevPki
 
 #: minted collateral is valid this long ...
 VALIDITY_DAYS = 30.0
@@ -80,7 +82,7 @@ def pccs_answer(parts: CollateralParts, fmspc: str, method: str, path: str,
 
 
 class DevPccs:
-    """An :mod:`eecp.dataplane.httpserver` handler serving ``pki``'s collateral for platform
+    """An :mod:`eecp.dataplane.http` handler serving ``pki``'s collateral for platform
     ``fmspc``.
 
     Run it with ``serve_http(DevPccs(pki), "127.0.0.1", 0)`` and point ``EE_PCCS_URL`` at it.

@@ -1,100 +1,32 @@
-"""A development PKI: mint Intel TDX DCAP quotes and matching collateral without Intel.
+"""A development PKI: certificates shaped like Intel's SGX/TDX PKI, without Intel.
 
-**Development and tests only.** Nothing minted here is trusted by Intel's production root
-(``dcap_qvl.verify`` rejects all of it); it is accepted by the *unmodified* ``dcap_qvl``
-verifier only when that is handed this PKI's root —
-``dcap_qvl.verify_with_root_ca(quote, collateral, pki.root_der, int(now))`` — which is what
-eecp does when ``EE_DCAP_ROOT_CA`` points at the ``root.pem`` written by :func:`save_pki`.
-The agent's ``dev`` quote provider and the test-suite both mint through this module.
+**Development and tests only.** Nothing issued here is trusted by Intel's production root; a
+quote under it (minted by :mod:`eecp.dev.mint`) is accepted by the *unmodified* ``dcap_qvl``
+verifier only when that is handed this PKI's root (``verify_with_root_ca``), which is what eecp
+does when ``EE_DCAP_ROOT_CA`` points at the ``root.pem`` written by :func:`save_pki`. The
+agent's ``dev`` quote provider, ``eecp demo`` and the test-suite share it.
 
-Layout, encodings and the PKI profile (see ``shared/notes/dcap-test-pki-facts.md``):
-
-* TDX **v4** quote, attestation key type 2 (ECDSA P-256), TEE type 0x81;
-* quote signature (attestation key) and QE report signature (PCK leaf) are raw ``r||s``;
-* QE report data = ``sha256(attest_pubkey || qe_auth_data)`` padded to 64 bytes;
-* certification data type 6 wrapping type 5 (PEM chain, leaf first);
-* TCB Info (``TDX`` v3) and QE Identity (``TD_QE`` v2) signed as served (compact JSON);
-* CRLs are DER, v2, with CRLNumber + AKI extensions.
-
-Typical use::
-
-    pki = make_pki(seed=1)                  # or ensure_pki(Path("data/dev-pki"))
-    minted = mint_tdx_quote(pki, now=NOW, report_data=nonce_hash)
-    report = dcap_qvl.verify_with_root_ca(minted.quote, minted.collateral, pki.root_der,
-                                          minted.now_secs)
+Here: the PKI itself (:class:`DevPki`, :func:`make_pki`: a root CA, a PCK Platform CA and a TCB
+signing certificate, all P-256, deterministic from a seed), the PCK leaves a platform's quotes
+carry (with the Intel SGX extension, written by a minimal DER writer) and a PKI directory on
+disk (:func:`save_pki`, :func:`load_pki`, :func:`ensure_pki`). See
+``shared/notes/dcap-test-pki-facts.md`` for the profile.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
-import struct
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
 
-import dcap_qvl
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-# --------------------------------------------------------------------------------------------
-# Public constants
-# --------------------------------------------------------------------------------------------
-
-DEBUG_BIT = 1 << 0
-"""TD attribute bit 0: DEBUG. The verifier rejects quotes with it set ("Debug mode")."""
-SEPT_VE_DISABLE_BIT = 1 << 28
-"""TD attribute bit 28: SEPT_VE_DISABLE. The verifier requires it set."""
-DEFAULT_TD_ATTRIBUTES = SEPT_VE_DISABLE_BIT
-
-UPTODATE_PCESVN = 13
-"""PCESVN of the UpToDate TCB level (the default PCK pcesvn)."""
-OUTDATED_PCESVN = 11
-"""PCESVN of the OutOfDate TCB level (advisory ``OUTDATED_ADVISORY``)."""
-REVOKED_PCESVN = 5
-"""PCESVN of a TCB level whose status is Revoked (verification always fails)."""
-OUTDATED_ADVISORY = "TEST-SA-00001"
-REVOKED_ADVISORY = "TEST-SA-00002"
-OUTDATED_MODULE_ADVISORY = "TEST-SA-00003"
-
-DEFAULT_FMSPC = "00906ED50000"
-QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
-TDX_TEE_TYPE = 0x81
-ATTESTATION_KEY_TYPE_ECDSA_P256 = 2
-QUOTE_VERSION = 4
-
-DEFAULT_CPUSVN = bytes([3, 3, 2, 2, 4, 1, 0, 5] + [0] * 8)
-"""CPUSVN in the PCK leaf; equals the sgxtcbcomponents of every TCB level."""
-TDX_MODULE_ISVSVN = 6
-TDX_MODULE_OUTDATED_ISVSVN = 3
-TDX_MODULE_VERSION = 1
-DEFAULT_TEE_TCB_SVN = bytes([TDX_MODULE_ISVSVN, TDX_MODULE_VERSION, 3] + [0] * 13)
-"""tee_tcb_svn: [0] module ISVSVN, [1] module version (selects ``TDX_01``), [2..] components."""
-
-QE_ISVSVN = 4
-QE_ISVPRODID = 2
-QE_MRSIGNER = hashlib.sha256(b"eecp test TD_QE signer").digest()
-QE_MRENCLAVE = hashlib.sha256(b"eecp test TD_QE enclave").digest()
-QE_ATTRIBUTES = bytes([0x11] + [0] * 15)
-TDX_MODULE_MRSIGNER = bytes(48)
-DEFAULT_XFAM = 0x0000_0000_0006_02E7
-TCB_EVALUATION_DATA_NUMBER = 17
-
-DEFAULT_MRTD = hashlib.sha384(b"eecp test mrtd").digest()
-DEFAULT_RTMRS: tuple[bytes, bytes, bytes, bytes] = (
-    hashlib.sha384(b"eecp test rtmr0").digest(),
-    hashlib.sha384(b"eecp test rtmr1").digest(),
-    hashlib.sha384(b"eecp test rtmr2").digest(),
-    hashlib.sha384(b"eecp test rtmr3").digest(),
-)
-
-DAY = 86400.0
 CERT_NOT_BEFORE = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
 CERT_NOT_AFTER = dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
 
@@ -105,11 +37,10 @@ PCK_LEAF_CN = "Test SGX PCK Certificate"
 
 SGX_EXTENSION_OID = "1.2.840.113741.1.13.1"
 
-_CURVE = ec.SECP256R1()
+#: the curve of every key here (and of the quotes' attestation keys)
+CURVE = ec.SECP256R1()
 _CURVE_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
-_QUOTE_SIGNED_LEN = 632  # 48-byte header + 584-byte TD report 1.0
 _RAW_POINT = (serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-
 
 # --------------------------------------------------------------------------------------------
 # PKI
@@ -117,10 +48,8 @@ _RAW_POINT = (serialization.Encoding.X962, serialization.PublicFormat.Uncompress
 
 
 @dataclass(frozen=True)
-class TestPki:
+class DevPki:
     """A self-made Intel-like PKI: root CA, PCK Platform CA and TCB signing cert."""
-
-    __test__: ClassVar[bool] = False  # not a pytest test class
 
     root_key: ec.EllipticCurvePrivateKey
     root_cert: x509.Certificate
@@ -160,9 +89,9 @@ class TestPki:
 def _key(seed: int | None, label: str) -> ec.EllipticCurvePrivateKey:
     """A P-256 key: random, or derived from ``seed`` and ``label`` when a seed is given."""
     if seed is None:
-        return ec.generate_private_key(_CURVE)
+        return ec.generate_private_key(CURVE)
     digest = hashlib.sha256(f"eecp-quotefactory:{seed}:{label}".encode()).digest()
-    return ec.derive_private_key(int.from_bytes(digest, "big") % (_CURVE_ORDER - 1) + 1, _CURVE)
+    return ec.derive_private_key(int.from_bytes(digest, "big") % (_CURVE_ORDER - 1) + 1, CURVE)
 
 
 def _serial(seed: int | None, label: str) -> int:
@@ -249,7 +178,7 @@ def _issue(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def make_pki(seed: int | None = None) -> TestPki:
+def make_pki(seed: int | None = None) -> DevPki:
     """Create a root CA, a "Test SGX PCK Platform CA" and a TCB signing cert (all P-256).
 
     With a ``seed`` the keys and serials are deterministic (certificate signatures are not).
@@ -285,8 +214,13 @@ def make_pki(seed: int | None = None) -> TestPki:
         path_length=None,
         is_ca=False,
     )
-    return TestPki(root_key, root_cert, pck_ca_key, pck_ca_cert, tcb_key, tcb_cert, seed)
+    return DevPki(root_key, root_cert, pck_ca_key, pck_ca_cert, tcb_key, tcb_cert, seed)
 
+
+
+def raw_pubkey(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Uncompressed public point without the 0x04 prefix (x||y, 64 bytes), as DCAP has it."""
+    return key.public_key().public_bytes(*_RAW_POINT)[1:]
 
 # --------------------------------------------------------------------------------------------
 # Minimal DER writer for the Intel SGX extension
@@ -362,14 +296,14 @@ def sgx_extension_der(
     )
 
 
-def _issue_pck_leaf(
-    pki: TestPki, key: ec.EllipticCurvePrivateKey, *, pcesvn: int, cpusvn: bytes, fmspc: str,
+def issue_pck_leaf(
+    pki: DevPki, key: ec.EllipticCurvePrivateKey, *, pcesvn: int, cpusvn: bytes, fmspc: str,
     ppid: bytes | None = None,
 ) -> x509.Certificate:
     """A PCK leaf under the PCK CA carrying the (non-critical) SGX extension; its PPID is
     derived from ``key`` unless given."""
     if ppid is None:
-        ppid = hashlib.sha256(_raw_pubkey(key)).digest()[:16]
+        ppid = hashlib.sha256(raw_pubkey(key)).digest()[:16]
     sgx = sgx_extension_der(ppid=ppid, cpusvn=cpusvn, pcesvn=pcesvn, fmspc=bytes.fromhex(fmspc))
     ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(SGX_EXTENSION_OID), sgx)
     return _issue(
@@ -385,509 +319,13 @@ def _issue_pck_leaf(
 
 
 # --------------------------------------------------------------------------------------------
-# Signatures and the quote body
-# --------------------------------------------------------------------------------------------
-
-
-def _raw_sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
-    """ECDSA-P256-SHA256 signature as raw ``r||s`` (64 bytes), as DCAP wants it."""
-    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-
-def _raw_pubkey(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """Uncompressed public point without the 0x04 prefix (x||y, 64 bytes)."""
-    return key.public_key().public_bytes(*_RAW_POINT)[1:]
-
-
-def _fixed(value: bytes, size: int, what: str) -> bytes:
-    """Check that ``value`` has exactly ``size`` bytes."""
-    if len(value) != size:
-        raise ValueError(f"{what} must be {size} bytes, got {len(value)}")
-    return value
-
-
-def _quote_header() -> bytes:
-    """48-byte TDX v4 quote header."""
-    header = struct.pack(
-        "<HHIHH", QUOTE_VERSION, ATTESTATION_KEY_TYPE_ECDSA_P256, TDX_TEE_TYPE, 0, 0
-    )
-    user_data = hashlib.sha256(b"eecp test qe id").digest()[:16] + bytes(4)
-    return header + QE_VENDOR_ID + user_data
-
-
-def _td_report(
-    *,
-    tee_tcb_svn: bytes,
-    td_attributes: int,
-    mrtd: bytes,
-    rtmrs: tuple[bytes, bytes, bytes, bytes],
-    report_data: bytes,
-) -> bytes:
-    """584-byte TD report 1.0 body."""
-    body = b"".join(
-        [
-            _fixed(tee_tcb_svn, 16, "tee_tcb_svn"),
-            hashlib.sha384(b"eecp test mr_seam").digest(),
-            TDX_MODULE_MRSIGNER,
-            bytes(8),  # seam_attributes
-            struct.pack("<Q", td_attributes),
-            struct.pack("<Q", DEFAULT_XFAM),
-            _fixed(mrtd, 48, "mrtd"),
-            bytes(48 * 3),  # mr_config_id, mr_owner, mr_owner_config
-            *(_fixed(r, 48, f"rtmr{i}") for i, r in enumerate(rtmrs)),
-            _fixed(report_data, 64, "report_data"),
-        ]
-    )
-    assert len(body) == 584
-    return body
-
-
-def _qe_report(*, qe_isvsvn: int, qe_report_data: bytes) -> bytes:
-    """384-byte SGX enclave report of the quoting enclave."""
-    report = b"".join(
-        [
-            DEFAULT_CPUSVN,
-            struct.pack("<I", 0),  # miscselect
-            bytes(28),
-            QE_ATTRIBUTES,
-            QE_MRENCLAVE,
-            bytes(32),
-            QE_MRSIGNER,
-            bytes(96),
-            struct.pack("<HH", QE_ISVPRODID, qe_isvsvn),
-            bytes(60),
-            _fixed(qe_report_data, 64, "qe report_data"),
-        ]
-    )
-    assert len(report) == 384
-    return report
-
-
-def _signature_data(
-    *,
-    quote_signature: bytes,
-    attest_key: ec.EllipticCurvePrivateKey,
-    pck_key: ec.EllipticCurvePrivateKey,
-    qe_isvsvn: int,
-    qe_auth_data: bytes,
-    chain_pem: bytes,
-) -> bytes:
-    """ECDSA quote signature data: signature, attestation key, type-6 certification data."""
-    attest_pub = _raw_pubkey(attest_key)
-    qe_hash = hashlib.sha256(attest_pub + qe_auth_data).digest()
-    qe_report = _qe_report(qe_isvsvn=qe_isvsvn, qe_report_data=qe_hash + bytes(32))
-    inner = b"".join(
-        [
-            qe_report,
-            _raw_sign(pck_key, qe_report),
-            struct.pack("<H", len(qe_auth_data)),
-            qe_auth_data,
-            struct.pack("<HI", 5, len(chain_pem)),
-            chain_pem,
-        ]
-    )
-    return quote_signature + attest_pub + struct.pack("<HI", 6, len(inner)) + inner
-
-
-# --------------------------------------------------------------------------------------------
-# Collateral
-# --------------------------------------------------------------------------------------------
-
-
-def rfc3339(timestamp: float) -> str:
-    """UTC RFC 3339 with a ``Z`` suffix, whole seconds (floored)."""
-    moment = dt.datetime.fromtimestamp(int(timestamp // 1), tz=dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def compact_json(obj: Any) -> str:
-    """The exact served form: compact, key order preserved, ASCII only."""
-    return json.dumps(obj, separators=(",", ":"))
-
-
-def _svns(values: bytes) -> list[dict[str, int]]:
-    """TCB component list ``[{"svn": n}, ...]``."""
-    return [{"svn": v} for v in values]
-
-
-def _tcb_level(
-    pcesvn: int, status: str, tcb_date: str, advisories: list[str] | None = None
-) -> dict[str, Any]:
-    """One platform tcbLevel with the default SGX and TDX components."""
-    level: dict[str, Any] = {
-        "tcb": {
-            "sgxtcbcomponents": _svns(DEFAULT_CPUSVN),
-            "pcesvn": pcesvn,
-            "tdxtcbcomponents": _svns(DEFAULT_TEE_TCB_SVN),
-        },
-        "tcbDate": tcb_date,
-        "tcbStatus": status,
-    }
-    if advisories:
-        level["advisoryIDs"] = advisories
-    return level
-
-
-def tcb_info_object(*, fmspc: str, issue: float, next_update: float) -> dict[str, Any]:
-    """TDX TCB Info v3 (inner object, not the PCS envelope)."""
-    module_identity = {
-        "id": f"TDX_{TDX_MODULE_VERSION:02X}",
-        "mrsigner": TDX_MODULE_MRSIGNER.hex().upper(),
-        "attributes": "0000000000000000",
-        "attributesMask": "FFFFFFFFFFFFFFFF",
-        "tcbLevels": [
-            {
-                "tcb": {"isvsvn": TDX_MODULE_ISVSVN},
-                "tcbDate": "2024-03-13T00:00:00Z",
-                "tcbStatus": "UpToDate",
-            },
-            {
-                "tcb": {"isvsvn": TDX_MODULE_OUTDATED_ISVSVN},
-                "tcbDate": "2023-08-09T00:00:00Z",
-                "tcbStatus": "OutOfDate",
-                "advisoryIDs": [OUTDATED_MODULE_ADVISORY],
-            },
-        ],
-    }
-    return {
-        "id": "TDX",
-        "version": 3,
-        "issueDate": rfc3339(issue),
-        "nextUpdate": rfc3339(next_update),
-        "fmspc": fmspc.upper(),
-        "pceId": "0000",
-        "tcbType": 0,
-        "tcbEvaluationDataNumber": TCB_EVALUATION_DATA_NUMBER,
-        "tdxModule": {
-            "mrsigner": TDX_MODULE_MRSIGNER.hex().upper(),
-            "attributes": "0000000000000000",
-            "attributesMask": "FFFFFFFFFFFFFFFF",
-        },
-        "tdxModuleIdentities": [module_identity],
-        "tcbLevels": [
-            _tcb_level(UPTODATE_PCESVN, "UpToDate", "2024-03-13T00:00:00Z"),
-            _tcb_level(OUTDATED_PCESVN, "OutOfDate", "2023-08-09T00:00:00Z", [OUTDATED_ADVISORY]),
-            _tcb_level(REVOKED_PCESVN, "Revoked", "2018-01-04T00:00:00Z", [REVOKED_ADVISORY]),
-        ],
-    }
-
-
-def qe_identity_object(*, issue: float, next_update: float) -> dict[str, Any]:
-    """TD_QE identity v2 (inner object) matching the factory's QE report."""
-    return {
-        "id": "TD_QE",
-        "version": 2,
-        "issueDate": rfc3339(issue),
-        "nextUpdate": rfc3339(next_update),
-        "tcbEvaluationDataNumber": TCB_EVALUATION_DATA_NUMBER,
-        "miscselect": "00000000",
-        "miscselectMask": "FFFFFFFF",
-        "attributes": QE_ATTRIBUTES.hex().upper(),
-        "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
-        "mrsigner": QE_MRSIGNER.hex().upper(),
-        "isvprodid": QE_ISVPRODID,
-        "tcbLevels": [
-            {
-                "tcb": {"isvsvn": QE_ISVSVN},
-                "tcbDate": "2024-03-13T00:00:00Z",
-                "tcbStatus": "UpToDate",
-            }
-        ],
-    }
-
-
-def make_crl(
-    issuer_cert: x509.Certificate,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    *,
-    this_update: float,
-    next_update: float,
-    revoked_serials: tuple[int, ...] = (),
-    number: int = 1,
-) -> bytes:
-    """A DER CRL v2 with CRLNumber + AKI (webpki rejects CRLs without extensions)."""
-    this_dt = dt.datetime.fromtimestamp(int(this_update // 1), tz=dt.UTC)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(issuer_cert.subject)
-        .last_update(this_dt)
-        .next_update(dt.datetime.fromtimestamp(int(next_update // 1), tz=dt.UTC))
-        .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
-    )
-    for serial in revoked_serials:
-        entry = (
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(this_dt).build()
-        )
-        builder = builder.add_revoked_certificate(entry)
-    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
-
-
-@dataclass(frozen=True)
-class CollateralParts:
-    """The nine collateral fields in their native types (bytes for CRLs and signatures)."""
-
-    pck_crl_issuer_chain: str
-    root_ca_crl: bytes
-    pck_crl: bytes
-    tcb_info_issuer_chain: str
-    tcb_info: str
-    tcb_info_signature: bytes
-    qe_identity_issuer_chain: str
-    qe_identity: str
-    qe_identity_signature: bytes
-
-    def to_collateral(self) -> Any:
-        """A ``dcap_qvl.QuoteCollateralV3``."""
-        return dcap_qvl.QuoteCollateralV3(
-            self.pck_crl_issuer_chain,
-            self.root_ca_crl,
-            self.pck_crl,
-            self.tcb_info_issuer_chain,
-            self.tcb_info,
-            self.tcb_info_signature,
-            self.qe_identity_issuer_chain,
-            self.qe_identity,
-            self.qe_identity_signature,
-        )
-
-    def to_json(self) -> str:
-        """The JSON shape ``QuoteCollateralV3.from_json`` accepts (hex for byte fields)."""
-        return json.dumps(
-            {
-                "pck_crl_issuer_chain": self.pck_crl_issuer_chain,
-                "root_ca_crl": self.root_ca_crl.hex(),
-                "pck_crl": self.pck_crl.hex(),
-                "tcb_info_issuer_chain": self.tcb_info_issuer_chain,
-                "tcb_info": self.tcb_info,
-                "tcb_info_signature": self.tcb_info_signature.hex(),
-                "qe_identity_issuer_chain": self.qe_identity_issuer_chain,
-                "qe_identity": self.qe_identity,
-                "qe_identity_signature": self.qe_identity_signature.hex(),
-            }
-        )
-
-
-def make_collateral(
-    pki: TestPki,
-    *,
-    now: float,
-    fmspc: str = DEFAULT_FMSPC,
-    collateral_days: float = 30,
-    revoked_pck_serials: tuple[int, ...] = (),
-) -> CollateralParts:
-    """Collateral valid from ``now - 1 day`` until ``now + collateral_days``."""
-    issue = now - DAY
-    next_update = now + collateral_days * DAY
-    tcb_info = compact_json(tcb_info_object(fmspc=fmspc, issue=issue, next_update=next_update))
-    qe_identity = compact_json(qe_identity_object(issue=issue, next_update=next_update))
-    tcb_chain = (pki.tcb_pem + pki.root_pem).decode()
-    return CollateralParts(
-        pck_crl_issuer_chain=(pki.pck_ca_pem + pki.root_pem).decode(),
-        root_ca_crl=make_crl(
-            pki.root_cert, pki.root_key, this_update=issue, next_update=next_update
-        ),
-        pck_crl=make_crl(
-            pki.pck_ca_cert,
-            pki.pck_ca_key,
-            this_update=issue,
-            next_update=next_update,
-            revoked_serials=revoked_pck_serials,
-        ),
-        tcb_info_issuer_chain=tcb_chain,
-        tcb_info=tcb_info,
-        tcb_info_signature=_raw_sign(pki.tcb_key, tcb_info.encode()),
-        qe_identity_issuer_chain=tcb_chain,
-        qe_identity=qe_identity,
-        qe_identity_signature=_raw_sign(pki.tcb_key, qe_identity.encode()),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Minting
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MintedQuote:
-    """A minted quote, its collateral and the inputs that went into it."""
-
-    quote: bytes
-    collateral: Any  # dcap_qvl.QuoteCollateralV3
-    collateral_json: str
-    parts: CollateralParts
-    fmspc: str
-    now: float
-    collateral_days: float
-    report_data: bytes
-    mrtd: bytes
-    rtmrs: tuple[bytes, bytes, bytes, bytes]
-    td_attributes: int
-    pcesvn: int
-    pck_leaf_serial: int
-    pck_leaf_pem: bytes
-    root_der: bytes = field(repr=False)
-
-    @property
-    def now_secs(self) -> int:
-        """``int(now)``, the time argument the verifier takes."""
-        return int(self.now)
-
-    @property
-    def expires_at(self) -> float:
-        """nextUpdate of every CRL and JSON: verifying at or after this fails."""
-        return self.now + self.collateral_days * DAY
-
-    @property
-    def expired_secs(self) -> int:
-        """A verification time one day after the collateral expired."""
-        return int(self.expires_at + DAY)
-
-
-def mint_tdx_quote(
-    pki: TestPki,
-    *,
-    now: float,
-    report_data: bytes = bytes(64),
-    mrtd: bytes = DEFAULT_MRTD,
-    rtmrs: tuple[bytes, bytes, bytes, bytes] = DEFAULT_RTMRS,
-    td_attributes: int = DEFAULT_TD_ATTRIBUTES,
-    pcesvn: int = UPTODATE_PCESVN,
-    fmspc: str = DEFAULT_FMSPC,
-    collateral_days: float = 30,
-    revoke_pck: bool = False,
-    corrupt_signature: bool = False,
-    tee_tcb_svn: bytes = DEFAULT_TEE_TCB_SVN,
-    qe_isvsvn: int = QE_ISVSVN,
-    qe_auth_data: bytes = bytes(range(32)),
-    include_root_in_chain: bool = True,
-    pck_key: ec.EllipticCurvePrivateKey | None = None,
-    ppid: bytes | None = None,
-) -> MintedQuote:
-    """Mint a TDX v4 quote (fresh PCK leaf and attestation key) plus matching collateral.
-
-    The PCK leaf is issued for ``pck_key`` (default: a fresh key, so every quote comes from a
-    "new platform"); quotes minted with one key share the platform's PPID, derived from the
-    key unless ``ppid`` sets it.
-
-    ``revoke_pck`` lists the leaf serial in the PCK CRL; ``corrupt_signature`` flips one byte
-    of the quote signature after signing. ``now`` is when the collateral was "fetched":
-    verify at ``minted.now_secs`` (valid) or ``minted.expired_secs`` (expired).
-    """
-    if len(rtmrs) != 4:
-        raise ValueError("rtmrs must hold exactly 4 entries")
-    pck_key = pck_key if pck_key is not None else ec.generate_private_key(_CURVE)
-    attest_key = ec.generate_private_key(_CURVE)
-    leaf = _issue_pck_leaf(pki, pck_key, pcesvn=pcesvn, cpusvn=DEFAULT_CPUSVN, fmspc=fmspc,
-                           ppid=ppid)
-    leaf_pem = leaf.public_bytes(serialization.Encoding.PEM)
-    chain = leaf_pem + pki.pck_ca_pem + (pki.root_pem if include_root_in_chain else b"")
-
-    signed = _quote_header() + _td_report(
-        tee_tcb_svn=tee_tcb_svn,
-        td_attributes=td_attributes,
-        mrtd=mrtd,
-        rtmrs=rtmrs,
-        report_data=report_data,
-    )
-    assert len(signed) == _QUOTE_SIGNED_LEN
-    signature = bytearray(_raw_sign(attest_key, signed))
-    if corrupt_signature:
-        signature[5] ^= 0x01
-    sig_data = _signature_data(
-        quote_signature=bytes(signature),
-        attest_key=attest_key,
-        pck_key=pck_key,
-        qe_isvsvn=qe_isvsvn,
-        qe_auth_data=qe_auth_data,
-        chain_pem=chain,
-    )
-    quote = signed + struct.pack("<I", len(sig_data)) + sig_data
-
-    parts = make_collateral(
-        pki,
-        now=now,
-        fmspc=fmspc,
-        collateral_days=collateral_days,
-        revoked_pck_serials=(leaf.serial_number,) if revoke_pck else (),
-    )
-    return MintedQuote(
-        quote=quote,
-        collateral=parts.to_collateral(),
-        collateral_json=parts.to_json(),
-        parts=parts,
-        fmspc=fmspc.upper(),
-        now=now,
-        collateral_days=collateral_days,
-        report_data=report_data,
-        mrtd=mrtd,
-        rtmrs=rtmrs,
-        td_attributes=td_attributes,
-        pcesvn=pcesvn,
-        pck_leaf_serial=leaf.serial_number,
-        pck_leaf_pem=leaf_pem,
-        root_der=pki.root_der,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Scenario conveniences
-# --------------------------------------------------------------------------------------------
-
-
-def mint_uptodate(pki: TestPki, *, now: float, **kwargs: Any) -> MintedQuote:
-    """Verifies as ``UpToDate`` at ``minted.now_secs``."""
-    return mint_tdx_quote(pki, now=now, **kwargs)
-
-
-def mint_outofdate(pki: TestPki, *, now: float, **kwargs: Any) -> MintedQuote:
-    """Verifies as ``OutOfDate`` with advisory ``OUTDATED_ADVISORY``."""
-    return mint_tdx_quote(pki, now=now, pcesvn=OUTDATED_PCESVN, **kwargs)
-
-
-def mint_revoked_pck(pki: TestPki, *, now: float, **kwargs: Any) -> MintedQuote:
-    """PCK leaf serial is in the PCK CRL: verification fails with ``CertRevoked``."""
-    return mint_tdx_quote(pki, now=now, revoke_pck=True, **kwargs)
-
-
-def mint_bad_signature(pki: TestPki, *, now: float, **kwargs: Any) -> MintedQuote:
-    """Quote signature byte flipped: fails with "ISV enclave report signature is invalid"."""
-    return mint_tdx_quote(pki, now=now, corrupt_signature=True, **kwargs)
-
-
-def mint_debug_td(pki: TestPki, *, now: float, **kwargs: Any) -> MintedQuote:
-    """TD DEBUG attribute set: fails with "Debug mode is enabled"."""
-    return mint_tdx_quote(pki, now=now, td_attributes=DEFAULT_TD_ATTRIBUTES | DEBUG_BIT, **kwargs)
-
-
-def pccs_tcb_info_body(minted: MintedQuote) -> bytes:
-    """PCS/PCCS ``/tdx/certification/v4/tcb`` response body, keeping ``tcb_info`` byte-exact."""
-    parts = minted.parts
-    return f'{{"tcbInfo":{parts.tcb_info},"signature":"{parts.tcb_info_signature.hex()}"}}'.encode()
-
-
-def pccs_qe_identity_body(minted: MintedQuote) -> bytes:
-    """PCS/PCCS ``/tdx/certification/v4/qe/identity`` response body, byte-exact identity."""
-    parts = minted.parts
-    sig = parts.qe_identity_signature.hex()
-    return f'{{"enclaveIdentity":{parts.qe_identity},"signature":"{sig}"}}'.encode()
-
-
-# --------------------------------------------------------------------------------------------
 # Persistence: a PKI directory that the agent (minting) and eecp (EE_DCAP_ROOT_CA) share
 # --------------------------------------------------------------------------------------------
-
-DevPki = TestPki
-"""The name run-time code uses for :class:`TestPki` (it is the same class)."""
 
 ROOT_CERT_FILE = "root.pem"
 """The root CA certificate: point ``EE_DCAP_ROOT_CA`` at it."""
 
-#: file names of every certificate and key in a PKI directory, keyed by ``TestPki`` field
+#: file names of every certificate and key in a PKI directory, keyed by ``DevPki`` field
 PKI_FILES: dict[str, str] = {
     "root_cert": ROOT_CERT_FILE,
     "root_key": "root.key.pem",
@@ -911,7 +349,7 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-def save_pki(pki: TestPki, directory: str | Path) -> Path:
+def save_pki(pki: DevPki, directory: str | Path) -> Path:
     """Write ``pki`` to ``directory`` as PEM files (:data:`PKI_FILES`) and return the root's path.
 
     Keys are unencrypted PKCS#8 readable by the owner only: this is a development PKI.
@@ -942,7 +380,7 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def load_pki(directory: str | Path) -> TestPki:
+def load_pki(directory: str | Path) -> DevPki:
     """Read a PKI written by :func:`save_pki`.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for unreadable PEM or a
@@ -959,7 +397,7 @@ def load_pki(directory: str | Path) -> TestPki:
         if certs[cert_name].public_key() != keys[key_name].public_key():
             raise ValueError(f"{src / PKI_FILES[cert_name]} does not match "
                              f"{src / PKI_FILES[key_name]}")
-    return TestPki(
+    return DevPki(
         root_key=keys["root_key"],
         root_cert=certs["root_cert"],
         pck_ca_key=keys["pck_ca_key"],
@@ -969,7 +407,7 @@ def load_pki(directory: str | Path) -> TestPki:
     )
 
 
-def ensure_pki(directory: str | Path) -> TestPki:
+def ensure_pki(directory: str | Path) -> DevPki:
     """The PKI in ``directory``; a fresh random one is created and saved there if it has none."""
     path = Path(directory)
     if (path / ROOT_CERT_FILE).exists():

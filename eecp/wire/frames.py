@@ -51,11 +51,12 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, NoReturn
 
 from eecp.core.errors import ProtocolError
+from eecp.wire.httpmsg import RequestHead, ResponseHead
 from eecp.wire.protocol import CLOSE_INVALID_PAYLOAD, CLOSE_PROTOCOL_ERROR
 
 HEADER_BYTES = 5
@@ -87,7 +88,6 @@ _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 # a request target: visible ASCII only (no spaces, no controls)
 _TARGET = re.compile(r"[\x21-\x7e]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 class FrameType(IntEnum):
@@ -100,23 +100,6 @@ class FrameType(IntEnum):
     RESET = 5
     WINDOW = 6
     BATCH = 7
-
-
-@dataclass(frozen=True)
-class RequestHead:
-    """An HTTP request's head as eecp forwards it (headers in order, repeats kept)."""
-
-    method: str
-    path: str
-    headers: list[tuple[str, str]] = field(hash=False)
-
-
-@dataclass(frozen=True)
-class ResponseHead:
-    """An HTTP response's head as the agent returns it (headers in order, repeats kept)."""
-
-    status: int
-    headers: list[tuple[str, str]] = field(hash=False)
 
 
 @dataclass(frozen=True)
@@ -224,31 +207,6 @@ def encode_batch(encoded: list[bytes]) -> bytes:
     for frame in encoded:
         parts += (_U32.pack(len(frame)), frame)
     return b"".join(parts)
-
-
-def content_length(headers: list[tuple[str, str]]) -> int | None:
-    """The body length a head's ``Content-Length`` declares, ``None`` without one;
-    ``ValueError`` for conflicting values or one that is not plain ASCII digits (both sides
-    read a length the same way: eecp to mark the last chunk, the agent to frame the body)."""
-    values = {value.strip() for name, value in headers if name.lower() == "content-length"}
-    if not values:
-        return None
-    if len(values) > 1:
-        raise ValueError(f"conflicting Content-Length values {sorted(values)!r}")
-    (value,) = values
-    if not _DIGITS.fullmatch(value):
-        raise ValueError(f"invalid Content-Length {value[:40]!r}")
-    return int(value)
-
-
-def is_origin_form(target: str) -> bool:
-    """Whether a request target names a path on the backend: it begins with one ``/``.
-
-    ``//host/…`` (and ``/\\host``, which some servers read the same way) could point a
-    redirect or a URL join elsewhere, and an absolute URL or ``*`` is no path on the backend
-    at all: eecp refuses to forward them and the agent refuses to send them on (no SSRF).
-    """
-    return target.startswith("/") and not target.startswith(("//", "/\\"))
 
 
 def check_head(head: RequestHead | ResponseHead, *,

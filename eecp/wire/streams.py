@@ -1,5 +1,13 @@
 """Many HTTP exchanges over one tunnel: a stream multiplexer with per-stream flow control.
 
+Longer than this codebase's ~500 lines on purpose: :class:`Mux` and :class:`Stream` are one
+state machine. The mux routes each frame to its stream's state and writes what the streams
+queue; a stream's every change (credit, END, RESET, release) is the mux's slot accounting,
+write queue and id table. Each reaches into the other's privates on every frame; split in two
+modules, the one machine would only be harder to read. What is not the machine lives outside:
+the frame codec (:mod:`eecp.wire.frames`), the heads (:mod:`eecp.wire.httpmsg`), the wake-ups
+(:mod:`eecp.core.trioutil`).
+
 Both ends use :class:`Mux`: eecp opens streams (``opener=True``: one per proxied request), the
 agent accepts them. Frames are :mod:`eecp.wire.frames`'; the tunnel's reader hands every binary
 message to :meth:`Mux.feed`, and the mux writes through the ``send_message`` it was given
@@ -46,6 +54,7 @@ from typing import NoReturn
 import trio
 
 from eecp.core.errors import EecpError, ProtocolError
+from eecp.core.trioutil import Signal
 from eecp.wire import frames
 from eecp.wire.frames import (
     INITIAL_WINDOW,
@@ -53,16 +62,15 @@ from eecp.wire.frames import (
     DataFrame,
     EndFrame,
     Frame,
-    RequestHead,
     RequestHeadFrame,
     ResetFrame,
-    ResponseHead,
     ResponseHeadFrame,
     WindowFrame,
 )
+from eecp.wire.httpmsg import RequestHead, ResponseHead
 from eecp.wire.protocol import CLOSE_PROTOCOL_ERROR
 
-__all__ = ["Mux", "RequestHead", "ResponseHead", "Stream", "StreamError"]
+__all__ = ["Mux", "Stream", "StreamError"]
 
 log = logging.getLogger("eecp.streams")
 
@@ -90,23 +98,6 @@ class StreamError(EecpError):
     http_status = 502
 
 
-class _Signal:
-    """Wakes every task waiting at the moment it fires (waiters re-check their condition)."""
-
-    def __init__(self) -> None:
-        self._event: trio.Event | None = None  # made by the first waiter: most never have one
-
-    def fire(self) -> None:
-        if self._event is not None:
-            self._event.set()
-            self._event = None
-
-    async def wait(self) -> None:
-        if self._event is None:
-            self._event = trio.Event()
-        await self._event.wait()
-
-
 class Mux:
     """One tunnel's streams. ``opener=True`` on eecp's side, ``False`` on the agent's."""
 
@@ -129,8 +120,8 @@ class Mux:
         self._next_id = 1
         # accepted-to-be streams, in arrival order (dicts keep insertion order)
         self._pending: dict[int, tuple[Stream, RequestHead]] = {}
-        self._slots = _Signal()  # a slot freed (or the mux closed)
-        self._arrived = _Signal()  # a stream to accept arrived (or the mux closed)
+        self._slots = Signal()  # a slot freed (or the mux closed)
+        self._arrived = Signal()  # a stream to accept arrived (or the mux closed)
         self._writes: set[trio.CancelScope] = set()
         self._closed: str | None = None
         # the outbox (see _write): frames queued in order; counts of frames queued and written
@@ -430,7 +421,7 @@ class Stream:
         self._received_end = False
         self._sent_end = False
         self._error: StreamError | None = None
-        self._changed = _Signal()
+        self._changed = Signal()
         self._send_lock = trio.Lock()
         self._on_failure: list[trio.CancelScope] = []
 

@@ -1,8 +1,13 @@
-"""A lean HTTP/1.1 server: httptools (llhttp) parsing over trio streams.
+"""One client connection of the HTTP server: its I/O, its timeouts, and the request and
+responder its handler is given.
 
-It serves the data plane: the proxy listener (any method and path, bodies streamed both ways,
-never held whole in memory) and the auth listener (tiny JSON answers, many thousands a second).
-Handlers are ``async def handler(request, responder)``; :func:`serve_http` runs them.
+Longer than this codebase's ~500 lines on purpose: :class:`Connection`, :class:`Request` and
+:class:`Responder` are one piece. The request's body reads and the responder's writes go
+through the connection (whose deadlines they run under), and the connection drives both (it
+makes them, decides whether the connection survives a response from the responder's framing
+and the body left unread, and answers for a handler that failed). Cut apart, each would reach
+into the others' privates. What is not I/O lives beside it: the parser
+(:mod:`~eecp.dataplane.http.parser`) and the bytes written (:mod:`~eecp.dataplane.http.encoding`).
 
 One connection is one task with one nursery; nothing it starts outlives it::
 
@@ -14,68 +19,45 @@ One connection is one task with one nursery; nothing it starts outlives it::
 
 The hot path (a small request, a quick answer) is one read and one write in the serving task,
 with no hand-off between tasks: a second task per request doubled the cost of each request.
-
-Decisions a handler author should know:
-
-* **Pipelining.** Requests are parsed ahead (at most :data:`MAX_QUEUED_REQUESTS` while a slow
-  handler runs, or what one read brings) but handled strictly in order, so responses leave in
-  order.
-* **Unread bodies.** When a handler answers without reading the whole request body, the server
-  discards what is left if that is at most :data:`DRAIN_BYTES` (known from Content-Length, or
-  already received) and keeps the connection; otherwise it answers with ``Connection: close`` and
-  closes. A body held back by ``Expect: 100-continue`` is never solicited just to be drained.
-* **Backpressure.** The body is read from the socket when the handler asks for the next chunk,
-  so a slow upstream slows the client down instead of filling memory. While a slow handler is
-  watched, the guard reads ahead at most :data:`BODY_BUFFER_BYTES` of body, then stops. The
-  body gap timeout only runs while the server waits for body bytes, never while it is busy.
-* **Slow clients.** Besides the gap timeout and ``send_timeout_sec``, an optional minimum
-  rate (:attr:`Limits.min_rate_bytes_sec`, judged per :attr:`Limits.rate_grace_sec` of time
-  spent waiting on the client) ends a body that trickles (408 ``body_too_slow``) and a
-  connection whose client takes less than that of a response; a response's progress is what
-  the client acknowledged (``TIOCOUTQ``), not what the kernel buffered.
-* **Disconnects.** End of input (EOF or reset) while a request is being handled cancels its
-  handler (a body read raises :class:`ClientDisconnected` first if that is where it was). A
-  half-close (shutdown of the client's sending side) counts as gone too, as with nginx and
-  uvicorn. A handler quicker than :data:`WATCH_AFTER_SEC` is not watched; while the guard has
-  stopped reading on full buffers, a disconnect is noticed at the handler's next read or write.
-* **Errors.** Malformed input gets a small JSON answer ``{"error": reason}`` and the connection
-  closes: 400 ``bad_request``, 408 ``header_timeout``/``body_timeout``, 413 ``body_too_large``,
-  431 ``header_too_large``/``too_many_headers``, 501 ``unsupported_transfer_encoding``,
-  505 ``http_version_not_supported``. A handler that raises gets 500 ``internal_error`` (or the
-  status of a :class:`RequestError` it let through) if nothing was sent yet, else the
-  connection is closed.
-* **Connection cap.** :func:`serve_http` holds at most ``max_connections`` at once (the data
-  plane's are sized from the file limit: :mod:`eecp.core.capacity`). At the cap a new connection
-  closes the oldest idle one (accepted and silent, or kept alive with no byte of a next
-  request), never one with a request under way; with none idle it is closed at once.
-* **Not supported:** protocol upgrades (an ``Upgrade``/``CONNECT`` request is handed to the
-  handler like any other, and the connection closes after its answer), trailers, HTTP/2.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import math
-import re
 import struct
 import termios
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from email.utils import formatdate
 from functools import partial
-from http import HTTPStatus
 from typing import cast
 
-import httptools
 import trio
 
-from eecp.core.capacity import ConnectionGate, quiet_accept_errors
-from eecp.core.errors import EecpError, leaf_error
+from eecp.core.capacity import ConnectionGate
+from eecp.core.trioutil import Wakeup, leaf_error
+from eecp.dataplane.http.encoding import (
+    CHUNKED,
+    CLOSE,
+    CONTINUE,
+    JSON_CLOSE,
+    LAST_CHUNK,
+    connection_line,
+    date_line,
+    error_body,
+    header_block,
+    status_line,
+)
+from eecp.dataplane.http.parser import (
+    BETWEEN,
+    BODY,
+    HEAD,
+    ParsedRequest,
+    RequestError,
+    RequestParser,
+)
 
 log = logging.getLogger("eecp.httpserver")
 
@@ -95,29 +77,8 @@ LINGER_BYTES = 1024 * 1024
 WATCH_AFTER_SEC = 0.1
 """A handler running longer than this is slow: the guard reads for it meanwhile (to notice the
 client leaving). Quicker ones are not watched, which keeps the hot path to one task."""
-DEFAULT_MAX_CONNECTIONS = 1000
-"""Connections a listener holds at once unless told otherwise (the data plane's listeners are
-sized from the file limit: :mod:`eecp.core.capacity`)."""
 
 _INT = bytes(4)  # the buffer of an ioctl that answers one C int
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CLOSE = b"connection: close\r\n"
-_KEEP_ALIVE = b"connection: keep-alive\r\n"
-_CHUNKED = b"transfer-encoding: chunked\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-_JSON = [("content-type", "application/json"), ("connection", "close")]
-_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
-# Headers that frame the message or the connection: the server writes its own.
-_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
-# Response headers the encoder looks at (one set lookup per header): framing ones, and Date,
-# which the server writes unless the handler gave one.
-_NOTED = _FRAMING | {"date"}
-_METHODS: dict[bytes, str] = {}
-# Request headers the parser callback has to look at; every other header is only stored.
-_NOTABLE = frozenset({"content-length", "transfer-encoding", "expect", "host"})
-
-# Parser states (where the next byte of input belongs).
-_BETWEEN, _HEAD, _BODY = 0, 1, 2
 # Response body framing.
 _NO_BODY, _LENGTH, _CHUNK, _UNTIL_CLOSE = 0, 1, 2, 3
 
@@ -164,83 +125,32 @@ class Limits:
         return max(1, int(self.min_rate_bytes_sec * self.rate_grace_sec))
 
 
-
 DEFAULT_LIMITS = Limits()
-
-
-class RequestError(EecpError):
-    """The client's request cannot be served: answered with ``http_status`` and
-    ``{"error": reason}``, then the connection closes. Raised by :meth:`Request.body_chunks`
-    (``body_timeout``, ``body_too_large``, ``bad_request``); a handler may raise it too."""
-
-    def __init__(self, status: int, reason: str, detail: str = "") -> None:
-        super().__init__(reason, detail)
-        self.http_status = status
 
 
 class ClientDisconnected(trio.BrokenResourceError):
     """The client went away: raised by :class:`Responder` writes and body reads."""
 
 
-class Request:
+class Request(ParsedRequest):
     """One parsed request head; its body is read with :meth:`body_chunks` or :meth:`read_body`.
 
     ``headers`` keeps the order and repeats of the request, names lower-cased.
     """
 
-    __slots__ = (
-        "_chunks",
-        "_complete",
-        "_conn",
-        "_consumed",
-        "_error",
-        "_expect_continue",
-        "_forgotten",
-        "_rate_bytes",
-        "_rate_waited",
-        "_received",
-        "client",
-        "content_length",
-        "headers",
-        "http_version",
-        "keep_alive",
-        "method",
-        "path",
-        "query",
-        "target",
-    )
+    __slots__ = ("_conn", "_rate_bytes", "_rate_waited", "client")
 
-    def __init__(self, conn: _Connection, method: str, target: str, http_version: str,
+    def __init__(self, conn: Connection, method: str, target: str, http_version: str,
                  headers: list[tuple[str, str]], keep_alive: bool, content_length: int | None,
                  expect_continue: bool) -> None:
-        self.method = method
-        self.target = target
-        self.path, _, self.query = target.partition("?")
-        self.http_version = http_version
-        self.headers = headers
+        super().__init__(method, target, http_version, headers, keep_alive, content_length,
+                         expect_continue)
         self.client = conn.client
-        self.keep_alive = keep_alive
-        self.content_length = content_length
         self._conn = conn
-        self._chunks: deque[bytes] = deque()
-        self._received = 0  # body bytes parsed so far
         # the body's rate (Limits.min_rate_bytes_sec): bytes parsed when the current stretch
         # of waiting began, and the seconds waited on the client since
         self._rate_bytes = 0
         self._rate_waited = 0.0
-        self._consumed = 0  # body bytes taken by the handler (or drained)
-        self._complete = False  # the parser saw the end of the body
-        self._error: RequestError | None = None  # raised once the buffered chunks are taken
-        self._expect_continue = expect_continue  # a 100 Continue is still owed
-        self._forgotten = False  # answered: the rest of the body is skipped, not kept
-
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (any case), or None."""
-        name = name.lower()
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
         """The request body, chunk by chunk as it arrives (Content-Length or chunked).
@@ -285,7 +195,7 @@ class Responder:
     __slots__ = ("_close", "_conn", "_ended", "_held", "_held_bytes", "_mode", "_remaining",
                  "_request", "head_sent")
 
-    def __init__(self, conn: _Connection, request: Request) -> None:
+    def __init__(self, conn: Connection, request: Request) -> None:
         self._conn = conn
         self._request = request
         self.head_sent = False
@@ -299,7 +209,7 @@ class Responder:
     async def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
         """The whole response, head and body, in one write (the fast path: pass ``headers``
         as a tuple and their encoding is cached)."""
-        block, _, close, dated = _header_block(headers)  # before _start: a bad head is a 500
+        block, _, close, dated = header_block(headers)  # before _start: a bad head is a 500
         self._start(status)
         request = self._request
         self._close = close = close or not self._conn.may_keep_alive(request)
@@ -310,10 +220,10 @@ class Responder:
         if request.method == "HEAD":
             body = b""
         self._ended = True
-        data = b"".join((_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status,
-                         b"" if dated else _date_line(), block, framing,
-                         _connection_line(request, close), b"\r\n", body))
-        try:  # (not through _Connection.write: one coroutine less on the hot path)
+        data = b"".join((status_line(status),
+                         b"" if dated else date_line(), block, framing,
+                         connection_line(request.http_version, close), b"\r\n", body))
+        try:  # (not through Connection.write: one coroutine less on the hot path)
             await self._conn.stream.send_all(data)
         except trio.BrokenResourceError as exc:
             raise ClientDisconnected(str(exc)) from exc
@@ -325,7 +235,7 @@ class Responder:
         ``hold=True`` (here and in :meth:`send`) keeps the bytes back to go out with the next
         write: for a caller that knows more follows at once (a small proxied answer is then
         one write instead of three). At most :data:`HOLD_BYTES` are held."""
-        block, length, close, dated = _header_block(headers)  # before _start: a bad head: 500
+        block, length, close, dated = header_block(headers)  # before _start: a bad head: 500
         self._start(status)
         request = self._request
         framing = b"" if length is None else b"content-length: %d\r\n" % length
@@ -336,14 +246,13 @@ class Responder:
         elif length is not None:
             self._mode, self._remaining = _LENGTH, length
         elif request.http_version == "1.1":
-            self._mode, framing = _CHUNK, _CHUNKED
+            self._mode, framing = _CHUNK, CHUNKED
         else:
             self._mode, close = _UNTIL_CLOSE, True
         self._close = close = close or not self._conn.may_keep_alive(request)
         await self._write(b"".join((
-            _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status,
-            b"" if dated else _date_line(), block, framing, _connection_line(request, close),
-            b"\r\n")), hold)
+            status_line(status), b"" if dated else date_line(), block, framing,
+            connection_line(request.http_version, close), b"\r\n")), hold)
 
     async def send(self, chunk: bytes, *, hold: bool = False) -> None:
         """Write the next piece of the body (flow-controlled by the client)."""
@@ -385,7 +294,7 @@ class Responder:
             return
         self._ended = True
         if self._mode == _CHUNK:
-            await self._write(_LAST_CHUNK, False)
+            await self._write(LAST_CHUNK, False)
             return
         await self._flush()
         if self._mode == _LENGTH and self._remaining:
@@ -404,52 +313,8 @@ class Responder:
 Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
-async def serve_http(handler: Handler, host: str, port: int, *, limits: Limits = DEFAULT_LIMITS,
-                     max_connections: int = DEFAULT_MAX_CONNECTIONS, name: str = "HTTP listener",
-                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``handler`` on ``host:port`` (0: any free port) until cancelled; reports the bound
-    port through ``task_status``."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    await serve_http_listeners(handler, listeners, limits=limits, task_status=task_status,
-                               gate=ConnectionGate(name, max_connections))
-
-
-async def serve_http_listeners(
-    handler: Handler, listeners: Sequence[trio.SocketListener], *,
-    limits: Limits = DEFAULT_LIMITS, gate: ConnectionGate | None = None,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``handler`` on listeners the caller opened (and tuned); reports the first one's
-    port. Every connection task runs in a nursery owned by this call. ``gate`` caps the
-    connections of all of them together (see :mod:`eecp.core.capacity`); by default at
-    :data:`DEFAULT_MAX_CONNECTIONS`."""
-    port: int = listeners[0].socket.getsockname()[1]
-    gate = gate or ConnectionGate("HTTP listener", DEFAULT_MAX_CONNECTIONS)
-    quiet_accept_errors()  # trio's accept loop: EMFILE is one line a minute, not ten a second
-    serve_one = partial(_serve_connection, handler, limits, gate)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, serve_one, list(listeners))
-        task_status.started(port)
-
-
-async def _serve_connection(handler: Handler, limits: Limits, gate: ConnectionGate,
-                            stream: trio.SocketStream) -> None:
-    if not gate.admit():
-        # at the cap with nobody idle: accepted only to be closed (trio.serve_listeners closes
-        # it as we return), rather than left to fill the kernel's backlog
-        return
-    try:
-        await _Connection(stream, handler, limits, gate).run()
-    except Exception:
-        # A bug of ours must cost one connection, not the listener and every other client.
-        log.exception("HTTP connection failed")
-    finally:
-        gate.leave()
-        await trio.aclose_forcefully(stream)
-
-
-class _Connection:
-    """One client connection; also the target of the parser's callbacks.
+class Connection:
+    """One client connection.
 
     The serving task reads requests and runs the handler itself: in the hot path (a small
     request, a quick answer) nothing is handed between tasks. Input is pulled when needed, by
@@ -468,17 +333,18 @@ class _Connection:
         self.gate = gate
         self.listed_idle = False  # the gate may evict it (see _list_idle)
         self.client = _peer(stream)
-        self.parser = httptools.HttpRequestParser(self)
+        # What was read: requests not yet handled (or the refusal that ends the connection),
+        # their bodies, and whether anything more will be parsed (parser.done).
+        self.parser = RequestParser(
+            partial(Request, self), max_head_bytes=limits.max_head_bytes,
+            max_headers=limits.max_headers, max_body_bytes=limits.max_body_bytes)
+        self.pending = self.parser.pending
         now = trio.current_time()
-        # What was read: requests not yet handled (or the refusal that ends the connection).
-        self.pending: deque[Request | RequestError] = deque()
-        self.buffered = 0  # body bytes parsed but not yet taken, over all requests
-        self.reading_done = False  # nothing more will be parsed: EOF, error, close, upgrade
         self.eof = False  # the client is gone
         self.last_input = now  # when the last read returned
         # Who reads: one task at a time; another one waits for what it gets.
         self.pulling = False
-        self.pulled = _Wakeup()
+        self.pulled = Wakeup()
         # The serving task. Cancelled when the client leaves during a request, or by the guard.
         self.serve_scope = trio.CancelScope()
         self.active = False  # a request is being handled
@@ -500,25 +366,9 @@ class _Connection:
         self.guard_scope = trio.CancelScope()
         self.watch_at = math.inf  # when the request in hand counts as slow
         self.watch_scope: trio.CancelScope | None = None  # the guard's read, while watching
-        # Parser state.
-        self.state = _BETWEEN
-        self.messages = 0
+        # The head being read must be complete by then (the first one: header_timeout_sec
+        # after the accept; each next one: after the read that began it).
         self.head_deadline = now + limits.header_timeout_sec
-        self.head_bytes = 0  # request line and headers seen by callbacks
-        self.head_fed = 0  # bytes fed while inside one head (what httptools may be holding)
-        # In a body, a read that made no progress (no body byte, chunk or trailer field) is
-        # all chunk framing or one unfinished trailer field: httptools holds the latter too.
-        self.body_fed = 0
-        self.progressed = False
-        self.host_seen = False
-        self.trailer_bytes = self.trailer_fields = 0
-        self.url = b""
-        self.headers: list[tuple[str, str]] = []
-        self.content_length: int | None = None
-        self.expect_continue = False
-        self.current: Request | None = None  # the request whose body is being parsed
-        self.closing = False  # a request without keep-alive was parsed: ignore what follows
-        self.parse_error: RequestError | None = None  # raised by a callback
 
     async def run(self) -> None:
         self._list_idle()  # accepted, nothing read yet: the first in line to make room
@@ -549,7 +399,7 @@ class _Connection:
 
     async def _next_item(self) -> Request | RequestError | None:
         while not self.pending:
-            if self.reading_done:
+            if self.parser.done:
                 return None
             await self._pull()
         item = self.pending.popleft()
@@ -591,30 +441,24 @@ class _Connection:
             await self._fail(responder, failure)
             return False
         if request._chunks or not request._complete:
-            self._forget_body(request)
+            # the answer is out: drop what the handler left of the body. What has not arrived
+            # yet (at most DRAIN_BYTES, or the connection closes: see may_keep_alive) is
+            # skipped by the parser while the next request is read
+            self.parser.forget(request)
         return not responder._close
 
     async def _fail(self, responder: Responder, error: RequestError) -> None:
         if responder.head_sent:
             return  # too late for a status: closing the connection tells the client
         with contextlib.suppress(ClientDisconnected):
-            await responder.respond(error.http_status, _JSON, _error_body(error))
+            await responder.respond(error.http_status, JSON_CLOSE, error_body(error))
 
     async def _send_error(self, error: RequestError) -> None:
-        head = _STATUS_LINES.get(error.http_status) or b"HTTP/1.1 %d \r\n" % error.http_status
-        body = _error_body(error)
+        head = status_line(error.http_status)
+        body = error_body(error)
         with contextlib.suppress(ClientDisconnected):
             await self.write(b"%scontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
-                             % (head, len(body), _CLOSE, body))
-
-    def _forget_body(self, request: Request) -> None:
-        """The answer is out: drop what the handler left of the body. What has not arrived
-        yet (at most DRAIN_BYTES, or the connection closes: see may_keep_alive) is skipped by
-        the parser while the next request is read."""
-        request._forgotten = True
-        self.buffered -= request._received - request._consumed
-        request._consumed = request._received
-        request._chunks.clear()
+                             % (head, len(body), CLOSE, body))
 
     def _become_idle(self) -> None:
         self.active = False
@@ -624,7 +468,7 @@ class _Connection:
         if not self.pending:
             # No need to call the guard: it is due at watch_at, which is earlier.
             self.idle_deadline = trio.current_time() + self.limits.idle_timeout_sec
-            if self.state == _BETWEEN and not self.reading_done:
+            if self.parser.state == BETWEEN and not self.parser.done:
                 self._list_idle()
 
     # ---- connection accounting (eecp.capacity) ----------------------------------------------
@@ -689,11 +533,11 @@ class _Connection:
         return self.sent_total - queued
 
     async def send_continue(self, request: Request) -> None:
-        if request._complete or request is not self.current:
+        if request._complete or request is not self.parser.current:
             return  # the body is here already, or the parser is past it
         if self.responder is None or self.responder.head_sent:
             return  # the final answer is out: the body is not wanted
-        await self.write(_CONTINUE)
+        await self.write(CONTINUE)
 
     async def next_body_chunk(self, request: Request) -> bytes | None:
         """The next chunk of ``request``'s body, reading it from the client if needed; None at
@@ -706,10 +550,7 @@ class _Connection:
             if self.eof:
                 raise ClientDisconnected("the client left during the request body")
             await self._pull_body(request)
-        chunk = request._chunks.popleft()
-        request._consumed += len(chunk)
-        self.buffered -= len(chunk)
-        return chunk
+        return self.parser.take(request)
 
     async def _pull_body(self, request: Request) -> None:
         """Read body bytes for ``request``, within its deadlines: the gap timeout, and the
@@ -761,52 +602,23 @@ class _Connection:
         if not data:
             self._on_eof()
             return
-        if self.reading_done:
+        parser = self.parser
+        if parser.done:
             return  # nothing more is parsed (read only to notice the client leaving)
-        head_of = self.messages if self.state == _HEAD else -1
-        self.progressed = False
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.reading_done = True  # what follows is another protocol; the request closes
-            return
-        except httptools.HttpParserError as exc:
-            if not self.closing:
-                self._on_parse_error(exc)
-            self.reading_done = True
-            return
-        if self.closing:
-            self.reading_done = True
-        elif self.state == _HEAD:
-            if self.messages == head_of:
-                # Every byte of this read belongs to one unfinished head; httptools buffers a
-                # header until the next one starts, so callbacks alone cannot bound it.
-                self.head_fed += len(data)
-                if self.head_fed > self.limits.max_head_bytes:
-                    self.pending.append(RequestError(431, "header_too_large"))
-                    self.reading_done = True
-                    return
+        begun = parser.messages
+        parser.feed(data)
+        if parser.messages > begun and parser.messages > 1:
+            # a next request began in this read: its head is due header_timeout_sec from now
+            self.head_deadline = self.last_input + self.limits.header_timeout_sec
+        if parser.state == HEAD and not parser.done:
             self._call_guard(self.head_deadline)  # a head split over reads: rare
-        elif self.state == _BODY and self.current is not None:
-            self.body_fed = 0 if self.progressed else self.body_fed + len(data)
-            if self.body_fed > self.limits.max_head_bytes:
-                # endless chunk extensions or trailer field: refused like an endless header
-                self.current._error = RequestError(431, "header_too_large",
-                                                   "chunk framing or trailer field too long")
-                self.reading_done = True
 
     def _on_eof(self) -> None:
         if self.active:
             log.debug("client %s went away; cancelling its request", self.client)
             self.serve_scope.cancel()
-        self.eof = self.reading_done = True
-
-    def _on_parse_error(self, exc: httptools.HttpParserError) -> None:
-        error = self.parse_error or _classify(exc)
-        if self.state == _BODY and self.current is not None:
-            self.current._error = error  # the handler sees it after the chunks before it
-        else:
-            self.pending.append(error)
+        self.eof = True
+        self.parser.stop()
 
     # ---- the guard --------------------------------------------------------------------------
 
@@ -820,9 +632,9 @@ class _Connection:
         (only while the serving task waits for a request)."""
         if self.active:
             return self.watch_at
-        if self.reading_done or self.pending:
+        if self.parser.done or self.pending:
             return math.inf  # the serving task has something to do
-        if self.state == _HEAD:
+        if self.parser.state == HEAD:
             return self.head_deadline
         return self.idle_deadline
 
@@ -842,7 +654,7 @@ class _Connection:
                 if self.active:
                     # Still slow (it reads its own body, or the buffers are full): look again.
                     self.watch_at = trio.current_time() + WATCH_AFTER_SEC
-            elif self.state == _HEAD:
+            elif self.parser.state == HEAD:
                 self.refusal = RequestError(408, "header_timeout")
                 self.serve_scope.cancel()
                 return
@@ -856,7 +668,7 @@ class _Connection:
         ends: a client leaving cancels it, pipelined requests and body are queued (or, once
         nothing more is parsed, discarded)."""
         while (self.active and not self.pulling and len(self.pending) < MAX_QUEUED_REQUESTS
-               and self.buffered < BODY_BUFFER_BYTES and not self.eof):
+               and self.parser.buffered < BODY_BUFFER_BYTES and not self.eof):
             deadline = self._watch_deadline()
             # the read may wait for ever (no request under way): a write may stall meanwhile
             stall_check = min(self.write_mark, trio.current_time()) + self._write_patience()
@@ -905,22 +717,24 @@ class _Connection:
 
     def _watch_deadline(self) -> float:
         """The client's deadline for the read the guard is about to make."""
-        if self.reading_done:
+        parser = self.parser
+        if parser.done:
             return math.inf
-        if self.state == _HEAD:
+        if parser.state == HEAD:
             return self.head_deadline
-        if self.state == _BODY:
-            if self.current is not None and self.current._expect_continue:
+        if parser.state == BODY:
+            if parser.current is not None and parser.current._expect_continue:
                 return math.inf  # the client waits for our 100 Continue
             return trio.current_time() + self.limits.body_read_timeout_sec  # the gap starts now
         return math.inf  # between requests while one is handled: no timeout
 
     def _on_watch_timeout(self) -> None:
-        if self.state == _HEAD:
+        parser = self.parser
+        if parser.state == HEAD:
             self.pending.append(RequestError(408, "header_timeout"))  # after the one in hand
-        elif self.current is not None:
-            self.current._error = RequestError(408, "body_timeout")
-        self.reading_done = True
+        elif parser.current is not None:
+            parser.current._error = RequestError(408, "body_timeout")
+        parser.stop()
 
     async def _linger(self) -> None:
         """Close gently: send FIN, then discard input for a while. Closing a socket that still
@@ -937,231 +751,6 @@ class _Connection:
                     discarded += len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-
-    def _fail_parse(self, status: int, reason: str, detail: str = "") -> None:
-        self.parse_error = RequestError(status, reason, detail)
-        raise self.parse_error  # httptools turns it into HttpParserCallbackError
-
-    # ---- llhttp callbacks (synchronous, inside feed_data) ------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self.closing:
-            raise _Ignored  # after a request that closes the connection: not ours to parse
-        if self.messages:  # (the first head is due header_timeout_sec after the accept)
-            self.head_deadline = self.last_input + self.limits.header_timeout_sec
-        self.messages += 1
-        self.state = _HEAD
-        self.url = b""
-        self.headers = []
-        self.head_bytes = self.head_fed = self.body_fed = 0
-        self.host_seen = False
-        self.trailer_bytes = self.trailer_fields = 0
-        self.content_length = None
-        self.expect_continue = False
-
-    def on_url(self, url: bytes) -> None:
-        self.head_bytes += len(url)
-        if self.head_bytes > self.limits.max_head_bytes:
-            self._fail_parse(431, "header_too_large")
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.state == _BODY:
-            self._on_trailer(name, value)
-            return
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.limits.max_head_bytes:
-            self._fail_parse(431, "header_too_large")
-        if len(self.headers) >= self.limits.max_headers:
-            self._fail_parse(431, "too_many_headers")
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        self.headers.append((key, text))
-        if key in _NOTABLE:
-            self._notable_header(key, text)
-
-    def _on_trailer(self, name: bytes, value: bytes) -> None:
-        # A chunked body's trailer fields are read and dropped: never merged into the head
-        # (they would override headers already checked, such as X-Forwarded-* or X-EE-App)
-        # and never forwarded (the tunnel carries no trailers). Bounded like a head.
-        self.progressed = True
-        self.trailer_bytes += len(name) + len(value) + 4
-        self.trailer_fields += 1
-        if self.trailer_bytes > self.limits.max_head_bytes:
-            self._fail_parse(431, "header_too_large", "trailer section")
-        if self.trailer_fields > self.limits.max_headers:
-            self._fail_parse(431, "too_many_headers", "trailer section")
-
-    def on_chunk_header(self) -> None:
-        self.progressed = True
-
-    def _notable_header(self, key: str, value: str) -> None:
-        if key == "transfer-encoding":
-            if value.strip().lower() != "chunked":
-                self._fail_parse(501, "unsupported_transfer_encoding", value)
-        elif key == "content-length":
-            self.content_length = int(value)  # llhttp has checked it is digits
-            limit = self.limits.max_body_bytes
-            if limit is not None and self.content_length > limit:
-                self._fail_parse(413, "body_too_large")
-        elif key == "host":
-            if self.host_seen:  # RFC 9112 3.2: which one names the app? refuse instead
-                self._fail_parse(400, "bad_request", "more than one Host")
-            self.host_seen = True
-        elif value.strip().lower() == "100-continue":
-            self.expect_continue = True
-
-    def on_headers_complete(self) -> None:
-        parser = self.parser
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            self._fail_parse(505, "http_version_not_supported", version)
-        raw_method = parser.get_method()
-        method = _METHODS.get(raw_method)
-        if method is None:  # llhttp knows a few dozen methods: the table stays small
-            method = _METHODS[raw_method] = raw_method.decode("ascii")
-        request = Request(
-            self, method, self.url.decode("latin-1"), version,
-            self.headers, parser.should_keep_alive() and not parser.should_upgrade(),
-            self.content_length, self.expect_continue and version == "1.1")
-        self.current = request
-        self.state = _BODY
-        self.pending.append(request)
-
-    def on_body(self, body: bytes) -> None:
-        request = self.current
-        assert request is not None
-        self.progressed = True
-        request._received += len(body)
-        limit = self.limits.max_body_bytes
-        if limit is not None and request._received > limit:
-            self._fail_parse(413, "body_too_large")
-        if request._forgotten:
-            request._consumed += len(body)
-            return
-        request._chunks.append(body)
-        self.buffered += len(body)
-
-    def on_message_complete(self) -> None:
-        request = self.current
-        assert request is not None
-        request._complete = True
-        request._expect_continue = False
-        self.current = None
-        self.state = _BETWEEN
-        self.closing = not request.keep_alive
-
-
-class _Wakeup:
-    """One task waiting for another: a cheaper :class:`trio.Event` for the hot path (nothing
-    allocated per wait), for one waiter at a time."""
-
-    __slots__ = ("_task",)
-
-    def __init__(self) -> None:
-        self._task: trio.lowlevel.Task | None = None
-
-    async def wait(self) -> None:
-        if self._task is not None:
-            raise trio.BusyResourceError("another task is already waiting here")
-        self._task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort)
-
-    def wake(self) -> None:
-        if self._task is not None:
-            trio.lowlevel.reschedule(self._task)
-            self._task = None
-
-    def _abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        self._task = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-
-class _Ignored(Exception):
-    """Raised from a parser callback to stop parsing input nobody will answer."""
-
-
-def _classify(exc: httptools.HttpParserError) -> RequestError:
-    detail = str(exc)
-    if "HTTP version" in detail:  # llhttp: "Invalid HTTP version" (HTTP/1.2, HTTP/3.0, ...)
-        return RequestError(505, "http_version_not_supported", detail)
-    return RequestError(400, "bad_request", detail)
-
-
-#: the encoded headers, their Content-Length, whether they ask to close, whether they carry a Date
-_HeaderBlock = tuple[bytes, int | None, bool, bool]
-_DECIMAL = re.compile(r"[0-9]{1,19}")
-_HEADER_BLOCKS: dict[tuple[tuple[str, str], ...], _HeaderBlock] = {}
-_HEADER_BLOCKS_MAX = 256
-
-
-def _header_block(headers: Sequence[tuple[str, str]]) -> _HeaderBlock:
-    """:func:`_encode_headers`, remembered for headers given as a tuple (immutable: the same
-    tuple always encodes the same way), as hot handlers do with their constant headers."""
-    if not isinstance(headers, tuple):
-        return _encode_headers(headers)
-    block = _HEADER_BLOCKS.get(headers)
-    if block is None:
-        if len(_HEADER_BLOCKS) >= _HEADER_BLOCKS_MAX:
-            _HEADER_BLOCKS.clear()  # handlers building fresh tuples per request: no cache
-        block = _HEADER_BLOCKS[headers] = _encode_headers(headers)
-    return block
-
-
-def _encode_headers(headers: Sequence[tuple[str, str]]) -> _HeaderBlock:
-    """The handler's headers as bytes (framing ones left out), its Content-Length, whether it
-    asked to close, and whether it gave a Date. Refuses CR/LF inside names or values (response
-    splitting).
-
-    A handler's Date replaces the server's (a proxy passes the origin's on, RFC 9110 6.6.1):
-    an answer has one Date, the first the handler gave."""
-    lines: list[str] = []
-    length: int | None = None
-    close = dated = False
-    for name, value in headers:
-        key = name.lower()
-        if key in _NOTED:
-            if key == "date":
-                if dated:
-                    continue
-                dated = True
-            else:
-                if key == "content-length":
-                    if not _DECIMAL.fullmatch(value.strip()):  # int() takes "-1", "+5", "1_0"
-                        raise ValueError(f"invalid Content-Length {value[:40]!r}")
-                    length = int(value)
-                elif key == "connection":
-                    close = close or "close" in value.lower()
-                continue
-        lines.append(f"{name}: {value}\r\n")
-    text = "".join(lines)
-    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
-        raise ValueError("CR or LF inside a response header")
-    return text.encode("latin-1"), length, close, dated
-
-
-def _connection_line(request: Request, close: bool) -> bytes:
-    if close:
-        return _CLOSE
-    return _KEEP_ALIVE if request.http_version == "1.0" else b""
-
-
-def _error_body(error: RequestError) -> bytes:
-    return json.dumps({"error": error.reason}).encode()
-
-
-_date_second = -1
-_date_bytes = b""
-
-
-def _date_line() -> bytes:
-    """The Date header, formatted once a second."""
-    global _date_second, _date_bytes
-    now = int(time.time())
-    if now != _date_second:
-        _date_second = now
-        _date_bytes = b"date: %s\r\n" % formatdate(now, usegmt=True).encode()
-    return _date_bytes
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, int]:
