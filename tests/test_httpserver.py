@@ -29,6 +29,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from eecp.core.capacity import HEAD_GRACE_SEC
 from eecp.dataplane.http import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_CONNECTIONS,
@@ -40,6 +41,7 @@ from eecp.dataplane.http import (
     Responder,
     serve_http,
 )
+from eecp.dataplane.http.parser import MAX_PIPELINED, ParsedRequest, RequestParser
 
 WAIT = 10  # real seconds any single step may take before the test fails
 
@@ -1220,3 +1222,55 @@ async def test_out_of_descriptors_is_one_log_line_and_the_server_recovers(
     assert records[0].levelno == logging.WARNING and records[0].exc_info is None
     assert "accept failed with EMFILE (Too many open files)" in records[0].getMessage()
     assert "Traceback" not in caplog.text
+
+
+async def test_at_the_cap_a_head_under_way_past_the_grace_makes_room(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # one byte on each of a cap's worth of connections (a flood that needs no idle one): the
+    # oldest head gives way once it is older than the grace, instead of the newcomer refused
+    async with running(echo, max_connections=3) as port:
+        with trio.fail_after(100):
+            dribbles = [await opened(port, b"G") for _ in range(3)]
+            young = await opened(port, get("/young"))
+            assert await young.closed()  # none past the grace yet: refused
+            await trio.sleep(HEAD_GRACE_SEC)
+            fresh = await opened(port, get("/fresh"))
+            assert json.loads((await fresh.reply()).body)["path"] == "/fresh"
+            assert await dribbles[0].closed()  # the oldest head made room
+            await dribbles[1].send(b"ET /slow HTTP/1.1\r\nHost: t\r\n\r\n")  # within its 10 s
+            assert json.loads((await dribbles[1].reply()).body)["path"] == "/slow"
+
+
+async def test_a_client_that_pipelines_and_never_reads_is_dropped(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # thousands of pipelined requests in one write, and not one answer taken: the server parses
+    # ahead a bounded number (MAX_PIPELINED; the last of them closes the connection), and once
+    # the socket buffers are full, an answer the client does not take makes the server drop it
+    # after the send timeout, as for a stream; it held the connection for ever before
+    handled = 0
+
+    async def large(request: Request, responder: Responder) -> None:
+        nonlocal handled
+        handled += 1
+        await responder.respond(200, [("content-type", "text/plain")], b"x" * 200_000)
+
+    async with running(large, Limits(send_timeout_sec=20)) as port:
+        client = await small_buffer_client(port)
+        with trio.fail_after(1000):
+            await client.send_all(get("/") * 3600)
+            await trio.sleep(30)  # reads nothing meanwhile
+            received = 0
+            with contextlib.suppress(trio.BrokenResourceError):
+                while data := await client.receive_some(65536):
+                    received += len(data)
+    assert 0 < handled < MAX_PIPELINED, handled  # dropped while answering
+    assert received < handled * 200_000
+
+
+def test_the_parser_stops_parsing_ahead_at_its_bound() -> None:
+    parser: RequestParser[ParsedRequest] = RequestParser(
+        ParsedRequest, max_head_bytes=16384, max_headers=100, max_body_bytes=None,
+        max_pending=8)
+    parser.feed(get("/") * 100)
+    assert len(parser.pending) == 8 and parser.done
+    assert [r.keep_alive for r in parser.pending] == [True] * 7 + [False]  # then it closes

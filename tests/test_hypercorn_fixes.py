@@ -25,6 +25,7 @@ from hypercorn.events import Closed, RawData
 from hypercorn.trio.tcp_server import TCPServer
 from trio.testing import MockClock
 
+from eecp.core.capacity import HEAD_GRACE_SEC
 from eecp.core.clock import TrioClock
 from eecp.core.config import from_env
 from eecp.dev import pki as devpki
@@ -276,3 +277,21 @@ async def test_the_control_port_cap_closes_the_oldest_idle_connection_never_a_tu
         refused = await connect(cp)
         assert await closed(refused)
         assert agent.closed is None
+
+
+async def test_at_the_control_ports_cap_a_head_past_the_grace_makes_room(
+        tmp_path: Path, mock_clock: MockClock) -> None:
+    """A byte on each connection left (heads under way) fills the cap only for the grace: a
+    newcomer (an agent re-dialling, a health check) then takes the oldest head's place."""
+    async with (control_plane(tmp_path, EE_CONTROL_MAX_CONNECTIONS="3") as (cp, agent),
+                safety_net(WAIT)):
+        first = await connect(cp, b"G")
+        await connect(cp, b"G")
+        await settle()
+        refused = await connect(cp)
+        assert await closed(refused)  # both heads are younger than the grace
+        mock_clock.jump(HEAD_GRACE_SEC)
+        health = await cp.get("/health")
+        assert health.status_code == 200 and health.json()["agents_connected"] == 1
+        assert await closed(first)
+        assert agent.closed is None  # never the tunnel

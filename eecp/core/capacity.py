@@ -151,14 +151,23 @@ class Evictable(Protocol):
     def evict(self) -> None: ...
 
 
+#: a request head under way this long is no longer spared when a listener needs room
+HEAD_GRACE_SEC = 1.0
+
+
 class ConnectionGate:
     """The connections of one listener: admits up to ``cap``, then makes room by evicting the
-    oldest idle one, or refuses.
+    oldest idle one — else the one whose request head has been under way the longest, once
+    that is :data:`HEAD_GRACE_SEC` — or refuses.
 
-    The server tells it when a connection becomes idle (:meth:`idle`) and busy again
-    (:meth:`busy`): the idle ones are kept in the order they became idle. An evicted connection
-    still counts until its task has closed it (:meth:`leave`), so for an instant the count may
-    pass the cap by the connections being closed to make room.
+    The server tells it when a connection becomes idle (:meth:`idle`: waiting for a request),
+    starts receiving a head (:meth:`heading`) and is busy (:meth:`busy`: serving a request,
+    a tunnel, or gone). Heads are evictable after a grace because a byte is all it takes to
+    start one: were heads spared, a flood of one-byte connections would fill the cap for as
+    long as the head timeout, and every newcomer (an agent re-dialling, a health check) would
+    be refused meanwhile; a real client's head arrives well within the grace. An evicted
+    connection still counts until its task has closed it (:meth:`leave`), so for an instant
+    the count may pass the cap by the connections being closed to make room.
     """
 
     def __init__(self, name: str, cap: int) -> None:
@@ -170,6 +179,7 @@ class ConnectionGate:
         self.evicted = 0  # totals, for tests and the log line
         self.refused = 0
         self._idle: dict[Evictable, None] = {}  # oldest first
+        self._heading: dict[Evictable, float] = {}  # when its head began, oldest first
         self._report: TokenBucket | None = None
         self._reported = (0, 0)  # evicted, refused at the last report
 
@@ -177,13 +187,13 @@ class ConnectionGate:
         """Whether a connection just accepted may be served (it then counts until
         :meth:`leave`); at the cap, closes the oldest idle connection to make room."""
         if self.live >= self.cap:
-            if not self._idle:
+            victim = self._victim()
+            if victim is None:
                 self.refused += 1
                 self._note()
                 return False
-            oldest = next(iter(self._idle))
-            del self._idle[oldest]
-            oldest.evict()
+            self.busy(victim)
+            victim.evict()
             self.evicted += 1
             self._note()
         self.live += 1
@@ -193,14 +203,29 @@ class ConnectionGate:
         """An admitted connection has ended (its key must be :meth:`busy` by then)."""
         self.live -= 1
 
+    def _victim(self) -> Evictable | None:
+        if self._idle:
+            return next(iter(self._idle))
+        for connection, since in self._heading.items():  # the oldest head only: the rest
+            return connection if trio.current_time() - since >= HEAD_GRACE_SEC else None
+        return None
+
     def idle(self, connection: Evictable) -> None:
         """``connection`` waits for a request: the newest candidate for eviction."""
+        self._heading.pop(connection, None)
         self._idle.pop(connection, None)
         self._idle[connection] = None
 
-    def busy(self, connection: Evictable) -> None:
-        """``connection`` is receiving or serving a request (or is gone): never evicted."""
+    def heading(self, connection: Evictable) -> None:
+        """``connection`` is receiving a request head (from now, unless it already was):
+        evictable once it has taken :data:`HEAD_GRACE_SEC`."""
         self._idle.pop(connection, None)
+        self._heading.setdefault(connection, trio.current_time())
+
+    def busy(self, connection: Evictable) -> None:
+        """``connection`` is serving a request or a tunnel (or is gone): never evicted."""
+        self._idle.pop(connection, None)
+        self._heading.pop(connection, None)
 
     @property
     def idle_count(self) -> int:

@@ -187,7 +187,7 @@ class _IdleWait:
 
     def head_begun(self, head_timeout_sec: float | None) -> None:
         if self.gate is not None:
-            self.gate.busy(self)  # receiving a request: never evicted
+            self.gate.heading(self)  # receiving a head: evictable after a grace
         if head_timeout_sec is not None:
             self.scope.deadline = min(self.scope.deadline,
                                       trio.current_time() + head_timeout_sec)
@@ -219,8 +219,11 @@ def _patch_idle_timer() -> None:
             wait = self._eecp_idle = _IdleWait(scope, gate)
             if head_timeout is not None and (fresh or begun):
                 scope.deadline = trio.current_time() + head_timeout
-            if gate is not None and not begun:
-                gate.idle(wait)
+            if gate is not None:
+                if begun:
+                    gate.heading(wait)  # a head began before this task ran
+                else:
+                    gate.idle(wait)
             try:
                 await original_idle(self)
                 return

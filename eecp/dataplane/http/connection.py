@@ -223,10 +223,10 @@ class Responder:
         data = b"".join((status_line(status),
                          b"" if dated else date_line(), block, framing,
                          connection_line(request.http_version, close), b"\r\n", body))
-        try:  # (not through Connection.write: one coroutine less on the hot path)
-            await self._conn.stream.send_all(data)
-        except trio.BrokenResourceError as exc:
-            raise ClientDisconnected(str(exc)) from exc
+        # through Connection.write, stamps and all: a client that takes not even a small
+        # answer (one that pipelines requests and never reads) is dropped by the guard like
+        # one that stops reading a stream, instead of holding its connection for ever
+        await self._conn.write(data)
 
     async def send_head(self, status: int, headers: Sequence[tuple[str, str]], *,
                         hold: bool = False) -> None:
@@ -381,7 +381,10 @@ class Connection:
         finally:
             self.gate.busy(self)
         if self.refusal is not None:
-            await self._send_error(self.refusal)
+            # the guard is gone: this last answer is bounded here (a client that reads nothing
+            # must not hold the connection with it)
+            with trio.move_on_after(self.limits.send_timeout_sec):
+                await self._send_error(self.refusal)
         if not self.eof and not self.idle_closed and not self.stalled:
             await self._linger()
 
@@ -479,8 +482,14 @@ class Connection:
         self.listed_idle = True
         self.gate.idle(self)
 
+    def _unlist(self) -> None:
+        if self.listed_idle:
+            self.listed_idle = False
+            self.gate.busy(self)
+
     def evict(self) -> None:
-        """Closed by the gate, while idle, to make room: like an idle timeout, but now."""
+        """Closed by the gate, while idle (or slow with its head), to make room: like an idle
+        timeout, but now."""
         self.listed_idle = False
         self.idle_closed = True
         self.serve_scope.cancel()
@@ -596,17 +605,21 @@ class Connection:
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
-        if self.listed_idle:
-            self.listed_idle = False
-            self.gate.busy(self)
         if not data:
+            self._unlist()
             self._on_eof()
             return
         parser = self.parser
         if parser.done:
+            self._unlist()
             return  # nothing more is parsed (read only to notice the client leaving)
         begun = parser.messages
         parser.feed(data)
+        if self.listed_idle:
+            if parser.state == HEAD and not self.pending and not parser.done:
+                self.gate.heading(self)  # a head under way: evictable after a grace
+            else:
+                self._unlist()
         if parser.messages > begun and parser.messages > 1:
             # a next request began in this read: its head is due header_timeout_sec from now
             self.head_deadline = self.last_input + self.limits.header_timeout_sec

@@ -31,6 +31,8 @@ import httptools
 
 from eecp.core.errors import EecpError
 
+#: requests parsed ahead and not yet handled, at most (see :class:`RequestParser`)
+MAX_PIPELINED = 64
 # Parser states (where the next byte of input belongs).
 BETWEEN, HEAD, BODY = 0, 1, 2
 
@@ -116,8 +118,13 @@ class RequestParser(Generic[R]):
     Its ``on_*`` methods are llhttp's callbacks (synchronous, inside :meth:`feed`)."""
 
     def __init__(self, new_request: NewRequest[R], *, max_head_bytes: int, max_headers: int,
-                 max_body_bytes: int | None) -> None:
+                 max_body_bytes: int | None, max_pending: int = MAX_PIPELINED) -> None:
         self._new_request = new_request
+        #: requests parsed ahead and not yet handled, at most: the one that reaches it closes
+        #: the connection after its answer, and what follows it is not parsed (one read of
+        #: 64 KiB holds thousands of tiny pipelined requests, each an object held until its
+        #: turn: the bound is the memory one connection may take)
+        self._max_pending = max_pending
         self._max_head_bytes = max_head_bytes
         self._max_headers = max_headers
         self._max_body_bytes = max_body_bytes
@@ -285,9 +292,10 @@ class RequestParser(Generic[R]):
         method = _METHODS.get(raw_method)
         if method is None:  # llhttp knows a few dozen methods: the table stays small
             method = _METHODS[raw_method] = raw_method.decode("ascii")
+        keep_alive = (llhttp.should_keep_alive() and not llhttp.should_upgrade()
+                      and len(self.pending) + 1 < self._max_pending)
         request = self._new_request(
-            method, self._url.decode("latin-1"), version, self._headers,
-            llhttp.should_keep_alive() and not llhttp.should_upgrade(),
+            method, self._url.decode("latin-1"), version, self._headers, keep_alive,
             self._content_length, self._expect_continue and version == "1.1")
         self.current = request
         self.state = BODY
