@@ -46,7 +46,7 @@ The fixes patch private methods (the third a module constant), read in hypercorn
 :func:`apply` patches only the releases in :data:`WRITTEN_FOR` (pyproject pins the same range)
 and only when every name it patches is there; otherwise it patches nothing and logs a warning
 naming the version. A plain hypercorn config (without the ``eecp_*`` attributes) gets
-hypercorn's own timers and no cap. ``tests/test_hypercorn_fixes.py`` pins the behaviour.
+hypercorn's own timers and no cap. ``tests/patches/test_hypercorn_fixes.py`` pins the behaviour.
 """
 
 from __future__ import annotations

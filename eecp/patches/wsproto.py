@@ -15,8 +15,9 @@
    one copy to mask (a client's frame) and one to join. A connection with an extension
    (permessage-deflate, which rewrites the payload) keeps wsproto's own way.
 
-``tests/test_wsproto_speedups.py`` holds both to byte-for-byte the originals' output. Masking
-keys are still drawn from ``os.urandom`` for every frame, as wsproto does; only the work moves.
+``tests/patches/test_wsproto_speedups.py`` holds both to byte-for-byte the originals' output.
+Masking keys are still drawn from ``os.urandom`` for every frame, as wsproto does; only the
+work moves.
 
 When ``websockets`` has no compiled speedups on this platform, :func:`install` leaves wsproto as
 it is (its pure-Python fallback is slower than wsproto's) and says so once. Both replace

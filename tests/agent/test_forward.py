@@ -1,9 +1,9 @@
 """The agent's forwarding (agent.forward) against a real local backend, through a Mux pair.
 
 eecp's side is a real :class:`~eecp.wire.streams.Mux` (the opener) wired to the agent's by the
-in-memory tunnel of ``tests.test_streams``; the backend is a tiny trio + h11 HTTP/1.1 server on
+in-memory tunnel of ``tests.wire.test_streams``; the backend is a tiny trio + h11 HTTP/1.1 server on
 127.0.0.1 that can stream its answer chunk by chunk. The last tests run the whole agent over a
-real WebSocket (``tests.test_agent``'s scripted eecp). Every test is bounded in time.
+real WebSocket (``tests.agent.test_agent``'s scripted eecp). Every test is bounded in time.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from eecp.dataplane.http import Request, Responder, serve_http
 from eecp.wire.frames import ResponseHeadFrame
 from eecp.wire.httpmsg import RequestHead, ResponseHead
 from eecp.wire.streams import Mux, Stream, StreamError
-from tests.test_agent import open_world, running_agent
-from tests.test_streams import Pair, mux_pair, read_all
+from tests.agent.test_agent import open_world, running_agent
+from tests.wire.test_streams import Pair, mux_pair, read_all
 
 WAIT = 10.0
 BIG = 50 * 1024 * 1024

@@ -69,7 +69,7 @@ from eecp.wire.protocol import (
 )
 from tests.fakehttp import FakeServer, Request, Response, open_fake_http
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 AGENT_SCRIPT = REPO_ROOT / "agent" / "agent.py"
 AGENT_ID = "5f0c6f2e-8c1a-4f57-9d3e-2b7a4c1d9e08"
 IMAGE_ID = "tag=v1.2.0\nsha256=" + "c" * 64

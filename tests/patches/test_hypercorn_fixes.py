@@ -90,7 +90,7 @@ def test_a_process_applies_the_patches_once_and_logs_their_versions() -> None:
     script = ("import logging; logging.basicConfig(level=logging.INFO, format='%(message)s');"
               "from eecp import patches; patches.apply_all(); patches.apply_all()")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=60, cwd=Path(__file__).resolve().parent.parent)
+                            timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr
     hypercorn, wsproto = versions.installed("hypercorn"), versions.installed("wsproto")
     assert result.stderr.splitlines() == [

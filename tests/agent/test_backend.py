@@ -24,9 +24,9 @@ import trio.testing
 from agent.backend import BackendError, BackendExchange, BackendPool
 from eecp.wire.httpmsg import RequestHead
 from eecp.wire.streams import Stream, StreamError
+from tests.agent.test_forward import call, forwarding
 from tests.selfsigned import make_self_signed
-from tests.test_forward import call, forwarding
-from tests.test_streams import read_all
+from tests.wire.test_streams import read_all
 
 WAIT = 10.0
 

@@ -1,6 +1,6 @@
 """The HTTP server's parser (``eecp.dataplane.http.parser``), sans I/O: bytes in, requests,
 bodies and refusals out, synchronously (as h11's tests go). The same rules over real sockets,
-with the timeouts the parser does not own, are tests/test_httpserver.py's."""
+with the timeouts the parser does not own, are tests/dataplane/test_httpserver.py's."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ import trio
 from eecp.dev import pki as devpki
 from tests.harness import ControlPlane, control_plane_env, open_control_plane, open_upstreams
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PING_SEC = 0.5
 DEAD_PEER_SEC = 2.0
 #: what "about 30 s in production" becomes here (dead peer 2 s): the limit the test asserts

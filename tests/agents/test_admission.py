@@ -16,7 +16,7 @@ from eecp.store.records import AgentRecord, AuditEntry
 from eecp.store.store import Store, open_store
 from eecp.wire.protocol import Register
 from tests.databases import Backend
-from tests.test_store import T0
+from tests.store.test_store import T0
 
 TTL = 30 * 86400.0
 

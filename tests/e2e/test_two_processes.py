@@ -29,7 +29,7 @@ from tests import pgserver
 from tests.databases import PG_URL_ENV
 from tests.harness import ASSET, FakeAgent, allowlist_doc, open_upstreams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OTHER_REPO = "bob/shop-fork"
 ROUNDS = 8
 

@@ -1,5 +1,5 @@
 """eecp.jsonproxy: the JSON proxy's one-buffer answer and its budget (pure; the endpoint itself
-is tested through real sockets in tests/test_proxy.py)."""
+is tested through real sockets in tests/dataplane/test_proxy.py)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from eecp.dev.demo import APP, HELLO, REPO, TAG, DemoError, DemoSettings, DemoUr
 from eecp.dev.pccs import REISSUE_AFTER_SEC, DevPccs, pccs_answer
 
 WAIT = 30.0  # real seconds: PKI creation, attestation, shutdown (hypercorn lingers up to 5 s)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @asynccontextmanager

@@ -6,7 +6,8 @@ without either the PostgreSQL runs are skipped, saying so. Each test gets a fres
 (``search_path`` set through the URL's ``options``), so the database named by EECP_TEST_PG_URL
 only needs to let its user create schemas, e.g.::
 
-    EECP_TEST_PG_URL=postgresql://eecp:secret@127.0.0.1:5432/eecp_test pytest tests/test_store.py
+    EECP_TEST_PG_URL=postgresql://eecp:secret@127.0.0.1:5432/eecp_test \
+        pytest tests/store/test_store.py
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Tests of the agent (the top-level agent package)."""

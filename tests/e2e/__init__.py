@@ -1,0 +1,1 @@
+"""End-to-end tests: eecp, agents, front proxies and databases together, through real sockets."""
