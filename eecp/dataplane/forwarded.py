@@ -114,8 +114,9 @@ def client_address(forwarding: Forwarding, trusted: TrustedProxies) -> str:
     """The client's address as far as eecp can vouch for it: the nearest address in the
     ``X-Forwarded-For`` chain that is not one of the trusted proxies (entries further left
     were written by whoever that is, and prove nothing). The peer itself when it is not a
-    trusted proxy; ``""`` when nothing is known."""
+    trusted proxy; ``""`` when no such address is known: every address in the chain is a
+    trusted proxy's (one that names no client, or a tool on the host itself)."""
     for address in reversed(forwarding.chain):
         if address not in trusted:
             return address
-    return forwarding.chain[0] if forwarding.chain else ""
+    return ""

@@ -173,7 +173,13 @@ class Forwarder:
         """Forward one request of ``client`` (its address as trusted: see
         :func:`eecp.dataplane.forwarded.client_address`) to ``app``; yields the response.
         Raises :class:`ProxyError`: 429 ``client_stream_limit`` when the client has its share
-        of the app's requests in flight already, the refusals and failures otherwise."""
+        of the app's requests in flight already, the refusals and failures otherwise. A
+        request whose client is unknown (``""``: only trusted proxies in its chain) is not
+        counted per client: that front proxy's own limits are what applies to it."""
+        if not client:  # no client to count (a trusted proxy that names none): its own limits
+            async with self._open(app, head, body, 0) as up:
+                yield up
+            return
         key = (app, client_key(client))
         holding = self._clients.get(key, 0)
         if self._per_client and holding >= self._per_client:

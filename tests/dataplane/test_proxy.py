@@ -912,16 +912,19 @@ async def test_both_entry_points_share_the_per_client_stream_limit(
         api = world.cp.url + "/v1/proxy/shop"
         held: list[httpx.Response] = []
 
+        client_a = {"X-Forwarded-For": "198.51.100.7"}  # as the trusted front proxy names it
+
         async def hang() -> None:
-            held.append(await client.post(api, json={"path": "/hang"}))
+            held.append(await client.post(api, json={"path": "/hang"}, headers=client_a))
         for _ in range(2):
             nursery.start_soon(hang)
         async with real_deadline(10):
             while "eecp_streams_in_flight 2.0" not in (await world.cp.get("/metrics")).text:
                 pass
-        third = await client.post(api, json={"path": "/hello"})
+        third = await client.post(api, json={"path": "/hello"}, headers=client_a)
         assert (third.status_code, third.json()["reason"]) == (429, "client_stream_limit")
-        listener = await proxy_get(world.cp, "/hello")
+        listener = await proxy_get(world.cp, "/hello",
+                                   headers={"Host": "shop.app.example.com", **client_a})
         assert (listener.status_code, listener.json()["reason"]) == (429, "client_stream_limit")
         other = await client.post(api, json={"path": "/hello"},
                                   headers={"X-Forwarded-For": "203.0.113.9"})
@@ -971,3 +974,25 @@ async def test_a_json_call_naming_two_hosts_is_refused_as_the_listener_refuses_i
 ])
 def test_a_client_is_its_address_or_its_ipv6_slash_64(address: str, key: str) -> None:
     assert proxy_module.client_key(address) == key
+
+
+async def test_a_request_whose_client_is_unknown_is_not_counted_per_client(
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
+    # from a trusted proxy that names no client (no X-Forwarded-For: loopback here), there is
+    # no client to count: the front proxy's own limits are what applies
+    async with open_world(tmp_path, pki, mock_clock, EE_PROXY_MAX_STREAMS_PER_CLIENT="2"
+                          ) as world, open_backend("one") as (backend, server), \
+            running_agent(world.agent(server)) as agent, trio.open_nursery() as nursery:
+        await agent.wait_status("attested")
+        held: list[httpx.Response] = []
+
+        async def hang() -> None:
+            held.append(await proxy_get(world.cp, "/hang"))
+        for _ in range(3):
+            nursery.start_soon(hang)
+        async with real_deadline(10):
+            while "eecp_streams_in_flight 3.0" not in (await world.cp.get("/metrics")).text:
+                pass
+        backend.release.set()
+        await eventually(lambda: len(held) == 3)
+        assert [r.status_code for r in held] == [200, 200, 200]
