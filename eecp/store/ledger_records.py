@@ -152,6 +152,7 @@ class EventRow:
     kind: str  # up | down | release
     reason: str
     node_id: str | None = None
+    ppid: str | None = None
     id: int | None = None
 
 

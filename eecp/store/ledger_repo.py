@@ -253,10 +253,12 @@ class LedgerTx:
         query = query.order_by(P.period_start, P.node_id)
         return [NodePeriodRow(**row) for row in query.dicts()]
 
-    def latest_node_periods(self) -> dict[str, int]:
-        """Each node's latest node-period start (any status)."""
+    def measured_frontier(self) -> dict[str, int]:
+        """Each node's latest measured node-period start (a node's measured periods are a
+        chain from its first one)."""
         P = self._m.NodePeriod
-        query = P.select(P.node_id, peewee.fn.MAX(P.period_start)).group_by(P.node_id)
+        query = (P.select(P.node_id, peewee.fn.MAX(P.period_start))
+                 .where(P.measured_at.is_null(False)).group_by(P.node_id))
         return {node_id: int(start) for node_id, start in query.tuples()}
 
     # -- abuse --

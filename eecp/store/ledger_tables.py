@@ -251,6 +251,8 @@ class AvailabilityEvent(_Base):
     instance_id = peewee.TextField()
     kind = peewee.TextField()
     reason = peewee.TextField()
+    #: the platform of the session's latest accepted quote (what ``node_id`` was derived from)
+    ppid = peewee.TextField(null=True)
 
     class Meta:
         table_name = "availability_event"
