@@ -12,7 +12,7 @@ import eecp.ledger
 
 PURE = ("money", "periods", "journal", "idempotency", "availability", "eligibility",
         "settlement")
-PURE_ALLOWED = ("eecp.core",) + tuple(f"eecp.ledger.{name}" for name in PURE)
+PURE_ALLOWED = ("eecp.core", *(f"eecp.ledger.{name}" for name in PURE))
 SERVICE_ALLOWED = ("eecp.core", "eecp.ledger", "eecp.store")
 
 
