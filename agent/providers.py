@@ -175,9 +175,12 @@ class DevQuoteProvider:
     def __init__(self, pki_dir: Path, *, mrtd: bytes = devpki.DEFAULT_MRTD,
                  rtmrs: tuple[bytes, bytes, bytes, bytes] = devpki.DEFAULT_RTMRS,
                  fmspc: str = devpki.DEFAULT_FMSPC,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, platform: str = "default") -> None:
         self.pki_dir = pki_dir
         self.pki = devpki.ensure_pki(pki_dir)
+        #: one PCK leaf key per dev platform, kept in the PKI directory: every quote carries
+        #: the same PPID, as a real host's do (ledger spec §21.11)
+        self.pck_key = devpki.platform_pck_key(pki_dir, platform)
         self.mrtd = mrtd
         self.rtmrs = rtmrs
         self.fmspc = fmspc
@@ -193,6 +196,6 @@ class DevQuoteProvider:
         _check_report_data(report_data)
         mint = partial(devpki.mint_tdx_quote, self.pki, now=self._now(),
                        report_data=report_data, mrtd=self.mrtd, rtmrs=self.rtmrs,
-                       fmspc=self.fmspc)
+                       fmspc=self.fmspc, pck_key=self.pck_key)
         minted = await trio.to_thread.run_sync(mint)
         return minted.quote
