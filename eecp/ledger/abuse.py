@@ -50,7 +50,11 @@ def file(settings: LedgerSettings, principal: str, raw: bytes, keys: Sequence[st
     key = idempotency.parse_key(keys, required=True)
     request = Request(idempotency.check_principal(principal), key, REPORTS,
                       idempotency.fingerprint("POST", REPORTS, {}, {
-                          "node_id": node_id, "period_start": start, "period_end": end,
+                          # an absent bound is null, not the current period it means now: a
+                          # retry an hour later is the same request
+                          "node_id": node_id,
+                          "period_start": start if body.get("period_start") is not None else None,
+                          "period_end": end if body.get("period_end") is not None else None,
                           "reason": reason, "reported_by": reported_by}))
 
     def work(tx: Tx, key_id: int | None) -> Answer:
