@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import trio
 
 from eecp.core.blocking import Workers
-from eecp.core.clock import FixedClock
+from eecp.core.clock import Clock, FixedClock
 from eecp.core.config import Config
 from eecp.ledger.answers import Answer, LedgerSettings
 from eecp.ledger.observe import SessionEvent
@@ -48,7 +48,7 @@ def ppid_of(n: int) -> str:
 
 
 @asynccontextmanager
-async def open_ledger(backend: Backend, clock: FixedClock,
+async def open_ledger(backend: Backend, clock: Clock,
                       settings: LedgerSettings | None = None, *, instance_id: str = "i-1",
                       workers: int = 4) -> AsyncIterator[tuple[Ledger, Store]]:
     async with open_store(backend.config, Workers(store=workers)) as store:
