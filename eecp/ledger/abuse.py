@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import cast
 
 from eecp.core.clock import isoformat
 from eecp.core.errors import LedgerInputError, LedgerNotFoundError
@@ -22,7 +23,7 @@ from eecp.ledger.credits import text_field
 from eecp.ledger.journal import parse_node_id
 from eecp.ledger.money import parse_json_body, reject_unknown_fields
 from eecp.ledger.periods import period_id
-from eecp.ledger.settlement import abuse_span, decide_report, parse_action
+from eecp.ledger.settlement import ReportStatus, abuse_span, decide_report, parse_action
 from eecp.ledger.units import Request, Work, new_id
 from eecp.store.ledger_records import AbuseRow
 from eecp.store.store import Tx
@@ -88,7 +89,7 @@ def decide(settings: LedgerSettings, principal: str, report_id: str, raw: bytes,
         row = tx.ledger.report(report_id, lock=True) if _REPORT_ID.fullmatch(report_id) else None
         if row is None:
             raise LedgerNotFoundError("report_not_found")
-        if decide_report(row.status, decided) == "replay":  # type: ignore[arg-type]
+        if decide_report(cast(ReportStatus, row.status), decided) == "replay":
             assert row.decision_answer is not None
             return Answer(200, row.decision_answer.encode("ascii"), replayed=True)
         settled = [p.period_start for p in tx.ledger.node_periods(

@@ -10,7 +10,7 @@ stored with the key like any answer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from eecp.core.errors import LedgerConflictError, LedgerInputError
 from eecp.ledger import idempotency
@@ -64,10 +64,10 @@ def account_field(body: JsonObject, name: str, missing: str) -> AccountId:
     return parse_account_id(value, name)
 
 
-def _request(principal: str, keys: Sequence[str], route: str, normalized: dict[str, object]
-             ) -> Request:
+def _request(principal: str, keys: Sequence[str], route: str,
+             normalized: Mapping[str, idempotency.Canonical]) -> Request:
     key = idempotency.parse_key(keys, required=True)
-    digest = idempotency.fingerprint("POST", route, {}, normalized)  # type: ignore[arg-type]
+    digest = idempotency.fingerprint("POST", route, {}, normalized)
     return Request(idempotency.check_principal(principal), key, route, digest)
 
 

@@ -23,7 +23,7 @@ import json
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Final, cast
 
 from eecp.core.clock import isoformat
@@ -43,6 +43,7 @@ from eecp.ledger.money import (
     format_usd,
     parse_amount_fields,
     parse_json_body,
+    parse_usd,
     reject_unknown_fields,
 )
 from eecp.ledger.periods import boundary_after, boundary_at_or_after, period_id, period_of
@@ -169,20 +170,18 @@ def register(settings: LedgerSettings, principal: str, raw: bytes, keys: Sequenc
         price = parse_amount_fields(body, ("price_usd_per_vcpu_hour", "price_usd"),
                                     cap_micros=settings.max_amount_micros)
     capacity = _int_field(body, "capacity_vcpus", "invalid_capacity", 1, MAX_CAPACITY)
-    tier = body.get("stake_tier")
-    if tier is not None and tier not in TIERS:
-        raise LedgerInputError("invalid_stake_tier", field="stake_tier")
+    tier = _tier(body.get("stake_tier"))
     stake = None
     if body.get("stake_amount_usd") is not None:
-        stake = parse_amount_fields(body, ("stake_amount_usd", "stake_amount_usd"),
-                                    allow_zero=True, cap_micros=settings.max_amount_micros)
+        stake = parse_usd(body["stake_amount_usd"], "stake_amount_usd", allow_zero=True,
+                          cap_micros=settings.max_amount_micros)
     allow_update, rotate = _flag(body, "allow_update"), _flag(body, "rotate_token")
-    normalized: dict[str, object] = {
-        "node_id": node_id, "price_micros": price, "capacity_vcpus": capacity, "tier": tier,
-        "stake_micros": stake, "allow_update": allow_update, "rotate_token": rotate}
     key = idempotency.parse_key(keys, required=False)
     request = Request(idempotency.check_principal(principal), key, REGISTER,
-                      idempotency.fingerprint("POST", REGISTER, {}, normalized))  # type: ignore[arg-type]
+                      idempotency.fingerprint("POST", REGISTER, {}, {
+                          "node_id": node_id, "price_micros": price, "capacity_vcpus": capacity,
+                          "tier": tier, "stake_micros": stake, "allow_update": allow_update,
+                          "rotate_token": rotate}))
     change = _Change(price, capacity, tier, stake, rotate)
 
     def work(tx: Tx, key_id: int | None) -> Answer:
@@ -211,11 +210,24 @@ def register(settings: LedgerSettings, principal: str, raw: bytes, keys: Sequenc
     return request, work
 
 
+@dataclass(frozen=True)
 class _Change:
-    def __init__(self, price: int | None, capacity: int | None, tier: Tier | None,
-                 stake: int | None, rotate: bool) -> None:
-        self.price, self.capacity, self.tier = price, capacity, tier
-        self.stake, self.rotate = stake, rotate
+    """What a register asks to change (None: leave as it is)."""
+
+    price: int | None
+    capacity: int | None
+    tier: Tier | None
+    stake: int | None  # the stake target
+    rotate: bool
+
+
+def _tier(value: object) -> Tier | None:
+    if value is None:
+        return None
+    for tier in TIERS:
+        if value == tier:
+            return tier
+    raise LedgerInputError("invalid_stake_tier", field="stake_tier")
 
 
 def _create(tx: Tx, settings: LedgerSettings, node_id: str, change: _Change, principal: str,

@@ -94,8 +94,11 @@ def claim_platform(tx: Tx, ppid: str, node_id: str, agent_id: str, audit_id: int
                    at: float) -> bool:
     """A TD on ``ppid`` whose attestation was accepted named ``node_id``: keep (or refresh)
     the claim, unless the platform is confirmed somewhere already or there is no such node
-    (a TD must not make rows for any name it likes). True when a claim was written."""
-    ppid = parse_ppid(ppid)
+    (a TD must not make rows for any name it likes), or the platform has no PPID (eecp's
+    ``pck-…`` stand-in ids cannot be bound). True when a claim was written."""
+    if not _PPID.fullmatch(ppid.lower()):
+        return False
+    ppid = ppid.lower()
     node = tx.nodes.node(node_id)
     if node is None or node.status == "banned" or tx.nodes.platform(ppid) is not None:
         return False

@@ -80,17 +80,16 @@ _SELF_CLEARING = ("abuse_pending", "node_suspended")
 
 # --- measurement ----------------------------------------------------------------------------
 
-def _measured_fields(m: Measurement) -> dict[str, object]:
-    return {
-        "down_seconds": m.node.down_seconds, "gap_seconds": m.gap_seconds,
-        "observed_up": m.node.observed_up,
-        "misses": json.dumps([{"agent_id": x.agent_id, "app": x.app, "cause": x.cause,
-                               "start": x.start, "end": x.end} for x in m.node.misses]),
-        "apps": json.dumps({app: {"down_seconds": v.down_seconds, "observed_up": v.observed_up}
-                            for app, v in sorted(m.apps.items())}),
-        "gaps": json.dumps([list(g) for g in m.gaps]),
-        "carry_out": json.dumps(m.carry_out.to_json()),
-    }
+def _with_measurement(row: NodePeriodRow, m: Measurement, now: float) -> NodePeriodRow:
+    return replace(
+        row, measured_at=now, down_seconds=m.node.down_seconds, gap_seconds=m.gap_seconds,
+        observed_up=m.node.observed_up,
+        misses=json.dumps([{"agent_id": x.agent_id, "app": x.app, "cause": x.cause,
+                            "start": x.start, "end": x.end} for x in m.node.misses]),
+        apps=json.dumps({app: {"down_seconds": v.down_seconds, "observed_up": v.observed_up}
+                         for app, v in sorted(m.apps.items())}),
+        gaps=json.dumps([list(g) for g in m.gaps]),
+        carry_out=json.dumps(m.carry_out.to_json()))
 
 
 def measurement_of(row: NodePeriodRow) -> Measurement:
@@ -126,7 +125,7 @@ def _measure(tx: Tx, settings: LedgerSettings, node: NodeRow, row: NodePeriodRow
                  for o in tx.nodes.observers(row.period_start, row.period_end,
                                              settings.policy.beat_sec)]
     m = measure(row.period_start, row.period_end, carry, events, observers, settings.policy)
-    measured = replace(row, measured_at=now, **_measured_fields(m))  # type: ignore[arg-type]
+    measured = _with_measurement(row, m, now)
     tx.ledger.write_node_period(measured)
     return measured
 

@@ -91,6 +91,7 @@ async def test_hardware_binds_to_a_node_only_with_a_claim_and_a_confirmation(
         await setup_node(ledger, "n1", stake=None, agent=None)
         await setup_node(ledger, "n2", stake=None, agent=None)
         assert not await ledger.claim_platform(p1, "ghost", "agent-1", None)  # no such node
+        assert not await ledger.claim_platform("pck-" + p1, "n1", "agent-1", None)  # no PPID
         assert error(await ledger.confirm_platform("admin", "n1", body(ppid=p1))) == (
             409, "platform_not_claimed")
         assert await ledger.claim_platform(p1, "n1", "agent-1", 7)
