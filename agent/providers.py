@@ -175,7 +175,7 @@ class DevQuoteProvider:
     def __init__(self, pki_dir: Path, *, mrtd: bytes | None = None,
                  rtmrs: tuple[bytes, bytes, bytes, bytes] | None = None,
                  fmspc: str | None = None,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, platform: str = "default") -> None:
         # here only: see the module docstring
         from eecp.dev import mint as devmint
         from eecp.dev import pki as devpki
@@ -186,6 +186,9 @@ class DevQuoteProvider:
         self.mrtd = devmint.DEFAULT_MRTD if mrtd is None else mrtd
         self.rtmrs = devmint.DEFAULT_RTMRS if rtmrs is None else rtmrs
         self.fmspc = devmint.DEFAULT_FMSPC if fmspc is None else fmspc
+        #: one PCK leaf key per dev platform, kept in the PKI directory: every quote carries
+        #: the same PPID, as a real host's do (ledger spec §21.11)
+        self.pck_key = devpki.platform_pck_key(pki_dir, platform)
         #: the root certificate eecp must trust (``EE_DCAP_ROOT_CA``)
         self.root_pem_path = pki_dir / devpki.ROOT_CERT_FILE
         self._now = now
@@ -195,6 +198,6 @@ class DevQuoteProvider:
         _check_report_data(report_data)
         mint = partial(self._devmint.mint_tdx_quote, self.pki, now=self._now(),
                        report_data=report_data, mrtd=self.mrtd, rtmrs=self.rtmrs,
-                       fmspc=self.fmspc)
+                       fmspc=self.fmspc, pck_key=self.pck_key)
         minted = await trio.to_thread.run_sync(mint)
         return minted.quote

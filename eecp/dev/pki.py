@@ -15,9 +15,11 @@ disk (:func:`save_pki`, :func:`load_pki`, :func:`ensure_pki`). See
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,7 +305,7 @@ def issue_pck_leaf(
     """A PCK leaf under the PCK CA carrying the (non-critical) SGX extension; its PPID is
     derived from ``key`` unless given."""
     if ppid is None:
-        ppid = hashlib.sha256(raw_pubkey(key)).digest()[:16]
+        ppid = platform_ppid(key)
     sgx = sgx_extension_der(ppid=ppid, cpusvn=cpusvn, pcesvn=pcesvn, fmspc=bytes.fromhex(fmspc))
     ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(SGX_EXTENSION_OID), sgx)
     return _issue(
@@ -405,6 +407,48 @@ def load_pki(directory: str | Path) -> DevPki:
         tcb_key=keys["tcb_key"],
         tcb_cert=certs["tcb_cert"],
     )
+
+
+PLATFORMS_DIR = "platforms"
+"""Where a PKI directory keeps its dev platforms' PCK leaf keys (``<name>.key.pem``)."""
+_PLATFORM_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def platform_pck_key(directory: str | Path, platform: str = "default"
+                     ) -> ec.EllipticCurvePrivateKey:
+    """The PCK leaf key of the dev platform ``platform`` of the PKI in ``directory``, created
+    (and kept under :data:`PLATFORMS_DIR`) on first use.
+
+    A real TDX host presents one PCK leaf, so one PPID, in all its quotes; quotes minted with
+    this key share the PPID derived from it, so a dev platform stays one platform across
+    attestations and restarts, and eecp can bind it to a node (ledger spec §21.11). Two
+    processes creating the same platform at once end up with one key: the file is linked into
+    place only if it is still absent.
+    """
+    if not _PLATFORM_NAME.fullmatch(platform):
+        raise ValueError(f"a dev platform name is a DNS label, not {platform!r}")
+    path = Path(directory) / PLATFORMS_DIR / f"{platform}.key.pem"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pem = ec.generate_private_key(CURVE).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(pem)
+            os.chmod(tmp, 0o600)
+            # fails if another process made it meanwhile: theirs is kept
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return _load_key(path)
+
+
+def platform_ppid(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The PPID a PCK leaf issued for ``key`` carries (when no PPID is given)."""
+    return hashlib.sha256(raw_pubkey(key)).digest()[:16]
 
 
 def ensure_pki(directory: str | Path) -> DevPki:

@@ -1,12 +1,15 @@
-"""The ledger's pure core: the rules of eecp's USD ledger as values and functions (issue 15).
+"""eecp's USD ledger (issue 15): a pure core of rules, and the service that applies them to the
+store.
 
-Nothing in this package does I/O, holds a lock, starts a task or imports trio, peewee or quart.
-Every rule of the specification (``ledger-spec.md``) that can be stated as a function of plain
-values is here, tested synchronously in ``tests/ledger/`` the way h11 tests its state machine.
-The store applies the same functions inside its transactions and the HTTP layer calls the same
-parsers, so a rule exists once. By layer, ``eecp.ledger`` imports only the core (errors, clock,
-config) and, later, ``store``; never agents, the data plane or the control plane (a test
-checks it).
+**The pure core** (``money``, ``periods``, ``journal``, ``idempotency``, ``availability``,
+``eligibility``, ``settlement``) does no I/O, holds no lock, starts no task and imports neither
+trio nor the store. Every rule of the specification (``ledger-spec.md``) that can be stated as a
+function of plain values is there, tested synchronously in ``tests/ledger/`` the way h11 tests
+its state machine. **The service** (``answers``, ``units``, ``credits``, ``usage``, ``nodes``,
+``observe``, ``abuse``, ``settle``, ``service``, ``jobs``) runs those same functions inside the
+store's units of work, so a rule exists once. By layer, ``eecp.ledger`` imports the core and
+the store's API (plain records; never peewee); never agents, the data plane or the control
+plane (a test checks it).
 
 The map:
 
@@ -35,32 +38,31 @@ module               holds                                                      
                      its transfers), capacity, minimum stake, the abuse rule        §11
 ===================  =============================================================  ========
 
-How the later modules use it:
+The service:
 
-- ``store/ledger_repo.py`` runs each operation as one database transaction. It locks the
-  ``node_period`` row, then the account rows in id order; builds :class:`~journal.Balances`
-  from them; calls :func:`~journal.apply` / :func:`~journal.apply_linked` and writes the
-  absolute counters it returns with the transfer rows (``UNIQUE(pending_id)`` and the CHECKs
-  back the same rules up). It claims the idempotency key in the same transaction, answering
-  :func:`~idempotency.decide` with the stored :class:`~idempotency.StoredAnswer` and keeping
-  answers :func:`~idempotency.should_store` allows. To settle, it reads the previous
-  ``node_period.carry_out`` (:meth:`~availability.Carry.from_json`), that period's events and
-  the observer rows, runs :func:`~availability.measure`, :func:`~settlement.abuse_effect`,
-  :func:`~eligibility.judge` per app and :func:`~settlement.plan_settlement`, then applies
-  :meth:`~settlement.SettlementPlan.transfers`. ``GET /v1/ledger/check`` reports
-  :func:`~journal.check_invariants`, :func:`~journal.journal_mismatches` and
-  :func:`~journal.resolution_violations`.
-- ``control/ledger_api.py`` parses the body once (:func:`~money.parse_json_body`,
-  :func:`~money.reject_unknown_fields`). It then parses fields with
-  :func:`~money.parse_amount_fields`, :func:`~journal.parse_account_id` and
-  :func:`~periods.period_from_fields`, checks :func:`~periods.check_reportable`, and reads the
-  key with :func:`~idempotency.parse_key`. The normalized request is hashed with
-  :func:`~idempotency.fingerprint`. A refusal is answered with ``LedgerError.body()`` and its
-  ``http_status``, and amounts are rendered with :func:`~money.format_usd` and
-  :func:`~money.balance_cents`.
-- The settler job takes due periods from :func:`~periods.check_settleable`, and the config
-  reads ``EE_LEDGER_PERIOD`` (:func:`~periods.period_setting`, then
-  :func:`~periods.check_period_settings`), ``EE_PLATFORM_FEE_BPS``
-  (:func:`~money.fee_bps_setting`) and ``EE_LEDGER_MAX_AMOUNT_USD``
-  (:func:`~money.max_amount_setting`).
+===================  =============================================================  ========
+module               holds                                                          spec
+===================  =============================================================  ========
+``service``          :class:`~service.Ledger`: one async call per endpoint of §13,  §13
+                     the writers the sessions call, the settler's pass
+``answers``          :class:`~answers.Answer` (status, exact body bytes, replayed), §13,
+                     :class:`~answers.LedgerSettings`, refusals as answers          §16
+``units``            a unit of work's key claim with its effect and stored answer;  §4.2,
+                     :func:`~units.move`, transfers over accounts locked in id      §3
+                     order
+``credits``          purchase, transfer, redeem, balances, the check               §3, §21.6
+``usage``            usage reports: a hold at the period's posted price             §9.1
+``nodes``            register (terms schedule, stake target, token), node view      §7.2–7.4
+``observe``          availability events, observer beats, platform claims and       §7.1, §8
+                     confirmations, agent release
+``abuse``            filing and deciding abuse reports                              §11
+``settle``           measuring node-period chains, settling one node-period in one  §8.3,
+                     unit of work, the settler's due list                           §9.3, §15
+``jobs``             the observer and settler loops (trio)                          §15
+===================  =============================================================  ========
+
+The HTTP layer (``control/ledger_api.py``, next) authenticates the caller, checks the role
+matrix of §5, turns a node token into its principal (:meth:`~service.Ledger.node_for_token`),
+passes the path, the raw body and the ``Idempotency-Key`` values to one ``Ledger`` method and
+writes the :class:`~answers.Answer` it returns.
 """

@@ -125,6 +125,18 @@ def begin(db: Database) -> Iterator[None]:
             yield
 
 
+def read_snapshot(db: Database, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in one read-only transaction that sees a single state of ``db``: SQLite's
+    deferred ``BEGIN`` (in WAL mode a reader's snapshot starts at its first read and never
+    blocks the writer), PostgreSQL's REPEATABLE READ READ ONLY."""
+    untyped: Any = db
+    if isinstance(db, peewee.SqliteDatabase):
+        with untyped.atomic("DEFERRED"):
+            return fn()
+    with untyped.atomic(isolation_level="REPEATABLE READ READ ONLY"):
+        return fn()
+
+
 def is_postgres(db: Database) -> bool:
     """True for PostgreSQL (row locks matter), False for SQLite (the whole file is locked)."""
     return isinstance(db, peewee.PostgresqlDatabase)

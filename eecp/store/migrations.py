@@ -18,6 +18,7 @@ import peewee
 from playhouse import migrate as playhouse_migrate
 
 from eecp.core.errors import StoreError
+from eecp.store.ledger_tables import create_ledger_schema
 from eecp.store.tables import Bound, Database, _Base, bind_model
 
 
@@ -94,11 +95,18 @@ def _migration_3(db: Database) -> None:
         migrator.add_column("agent", "epoch", peewee.BigIntegerField(default=0)))
 
 
+def _migration_4(db: Database) -> None:
+    # The ledger (issue 15): new tables only, so nothing is frozen; their triggers and the
+    # system accounts (mint:usd, fee:platform, slash:platform) come with them.
+    create_ledger_schema(db)
+
+
 #: Every schema change, in order. Append only; never edit or renumber an entry once released.
 MIGRATIONS: list[tuple[int, Callable[[Database], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
     (3, _migration_3),
+    (4, _migration_4),
 ]
 
 #: The newest schema version this code knows.

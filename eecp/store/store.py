@@ -18,8 +18,24 @@ Decisions that must hold across restarts and processes are taken in **units of w
 way to read-for-update and write rows. On PostgreSQL a transaction locks the rows it decides on,
 always in this order, so that two transactions never wait for each other in a circle:
 
-1. the ``app`` row (by name), 2. the ``agent`` row (by agent_id), 3. (the ledger's rows, in the
-order its module documents).
+1. the ``app`` row (by name), 2. the ``agent`` row (by agent_id), 3. the ledger's rows
+   (``tx.ledger``, :mod:`eecp.store.ledger_repo`; ``tx.nodes``, :mod:`eecp.store.node_repo`):
+
+   a. the ``idempotency`` claim (``INSERT ... ON CONFLICT DO NOTHING``, which waits for a
+      concurrent claimer of the same key: always a transaction's first ledger statement, so
+      it is never taken while other ledger rows are held),
+   b. the ``node`` row, c. the ``abuse_report`` row,
+   d. ``node_period`` rows, oldest first (spec §0 item 10: before any account),
+   e. ``ledger_account`` rows, sorted by id, in one ``SELECT ... ORDER BY id FOR UPDATE``
+      (an account a transfer may create is inserted just before, so its insert takes the same
+      place in the order).
+
+   Rows nobody updates concurrently (transfers, events, usage, terms, platforms) are written
+   without a lock; the natural keys' unique indexes (``usage``, ``pending_id``,
+   ``node_platform``) make a concurrent duplicate fail or wait instead of doubling.
+
+:meth:`Store.snapshot` runs a read-only function against one consistent state (SQLite: a read
+transaction; PostgreSQL: REPEATABLE READ READ ONLY), for checks that sum many rows.
 
 An agent's row carries an ``epoch``: each admission of the agent (a session's first accepted
 attestation) takes the next one, and every later write of that session is conditional on it
@@ -44,8 +60,11 @@ from eecp.core.clock import Clock, SystemClock
 from eecp.core.config import Config
 from eecp.core.errors import StoreError
 from eecp.store import db as dbmod
-from eecp.store.db import DB_ERRORS, open_database, unit_of_work
+from eecp.store.db import DB_ERRORS, open_database, read_snapshot, unit_of_work
+from eecp.store.ledger_repo import LedgerTx
+from eecp.store.ledger_tables import LedgerBound
 from eecp.store.migrations import current_version, migrate
+from eecp.store.node_repo import NodeTx
 from eecp.store.records import AgentRecord, AppRecord, AuditEntry
 from eecp.store.tables import Bound
 
@@ -61,10 +80,14 @@ class Tx:
     SQLite the whole transaction holds the write lock already); take them in the order the
     module docstring gives."""
 
-    def __init__(self, db: Any, m: Bound) -> None:
+    def __init__(self, db: Any, m: Bound, lm: LedgerBound) -> None:
         self._db = db
         self._m = m
         self._locks = dbmod.is_postgres(db)
+        #: the ledger's accounts, transfers, keys, usage, node-periods, abuse, leases
+        self.ledger = LedgerTx(db, lm, self._locks)
+        #: the ledger's nodes, terms, platforms, availability events, observers
+        self.nodes = NodeTx(db, lm, self._locks)
 
     def _read(self, query: Any, lock: bool) -> Any:
         return query.for_update() if lock and self._locks else query
@@ -146,6 +169,7 @@ class Store:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._db, self._description, self._sqlite_path = open_database(config, workers)
         self._m = Bound(self._db)
+        self._lm = LedgerBound(self._db)
         self._closed = False
 
     def describe(self) -> str:
@@ -167,8 +191,15 @@ class Store:
         rolls it back for a deadlock or serialization failure, so ``fn`` must not act outside
         the database. An exception ``fn`` raises rolls the transaction back and reaches the
         caller as itself (database failures as ``StoreError("store_unavailable")``)."""
-        tx = Tx(self._db, self._m)
+        tx = Tx(self._db, self._m, self._lm)
         return await self._run(unit_of_work, self._db, functools.partial(fn, tx))
+
+    async def snapshot(self, fn: Callable[[Tx], T]) -> T:
+        """Run the read-only ``fn(tx)`` in a store worker thread against one consistent state
+        of the database (every statement sees the same commits), never retried. Writing in it
+        is an error on PostgreSQL."""
+        tx = Tx(self._db, self._m, self._lm)
+        return await self._run(read_snapshot, self._db, functools.partial(fn, tx))
 
     # -- plumbing --
 

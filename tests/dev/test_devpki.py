@@ -9,6 +9,8 @@ from pathlib import Path
 import dcap_qvl
 import pytest
 
+from agent.providers import DevQuoteProvider
+from eecp.attestation.quotes import parse_quote, platform_id
 from eecp.core.config import from_env
 from eecp.dev import mint as devmint
 from eecp.dev import pki as devpki
@@ -58,3 +60,23 @@ def test_load_refuses_mixed_up_directories(tmp_path: Path) -> None:
     (tmp_path / "two" / "root.key.pem").unlink()
     with pytest.raises(FileNotFoundError):
         devpki.load_pki(tmp_path / "two")
+
+
+async def test_a_dev_platform_keeps_one_ppid_across_quotes_providers_and_restarts(
+        tmp_path: Path) -> None:
+    # a real TDX host presents one PCK leaf (one PPID) in all its quotes; the dev provider's
+    # platform must too, or no node binding survives a re-attestation (ledger spec §21.11)
+    def ppid(raw: bytes) -> str | None:
+        facts = parse_quote(raw)
+        return platform_id(facts.pck_chain, facts.fmspc)
+
+    first = DevQuoteProvider(tmp_path / "pki")
+    one, two = ppid(await first.quote(bytes(64))), ppid(await first.quote(bytes(64)))
+    restarted = ppid(await DevQuoteProvider(tmp_path / "pki").quote(bytes(64)))
+    other = ppid(await DevQuoteProvider(tmp_path / "pki", platform="second").quote(bytes(64)))
+    assert one == two == restarted == devpki.platform_ppid(first.pck_key).hex()
+    assert other is not None and other != one
+    key_file = tmp_path / "pki" / devpki.PLATFORMS_DIR / "default.key.pem"
+    assert key_file.stat().st_mode & 0o077 == 0  # a private key: the owner's only
+    with pytest.raises(ValueError):
+        devpki.platform_pck_key(tmp_path / "pki", "../escape")
