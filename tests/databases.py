@@ -10,6 +10,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,15 +82,22 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     if url is None:
         pytest.skip(f"no PostgreSQL to run the store suite on: {PG_URL_ENV} is not set and "
                     f"no throwaway server can be started ({pgserver.unavailable()})")
+    with fresh_schema(url) as scoped:
+        yield Backend("postgres", Config(db_url=scoped), raw_url=scoped)
+
+
+@contextmanager
+def fresh_schema(url: str, prefix: str = "eecp_test") -> Iterator[str]:
+    """A new, empty schema on the server ``url`` names, for the block: yields ``url`` with the
+    schema on its ``search_path``; the schema and everything in it are dropped at the end."""
     psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 missing (pip install .[postgres])")
-    schema = f"eecp_test_{uuid.uuid4().hex[:12]}"
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = psycopg2.connect(url)
     admin.autocommit = True
     try:
         with admin.cursor() as cur:
             cur.execute(f'CREATE SCHEMA "{schema}"')
-        scoped = _with_search_path(url, schema)
-        yield Backend("postgres", Config(db_url=scoped), raw_url=scoped)
+        yield _with_search_path(url, schema)
     finally:
         with admin.cursor() as cur:
             cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +25,7 @@ import trio
 
 from eecp.dev import pki as devpki
 from tests import pgserver
-from tests.databases import PG_URL_ENV
+from tests.databases import PG_URL_ENV, fresh_schema
 from tests.harness import ASSET, FakeAgent, allowlist_doc, open_upstreams
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,19 +83,8 @@ def cluster_db(pg_url: str | None) -> Iterator[str]:
     if pg_url is None:
         pytest.skip(f"no PostgreSQL for two processes: {PG_URL_ENV} is not set and no "
                     f"throwaway server can be started ({pgserver.unavailable()})")
-    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 missing (pip install .[postgres])")
-    schema = f"eecp_two_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(pg_url)
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE SCHEMA "{schema}"')
-        sep = "&" if "?" in pg_url else "?"
-        yield f"{pg_url}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.close()
+    with fresh_schema(pg_url, "eecp_two") as url:
+        yield url
 
 
 async def claim(agent: FakeAgent, done: dict[str, str]) -> None:
