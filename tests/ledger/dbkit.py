@@ -23,8 +23,7 @@ from eecp.ledger.answers import Answer, LedgerSettings
 from eecp.ledger.observe import SessionEvent
 from eecp.ledger.service import Ledger
 from eecp.store.store import Store, open_store
-from tests.databases import Backend
-from tests.databases import _with_search_path as with_search_path
+from tests.databases import Backend, fresh_schema
 
 T = TypeVar("T")
 
@@ -147,17 +146,5 @@ def fresh_database(base: Backend, tmp: Path, pg_url: str | None) -> Iterator[Bac
         yield Backend("sqlite", Config(db_path=tmp / f"{name}.db"))
         return
     assert pg_url is not None
-    import psycopg2
-
-    schema = f"eecp_hyp_{name}"
-    admin = psycopg2.connect(pg_url)
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE SCHEMA "{schema}"')
-        scoped = with_search_path(pg_url, schema)
+    with fresh_schema(pg_url, "eecp_hyp") as scoped:
         yield Backend("postgres", Config(db_url=scoped), raw_url=scoped)
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.close()
