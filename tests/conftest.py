@@ -11,8 +11,12 @@ import pytest
 from eecp import patches
 from eecp.dev import pki as devpki
 from tests.databases import backend, pg_url, sqlite_backend
+from tests.skips import pytest_runtest_makereport
 
-__all__ = ["agent_dir", "backend", "library_patches", "pg_url", "pki_dir", "sqlite_backend"]
+__all__ = [
+    "agent_dir", "backend", "library_patches", "pg_url", "pki_dir", "pytest_runtest_makereport",
+    "sqlite_backend",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
