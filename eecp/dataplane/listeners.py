@@ -17,6 +17,7 @@ the proxy listener closes its own oldest idle connections, and resolve still ans
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -207,8 +208,10 @@ def app_named(headers: list[tuple[str, str]], forwarding: Forwarding) -> str | N
     """The app a proxy-listener request is for: a trusted proxy's ``X-EE-App``, else the first
     label of the host the app is asked for (a trusted proxy's ``X-Forwarded-Host``, else
     ``Host``; a client's own X-Forwarded-Host picks nothing, as it reaches no app).
-    :class:`AmbiguousHost` when the one that counts names more than one."""
-    host = host_label(forwarding.host) if forwarding.host else None
+    :class:`AmbiguousHost` when the one that counts names more than one. A host that is an
+    IP address names no app (None: 400 ``missing_app``, not a 403 for an "app" called 127)."""
+    host = host_label(forwarding.host) if forwarding.host and not _ip_literal(
+        forwarding.host) else None
     if forwarding.trusted:
         named = [value for name, value in headers if name == "x-ee-app"]
         if len(named) > 1 or (named and "," in named[0]):
@@ -216,6 +219,19 @@ def app_named(headers: list[tuple[str, str]], forwarding: Forwarding) -> str | N
         if named and named[0].strip():
             return named[0].strip()
     return host
+
+
+def _ip_literal(host: str) -> bool:
+    """Whether a Host value (port and all) is an IP address rather than a name."""
+    value = host.strip()
+    if value.startswith("["):  # [v6] or [v6]:port
+        return True
+    name = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 async def serve_dataplane(proxy: ProxyHandler, auth: AuthHandler, config: Config,

@@ -233,7 +233,14 @@ async def test_refusals_mirror_resolve(mock_clock: MockClock, world: World) -> N
     assert response.json() == {"allowed": False, "reason": "unknown_app"}
     async with httpx.AsyncClient() as client:
         missing = await client.get(world.cp.proxy_url + "/hello", headers={"Host": ""})
-    assert (missing.status_code, missing.json()["reason"]) == (400, "missing_app")
+        assert (missing.status_code, missing.json()["reason"]) == (400, "missing_app")
+        # a host that is an address names no app (it was 403 unknown_app for an "app" 127)
+        for literal in ("127.0.0.1:9090", "127.0.0.1", "[::1]:9090", "[::1]", "::1"):
+            by_ip = await client.get(world.cp.proxy_url + "/hello", headers={"Host": literal})
+            assert (by_ip.status_code, by_ip.json()["reason"]) == (400, "missing_app"), literal
+        named = await client.get(world.cp.proxy_url + "/hello",
+                                 headers={"Host": "127-0-0-1.example.com"})
+        assert (named.status_code, named.json()["reason"]) == (403, "unknown_app")
     async with open_backend("one") as (_, server), running_agent(world.agent(server)) as agent:
         await agent.wait_status("attested")
         await agent.health("fail")
