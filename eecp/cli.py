@@ -64,10 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve_command(env: dict[str, str]) -> int:
     """``eecp serve``: build the config, set up logging, run until a signal."""
+    from eecp.ledger.answers import LedgerSettings
     from eecp.service import serve
 
     try:
         config = from_env(env)
+        if config.ledger_enabled:  # the ledger's own grammars too, before anything starts
+            LedgerSettings.from_config(config)
     except ConfigError as exc:
         print(f"eecp: configuration error: {exc.detail}", file=sys.stderr)
         return 2
