@@ -26,6 +26,7 @@ from eecp.store.ledger_records import (
     AccountRow,
     JournalSums,
     KeyRow,
+    LedgerCounts,
     NodePeriodRow,
     StakeOpRow,
     TransferRow,
@@ -355,6 +356,18 @@ class LedgerTx:
             "ORDER BY p.node_id, p.period_start")]
         return JournalSums(accounts, {a: (s[0], s[1], s[2], s[3]) for a, s in journal.items()},
                            bad, int(held), mismatches)
+
+    def counts(self) -> LedgerCounts:
+        """The metrics' counts (:class:`LedgerCounts`): three grouped counts, no row read."""
+        def grouped(sql: str) -> dict[str, int]:
+            return {str(key): int(n) for key, n in self._sql(sql)}
+
+        return LedgerCounts(
+            grouped("SELECT code, COUNT(*) FROM ledger_transfer GROUP BY code"),
+            grouped("SELECT outcome, COUNT(*) FROM node_period WHERE status = 'settled' "
+                    "AND outcome IS NOT NULL GROUP BY outcome"),
+            grouped("SELECT held_reason, COUNT(*) FROM node_period WHERE status = 'held' "
+                    "AND held_reason IS NOT NULL GROUP BY held_reason"))
 
     def _sql(self, sql: str) -> list[tuple[Any, ...]]:
         return list(self._db.execute_sql(sql).fetchall())
