@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,16 +127,36 @@ class LedgerPlane:
         return FakeAgent(self.cp.ws_url, self.cp.pki, register_extra=extra,
                          mint_kwargs={"ppid": ppid or uuid.uuid4().bytes}, **kwargs)
 
+    # -- the store, read directly --
+
+    def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        if self.backend is not None and self.backend.name == "postgres":
+            return self.backend.raw(sql, *params)
+        conn = sqlite3.connect(Path(self.cp.config.db_path))
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def events(self, agent_id: str | None = None) -> list[tuple[str, str, str | None]]:
+        """The availability events (of ``agent_id``) as ``(kind, reason, node_id)``."""
+        sql = "SELECT kind, reason, node_id, agent_id FROM availability_event ORDER BY at, id"
+        return [(r[0], r[1], r[2]) for r in self.rows(sql)
+                if agent_id is None or r[3] == agent_id]
+
+    async def wait_events(self, agent_id: str, count: int) -> list[tuple[str, str, str | None]]:
+        """The agent's events once there are ``count`` of them (real time)."""
+        end = time.monotonic() + 10
+        while len(found := await trio.to_thread.run_sync(self.events, agent_id)) < count:
+            assert time.monotonic() < end, found
+            await trio.to_thread.run_sync(time.sleep, 0.01)
+        return found
+
     # -- time --
 
     def beat_at(self) -> float:
         """The latest heartbeat of a running observer (0 when none)."""
-        sql = "SELECT MAX(last_beat_at) FROM observer WHERE stopped_at IS NULL"
-        if self.backend is not None and self.backend.name == "postgres":
-            rows = self.backend.raw(sql)
-        else:
-            with sqlite3.connect(Path(self.cp.config.db_path)) as conn:
-                rows = conn.execute(sql).fetchall()
+        rows = self.rows("SELECT MAX(last_beat_at) FROM observer WHERE stopped_at IS NULL")
         return float(rows[0][0] or 0.0)
 
     async def advance(self, seconds: float) -> None:
@@ -153,6 +173,16 @@ class LedgerPlane:
                 assert time.monotonic() < end, "the observer did not beat"
                 await trio.to_thread.run_sync(time.sleep, 0.01)
 
+    async def advance_until(self, done: Callable[[], bool], seconds: float) -> None:
+        """:meth:`advance` a beat at a time until ``done()`` (within ``seconds`` of the clock),
+        giving the control plane a little real time after each beat."""
+        passed = 0.0
+        while not done():
+            assert passed < seconds, "not done in time"
+            await self.advance(BEAT)
+            passed += BEAT
+            await trio.to_thread.run_sync(time.sleep, 0.02)
+
 
 @asynccontextmanager
 async def open_ledger_plane(tmp_path: Path, pki: devpki.DevPki, clock: MockClock | None,
@@ -160,6 +190,8 @@ async def open_ledger_plane(tmp_path: Path, pki: devpki.DevPki, clock: MockClock
                             ) -> AsyncIterator[LedgerPlane]:
     """A control plane with the ledger on (see the module docstring); ``backend`` picks the
     database (its PostgreSQL URL), else SQLite in ``tmp_path``."""
+    # pytest-trio runs a test under the clock the *test* requests (not its fixtures')
+    assert clock is None or trio.lowlevel.current_clock() is clock, "request mock_clock"
     env = dict(LEDGER_ENV)
     if backend is not None and backend.config.db_url:
         env["EE_DB_URL"] = backend.config.db_url

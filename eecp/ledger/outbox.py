@@ -54,6 +54,7 @@ class EventOutbox:
         self._on_drop = on_drop
         self._events: deque[SessionEvent] = deque()
         self._queued = trio.Event()
+        self._writing = trio.Lock()
         self._closed = False
         #: events dropped (the queue was full, or could not be flushed at the stop)
         self.dropped = 0
@@ -110,17 +111,22 @@ class EventOutbox:
                 wait = min(2 * wait, RETRY_MAX_SEC)
 
     async def _write_batch(self) -> bool:
-        """Write the oldest events (one unit of work); False when the store failed."""
-        batch = [self._events[i] for i in range(min(BATCH, len(self._events)))]
-        try:
-            await self._ledger.record_availability(batch)
-        except StoreError as exc:
-            log.warning("ledger: %d availability events wait for the store (%s)",
-                        len(self._events), exc)
-            return False
-        for _ in batch:  # (record() only appends: the batch is still at the front)
-            self._events.popleft()
-        return True
+        """Write the oldest events (one unit of work); False when the store failed. One batch
+        at a time: a flush waits for the writer's batch in flight (whose thread cannot be
+        cancelled), so no event is written twice."""
+        async with self._writing:
+            batch = [self._events[i] for i in range(min(BATCH, len(self._events)))]
+            if not batch:
+                return True
+            try:
+                await self._ledger.record_availability(batch)
+            except StoreError as exc:
+                log.warning("ledger: %d availability events wait for the store (%s)",
+                            len(self._events), exc)
+                return False
+            for _ in batch:  # (record() only appends: the batch is still at the front)
+                self._events.popleft()
+            return True
 
     async def flush(self) -> bool:
         """Write everything queued now (at a graceful stop; the caller bounds the time, and

@@ -115,7 +115,7 @@ async def plane(tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock
 
 
 async def test_every_ledger_route_admits_exactly_the_callers_of_the_spec_table(
-        plane: LedgerPlane) -> None:
+        mock_clock: MockClock, plane: LedgerPlane) -> None:
     _, period = plane.period(-1)
     report = await plane.ok("POST", "/v1/abuse/reports", headers=key(),
                             json={"node_id": "acme-1"})
@@ -143,7 +143,8 @@ async def test_every_ledger_route_admits_exactly_the_callers_of_the_spec_table(
     assert not failures, "\n".join(map(str, failures))
 
 
-async def test_a_refusal_of_auth_is_never_stored_under_its_key(plane: LedgerPlane) -> None:
+async def test_a_refusal_of_auth_is_never_stored_under_its_key(
+        mock_clock: MockClock, plane: LedgerPlane) -> None:
     idem = key()
     body = {"account_id": "carol", "amount_usd": "2"}
     refused = await plane.call("POST", "/v1/credits/purchase", LAUNCHER, json=body,
@@ -155,7 +156,8 @@ async def test_a_refusal_of_auth_is_never_stored_under_its_key(plane: LedgerPlan
     assert again.headers["idempotent-replayed"] == "true" and again.content == done.content
 
 
-async def test_the_admin_views_fail_closed_and_admit_the_admin_only(plane: LedgerPlane) -> None:
+async def test_the_admin_views_fail_closed_and_admit_the_admin_only(
+        mock_clock: MockClock, plane: LedgerPlane) -> None:
     for token in (None, LAUNCHER, UPTIME, plane.node_tokens["acme-1"]):
         response = await plane.call("GET", "/v1/apps", token)
         assert response.status_code == 401, (token, response.text)
