@@ -202,13 +202,16 @@ async def open_upstreams(pki: devpki.DevPki) -> AsyncIterator[tuple[FakePccs, Fa
 
 @asynccontextmanager
 async def open_control_plane(env: dict[str, str], pki: devpki.DevPki, pccs: FakePccs,
-                             github: FakeGitHub) -> AsyncIterator[ControlPlane]:
-    """Run ``serve()`` with ``env`` until the block ends (then shut it down gracefully)."""
+                             github: FakeGitHub, *, wall_start: float = START
+                             ) -> AsyncIterator[ControlPlane]:
+    """Run ``serve()`` with ``env`` until the block ends (then shut it down gracefully); its
+    wall clock reads ``wall_start`` now and follows trio's clock."""
     config = from_env(env)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         bound: Bound = await nursery.start(partial(
-            serve, config, clock=TrioClock(START), shutdown=shutdown, handle_signals=False))
+            serve, config, clock=TrioClock(wall_start), shutdown=shutdown,
+            handle_signals=False))
         try:
             yield ControlPlane(bound, config, pki, pccs, github, env)
         finally:

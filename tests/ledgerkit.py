@@ -170,7 +170,8 @@ class LedgerPlane:
             target = self.now
             end = time.monotonic() + 10
             while await trio.to_thread.run_sync(self.beat_at) < target - 1e-6:
-                assert time.monotonic() < end, "the observer did not beat"
+                assert time.monotonic() < end, ("the observer did not beat", target,
+                                                self.beat_at(), self.rows("SELECT * FROM observer"))
                 await trio.to_thread.run_sync(time.sleep, 0.01)
 
     async def advance_until(self, done: Callable[[], bool], seconds: float) -> None:
@@ -196,10 +197,15 @@ async def open_ledger_plane(tmp_path: Path, pki: devpki.DevPki, clock: MockClock
     if backend is not None and backend.config.db_url:
         env["EE_DB_URL"] = backend.config.db_url
     env.update(extra)
+    threshold = clock.autojump_threshold if clock is not None else None
     async with open_upstreams(pki) as (pccs, github):
         env = control_plane_env(tmp_path, pki, pccs.url, github.url, **env)
-        async with open_control_plane(env, pki, pccs, github) as cp:
+        # one wall clock for every plane of a test: START at trio time 0 (a restart goes on)
+        async with open_control_plane(env, pki, pccs, github,
+                                      wall_start=START + trio.current_time()) as cp:
             plane = LedgerPlane(cp, clock, backend)
             yield plane
             doc = await plane.check()
             assert doc["ok"] is True, doc
+    if clock is not None and threshold is not None:
+        clock.autojump_threshold = threshold  # (the harness's shutdown let it jump)

@@ -73,21 +73,29 @@ async def _beat(ledger: Ledger) -> None:
 
 async def serve_settler(ledger: Ledger, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """A settler pass every ``settle_interval_sec`` (and the key pruner hourly)."""
+    """A settler pass every ``settle_interval_sec`` (and the key pruner hourly). Stopped, it
+    gives its lease up, so that the instance that comes next settles at once."""
     interval = ledger.settings.settle_interval_sec
     pruned_at = -PRUNE_EVERY_SEC
     task_status.started()
-    while True:
-        try:
-            done = await ledger.settle_due()
-            if done.errors:
-                log.error("settler: %d node-periods could not be settled", done.errors)
-            if trio.current_time() - pruned_at >= PRUNE_EVERY_SEC:
-                await ledger.prune_keys()
-                pruned_at = trio.current_time()
-        except StoreError as exc:
-            log.warning("settler: the store failed (%s); next pass in %g s", exc, interval)
-        await trio.sleep(interval)
+    try:
+        while True:
+            try:
+                done = await ledger.settle_due()
+                if done.errors:
+                    log.error("settler: %d node-periods could not be settled", done.errors)
+                if trio.current_time() - pruned_at >= PRUNE_EVERY_SEC:
+                    await ledger.prune_keys()
+                    pruned_at = trio.current_time()
+            except StoreError as exc:
+                log.warning("settler: the store failed (%s); next pass in %g s", exc, interval)
+            await trio.sleep(interval)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await ledger.release_settler()
+            except StoreError as exc:
+                log.warning("settler: the lease was not given up (%s): it expires", exc)
 
 
 async def serve_counts(ledger: Ledger, metrics: LedgerMetrics, *,

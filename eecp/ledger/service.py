@@ -345,6 +345,10 @@ class Ledger:
                           answer.body[:200])
         return SettlePass(True, dict(outcomes), errors)
 
+    async def release_settler(self) -> None:
+        """Give up the ``settler`` lease, if this instance holds it (a graceful stop)."""
+        await self._store.atomic(lambda tx: tx.ledger.release_lease("settler", self.instance_id))
+
     async def prune_keys(self) -> int:
         """Delete idempotency keys past ``EE_IDEMPOTENCY_RETENTION_DAYS`` (natural keys are
         permanent)."""

@@ -309,6 +309,12 @@ class LedgerTx:
             (L.name == name) & ((L.expires_at < now) | (L.holder == holder))).execute()
         return bool(changed)
 
+    def release_lease(self, name: str, holder: str) -> bool:
+        """Give the lease ``name`` up if ``holder`` has it (a graceful stop: the next instance
+        need not wait for it to expire)."""
+        L = self._m.JobLease
+        return bool(L.delete().where((L.name == name) & (L.holder == holder)).execute())
+
     # -- the check --
 
     def journal_sums(self) -> JournalSums:

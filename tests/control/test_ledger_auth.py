@@ -18,6 +18,7 @@ from trio.testing import MockClock
 from eecp.control import auth
 from eecp.control.auth import Guard, Presented, Role, Tokens
 from eecp.dev import pki as devpki
+from tests.databases import Backend
 from tests.harness import (
     control_plane_env,
     open_control_plane,
@@ -105,9 +106,10 @@ def headers_of(caller: str, plane: LedgerPlane) -> dict[str, str]:
 
 
 @pytest.fixture
-async def plane(tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock
+async def plane(tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock, backend: Backend
                 ) -> AsyncIterator[LedgerPlane]:
-    async with open_ledger_plane(tmp_path, pki, mock_clock) as plane:
+    """On SQLite and PostgreSQL."""
+    async with open_ledger_plane(tmp_path, pki, mock_clock, backend) as plane:
         await plane.create_node("acme-1")
         await plane.create_node("acme-2")
         await plane.fund("alice", "5")

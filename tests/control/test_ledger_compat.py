@@ -15,6 +15,7 @@ from trio.testing import MockClock
 from eecp.core.errors import StoreError
 from eecp.dev import pki as devpki
 from eecp.ledger.service import Ledger
+from tests.databases import Backend
 from tests.ledgerkit import ADMIN, LAUNCHER, UPTIME, LedgerPlane, key, open_ledger_plane
 
 NODE = "acme-1"
@@ -26,9 +27,10 @@ def pki() -> devpki.DevPki:
 
 
 @pytest.fixture
-async def plane(tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock
+async def plane(tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock, backend: Backend
                 ) -> AsyncIterator[LedgerPlane]:
-    async with open_ledger_plane(tmp_path, pki, mock_clock) as plane:
+    """On SQLite and PostgreSQL."""
+    async with open_ledger_plane(tmp_path, pki, mock_clock, backend) as plane:
         yield plane
 
 

@@ -60,12 +60,13 @@ async def bound_agent(plane: LedgerPlane, agent: FakeAgent, ppid: bytes) -> None
     assert [(a["ppid"], a["node_id"]) for a in app["agents"]] == [(ppid.hex(), NODE)]
 
 
-async def report(plane: LedgerPlane, period: str) -> dict[str, Any]:
+async def report(plane: LedgerPlane, period: str, before: int = 5_000_000) -> dict[str, Any]:
+    """Usage of alice on the node (``before``: her balance until then)."""
     held = await plane.ok("POST", "/v1/usage/report", UPTIME, json={
         "account_id": "alice", "node_id": NODE, "period": period, "vcpu_hours": VCPU_HOURS})
     assert (held["status"], held["amount_micros"]) == ("held", AMOUNT)
     balance = await plane.ok("GET", "/v1/balances/alice")
-    assert balance["balance_micros"] == 5_000_000 - AMOUNT
+    assert balance["balance_micros"] == before - AMOUNT
     return held
 
 
@@ -143,3 +144,47 @@ async def test_a_tunnel_killed_in_the_period_refunds_it_with_health_miss(
         payout = await plane.call("GET", f"/v1/balances/node:{NODE}",
                                   headers=bearer(plane.node_tokens[NODE]), token=None)
         assert payout.json()["balance_micros"] == 0
+
+
+async def test_a_quick_restart_of_eecp_is_excused_and_a_long_outage_held(
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock, backend: Backend) -> None:
+    ppid = uuid.uuid4().bytes
+    async with trio.open_nursery() as outlives:  # the agent outlives the first eecp
+        async with open_ledger_plane(tmp_path, pki, mock_clock, backend) as plane:
+            await plane.create_node(NODE)
+            await plane.fund("alice", "5")
+            tokens = dict(plane.node_tokens)
+            agent = plane.agent(NODE, ppid)
+            await outlives.start(agent.run)
+            await bound_agent(plane, agent, ppid)
+            start, period = plane.period()
+            await report(plane, period)
+            await plane.advance(5)
+        # eecp stopped (gracefully) under its connected agent; it is back 15 s later
+        await agent.wait_closed()
+        outlives.cancel_scope.cancel()
+    mock_clock.jump(15)
+    async with open_ledger_plane(tmp_path, pki, mock_clock, backend) as plane:
+        plane.node_tokens.update(tokens)
+        await plane.advance(10)  # the agent takes 10 s to dial again: within the grace
+        async with running_agent(plane.agent(NODE, ppid, agent_id=agent.agent_id)) as again:
+            await again.wait_status("attested")
+            # (this eecp's settler passes at its start and a minute later)
+            await plane.advance(start + 60 + 10 - plane.now + 35)
+            result = await settled(plane, period)
+            assert (result["status"], result["eligible"], result["reasons"]) == (
+                "settled", True, [])  # the restart's gap and reconnect are not downtime
+            assert result["misses"] == [] and result["posted_micros"] == AMOUNT
+            await plane.advance(plane.period(1)[0] - plane.now + 5)  # into the next period
+            _, later = plane.period()
+            await report(plane, later, before=5_000_000 - AMOUNT)
+    # now all of eecp is down for two minutes, from 5 s into that period: it is held (eecp did
+    # not watch it), then decided by the admin
+    mock_clock.jump(120)
+    async with open_ledger_plane(tmp_path, pki, mock_clock, backend) as plane:
+        held = await settled(plane, later)
+        assert (held["status"], held["reasons"]) == ("held", ["observer_gap"])
+        decided = await plane.ok("POST", f"/v1/settlements/{later}/finalize", json={
+            "node_id": NODE, "decision": "pay", "note": "eecp's outage, not the node's"})
+        assert (decided["status"], decided["settled_by"], decided["posted_micros"]) == (
+            "settled", "admin", AMOUNT)
