@@ -22,6 +22,7 @@ ledger off nothing of it is built: no route, no hook, no job, no metric.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from eecp.ledger.answers import LedgerSettings
 from eecp.ledger.outbox import EventOutbox, SessionWriter
 from eecp.ledger.service import Ledger
 from eecp.store.store import Store, open_store
+
+log = logging.getLogger("eecp.wiring")
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,11 @@ async def open_services(config: Config, clock: Clock | None = None
                           known_app=lambda name: registry.app(name) is not None)
         refused_audit = RefusedAuditLimit(config.audit_refusals_per_min)
         parts = None
-        if ledger is not None:
+        if ledger is not None and ledger_settings is not None:
+            log.info("ledger on: periods of %s, settlement %g s after their end%s, instance %s",
+                     ledger_settings.period.setting, ledger_settings.settlement_delay_sec,
+                     " by the settler" if config.settlement_auto else " by hand only",
+                     ledger.instance_id)
             ledger_metrics = metrics.enable_ledger()
             outbox = EventOutbox(ledger, on_drop=ledger_metrics.events_dropped.inc)
             parts = LedgerParts(ledger, outbox, ledger_metrics, config.settlement_auto)

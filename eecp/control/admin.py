@@ -17,6 +17,7 @@ from quart import Blueprint, Response, jsonify, request
 from eecp.agents.registry import AgentView, Registry
 from eecp.control.auth import Guard, Role
 from eecp.core.clock import Clock, isoformat
+from eecp.core.errors import StoreError
 from eecp.store.records import AgentRecord, AuditEntry
 from eecp.store.store import Store
 
@@ -46,7 +47,10 @@ def blueprint(guard: Guard, registry: Registry, clock: Clock, store: Store,
         if doc is None:
             return jsonify({"error": "unknown_app", "app": name}), 404
         if bindings is not None:
-            bound = await bindings([a["agent_id"] for a in doc["agents"]])
+            try:
+                bound = await bindings([a["agent_id"] for a in doc["agents"]])
+            except StoreError:  # the view without the ledger's half, rather than none
+                bound = {}
             for agent in doc["agents"]:
                 node_id, ppid = bound.get(agent["agent_id"], (None, None))
                 agent["node_id"] = node_id

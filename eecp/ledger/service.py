@@ -46,7 +46,7 @@ from eecp.ledger.journal import parse_node_id
 from eecp.ledger.periods import Period, parse_period_id, settleable_at
 from eecp.ledger.settlement import Decision
 from eecp.ledger.units import Request, Work
-from eecp.store.ledger_records import LedgerCounts
+from eecp.store.ledger_records import LedgerTallies
 from eecp.store.store import Store, Tx
 
 log = logging.getLogger("eecp.ledger")
@@ -278,7 +278,7 @@ class Ledger:
 
         return await self._store.snapshot(read)
 
-    async def counts(self) -> LedgerCounts:
+    async def counts(self) -> LedgerTallies:
         """What the ledger's metrics count (journal rows, settled and held node-periods)."""
         return await self._store.snapshot(lambda tx: tx.ledger.counts())
 

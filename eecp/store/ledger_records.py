@@ -210,7 +210,7 @@ class JournalSums:
 
 
 @dataclass(frozen=True)
-class LedgerCounts:
+class LedgerTallies:
     """What the ledger's metrics show, counted in one snapshot: journal rows by code,
     settled node-periods by outcome, held node-periods by reason."""
 

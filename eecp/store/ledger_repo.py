@@ -26,7 +26,7 @@ from eecp.store.ledger_records import (
     AccountRow,
     JournalSums,
     KeyRow,
-    LedgerCounts,
+    LedgerTallies,
     NodePeriodRow,
     StakeOpRow,
     TransferRow,
@@ -363,12 +363,12 @@ class LedgerTx:
         return JournalSums(accounts, {a: (s[0], s[1], s[2], s[3]) for a, s in journal.items()},
                            bad, int(held), mismatches)
 
-    def counts(self) -> LedgerCounts:
-        """The metrics' counts (:class:`LedgerCounts`): three grouped counts, no row read."""
+    def counts(self) -> LedgerTallies:
+        """The metrics' counts (:class:`LedgerTallies`): three grouped counts, no row read."""
         def grouped(sql: str) -> dict[str, int]:
             return {str(key): int(n) for key, n in self._sql(sql)}
 
-        return LedgerCounts(
+        return LedgerTallies(
             grouped("SELECT code, COUNT(*) FROM ledger_transfer GROUP BY code"),
             grouped("SELECT outcome, COUNT(*) FROM node_period WHERE status = 'settled' "
                     "AND outcome IS NOT NULL GROUP BY outcome"),

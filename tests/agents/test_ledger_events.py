@@ -163,3 +163,24 @@ async def test_a_platform_of_a_banned_node_is_refused_at_attestation(
         assert app["audit"][0]["reason"] == "platform_banned"
         assert app["audit"][0]["platform_id"] == ppid.hex()
         assert plane.events(again.agent_id) == []
+
+
+async def test_an_expired_registration_releases_the_agent_and_a_renewal_expects_it_again(
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
+    async with open_ledger_plane(tmp_path, pki, mock_clock, EE_REGISTRATION_TTL_DAYS="0.0005",
+                                 EE_REGISTRATION_WARN_DAYS="0.0001") as plane:
+        await plane.create_node(NODE)
+        ppid = uuid.uuid4().bytes
+        async with running_agent(plane.agent(NODE, ppid)) as agent:
+            await agent.wait_status("attested")
+            await plane.wait_events(agent.agent_id, 1)
+            await confirm(plane, ppid)
+            # 43 s of registration: then the app is not served, which is not the node's doing
+            await plane.advance_until(
+                lambda: ("invalid", "registration_expired") in agent.statuses(), 120)
+            assert (await plane.wait_events(agent.agent_id, 3))[2] == (
+                "release", "app_gone", NODE)
+            node = await plane.ok("GET", f"/v1/nodes/{NODE}")
+            assert node["agents"] == []  # no longer expected on the node
+            await agent.send(agent.register_message())  # renewed: expected again
+            assert (await plane.wait_events(agent.agent_id, 4))[3] == ("up", "attested", NODE)
