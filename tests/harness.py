@@ -202,10 +202,13 @@ async def open_upstreams(pki: devpki.DevPki) -> AsyncIterator[tuple[FakePccs, Fa
 
 @asynccontextmanager
 async def open_control_plane(env: dict[str, str], pki: devpki.DevPki, pccs: FakePccs,
-                             github: FakeGitHub, *, wall_start: float = START
+                             github: FakeGitHub, *, wall_start: float = START,
+                             shutdown_autojump_sec: float = SHUTDOWN_AUTOJUMP_SEC
                              ) -> AsyncIterator[ControlPlane]:
     """Run ``serve()`` with ``env`` until the block ends (then shut it down gracefully); its
-    wall clock reads ``wall_start`` now and follows trio's clock."""
+    wall clock reads ``wall_start`` now and follows trio's clock. Under a MockClock the
+    shutdown's deadlines pass once every task has been blocked ``shutdown_autojump_sec`` of
+    real time (see :data:`SHUTDOWN_AUTOJUMP_SEC`)."""
     config = from_env(env)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -222,7 +225,7 @@ async def open_control_plane(env: dict[str, str], pki: devpki.DevPki, pccs: Fake
                 # at once, though: a task waiting on a worker thread (the store) counts as
                 # blocked, and the shutdown's last writes must not see their deadlines pass
                 # while their thread is still at work
-                clock.autojump_threshold = SHUTDOWN_AUTOJUMP_SEC
+                clock.autojump_threshold = shutdown_autojump_sec
 
 
 @dataclass

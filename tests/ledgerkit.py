@@ -41,6 +41,8 @@ LAUNCHER = "launcher-" + "l" * 40
 UPTIME = "uptime-" + "u" * 40
 PERIOD = 60
 BEAT = 5.0
+#: real seconds of idle before a shutting-down plane's deadlines pass (the harness's is 0.05)
+SHUTDOWN_AUTOJUMP_SEC = 0.5
 LEDGER_ENV = {
     "EE_LEDGER_ENABLED": "true", "EE_ADMIN_TOKEN": ADMIN, "EE_LAUNCHER_TOKEN": LAUNCHER,
     "EE_UPTIME_TOKEN": UPTIME, "EE_LEDGER_PERIOD": str(PERIOD),
@@ -201,8 +203,11 @@ async def open_ledger_plane(tmp_path: Path, pki: devpki.DevPki, clock: MockClock
     async with open_upstreams(pki) as (pccs, github):
         env = control_plane_env(tmp_path, pki, pccs.url, github.url, **env)
         # one wall clock for every plane of a test: START at trio time 0 (a restart goes on)
+        # its shutdown writes to the store (the outbox's flush, the observer's stop, the
+        # settler's lease), on PostgreSQL too: give them time before its deadlines pass
         async with open_control_plane(env, pki, pccs, github,
-                                      wall_start=START + trio.current_time()) as cp:
+                                      wall_start=START + trio.current_time(),
+                                      shutdown_autojump_sec=SHUTDOWN_AUTOJUMP_SEC) as cp:
             plane = LedgerPlane(cp, clock, backend)
             yield plane
             doc = await plane.check()

@@ -78,6 +78,7 @@ async def serve_settler(ledger: Ledger, *,
     interval = ledger.settings.settle_interval_sec
     pruned_at = -PRUNE_EVERY_SEC
     task_status.started()
+    due = trio.current_time()  # a fixed schedule: a slow pass does not delay the next ones
     try:
         while True:
             try:
@@ -89,7 +90,8 @@ async def serve_settler(ledger: Ledger, *,
                     pruned_at = trio.current_time()
             except StoreError as exc:
                 log.warning("settler: the store failed (%s); next pass in %g s", exc, interval)
-            await trio.sleep(interval)
+            due = max(due + interval, trio.current_time())
+            await trio.sleep_until(due)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
@@ -106,6 +108,7 @@ async def serve_counts(ledger: Ledger, metrics: LedgerMetrics, *,
     checked_at = -CHECK_EVERY_SEC
     ok: bool | None = None
     task_status.started()
+    due = trio.current_time()
     while True:
         try:
             if trio.current_time() - checked_at >= CHECK_EVERY_SEC:
@@ -120,4 +123,5 @@ async def serve_counts(ledger: Ledger, metrics: LedgerMetrics, *,
                                           counts.held_by_reason, ok)
         except StoreError as exc:
             log.warning("ledger metrics: the store failed (%s)", exc)
-        await trio.sleep(COUNT_EVERY_SEC)
+        due = max(due + COUNT_EVERY_SEC, trio.current_time())
+        await trio.sleep_until(due)
