@@ -43,6 +43,7 @@ _REGISTER_VARIABLES = {
     "app_name": "EE_APP_NAME",
     "network": "EE_NETWORK",
     "agent_id": "EE_AGENT_ID",
+    "node_id": "EE_NODE_ID",
 }
 _SEAL_TRUE = frozenset({"1", "true", "yes"})  # the upstream agent's spellings of "sealed"
 _SEAL_FALSE = frozenset({"0", "false", "no"})
@@ -59,6 +60,8 @@ class AgentConfig:
     app_name: str
     network: str
     agent_id: str
+    #: the ledger node this TD runs on (EE_NODE_ID), named in ``register``; None: unbound
+    node_id: str | None = None
     backend_url: str = "http://127.0.0.1:8080"
     health_path: str = "/health"
     #: a forwarded request's backend must make progress this often (see agent.forward)
@@ -92,7 +95,8 @@ class AgentConfig:
     @property
     def register(self) -> Register:
         """The ``register`` message this agent sends (again, to renew, on ``ttl_warning``)."""
-        return Register(self.repo, self.release_tag, self.app_name, self.network, self.agent_id)
+        return Register(self.repo, self.release_tag, self.app_name, self.network, self.agent_id,
+                        node_id=self.node_id)
 
     @property
     def health_url(self) -> str:
@@ -115,6 +119,7 @@ def from_env(env: Mapping[str, str]) -> AgentConfig:
         app_name=r.required("EE_APP_NAME"),
         network=r.get("EE_NETWORK", "forge-1", str),
         agent_id=_agent_id(r),
+        node_id=r.raw("EE_NODE_ID"),
     )
     cfg = AgentConfig(
         control_ws=control_ws,
@@ -123,6 +128,7 @@ def from_env(env: Mapping[str, str]) -> AgentConfig:
         app_name=register.app_name,
         network=register.network,
         agent_id=register.agent_id,
+        node_id=register.node_id,
         backend_url=r.get("EE_BACKEND_URL", "http://127.0.0.1:8080", _http_url),
         health_path=r.get("EE_HEALTH_PATH", "/health", _url_path),
         backend_timeout_sec=r.get("EE_BACKEND_TIMEOUT_SEC", 60.0, _positive),
@@ -187,7 +193,7 @@ def _checked_register(**fields: str) -> Register:
     try:
         message = decode_agent_message(encode_register(Register(
             fields["repo"], fields["release_tag"], fields["app_name"], fields["network"],
-            fields["agent_id"])))
+            fields["agent_id"], node_id=fields["node_id"] or None)))
     except ProtocolError as exc:
         key = exc.reason.partition(":")[2]
         raise ConfigError(_REGISTER_VARIABLES.get(key, "EE_REPO"), exc.detail) from None

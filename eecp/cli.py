@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("agent_id", help="the agent's id (a UUID)")
     demo = sub.add_parser("demo", help="run eecp, a dev-PKI agent and a tiny app on loopback")
     demo.add_argument("--dir", default="data/demo", help="where the demo keeps its files")
+    demo.add_argument("--ledger", action="store_true",
+                      help="with the USD ledger on: a funded user, a node owning the agent's "
+                           "platform, 60-second periods, and the curl commands to settle usage")
     for name, default in (("control", 8088), ("proxy", 9090), ("auth", 8089)):
         demo.add_argument(f"--{name}-port", type=int, default=default, metavar="PORT",
                           help=f"loopback port of the {name} listener (0: any free port)")
@@ -64,10 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve_command(env: dict[str, str]) -> int:
     """``eecp serve``: build the config, set up logging, run until a signal."""
+    from eecp.ledger.answers import LedgerSettings
     from eecp.service import serve
 
     try:
         config = from_env(env)
+        if config.ledger_enabled:  # the ledger's own grammars too, before anything starts
+            LedgerSettings.from_config(config)
     except ConfigError as exc:
         print(f"eecp: configuration error: {exc.detail}", file=sys.stderr)
         return 2
@@ -132,7 +138,8 @@ def demo_command(args: argparse.Namespace, env: dict[str, str]) -> int:
         print(f"eecp: configuration error: {exc.detail}", file=sys.stderr)
         return 2
     settings = DemoSettings(Path(args.dir), args.control_port, args.proxy_port, args.auth_port,
-                            logging_config.log_format, logging_config.log_level)
+                            logging_config.log_format, logging_config.log_level,
+                            ledger=args.ledger)
     setup_logging(settings.log_format, settings.log_level)
     apply_patches()  # (the demo's agent runs in this process too: it gets the wsproto one)
 

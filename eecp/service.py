@@ -7,7 +7,11 @@ client, and every component built over them (:func:`eecp.wiring.open_services`, 
 that sees them all). Then one root nursery starts the servers in dependency order,
 each reporting readiness through ``task_status``; ``serve`` reports the bound addresses when all
 are up. A shutdown (SIGINT/SIGTERM or the ``shutdown`` event) stops background work at once and
-gives the control server ``EE_SHUTDOWN_GRACE_SEC`` to finish what it is doing::
+gives the control server ``EE_SHUTDOWN_GRACE_SEC`` to finish what it is doing. The ledger's
+jobs stop last, in order: the settler and the counts at once, then, once the sessions have
+ended (and queued their last events), the outbox is flushed, and only then does the observer
+record its stop — an instance whose events did not all reach the store records none, so its
+coverage ends with its last beat instead of claiming the time it could not account for::
 
     serve(config)
       async with open_services(config):        store, http client, every component (eecp.wiring)
@@ -16,6 +20,11 @@ gives the control server ``EE_SHUTDOWN_GRACE_SEC`` to finish what it is doing::
           │    ├─ signal watcher               SIGINT/SIGTERM → shutdown
           │    ├─ collateral refresher         refresh-ahead before nextUpdate
           │    └─ audit summaries              refusals left out of the audit log, a minute's
+          ├─ ledger nursery (EE_LEDGER_ENABLED) its jobs (eecp.ledger.jobs, spec §15)
+          │    ├─ observer                     a heartbeat every EE_OBSERVER_BEAT_SEC
+          │    ├─ event outbox                 the sessions' availability events to the store
+          │    ├─ settler                      due node-periods, key pruning (EE_SETTLEMENT_AUTO)
+          │    └─ counts                       the ledger's metrics, the invariant check
           ├─ data plane (httptools)            proxy EE_PROXY_PORT, auth EE_AUTH_PORT
           └─ hypercorn (quart-trio app)        EE_CONTROL_BIND:EE_CONTROL_PORT
                └─ per tunnel: session nursery  (eecp.agents.session)
@@ -30,7 +39,9 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -45,10 +56,13 @@ from eecp.core.clock import Clock
 from eecp.core.config import Config
 from eecp.dataplane.http import DEFAULT_LIMITS
 from eecp.dataplane.listeners import serve_dataplane
-from eecp.wiring import Components, open_services
+from eecp.ledger import jobs as ledger_jobs
+from eecp.wiring import Components, LedgerParts, open_services
 
 log = logging.getLogger("eecp.service")
 
+#: how long the sessions' last availability events may take to reach the store at shutdown
+FLUSH_SEC = 5.0
 #: how long a request head may take on the control port: as on the data plane (hypercorn's
 #: own timers do not bound it: eecp.patches.hypercorn, fix 4)
 CONTROL_HEAD_TIMEOUT_SEC = DEFAULT_LIMITS.header_timeout_sec
@@ -101,6 +115,10 @@ async def serve(
         warn_about(config)
         async with trio.open_nursery() as root:
             background = await root.start(run_background, components, shutdown, handle_signals)
+            ledger_stop = trio.Event()
+            if components.ledger is not None:
+                await root.start(run_ledger, components.ledger, components, ledger_stop,
+                                 config.shutdown_grace_sec)
             dataplane, (proxy_port, auth_port) = await root.start(run_dataplane, components,
                                                                   config, caps)
             binds = await root.start(serve_control, components, config, shutdown, caps.control)
@@ -113,6 +131,7 @@ async def serve(
             background.cancel()
             components.tunnels.end_all("server_shutdown")  # requests in flight: tunnel_closed
             dataplane.cancel()
+            ledger_stop.set()
             root.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_sec + 1
     log.info("stopped")
 
@@ -129,6 +148,52 @@ async def run_background(components: Components, shutdown: trio.Event, handle_si
         nursery.start_soon(serve_audit_summaries, components.refused_audit, components.clock,
                            name="audit-summaries")
         task_status.started(nursery.cancel_scope)
+
+
+async def run_ledger(parts: LedgerParts, components: Components, stop: trio.Event,
+                     grace_sec: float,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The ledger's jobs until ``stop``, then their orderly end (see the module docstring).
+    The observer's first beat is written before this reports started, so the first session
+    is covered."""
+    outbox = parts.outbox
+    watching, writing, jobs = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_within, watching, partial(
+            ledger_jobs.serve_observer, parts.ledger, outbox=outbox))
+        await nursery.start(_within, writing, outbox.serve)
+        await nursery.start(_within, jobs, partial(_periodic_jobs, parts))
+        task_status.started()
+        try:
+            await stop.wait()
+            jobs.cancel()
+            with trio.move_on_after(grace_sec):
+                await components.tunnels.wait_idle()
+            writing.cancel()  # the writer stops; what is queued is flushed below, alone
+            with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_SEC):
+                await outbox.flush()
+        finally:
+            outbox.close()  # what is still queued, or comes later, is counted lost
+            watching.cancel()  # the observer records its stop only if nothing was lost
+            jobs.cancel()
+            writing.cancel()
+
+
+async def _periodic_jobs(parts: LedgerParts,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The settler (with ``EE_SETTLEMENT_AUTO``) and the metrics' counts."""
+    async with trio.open_nursery() as nursery:
+        if parts.settle_auto:
+            await nursery.start(ledger_jobs.serve_settler, parts.ledger)
+        await nursery.start(ledger_jobs.serve_counts, parts.ledger, parts.metrics)
+        task_status.started()
+
+
+async def _within(scope: trio.CancelScope, job: Callable[..., Awaitable[None]], *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run ``job`` (which reports when it has started) in ``scope``, to be stopped alone."""
+    with scope:
+        await job(task_status=task_status)
 
 
 async def run_dataplane(

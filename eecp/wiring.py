@@ -8,17 +8,21 @@ imports this module or :mod:`eecp.service` (``lint-imports`` holds the layers). 
 is the order of dependency::
 
     store, HTTP client                      opened here, closed on exit
-    attestation: collateral, allowlists, engine
+    the ledger (EE_LEDGER_ENABLED only)     its service over the store
+    attestation: collateral, allowlists, engine (asks the ledger about banned platforms)
     registry (loaded from the store), metrics over it, the refused-audit budget
-    tunnels (their sessions' deps)
+    the ledger's event outbox and metrics
+    tunnels (their sessions' deps; with the ledger, its session writer)
     the data: one forwarder, trusted proxies; the proxy and auth listeners' handlers
     the control app: the guard, quart, the tunnel router in front of it
 
-What :func:`serve` runs is handed back as :class:`Components`, and nothing else.
+What :func:`serve` runs is handed back as :class:`Components`, and nothing else. With the
+ledger off nothing of it is built: no route, no hook, no job, no metric.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,12 +43,27 @@ from eecp.core.blocking import Workers
 from eecp.core.clock import Clock, SystemClock
 from eecp.core.config import Config
 from eecp.core.errors import ConfigError, InputError
-from eecp.core.metrics import Metrics
+from eecp.core.metrics import LedgerMetrics, Metrics
 from eecp.core.ratelimit import RefusedAuditLimit
 from eecp.dataplane.forwarded import TrustedProxies
 from eecp.dataplane.listeners import AuthHandler, ProxyHandler
 from eecp.dataplane.proxy import Forwarder
+from eecp.ledger.answers import LedgerSettings
+from eecp.ledger.outbox import EventOutbox, SessionWriter
+from eecp.ledger.service import Ledger
 from eecp.store.store import Store, open_store
+
+log = logging.getLogger("eecp.wiring")
+
+
+@dataclass(frozen=True)
+class LedgerParts:
+    """What :func:`eecp.service.serve` runs for the ledger (spec §15)."""
+
+    ledger: Ledger
+    outbox: EventOutbox  # drained in the background, flushed at shutdown
+    metrics: LedgerMetrics  # its counts refreshed in the background
+    settle_auto: bool  # EE_SETTLEMENT_AUTO: run the settler
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,7 @@ class Components:
     control_app: TunnelRouter  # what hypercorn serves on the control port
     proxy: ProxyHandler  # the proxy listener's handler
     auth: AuthHandler  # the auth listener's handler
+    ledger: LedgerParts | None = None  # EE_LEDGER_ENABLED
 
 
 def root_ca_from_config(config: Config) -> bytes | None:
@@ -77,10 +97,14 @@ async def open_services(config: Config, clock: Clock | None = None
     """Open the store and the HTTP client, build every component over them; close on exit."""
     clock = clock or SystemClock()
     root_ca = root_ca_from_config(config)
+    # the ledger's own grammars, checked before anything opens (ConfigError: exit 2)
+    ledger_settings = LedgerSettings.from_config(config) if config.ledger_enabled else None
     workers = Workers(store=config.store_threads, verify=config.verify_workers)
     async with open_store(config, workers, clock) as store, httpx.AsyncClient(
         headers={"User-Agent": f"eecp/{__version__}"}, follow_redirects=True
     ) as http:
+        ledger = (Ledger(store, ledger_settings, clock, version=__version__)
+                  if ledger_settings is not None else None)
         collateral = CollateralCache(
             client=http,
             base_url=config.pccs_url,
@@ -97,6 +121,7 @@ async def open_services(config: Config, clock: Clock | None = None
             networks=config.networks,
             allowed_statuses=config.allowed_tcb_statuses,
             root_ca_der=root_ca,
+            platform_banned=ledger.platform_banned if ledger is not None else None,
         )
 
         registry = Registry(config.networks, config.registration_warn_days * 86400)
@@ -104,10 +129,20 @@ async def open_services(config: Config, clock: Clock | None = None
         metrics = Metrics(state=lambda: registry.gauges(clock.now()),
                           known_app=lambda name: registry.app(name) is not None)
         refused_audit = RefusedAuditLimit(config.audit_refusals_per_min)
+        parts = None
+        if ledger is not None and ledger_settings is not None:
+            log.info("ledger on: periods of %s, settlement %g s after their end%s, instance %s",
+                     ledger_settings.period.setting, ledger_settings.settlement_delay_sec,
+                     " by the settler" if config.settlement_auto else " by hand only",
+                     ledger.instance_id)
+            ledger_metrics = metrics.enable_ledger()
+            outbox = EventOutbox(ledger, on_drop=ledger_metrics.events_dropped.inc)
+            parts = LedgerParts(ledger, outbox, ledger_metrics, config.settlement_auto)
 
         tunnels = Tunnels(SessionDeps(
             config=SessionConfig.from_config(config), clock=clock, store=store,
-            registry=registry, engine=engine, metrics=metrics, refused_audit=refused_audit))
+            registry=registry, engine=engine, metrics=metrics, refused_audit=refused_audit,
+            ledger=SessionWriter(parts.ledger, parts.outbox) if parts is not None else None))
 
         # one forwarder for both entry points: the proxy listener and POST /v1/proxy
         forwarder = Forwarder(registry, clock, config.proxy_timeout_sec,
@@ -121,10 +156,12 @@ async def open_services(config: Config, clock: Clock | None = None
         control = create_app(ControlDeps(
             config=ControlConfig.from_config(config), clock=clock, store=store,
             registry=registry, metrics=metrics, forwarder=forwarder,
-            trusted_proxies=trusted_proxies, guard=Guard(Tokens.from_config(config)),
-            agents_connected=lambda: tunnels.connected, dev_root_ca=root_ca is not None))
+            trusted_proxies=trusted_proxies,
+            guard=Guard(Tokens.from_config(config), fail_closed=config.ledger_enabled),
+            agents_connected=lambda: tunnels.connected, dev_root_ca=root_ca is not None,
+            ledger=ledger))
 
         yield Components(
             clock=clock, store=store, collateral=collateral, refused_audit=refused_audit,
             tunnels=tunnels, control_app=TunnelRouter(control, tunnels),  # tunnels skip quart
-            proxy=proxy, auth=auth)
+            proxy=proxy, auth=auth, ledger=parts)

@@ -44,6 +44,10 @@ START = MINTED_AT + 3600.0  # the control plane's wall clock at trio time 0
 REPO, TAG = "acme/shop", "v1.2.0"
 MEAS = Measurements("a" * 64, "b" * 64, "tag=v1.2.0\nsha256=" + "c" * 64, True)
 ASSET = "agent-attestation-allowlist.json"
+#: real seconds every task must have been blocked before a shutting-down plane's clock jumps
+#: (a task waiting on a worker thread counts as blocked: a plane whose shutdown writes to the
+#: store, the ledger's, asks for more)
+SHUTDOWN_AUTOJUMP_SEC = 0.0
 
 
 def allowlist_doc(measurements: Measurements = MEAS, **overrides: Any) -> bytes:
@@ -200,13 +204,19 @@ async def open_upstreams(pki: devpki.DevPki) -> AsyncIterator[tuple[FakePccs, Fa
 
 @asynccontextmanager
 async def open_control_plane(env: dict[str, str], pki: devpki.DevPki, pccs: FakePccs,
-                             github: FakeGitHub) -> AsyncIterator[ControlPlane]:
-    """Run ``serve()`` with ``env`` until the block ends (then shut it down gracefully)."""
+                             github: FakeGitHub, *, wall_start: float = START,
+                             shutdown_autojump_sec: float = SHUTDOWN_AUTOJUMP_SEC
+                             ) -> AsyncIterator[ControlPlane]:
+    """Run ``serve()`` with ``env`` until the block ends (then shut it down gracefully); its
+    wall clock reads ``wall_start`` now and follows trio's clock. Under a MockClock the
+    shutdown's deadlines pass once every task has been blocked ``shutdown_autojump_sec`` of
+    real time (see :data:`SHUTDOWN_AUTOJUMP_SEC`)."""
     config = from_env(env)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         bound: Bound = await nursery.start(partial(
-            serve, config, clock=TrioClock(START), shutdown=shutdown, handle_signals=False))
+            serve, config, clock=TrioClock(wall_start), shutdown=shutdown,
+            handle_signals=False))
         try:
             yield ControlPlane(bound, config, pki, pccs, github, env)
         finally:
@@ -214,7 +224,7 @@ async def open_control_plane(env: dict[str, str], pki: devpki.DevPki, pccs: Fake
             clock = trio.lowlevel.current_clock()
             if isinstance(clock, trio.testing.MockClock):
                 # let the shutdown grace deadlines pass instead of waiting for real time
-                clock.autojump_threshold = 0
+                clock.autojump_threshold = shutdown_autojump_sec
 
 
 @dataclass

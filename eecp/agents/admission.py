@@ -34,10 +34,12 @@ from eecp.wire.protocol import Register
 
 @dataclass(frozen=True)
 class Admitted:
-    """The agent is admitted: its app's registration and its own row as they committed."""
+    """The agent is admitted: its app's registration and its own row as they committed, and
+    the id of the audit row of the decision."""
 
     app: AppRecord
     agent: AgentRecord
+    audit_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,7 @@ def admit(tx: Tx, register: Register, agent: AgentRecord, entry: AuditEntry, now
             bound = _bind(tx, agent)
     except RegistrationError as exc:
         return Refused(exc, tx.app(register.app_name))
-    tx.append_audit(entry)
-    return Admitted(app, bound)
+    return Admitted(app, bound, tx.append_audit(entry))
 
 
 def _claim(tx: Tx, register: Register, now: float, ttl_sec: float) -> AppRecord:
@@ -103,12 +104,11 @@ def _bind(tx: Tx, agent: AgentRecord) -> AgentRecord:
     return admitted
 
 
-def record_verdict(tx: Tx, agent: AgentRecord, entry: AuditEntry) -> bool:
+def record_verdict(tx: Tx, agent: AgentRecord, entry: AuditEntry) -> int | None:
     """Write ``agent`` (its row after a verdict, at the session's epoch) and ``entry`` (the
-    verdict's audit row); False, with the verdict audited as refused ``superseded``, when a
-    newer admission holds the agent's row."""
+    verdict's audit row): the audit row's id; None, with the verdict audited as refused
+    ``superseded``, when a newer admission holds the agent's row."""
     if tx.write_agent(agent):
-        tx.append_audit(entry)
-        return True
+        return tx.append_audit(entry)
     tx.append_audit(replace(entry, verdict="refused", reason="superseded"))
-    return False
+    return None

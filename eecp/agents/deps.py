@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from eecp.agents.ledger_hooks import SessionLedger
 from eecp.agents.registry import Registry
 from eecp.attestation.engine import AttestationEngine
 from eecp.core.clock import Clock
@@ -58,3 +59,5 @@ class SessionDeps:
     metrics: Metrics
     #: the budget of audit rows for refusals of attempts never admitted
     refused_audit: RefusedAuditLimit
+    #: availability events and platform claims (None: the ledger is off, nothing is written)
+    ledger: SessionLedger | None = None

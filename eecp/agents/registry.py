@@ -99,6 +99,8 @@ class AgentView:
     health_at: float | None = None
     in_flight: int = 0
     mux: Mux | None = None  # the tunnel's stream multiplexer while connected
+    #: the PPID of the latest quote accepted in this process (None: none, or not a PPID)
+    ppid: str | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # only a real change counts: a health report repeating "pass" every 30 s must not

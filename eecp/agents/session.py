@@ -19,6 +19,16 @@ attestation admits the agent only once the name claim, the agent_id's binding in
 the live sessions agree (:meth:`AgentSession._admit`). The audit row is written after that
 decision, so it records what happened: ``accepted`` only for an agent admitted (its row
 written), else the refusal that admission gave (``agent_id_in_use``, ``app_name_taken``, …).
+
+With the ledger on (``deps.ledger``), an admitted session also reports what it lives through
+as availability events (spec §8.2), each under this tunnel's random ``session_id`` and the PPID
+of its latest accepted quote: ``up attested`` when it is admitted, ``up health_restored`` /
+``down health_fail`` / ``down health_timeout`` as its health turns, ``down
+attestation_refused:<reason>`` / ``down attestation_timeout`` when a later attestation ends it,
+``release app_gone`` when its registration expires, and at its end ``down superseded``,
+``down observer_shutdown`` (eecp is stopping) or ``down disconnected:<ending reason>``. A
+session never admitted writes nothing: an anonymous peer cannot make records against a node.
+Each accepted attestation whose register named a ``node_id`` also leaves a platform claim.
 """
 
 from __future__ import annotations
@@ -35,12 +45,14 @@ import trio
 
 from eecp.agents import admission
 from eecp.agents.deps import SessionDeps
+from eecp.agents.ledger_hooks import SessionEvent, ppid_of
 from eecp.agents.registration import check_claim, registration_state
 from eecp.agents.registry import AgentView
 from eecp.attestation.engine import Challenge, Outcome
 from eecp.core.clock import Clock, isoformat
 from eecp.core.errors import EecpError, ProtocolError, RegistrationError, StoreError
 from eecp.core.ratelimit import SUMMARY_EVERY_SEC, RefusedAuditLimit
+from eecp.ledger.observe import EventKind
 from eecp.store.records import AgentRecord, AuditEntry
 from eecp.wire import protocol
 from eecp.wire.protocol import AttestResponse, Health, Register, Status
@@ -111,6 +123,12 @@ class AgentSession:
         self.admitted = False
         #: the store knows this agent_id, bound to this session's app and repo
         self._known = False
+        #: names this tunnel in the ledger's availability events
+        self.session_id = secrets.token_hex(8)
+        #: the session's final ``down`` was written where it ended (a refused attestation)
+        self._final_down = False
+        #: the node stopped expecting the agent (its registration expired)
+        self._released = False
         config = deps.config
         #: request streams to the app over this tunnel (the forwarding scope of the session)
         self.mux = Mux(self.send, opener=True, max_streams=config.tunnel_max_streams,
@@ -197,6 +215,9 @@ class AgentSession:
 
     async def _cleanup(self) -> None:
         self.mux.close("tunnel_closed")  # every request in flight on this tunnel ends now
+        ending = self.ending or Ending(protocol.CLOSE_NORMAL, "closed")
+        if not self._final_down:
+            self._event("down", _down_reason(ending.reason))
         agent = self.agent
         if agent is not None and self.admitted:
             self.deps.registry.detach(agent)
@@ -207,7 +228,6 @@ class AgentSession:
                 await self.deps.store.atomic(lambda tx: tx.write_agent(record))
             except EecpError as exc:
                 log.warning("could not record last_seen of %s: %s", agent.agent_id, exc)
-        ending = self.ending or Ending(protocol.CLOSE_NORMAL, "closed")
         try:
             await self.socket.close(ending.code, ending.reason)
         except Exception as exc:  # the peer may be gone already; nothing left to tell it
@@ -352,11 +372,11 @@ class AgentSession:
                               network=register.network, nonce=nonce, quote=answer.quote,
                               claimed_report_data=answer.report_data,
                               measurements=answer.measurements)
-        outcome = await self.deps.engine.attest(challenge)
-        self.deps.metrics.attestation_seconds.observe(outcome.duration_sec)
-        entry = outcome.audit_entry(challenge=challenge, app_name=register.app_name,
-                                    agent_id=register.agent_id, trigger=trigger)
         try:
+            outcome = await self.deps.engine.attest(challenge)
+            self.deps.metrics.attestation_seconds.observe(outcome.duration_sec)
+            entry = outcome.audit_entry(challenge=challenge, app_name=register.app_name,
+                                        agent_id=register.agent_id, trigger=trigger)
             if not outcome.accepted:
                 await self._record_refusal(entry)
                 await self._refuse(ProtocolError(outcome.reason, outcome.verdict.detail,
@@ -411,6 +431,7 @@ class AgentSession:
             reason="attestation_timeout"))
         if self.agent is not None:
             self.agent.attested = False
+        self._final_event("attestation_timeout")
 
     async def _record_refusal(self, entry: AuditEntry) -> None:
         """A refused attestation: audited, and for an admitted agent its row too, together."""
@@ -424,6 +445,7 @@ class AgentSession:
             agent, last_verdict="refused", last_reason=entry.reason, last_seen=entry.at)
         self._count(entry)
         await self.deps.store.atomic(lambda tx: admission.record_verdict(tx, record, entry))
+        self._final_event(f"attestation_refused:{entry.reason}")
 
     async def _record_acceptance(self, register: Register, outcome: Outcome,
                                  entry: AuditEntry, trigger: str) -> bool:
@@ -437,23 +459,27 @@ class AgentSession:
             sealed=outcome.measurements.sealed if outcome.measurements else None,
             last_attested_at=now, last_verdict="accepted", last_reason="attested",
             last_seen=now)
+        ppid = ppid_of(outcome.platform_id)
         if trigger == "register":
-            return await self._admit(register, record, entry, now)
+            return await self._admit(register, record, entry, now, ppid)
         self._count(entry)
-        if not await self.deps.store.atomic(
-                lambda tx: admission.record_verdict(tx, record, entry)):
+        audit_id = await self.deps.store.atomic(
+            lambda tx: admission.record_verdict(tx, record, entry))
+        if audit_id is None:
             await self._superseded()
             return False
         agent.record = record
         agent.attested = True
+        self._accepted_for_ledger(ppid, first=False, renewal=False)
         app = self.deps.registry.app(register.app_name)
         assert app is not None
         await self.send_status("ok", "attested", trigger=trigger,
                                expires_at=isoformat(app.expires_at))
+        await self._claim(register, ppid, audit_id)
         return True
 
     async def _admit(self, register: Register, record: AgentRecord, entry: AuditEntry,
-                     now: float) -> bool:
+                     now: float, ppid: str | None) -> bool:
         """A register attestation that verified: the claim, the renewal, the binding and the
         audit row decided in the store; memory then follows what committed."""
         registry = self.deps.registry
@@ -464,12 +490,14 @@ class AgentSession:
             await self._audit(replace(entry, verdict="refused", reason=result.error.reason))
             if result.app is not None:
                 registry.put_app(result.app)  # memory follows the database
+            self._final_event(f"attestation_refused:{result.error.reason}")
             await self._refuse(result.error, protocol.CLOSE_REGISTRATION_REFUSED)
             return False
         self._count(entry)
         agent = self.agent
         assert agent is not None
-        if not self.admitted and self._on_registered is not None:
+        first = not self.admitted
+        if first and self._on_registered is not None:
             await self._on_registered(self)  # supersedes a previous live session
         registry.put_app(result.app)
         agent.record = result.agent
@@ -481,9 +509,47 @@ class AgentSession:
         self.register = register
         self._renewed.set()
         self._renewed = trio.Event()
+        self._accepted_for_ledger(ppid, first=first, renewal=True)
         await self.send_status("ok", "attested", trigger="register",
                                expires_at=isoformat(result.app.expires_at))
+        await self._claim(register, ppid, result.audit_id)
         return True
+
+    # ---- the ledger (spec §7.1, §8.2; nothing of this runs with the ledger off) -----------
+
+    def _accepted_for_ledger(self, ppid: str | None, *, first: bool, renewal: bool) -> None:
+        """An accepted attestation of the admitted agent: its platform, and ``up`` when that
+        is news to the node (admitted; on another platform; renewed after its registration
+        expired)."""
+        agent = self.agent
+        assert agent is not None
+        moved = ppid != agent.ppid
+        agent.ppid = ppid
+        if first or moved or (self._released and renewal):
+            self._released = False
+            self._event("up", "attested")
+
+    async def _claim(self, register: Register, ppid: str | None, audit_id: int | None) -> None:
+        """The claim of the platform for the node the register names (spec §7.1 step 1)."""
+        ledger, agent = self.deps.ledger, self.agent
+        if ledger is not None and agent is not None and ppid is not None \
+                and register.node_id is not None:
+            await ledger.claim_platform(ppid, register.node_id, agent.agent_id, audit_id)
+
+    def _event(self, kind: EventKind, reason: str) -> None:
+        """Hand one availability event of this admitted session to the ledger's outbox."""
+        ledger, agent = self.deps.ledger, self.agent
+        if ledger is None or agent is None or not self.admitted:
+            return
+        ledger.record(SessionEvent(self.deps.clock.now(), agent.agent_id, agent.record.app_name,
+                                   self.session_id, kind, reason, agent.ppid))
+
+    def _final_event(self, reason: str) -> None:
+        """The ``down`` that ends this session (a refused or late attestation): its cleanup
+        then writes no second one."""
+        if self.admitted and not self._final_down:
+            self._event("down", reason)
+            self._final_down = True
 
     async def _superseded(self) -> None:
         """A newer admission of this agent (here or in another eecp process) holds its row."""
@@ -504,8 +570,10 @@ class AgentSession:
                                            + self.deps.config.health_timeout_sec)
         self._health_heard.set()
         if before == "fail" and message.status == "pass":
+            self._event("up", "health_restored")
             await self.send_status("ok", "health_restored")
         elif before != "fail" and message.status == "fail":
+            self._event("down", "health_fail")
             await self.send_status("warning", "health_fail")
 
     async def _health_watchdog(self) -> None:
@@ -521,6 +589,7 @@ class AgentSession:
             if self.agent is not None and self.agent.health != "fail":
                 self.agent.health = "fail"
                 log.info("agent %s silent for %.0fs: health fail", self.agent.agent_id, timeout)
+                self._event("down", "health_timeout")
                 await self.send_status("warning", "health_timeout")
             await heard.wait()
 
@@ -544,6 +613,9 @@ class AgentSession:
                                        expires_at=isoformat(app.expires_at))
                 await _wait(renewed, min(app.expires_at - now, 86400.0))
             else:
+                if not self._released:  # not the node's doing: it stops expecting the agent
+                    self._released = True
+                    self._event("release", "app_gone")
                 await self.send_status("invalid", "registration_expired",
                                        expires_at=isoformat(app.expires_at))
                 await renewed.wait()
@@ -559,6 +631,16 @@ async def serve_audit_summaries(limit: RefusedAuditLimit, clock: Clock) -> None:
             log.warning("audit log: %d refusals of attempts never admitted left out in the "
                         "last minute or more (EE_AUDIT_REFUSALS_PER_MIN=%d); latest %s",
                         count, limit.per_minute, limit.latest)
+
+
+def _down_reason(ending: str) -> str:
+    """The cause of the ``down`` a session's end writes (spec §8.2): eecp's own stop and a
+    newer session of the agent are excused for a reconnect grace; the rest is the tunnel's."""
+    if ending == "superseded":
+        return "superseded"
+    if ending == "server_shutdown":
+        return "observer_shutdown"
+    return f"disconnected:{ending}"
 
 
 async def _wait(event: trio.Event, seconds: float) -> None:

@@ -18,6 +18,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
 from eecp.agents.deps import SessionDeps
 from eecp.agents.session import AgentSession, TunnelSocket
 from eecp.wire import protocol
@@ -94,6 +96,7 @@ class Tunnels:
         self._deps = deps
         self.sessions: dict[str, AgentSession] = {}
         self._live: set[AgentSession] = set()  # registered or not
+        self._ended = trio.Event()  # set (and replaced) whenever a session ends
 
     @property
     def connected(self) -> int:
@@ -111,6 +114,14 @@ class Tunnels:
             register = session.register
             if register is not None and self.sessions.get(register.agent_id) is session:
                 del self.sessions[register.agent_id]
+            self._ended.set()
+            self._ended = trio.Event()
+
+    async def wait_idle(self) -> None:
+        """Return once no session runs (each has finished its cleanup: at shutdown, their
+        last availability events are queued by then)."""
+        while self._live:
+            await self._ended.wait()
 
     def end_all(self, reason: str) -> None:
         """Close every session with 1001 (going away): agents reconnect to the next eecp."""

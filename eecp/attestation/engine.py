@@ -6,13 +6,20 @@ worker thread at the injected clock's time, fetches the allowlist (GitHub or a l
 for a quote that verified, and GitHub's fetches limited per platform: the PPID of the verified
 PCK leaf, on the outcome as ``platform_id``), then applies :mod:`eecp.attestation.policy`. It
 never raises for a bad quote: every refusal is an outcome with a reason, ready for the audit log.
+
+With the ledger on, the platform of a quote that verified is asked about right away, before
+anything is fetched for it: a platform of a banned node is refused ``platform_banned`` (spec
+§7.1; a banned provider cannot come back under another node id on the same hardware). The
+question is a callable the wiring passes (:attr:`AttestationEngine.platform_banned`), since the
+ledger is not this layer's to import; a store that cannot answer it raises ``StoreError``,
+which the session turns into "try again later", as for any store failure on a verdict.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,6 +121,7 @@ class AttestationEngine:
         networks: Collection[Network],
         allowed_statuses: Collection[str],
         root_ca_der: bytes | None,
+        platform_banned: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self._collateral = collateral
         self._allowlists = allowlists
@@ -123,6 +131,8 @@ class AttestationEngine:
         self._allowed = frozenset(allowed_statuses)
         self._root = root_ca_der
         self._known_cas: set[bytes] = set()  # see check_pck_chain
+        #: whether a platform (its PPID) is a banned node's; None: the ledger is off
+        self.platform_banned = platform_banned
 
     async def attest(self, challenge: Challenge) -> Outcome:
         """Judge ``challenge``; refusals come back as outcomes, never as exceptions."""
@@ -169,6 +179,9 @@ class AttestationEngine:
         state["verified"] = verified = await run_blocking(
             self._workers.verify, verify_quote, challenge.quote, parts.to_dcap(), now, self._root,
             facts)
+        if (self.platform_banned is not None and verified.platform_id is not None
+                and await self.platform_banned(verified.platform_id)):
+            raise PolicyError("platform_banned", "the platform belongs to a banned node")
         # only a quote that verified makes eecp ask GitHub: the repo and tag are the agent's
         # word, and any peer could otherwise spend the operator's API quota on names it picks;
         # and one genuine TD may still name any number, so its fetches count per platform

@@ -29,6 +29,7 @@ from eecp.attestation.quotes import (
     VerifiedQuote,
     load_root_ca,
     parse_quote,
+    platform_id,
     verify_quote,
 )
 from eecp.core.clock import SystemClock, isoformat, parse_isoformat
@@ -217,11 +218,14 @@ def build_report(inputs: Inputs, verified: VerifiedQuote | None, verdict: policy
                  ) -> dict[str, Any]:
     """The facts and the verdict as one JSON-ready object."""
     facts = verified.facts if verified else inputs.facts
+    # the platform an operator confirms for a ledger node (POST /v1/nodes/{id}/platforms)
+    platform = verified.platform_id if verified else platform_id(facts.pck_chain, facts.fmspc)
     return {
         "tee_type": facts.tee_type,
         "quote_version": facts.version,
         "fmspc": facts.fmspc,
         "ca": facts.ca,
+        "ppid": platform if platform and not platform.startswith("pck-") else None,
         "tcb_status": verified.tcb_status if verified else None,
         "advisory_ids": list(verified.advisory_ids) if verified else [],
         "mrtd": facts.mrtd.hex() if facts.mrtd else None,

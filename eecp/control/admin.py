@@ -1,8 +1,15 @@
 """Admin views: ``GET /v1/apps`` and ``GET /v1/apps/{app}``, on one blueprint whose every
-route the admin guard checks (:mod:`eecp.control.auth`)."""
+route the admin guard checks (:mod:`eecp.control.auth`).
+
+Each agent shows its ``ppid`` (the platform of its latest accepted quote, what an operator
+confirms for a node) and ``node_id`` (the ledger node it is bound to; None when unbound or the
+ledger is off). With the ledger on both come from the agent's latest availability event, so an
+agent that has not reconnected since a restart shows them too; else the PPID is what this
+process saw."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from quart import Blueprint, Response, jsonify, request
@@ -10,12 +17,16 @@ from quart import Blueprint, Response, jsonify, request
 from eecp.agents.registry import AgentView, Registry
 from eecp.control.auth import Guard, Role
 from eecp.core.clock import Clock, isoformat
+from eecp.core.errors import StoreError
 from eecp.store.records import AgentRecord, AuditEntry
 from eecp.store.store import Store
 
+#: each agent's (node_id, ppid) as the ledger last recorded them
+Bindings = Callable[[Sequence[str]], Awaitable[dict[str, tuple[str | None, str | None]]]]
+
 
 def blueprint(guard: Guard, registry: Registry, clock: Clock, store: Store,
-              audit_entries_shown: int) -> Blueprint:
+              audit_entries_shown: int, bindings: Bindings | None = None) -> Blueprint:
     """The admin routes, for the admin only (``EE_ADMIN_TOKEN``)."""
     admin = guard.protect(Blueprint("admin", __name__), Role.ADMIN)
 
@@ -35,6 +46,15 @@ def blueprint(guard: Guard, registry: Registry, clock: Clock, store: Store,
         doc = app_detail(registry, name, clock.now(), audit)
         if doc is None:
             return jsonify({"error": "unknown_app", "app": name}), 404
+        if bindings is not None:
+            try:
+                bound = await bindings([a["agent_id"] for a in doc["agents"]])
+            except StoreError:  # the view without the ledger's half, rather than none
+                bound = {}
+            for agent in doc["agents"]:
+                node_id, ppid = bound.get(agent["agent_id"], (None, None))
+                agent["node_id"] = node_id
+                agent["ppid"] = agent["ppid"] or ppid
         return jsonify(doc)
 
     return admin
@@ -71,6 +91,7 @@ def agent_doc(agent: AgentView) -> dict[str, Any]:
         "first_seen": isoformat(r.first_seen), "last_seen": isoformat(r.last_seen),
         "last_attested_at": isoformat(r.last_attested_at) if r.last_attested_at else None,
         "last_verdict": r.last_verdict, "last_reason": r.last_reason,
+        "ppid": agent.ppid, "node_id": None,
     }
 
 

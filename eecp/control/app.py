@@ -8,6 +8,8 @@
 | ``GET /v1/apps``, ``GET /v1/apps/{app}`` | admin views (:mod:`eecp.control.admin`) |
 | ``POST /v1/proxy/{app}`` | one request to the app as JSON (:mod:`eecp.dataplane.jsonproxy`) |
 | ``GET /metrics`` | Prometheus metrics (:mod:`eecp.core.metrics`) |
+| ``/v1/credits/…``, ``/v1/nodes/…``, … | the ledger, only with ``EE_LEDGER_ENABLED=true``
+  (:mod:`eecp.control.ledger_api`); without it these paths are 404 as any unknown one |
 
 ``POST /v1/proxy/{app}`` is open when ``EE_PROXY_API_TOKEN`` is unset, as the seed has it
 ("proxy use": anyone who may reach the control port may reach the apps through it, as through
@@ -39,7 +41,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from eecp import __version__
 from eecp.agents.registry import Registry
-from eecp.control import admin
+from eecp.control import admin, ledger_api
 from eecp.control.auth import Guard, bearer, matches, unauthorized
 from eecp.core.clock import Clock
 from eecp.core.config import Config
@@ -64,6 +66,7 @@ from eecp.dataplane.proxy import (
     public_reason,
 )
 from eecp.dataplane.resolve import ResolveAnswer, resolve, resolve_by_host
+from eecp.ledger.service import Ledger
 from eecp.store.store import Store
 from eecp.wire.httpmsg import RequestHead, strip_hop_by_hop
 from eecp.wire.streams import StreamError
@@ -117,6 +120,8 @@ class ControlDeps:
     agents_connected: Callable[[], int]
     #: EE_DCAP_ROOT_CA replaces Intel's root (/health says so)
     dev_root_ca: bool
+    #: the ledger's service (None: EE_LEDGER_ENABLED is off, its routes are not mounted)
+    ledger: Ledger | None = None
 
 
 def create_app(deps: ControlDeps) -> QuartTrio:
@@ -143,8 +148,12 @@ def create_app(deps: ControlDeps) -> QuartTrio:
         headers = [(k.lower(), v) for k, v in request.headers.items()]  # repeats kept
         return _render(resolve_by_host(deps.registry, headers, deps.clock.now()))
 
+    bindings = deps.ledger.agent_bindings if deps.ledger is not None else None
     app.register_blueprint(admin.blueprint(deps.guard, deps.registry, deps.clock, deps.store,
-                                           deps.config.audit_entries_shown))
+                                           deps.config.audit_entries_shown, bindings))
+    if deps.ledger is not None:
+        app.register_blueprint(ledger_api.blueprint(deps.guard, deps.ledger,
+                                                    deps.metrics.enable_ledger()))
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -10,8 +10,15 @@ added there cannot forget it. The rules:
 * A blueprint names the roles it admits besides; a role whose token is unset admits no one
   (its routes take the admin's token only).
 * When no token the blueprint admits is set, it is open: the admin views as the seed has them
-  (``EE_ADMIN_TOKEN`` unset, start-up warns). Money endpoints must fail closed instead: that
-  is for the ledger's own issue to add.
+  (``EE_ADMIN_TOKEN`` unset, start-up warns). With the ledger on the guard **fails closed**
+  (``fail_closed``): a route none of whose tokens is set admits no one. The config already
+  requires the admin's token then (spec §5), so this is the second lock, not the only one.
+
+The ledger's routes (:mod:`eecp.control.ledger_api`) ask the guard who a request is
+(:meth:`Guard.presented`): a role, a node's token to look up (``eecpn_…``: issued by the
+ledger, stored only as its SHA-256, so it is the ledger that says whose it is), or a refusal,
+``token_required`` (no ``Authorization`` at all) or ``token_invalid`` (anything else that names
+no one).
 
 A request presents its token as exactly one ``Authorization: Bearer <token>`` header (the
 scheme in any case, RFC 9110 11.1). None, another scheme, an empty token or two
@@ -27,11 +34,12 @@ import enum
 import hmac
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from quart import Blueprint, jsonify, request
 
 from eecp.core.config import Config
+from eecp.ledger.nodes import TOKEN_PREFIX as NODE_TOKEN_PREFIX
 
 
 class Role(enum.StrEnum):
@@ -78,11 +86,43 @@ def matches(presented: str | None, expected: Iterable[str]) -> bool:
     return presented is not None and any(hits)
 
 
+Refusal = Literal["token_required", "token_invalid"]
+
+
+@dataclass(frozen=True)
+class Presented:
+    """Who a request's ``Authorization`` says it is: a ``role`` whose token it carries, a
+    ``node_token`` for the ledger to look up, or why it names no one (``refusal``)."""
+
+    role: Role | None = None
+    node_token: str | None = field(default=None, repr=False)
+    refusal: Refusal | None = None
+
+
 class Guard:
     """The one bearer-token check of the control port's protected routes."""
 
-    def __init__(self, tokens: Tokens) -> None:
+    def __init__(self, tokens: Tokens, *, fail_closed: bool = False) -> None:
         self.tokens = tokens
+        self.fail_closed = fail_closed
+
+    def presented(self, authorization: Sequence[str]) -> Presented:
+        """Who a request with these ``Authorization`` values is (see the module docstring).
+        Every configured role token is compared, in constant time."""
+        if not authorization:
+            return Presented(refusal="token_required")
+        token = bearer(authorization)
+        if token is None:
+            return Presented(refusal="token_invalid")
+        given = token.encode()
+        hits = [(role, hmac.compare_digest(given, expected.encode())) for role in Role
+                if (expected := self.tokens.of(role)) is not None]
+        for role, hit in hits:
+            if hit:
+                return Presented(role=role)
+        if token.startswith(NODE_TOKEN_PREFIX):  # the ledger's to look up
+            return Presented(node_token=token)
+        return Presented(refusal="token_invalid")
 
     def accepted(self, roles: Iterable[Role]) -> list[str]:
         """The tokens a route admitting ``roles`` accepts (the admin's always)."""
@@ -94,7 +134,9 @@ class Guard:
         """Whether a request with these ``Authorization`` values may call a route admitting
         ``roles`` (open when none of their tokens is set)."""
         accepted = self.accepted(roles)
-        return not accepted or matches(bearer(authorization), accepted)
+        if not accepted:
+            return not self.fail_closed
+        return matches(bearer(authorization), accepted)
 
     def protect(self, blueprint: Blueprint, *roles: Role) -> Blueprint:
         """Check every request to ``blueprint``'s routes before its view runs: 401

@@ -3,6 +3,15 @@
 Every ``EE_*`` variable eecp reads is declared here, with its default; the README's
 configuration table mirrors this module. A bad value raises ``ConfigError`` naming the variable,
 which ``eecp serve`` turns into one line on stderr and exit status 2.
+
+The ledger's variables (spec §16) are read only when ``EE_LEDGER_ENABLED=true``: with the
+ledger off eecp reads, and so behaves, exactly as without it. Its role tokens then fail closed:
+the admin token is required (at least :data:`MIN_LEDGER_TOKEN_CHARS` characters, as is any
+role token that is set) and no two role tokens may be equal, because a token is how a request
+is told apart from another role's. The ledger's own grammars (``EE_LEDGER_PERIOD``, the USD
+amounts, ``EE_PLATFORM_FEE_BPS``) are parsed by :meth:`eecp.ledger.answers.LedgerSettings
+.from_config`, once at start-up, with the same ``ConfigError``: the core sits below the
+ledger and keeps their text.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -35,6 +44,8 @@ KNOWN_TCB_STATUSES = frozenset(
 )
 #: EE_TRUSTED_PROXIES' default: the front proxy on the same host
 DEFAULT_TRUSTED = "127.0.0.0/8,::1/128"
+#: the shortest role token eecp starts with when the ledger is on (spec §5)
+MIN_LEDGER_TOKEN_CHARS = 32
 _NETWORK_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -106,6 +117,27 @@ class Config:
     auth_max_connections: int | None = None
     trusted_proxies: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),
                                               ipaddress.ip_network("::1/128"))
+    # the ledger (spec §16), read only when ledger_enabled
+    ledger_enabled: bool = False
+    #: the text of EE_LEDGER_PERIOD / EE_LEDGER_MAX_AMOUNT_USD / EE_PLATFORM_FEE_BPS /
+    #: EE_STAKE_MIN_USD: their grammars are the ledger's (LedgerSettings.from_config)
+    ledger_period: str = "hour"
+    ledger_max_amount_usd: str = "1000000"
+    platform_fee_bps: str = "0"
+    stake_min_usd: str = "1"
+    settlement_auto: bool = True
+    settlement_delay_sec: float = 600.0
+    settlement_downtime_grace_sec: float = 0.0
+    settlement_reconnect_grace_sec: float = 120.0
+    settlement_app_health_counts: bool = False
+    settlement_gap_policy: str = "hold"
+    observer_beat_sec: float = 10.0
+    observer_gap_tolerance_sec: float = 60.0
+    usage_max_age_sec: float = 604_800.0
+    price_increase_notice_sec: float = 86_400.0
+    abuse_decision_deadline_sec: float = 259_200.0
+    abuse_max_span_sec: float = 604_800.0
+    idempotency_retention_days: float = 30.0
 
     @property
     def store_threads(self) -> int:
@@ -197,7 +229,57 @@ def from_env(env: Mapping[str, str]) -> Config:
         raise ConfigError(
             "EE_REGISTRATION_WARN_DAYS", "must be smaller than EE_REGISTRATION_TTL_DAYS"
         )
+    if r.get("EE_LEDGER_ENABLED", False, _bool):
+        cfg = _with_ledger(r, cfg)
     return cfg
+
+
+def _with_ledger(r: _Reader, cfg: Config) -> Config:
+    """``cfg`` with the ledger on: its variables read, its tokens checked (spec §5, §16)."""
+    _check_ledger_tokens(cfg)
+    return replace(
+        cfg,
+        ledger_enabled=True,
+        ledger_period=r.get("EE_LEDGER_PERIOD", "hour", str),
+        ledger_max_amount_usd=r.get("EE_LEDGER_MAX_AMOUNT_USD", "1000000", str),
+        platform_fee_bps=r.get("EE_PLATFORM_FEE_BPS", "0", str),
+        stake_min_usd=r.get("EE_STAKE_MIN_USD", "1", str),
+        settlement_auto=r.get("EE_SETTLEMENT_AUTO", True, _bool),
+        settlement_delay_sec=r.get("EE_SETTLEMENT_DELAY_SEC", 600.0, _non_negative),
+        settlement_downtime_grace_sec=r.get("EE_SETTLEMENT_DOWNTIME_GRACE_SEC", 0.0,
+                                            _non_negative),
+        settlement_reconnect_grace_sec=r.get("EE_SETTLEMENT_RECONNECT_GRACE_SEC", 120.0,
+                                             _non_negative),
+        settlement_app_health_counts=r.get("EE_SETTLEMENT_APP_HEALTH_COUNTS", False, _bool),
+        settlement_gap_policy=r.get("EE_SETTLEMENT_GAP_POLICY", "hold",
+                                    _choice("hold", "pay", "refund")),
+        observer_beat_sec=r.get("EE_OBSERVER_BEAT_SEC", 10.0, _positive),
+        observer_gap_tolerance_sec=r.get("EE_OBSERVER_GAP_TOLERANCE_SEC", 60.0, _non_negative),
+        usage_max_age_sec=r.get("EE_USAGE_MAX_AGE_SEC", 604_800.0, _positive),
+        price_increase_notice_sec=r.get("EE_PRICE_INCREASE_NOTICE_SEC", 86_400.0,
+                                        _non_negative),
+        abuse_decision_deadline_sec=r.get("EE_ABUSE_DECISION_DEADLINE_SEC", 259_200.0,
+                                          _non_negative),
+        abuse_max_span_sec=r.get("EE_ABUSE_MAX_SPAN_SEC", 604_800.0, _positive),
+        idempotency_retention_days=r.get("EE_IDEMPOTENCY_RETENTION_DAYS", 30.0, _positive),
+    )
+
+
+def _check_ledger_tokens(cfg: Config) -> None:
+    """The ledger moves money: every role token it accepts must be strong and its own."""
+    tokens = {"EE_ADMIN_TOKEN": cfg.admin_token, "EE_LAUNCHER_TOKEN": cfg.launcher_token,
+              "EE_UPTIME_TOKEN": cfg.uptime_token}
+    if not cfg.admin_token:
+        raise ConfigError("EE_ADMIN_TOKEN", "is required when EE_LEDGER_ENABLED=true")
+    for name, token in tokens.items():
+        if token and len(token) < MIN_LEDGER_TOKEN_CHARS:
+            raise ConfigError(name, f"must be at least {MIN_LEDGER_TOKEN_CHARS} characters "
+                              "when EE_LEDGER_ENABLED=true")
+    names = [name for name, token in tokens.items() if token]
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            if tokens[first] == tokens[second]:
+                raise ConfigError(second, f"must differ from {first}: a token names one role")
 
 
 class _Reader:
@@ -342,6 +424,13 @@ def tcb_statuses(raw: str) -> frozenset[str]:
     if not statuses:
         raise ValueError("no TCB status given")
     return statuses
+
+
+def _bool(raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"{raw!r} is not true or false")
+    return value == "true"
 
 
 def _choice(*options: str) -> Callable[[str], str]:

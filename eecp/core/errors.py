@@ -112,7 +112,8 @@ class PolicyError(AttestationError):
     """The quote verified but breaks policy: ``report_data_mismatch``, ``nonce_mismatch``,
     ``measurements_binding_mismatch``, ``measurement_mismatch:<key>``,
     ``quote_measurement_mismatch:<register>``, ``sealed_required``,
-    ``allowlist_report_data_mismatch``, ``network_unknown``, ``measurements_invalid:<key>``."""
+    ``allowlist_report_data_mismatch``, ``network_unknown``, ``measurements_invalid:<key>``,
+    ``platform_banned`` (the quote's platform belongs to a node the ledger banned)."""
 
 
 #: what a ledger error may add to its JSON body (``settleable_at``, ``usage_id``, ...)

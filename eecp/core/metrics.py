@@ -5,6 +5,13 @@ describe state (connected agents, apps by state, streams in flight) are read fro
 registry at scrape time, so they can never drift from it. The core knows no registry: wiring
 hands :class:`Metrics` two callables over it (``state``, a :class:`StateGauges` snapshot, and
 ``known_app``), so the metrics sit below every component that counts into them.
+
+The ledger's metrics (spec §15) exist only with the ledger on (:meth:`Metrics.enable_ledger`;
+off, ``/metrics`` is what it was). Replays and dropped availability events are counted where
+they happen, in this process. Transfers by code, settlements by outcome and held node-periods
+are the database's own counts (:class:`LedgerCounts`, refreshed by a background job): the
+journal is append-only, so its counts only grow and are honest counters, and every replica
+reports the same totals instead of its own share.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -33,6 +40,33 @@ class StateGauges:
     streams_in_flight: int
     #: registered apps by resolve reason (``ok`` = served)
     apps_by_state: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class LedgerCounts:
+    """The ledger's counts at the last refresh (see the module docstring)."""
+
+    transfers_by_code: Mapping[str, int]
+    settlements_by_outcome: Mapping[str, int]
+    held_by_reason: Mapping[str, int]
+    #: the last invariant check (GET /v1/ledger/check); None before the first
+    invariant_ok: bool | None = None
+
+
+class LedgerMetrics:
+    """The ledger's metrics (spec §15)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.replays = Counter(
+            "eecp_ledger_idempotent_replays", "Ledger requests answered from a stored answer "
+            "(Idempotent-Replayed: true)", registry=registry)
+        self.events_dropped = Counter(
+            "eecp_availability_events_dropped", "Availability events this process could not "
+            "queue or write (it stops beating: its periods are held as observer gaps)",
+            registry=registry)
+        #: set by the ledger's metrics job
+        self.counts: LedgerCounts | None = None
+        registry.register(_LedgerCollector(lambda: self.counts))
 
 
 class Metrics:
@@ -67,6 +101,14 @@ class Metrics:
         self.prometheus.register(_StateCollector(state))
         self._known_app = known_app
         self._proxied: dict[tuple[str, int], Any] = {}  # metric children, looked up once
+        #: the ledger's metrics, once enabled
+        self.ledger: LedgerMetrics | None = None
+
+    def enable_ledger(self) -> LedgerMetrics:
+        """Register the ledger's metrics (once; the ledger is on)."""
+        if self.ledger is None:
+            self.ledger = LedgerMetrics(self.prometheus)
+        return self.ledger
 
     def proxied(self, app: str, status: int) -> None:
         """Count one proxied request (either entry point). An app name is the client's choice
@@ -102,3 +144,33 @@ class _StateCollector(Collector):
         for name in APP_STATES:
             apps.add_metric([name], state.apps_by_state.get(name, 0))
         yield apps
+
+
+class _LedgerCollector(Collector):
+    def __init__(self, counts: Callable[[], LedgerCounts | None]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._counts()
+        if counts is None:
+            return
+        transfers = CounterMetricFamily("eecp_ledger_transfers", "Journal rows by code",
+                                        labels=["code"])
+        for code, n in sorted(counts.transfers_by_code.items()):
+            transfers.add_metric([code], n)
+        yield transfers
+        settled = CounterMetricFamily("eecp_settlements", "Settled node-periods by outcome",
+                                      labels=["outcome"])
+        for outcome, n in sorted(counts.settlements_by_outcome.items()):
+            settled.add_metric([outcome], n)
+        yield settled
+        held = GaugeMetricFamily("eecp_node_periods_held", "Node-periods held for the owner "
+                                 "by reason", labels=["reason"])
+        for reason, n in sorted(counts.held_by_reason.items()):
+            held.add_metric([reason], n)
+        yield held
+        if counts.invariant_ok is not None:
+            ok = GaugeMetricFamily("eecp_ledger_invariant_ok", "1 when the last ledger check "
+                                   "(GET /v1/ledger/check) found every invariant holding")
+            ok.add_metric([], 1 if counts.invariant_ok else 0)
+            yield ok

@@ -17,18 +17,31 @@ read from ``EE_ALLOWLIST_DIR``, proxied requests carried over the tunnel to a sm
 
 Everything the demo writes (dev PKI, SQLite database, allowlist, agent id) lives in one
 directory, ``data/demo`` by default, so a second run reuses it. **Development only**: eecp trusts
-the dev PKI's root (``EE_DCAP_ROOT_CA``) and the admin endpoints are open.
+the dev PKI's root (``EE_DCAP_ROOT_CA``) and the admin endpoints are open (with ``--ledger``
+they take the demo's admin token).
+
+``eecp demo --ledger`` runs the same with the USD ledger on (:class:`DemoLedger`): an admin
+token made on the first run (``admin-token`` in the directory, printed: a demo's, never a
+deployment's), 60-second periods so that a settlement comes within two minutes, a node
+``demo-node`` priced, funded and staked, a user ``alice`` with $10 of credits, and the agent
+naming the node (``EE_NODE_ID``) on its dev platform, whose PPID the demo confirms for the node
+once the agent's attestation has left the claim. All of it through eecp's own HTTP API, as an
+operator would do it, and idempotent (fixed keys): a second run replays it. It then prints the
+curl commands that report usage and show it settle.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import os
+import secrets
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from agent.agent import build_provider
@@ -40,6 +53,7 @@ from agent.tunnel import AgentState, run_agent
 from eecp.core.config import from_env
 from eecp.core.errors import EecpError
 from eecp.dataplane.http import Request, Responder, serve_http
+from eecp.dev import pki as devpki
 from eecp.dev.pccs import DevPccs
 from eecp.service import Bound, serve, watch_signals
 from eecp.wire.measurements import Measurements
@@ -49,6 +63,9 @@ log = logging.getLogger("eecp.demo")
 REPO, TAG, APP, NETWORK = "demo/hello", "v0.1.0", "hello", "sandbox-1"
 #: how long the agent has to connect and be attested before the demo gives up
 ATTEST_WITHIN_SEC = 60.0
+#: the ledger's demo: the node, the user, and the 60-second period (the shortest, §21.10)
+NODE, USER, PERIOD_SEC = "demo-node", "alice", 60
+ADMIN_TOKEN_FILE = "admin-token"
 HELLO = b"hello from inside the TD (eecp demo backend)\n"
 
 
@@ -66,6 +83,18 @@ class DemoSettings:
     auth_port: int = 8089
     log_format: str = "text"
     log_level: str = "INFO"
+    #: run with the USD ledger on (``eecp demo --ledger``)
+    ledger: bool = False
+
+
+@dataclass(frozen=True)
+class DemoLedger:
+    """The ledger's side of a demo: the admin token (demo only) and the platform bound."""
+
+    admin_token: str = field(repr=False)
+    ppid: str
+    node: str = NODE
+    user: str = USER
 
 
 @dataclass(frozen=True)
@@ -74,6 +103,7 @@ class DemoUrls:
 
     bound: Bound
     app: str = APP
+    ledger: DemoLedger | None = None
 
     @property
     def control(self) -> str:
@@ -90,14 +120,18 @@ class DemoUrls:
 
     def lines(self) -> list[str]:
         """The commands to try, one per line, for the terminal."""
+        admin = ' -H "Authorization: Bearer $T"' if self.ledger is not None else ""
+        token = ([(f"export T={self.ledger.admin_token}", "the admin token (demo only)")]
+                 if self.ledger is not None else [])
         tries = [
+            *token,
             (f"curl -i {self.control}/v1/resolve/{self.app}", "may it be served?"),
             (f"curl -i {self.auth}/v1/resolve/{self.app}", "the same, on the auth listener"),
             (f"curl {self.proxy}/", "proxied over the agent's tunnel"),
             (f"curl -N {self.proxy}/events", "a streamed (SSE) answer"),
             (f"curl -d '{{\"path\":\"/\"}}' {self.control}/v1/proxy/{self.app}",
              "one request as JSON"),
-            (f"curl {self.control}/v1/apps/{self.app}", "admin view with the audit log"),
+            (f"curl{admin} {self.control}/v1/apps/{self.app}", "admin view with the audit log"),
             (f"curl {self.control}/metrics", "Prometheus metrics"),
         ]
         width = max(len(command) for command, _ in tries)
@@ -105,7 +139,33 @@ class DemoUrls:
             f"eecp demo: app {self.app!r} ({REPO}@{TAG} on {NETWORK}) is attested and served.",
             "Try:",
             *(f"  {command:<{width}}  # {why}" for command, why in tries),
+            *self._ledger_lines(),
             "Ctrl-C stops everything.",
+        ]
+
+    def _ledger_lines(self) -> list[str]:
+        """The ledger's commands: report usage for this minute, watch it settle."""
+        demo = self.ledger
+        if demo is None:
+            return []
+        url, auth = self.control, '-H "Authorization: Bearer $T"'
+        usage = (f'{{"account_id":"{demo.user}","node_id":"{demo.node}",'
+                 '"period":"' + "'$P'" + '","vcpu_hours":"0.05"}')
+        steps = [
+            ("this minute: one 60-second period", "P=$(date -u +%Y-%m-%dT%H:%M:00Z)"),
+            ("the node, its platform and its agent", f"curl {auth} {url}/v1/nodes/{demo.node}"),
+            ("hold $0.025 of alice's credits for the node",
+             f"curl {auth} -d '{usage}' {url}/v1/usage/report"),
+            ("alice: $10 less the hold", f"curl {auth} {url}/v1/balances/{demo.user}"),
+            ("in about two minutes: settled and paid (the settler runs every minute)",
+             f'curl {auth} "{url}/v1/settlements/$P?node_id={demo.node}"'),
+            ("then the node's payout", f"curl {auth} {url}/v1/balances/node:{demo.node}"),
+            ("and the books balance", f"curl {auth} {url}/v1/ledger/check"),
+        ]
+        return [
+            f"The ledger is on: node {demo.node!r} owns the agent's platform {demo.ppid}, "
+            f"{demo.user!r} has $10. Then:",
+            *(line for why, command in steps for line in (f"  # {why}", f"  {command}")),
         ]
 
 
@@ -122,7 +182,9 @@ def allowlist_for(measurements: Measurements, provider: DevQuoteProvider) -> dic
 def agent_config(directory: Path, control_port: int, backend_port: int,
                  settings: DemoSettings) -> AgentConfig:
     """The demo agent's configuration, as its ``EE_*`` variables would give it."""
+    node = {"EE_NODE_ID": NODE} if settings.ledger else {}
     return agent_from_env({
+        **node,
         "EE_CONTROL_WS": f"ws://127.0.0.1:{control_port}/v1/tunnel",
         "EE_REPO": REPO, "EE_RELEASE_TAG": TAG, "EE_APP_NAME": APP, "EE_NETWORK": NETWORK,
         "EE_AGENT_ID_FILE": str(directory / "agent-id"),
@@ -134,8 +196,16 @@ def agent_config(directory: Path, control_port: int, backend_port: int,
 
 
 def eecp_env(directory: Path, pccs_port: int, settings: DemoSettings) -> dict[str, str]:
-    """eecp's ``EE_*`` variables for the demo: loopback only, SQLite, the dev root, no GitHub."""
+    """eecp's ``EE_*`` variables for the demo: loopback only, SQLite, the dev root, no GitHub;
+    with the ledger, its admin token and a 60-second period (the waits inside one period
+    shorter than it)."""
+    ledger = {
+        "EE_LEDGER_ENABLED": "true", "EE_ADMIN_TOKEN": admin_token(directory),
+        "EE_LEDGER_PERIOD": str(PERIOD_SEC), "EE_SETTLEMENT_DELAY_SEC": "10",
+        "EE_OBSERVER_GAP_TOLERANCE_SEC": "30", "EE_SETTLEMENT_RECONNECT_GRACE_SEC": "30",
+    } if settings.ledger else {}
     return {
+        **ledger,
         "EE_CONTROL_BIND": "127.0.0.1", "EE_CONTROL_PORT": str(settings.control_port),
         "EE_PROXY_BIND": "127.0.0.1", "EE_PROXY_PORT": str(settings.proxy_port),
         "EE_AUTH_BIND": "127.0.0.1", "EE_AUTH_PORT": str(settings.auth_port),
@@ -147,6 +217,20 @@ def eecp_env(directory: Path, pccs_port: int, settings: DemoSettings) -> dict[st
         "EE_GITHUB_API_URL": "http://127.0.0.1:9",
         "EE_LOG_FORMAT": settings.log_format, "EE_LOG_LEVEL": settings.log_level,
     }
+
+
+def admin_token(directory: Path) -> str:
+    """The demo's admin token: made once (``admin-token``, 0600), then reused."""
+    path = directory / ADMIN_TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    return token
 
 
 async def serve_hello(request: Request, responder: Responder) -> None:
@@ -202,20 +286,70 @@ async def serve_demo(settings: DemoSettings, *, shutdown: trio.Event | None = No
         pccs_port: int = await outer.start(serve_http, DevPccs(provider.pki,
                                                                fmspc=provider.fmspc),
                                            "127.0.0.1", 0)
-        config = from_env(eecp_env(directory, pccs_port, settings))
+        env = await trio.to_thread.run_sync(eecp_env, directory, pccs_port, settings)
+        config = from_env(env)
         ready = False
         async with trio.open_nursery() as inner:
             bound: Bound = await inner.start(partial(serve, config, shutdown=shutdown,
                                                      handle_signals=False))
+            ledger = None
+            if settings.ledger:
+                assert config.admin_token is not None
+                ledger = DemoLedger(config.admin_token,
+                                    devpki.platform_ppid(provider.pck_key).hex())
+                await _open_accounts(bound, ledger)
             agent = agent_config(directory, bound.control_port, backend_port, settings)
             state: AgentState = await inner.start(partial(
                 run_agent, agent, provider, measurements, stop=shutdown))
             ready = await _wait_attested(state, shutdown)
+            if ready and ledger is not None:
+                await _confirm_platform(bound, ledger)
             if ready:
-                task_status.started(DemoUrls(bound))
+                task_status.started(DemoUrls(bound, ledger=ledger))
         outer.cancel_scope.cancel()
     if not ready:  # after a graceful stop of everything
         raise DemoError("demo_stopped", "stopped before the agent was attested")
+
+
+async def _open_accounts(bound: Bound, demo: DemoLedger) -> None:
+    """The node (priced, funded, staked) and the user's credits, through eecp's own API, each
+    call idempotent: a second run replays them."""
+    calls: list[tuple[str, dict[str, object], str | None]] = [
+        ("/v1/nodes/register", {"node_id": demo.node, "price_usd_per_vcpu_hour": "0.50",
+                                "capacity_vcpus": 4, "allow_update": True}, None),
+        ("/v1/credits/purchase", {"account_id": f"node:{demo.node}", "amount_usd": "2"},
+         "demo-stake-funds"),
+        ("/v1/nodes/register", {"node_id": demo.node, "stake_amount_usd": "2",
+                                "allow_update": True}, None),  # economy's minimum: 1 h of $2
+        ("/v1/credits/purchase", {"account_id": demo.user, "amount_usd": "10"},
+         "demo-credits"),
+    ]
+    async with httpx.AsyncClient(base_url=bound.control_url, headers={
+            "Authorization": f"Bearer {demo.admin_token}"}) as http:
+        for path, body, key in calls:
+            answer = await http.post(path, json=body, headers={"Idempotency-Key": key}
+                                     if key else {})
+            if answer.status_code != 200:
+                raise DemoError("demo_ledger_setup", f"{path}: {answer.status_code} "
+                                f"{answer.text[:200]}")
+
+
+async def _confirm_platform(bound: Bound, demo: DemoLedger) -> None:
+    """Confirm the agent's platform for the node, once its attestation left the claim
+    (the claim is written just after the agent is told it is attested)."""
+    async with httpx.AsyncClient(base_url=bound.control_url, headers={
+            "Authorization": f"Bearer {demo.admin_token}"}) as http:
+        with trio.move_on_after(10):
+            while True:
+                answer = await http.post(f"/v1/nodes/{demo.node}/platforms",
+                                         json={"ppid": demo.ppid})
+                if answer.status_code == 200:
+                    return
+                if answer.json().get("error") != "platform_not_claimed":
+                    break
+                await trio.sleep(0.1)
+        raise DemoError("demo_ledger_setup", f"the platform was not confirmed: "
+                        f"{answer.status_code} {answer.text[:200]}")
 
 
 async def _wait_attested(state: AgentState, shutdown: trio.Event) -> bool:

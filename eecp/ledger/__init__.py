@@ -58,11 +58,16 @@ module               holds                                                      
 ``abuse``            filing and deciding abuse reports                              §11
 ``settle``           measuring node-period chains, settling one node-period in one  §8.3,
                      unit of work, the settler's due list                           §9.3, §15
-``jobs``             the observer and settler loops (trio)                          §15
+``outbox``           the sessions' availability events on their way to the store:   §8.2
+                     bounded, counted drops, the observer's beats tied to it
+``jobs``             the observer, settler and metrics loops (trio)                 §15
 ===================  =============================================================  ========
 
-The HTTP layer (``control/ledger_api.py``, next) authenticates the caller, checks the role
+The HTTP layer (:mod:`eecp.control.ledger_api`) authenticates the caller, checks the role
 matrix of §5, turns a node token into its principal (:meth:`~service.Ledger.node_for_token`),
 passes the path, the raw body and the ``Idempotency-Key`` values to one ``Ledger`` method and
-writes the :class:`~answers.Answer` it returns.
+writes the :class:`~answers.Answer` it returns. The sessions reach the ledger through
+:class:`eecp.agents.ledger_hooks.SessionLedger` (:class:`~outbox.SessionWriter`), the
+attestation engine through :meth:`~service.Ledger.platform_banned`; :mod:`eecp.wiring` builds
+all of it only with ``EE_LEDGER_ENABLED=true``.
 """

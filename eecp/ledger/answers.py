@@ -19,10 +19,17 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from eecp.core.errors import LedgerError, StoreError
-from eecp.ledger.availability import Policy
-from eecp.ledger.money import DEFAULT_MAX_AMOUNT_MICROS, MICROS_PER_USD
-from eecp.ledger.periods import HOUR, PeriodLength
+from eecp.core.config import Config
+from eecp.core.errors import ConfigError, LedgerError, LedgerInputError, StoreError
+from eecp.ledger.availability import GapPolicy, Policy
+from eecp.ledger.money import (
+    DEFAULT_MAX_AMOUNT_MICROS,
+    MICROS_PER_USD,
+    fee_bps_setting,
+    max_amount_setting,
+    parse_usd,
+)
+from eecp.ledger.periods import HOUR, PeriodLength, check_period_settings, period_setting
 
 log = logging.getLogger("eecp.ledger")
 
@@ -57,6 +64,47 @@ class LedgerSettings:
     settle_batch: int = 200  # node-periods per settler pass (§15)
     #: node-periods measured per unit of work when a finalize catches up on a chain
     measure_batch: int = 50
+
+    @classmethod
+    def from_config(cls, config: Config) -> LedgerSettings:
+        """The settings of ``config`` (its ``EE_*`` ledger variables), in the ledger's own
+        grammars; ``ConfigError`` naming the first variable that cannot be used, including the
+        waits a seconds-period must exceed (§21.10, §21.13)."""
+        period = period_setting(config.ledger_period)
+        check_period_settings(period, settlement_delay_sec=config.settlement_delay_sec,
+                              gap_tolerance_sec=config.observer_gap_tolerance_sec,
+                              reconnect_grace_sec=config.settlement_reconnect_grace_sec)
+        gap_policy: GapPolicy = "hold"
+        for choice in ("hold", "pay", "refund"):
+            if config.settlement_gap_policy == choice:
+                gap_policy = choice
+        return cls(
+            period=period,
+            max_amount_micros=max_amount_setting(config.ledger_max_amount_usd),
+            fee_bps=fee_bps_setting(config.platform_fee_bps),
+            settlement_delay_sec=config.settlement_delay_sec,
+            policy=Policy(reconnect_grace_sec=config.settlement_reconnect_grace_sec,
+                          gap_tolerance_sec=config.observer_gap_tolerance_sec,
+                          beat_sec=config.observer_beat_sec,
+                          app_health_counts=config.settlement_app_health_counts,
+                          downtime_grace_sec=config.settlement_downtime_grace_sec,
+                          gap_policy=gap_policy),
+            usage_max_age_sec=config.usage_max_age_sec,
+            price_increase_notice_sec=config.price_increase_notice_sec,
+            stake_min_micros=_stake_min(config.stake_min_usd),
+            abuse_deadline_sec=config.abuse_decision_deadline_sec,
+            abuse_max_span_sec=config.abuse_max_span_sec,
+            idempotency_retention_days=config.idempotency_retention_days,
+        )
+
+
+def _stake_min(raw: str) -> int:
+    """``EE_STAKE_MIN_USD``: a USD amount (0 allowed: no floor) to micros, or ConfigError."""
+    try:
+        return parse_usd(raw.strip(), "EE_STAKE_MIN_USD", allow_zero=True, cap_micros=None)
+    except LedgerInputError as exc:
+        raise ConfigError("EE_STAKE_MIN_USD",
+                          f"{raw!r} is not a USD amount ({exc.detail})") from None
 
 
 @dataclass(frozen=True)

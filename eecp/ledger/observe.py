@@ -37,7 +37,7 @@ EventKind = Literal["up", "down", "release"]
 PLATFORMS: Final = "/v1/nodes/{node_id}/platforms"
 _PPID = re.compile(r"[0-9a-f]{32}")
 #: the longest text kept from a session for an event's fields (ids, app names, reasons)
-_MAX_FIELD = 255
+MAX_FIELD = 255
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def record_events(tx: Tx, instance_id: str, events: Sequence[SessionEvent]) -> l
         if event.kind not in ("up", "down", "release"):
             raise ValueError(f"an event of kind {event.kind!r}")
         fields = (event.agent_id, event.app_name, event.session_id, event.reason)
-        if not event.agent_id or any(len(f) > _MAX_FIELD for f in fields):
+        if not event.agent_id or any(len(f) > MAX_FIELD for f in fields):
             raise ValueError("an event without an agent, or with a field over 255 characters")
         ppid = event.ppid.lower() if event.ppid and _PPID.fullmatch(event.ppid.lower()) else None
         platform = tx.nodes.platform(ppid) if ppid is not None else None
@@ -139,6 +139,7 @@ def confirm_platform(principal: str, node_id: str, raw: bytes, keys: Sequence[st
                 raise LedgerConflictError("platform_not_claimed")
             row = PlatformRow(ppid, node_id, now, principal)
             if tx.nodes.insert_platform(row):
+                _bind_live_agents(tx, node_id, ppid, now)
                 return _platform_answer(row)
             owned = tx.nodes.platform(ppid)  # confirmed meanwhile by another transaction
         if owned is None or owned.node_id != node_id:
@@ -146,6 +147,20 @@ def confirm_platform(principal: str, node_id: str, raw: bytes, keys: Sequence[st
         return _platform_answer(owned)  # confirmed already: the natural key replays
 
     return request, work
+
+
+def _bind_live_agents(tx: Tx, node_id: str, ppid: str, now: float) -> None:
+    """The platform was just confirmed for the node: an agent up on it now is on the node
+    from now (§7.1: its latest accepted quote came from a platform of the node), without
+    waiting for its next event. Its ``up`` is repeated naming the node, under the session and
+    the instance that observed it (an instance that stopped covering cannot revive it)."""
+    for agent_id in tx.nodes.agents_on_platform(ppid):
+        last = tx.nodes.last_event(agent_id)
+        if last is not None and last.kind == "up" and last.ppid == ppid \
+                and last.node_id != node_id:
+            tx.nodes.append_event(EventRow(now, agent_id, last.app_name, last.session_id,
+                                           last.instance_id, "up", "platform_confirmed",
+                                           node_id, ppid))
 
 
 def _platform_answer(row: PlatformRow) -> Answer:

@@ -46,6 +46,7 @@ from eecp.ledger.journal import parse_node_id
 from eecp.ledger.periods import Period, parse_period_id, settleable_at
 from eecp.ledger.settlement import Decision
 from eecp.ledger.units import Request, Work
+from eecp.store.ledger_records import LedgerTallies
 from eecp.store.store import Store, Tx
 
 log = logging.getLogger("eecp.ledger")
@@ -262,6 +263,25 @@ class Ledger:
         return await self._unit(lambda now: (None, lambda tx, _key: observe.release_agent(
             tx, self.instance_id, node_id, agent_id, now)))
 
+    async def agent_bindings(self, agent_ids: Sequence[str]
+                             ) -> dict[str, tuple[str | None, str | None]]:
+        """Each agent's ``(node_id, ppid)`` from its latest availability event (the admin
+        view): the node None unless that event binds it (a release leaves it unbound)."""
+        def read(tx: Tx) -> dict[str, tuple[str | None, str | None]]:
+            found: dict[str, tuple[str | None, str | None]] = {}
+            for agent_id in agent_ids:
+                last = tx.nodes.last_event(agent_id)
+                if last is not None:
+                    found[agent_id] = (None if last.kind == "release" else last.node_id,
+                                       last.ppid)
+            return found
+
+        return await self._store.snapshot(read)
+
+    async def counts(self) -> LedgerTallies:
+        """What the ledger's metrics count (journal rows, settled and held node-periods)."""
+        return await self._store.snapshot(lambda tx: tx.ledger.counts())
+
     async def node_for_token(self, token: str) -> str | None:
         """The node a bearer token belongs to (the HTTP layer's ``node:<id>`` principal)."""
         return await self._store.snapshot(lambda tx: nodes.node_of_token(tx, token))
@@ -324,6 +344,10 @@ class Ledger:
                 log.error("settler: %s@%s answered %s %s", node_id, start, answer.status,
                           answer.body[:200])
         return SettlePass(True, dict(outcomes), errors)
+
+    async def release_settler(self) -> None:
+        """Give up the ``settler`` lease, if this instance holds it (a graceful stop)."""
+        await self._store.atomic(lambda tx: tx.ledger.release_lease("settler", self.instance_id))
 
     async def prune_keys(self) -> int:
         """Delete idempotency keys past ``EE_IDEMPOTENCY_RETENTION_DAYS`` (natural keys are

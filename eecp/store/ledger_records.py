@@ -207,3 +207,13 @@ class JournalSums:
     bad_resolutions: list[int]  # pending_ids that name no hold, or a later row
     held_in_settled: int
     settlement_mismatches: list[str]  # "node_id@period_start" whose totals disagree
+
+
+@dataclass(frozen=True)
+class LedgerTallies:
+    """What the ledger's metrics show, counted in one snapshot: journal rows by code,
+    settled node-periods by outcome, held node-periods by reason."""
+
+    transfers_by_code: dict[str, int]
+    settled_by_outcome: dict[str, int]
+    held_by_reason: dict[str, int]

@@ -26,6 +26,7 @@ from eecp.store.ledger_records import (
     AccountRow,
     JournalSums,
     KeyRow,
+    LedgerTallies,
     NodePeriodRow,
     StakeOpRow,
     TransferRow,
@@ -308,6 +309,12 @@ class LedgerTx:
             (L.name == name) & ((L.expires_at < now) | (L.holder == holder))).execute()
         return bool(changed)
 
+    def release_lease(self, name: str, holder: str) -> bool:
+        """Give the lease ``name`` up if ``holder`` has it (a graceful stop: the next instance
+        need not wait for it to expire)."""
+        L = self._m.JobLease
+        return bool(L.delete().where((L.name == name) & (L.holder == holder)).execute())
+
     # -- the check --
 
     def journal_sums(self) -> JournalSums:
@@ -355,6 +362,18 @@ class LedgerTx:
             "ORDER BY p.node_id, p.period_start")]
         return JournalSums(accounts, {a: (s[0], s[1], s[2], s[3]) for a, s in journal.items()},
                            bad, int(held), mismatches)
+
+    def counts(self) -> LedgerTallies:
+        """The metrics' counts (:class:`LedgerTallies`): three grouped counts, no row read."""
+        def grouped(sql: str) -> dict[str, int]:
+            return {str(key): int(n) for key, n in self._sql(sql)}
+
+        return LedgerTallies(
+            grouped("SELECT code, COUNT(*) FROM ledger_transfer GROUP BY code"),
+            grouped("SELECT outcome, COUNT(*) FROM node_period WHERE status = 'settled' "
+                    "AND outcome IS NOT NULL GROUP BY outcome"),
+            grouped("SELECT held_reason, COUNT(*) FROM node_period WHERE status = 'held' "
+                    "AND held_reason IS NOT NULL GROUP BY held_reason"))
 
     def _sql(self, sql: str) -> list[tuple[Any, ...]]:
         return list(self._db.execute_sql(sql).fetchall())

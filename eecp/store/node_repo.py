@@ -152,6 +152,13 @@ class NodeTx:
         query = E.select(E.agent_id).where(E.node_id == node_id).distinct()
         return sorted(str(agent_id) for (agent_id,) in query.tuples())
 
+    def agents_on_platform(self, ppid: str) -> list[str]:
+        """Every agent that ever had an event from the platform (a scan of the events: only
+        a platform's confirmation asks, which is rare)."""
+        E = self._m.Event
+        query = E.select(E.agent_id).where(E.ppid == ppid).distinct()
+        return sorted(str(agent_id) for (agent_id,) in query.tuples())
+
     # -- observers --
 
     def observer(self, instance_id: str) -> ObserverRow | None:

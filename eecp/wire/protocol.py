@@ -3,7 +3,8 @@
 Agent → eecp::
 
     {"type":"register","repo":"org/repo","release_tag":"v0.1.3","app_name":"myapp",
-     "network":"forge-1","agent_id":"<uuid>","data_protocol":2}  (extra fields are ignored)
+     "network":"forge-1","agent_id":"<uuid>","data_protocol":2,
+     "node_id":"acme-fra-1"}  (node_id optional; extra fields are ignored)
     {"type":"attest_response","nonce":"<64 hex>","quote":"<base64>","report_data":"<128 hex>",
      "measurements":{...}}
     {"type":"health","status":"pass"|"fail"}
@@ -57,6 +58,8 @@ _REPO = re.compile(r"^[A-Za-z0-9_.-]{1,39}/[A-Za-z0-9_.-]{1,100}$")
 _TAG = re.compile(r"^[A-Za-z0-9_.+-]{1,128}$")
 _DNS_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _NETWORK = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+#: a ledger node id (eecp.ledger.journal.parse_node_id's grammar, which sits above this layer)
+_NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
 _B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
 
@@ -71,6 +74,9 @@ class Register:
     network: str
     agent_id: str
     data_protocol: int = DATA_PROTOCOL  # 0 when a register did not announce one
+    #: the ledger node the TD says it runs on (spec §7.1): a claim its operator confirms,
+    #: never a binding by itself; None when the register names none
+    node_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,17 @@ def _register(doc: Mapping[str, Any]) -> Register:
         raise _invalid("agent_id", "expected a UUID") from None
     if canonical != agent_id.lower():
         raise _invalid("agent_id", "expected a UUID in its canonical 8-4-4-4-12 form")
-    return Register(repo, tag, app, network, canonical, _data_protocol(doc))
+    return Register(repo, tag, app, network, canonical, _data_protocol(doc), _node_id(doc))
+
+
+def _node_id(doc: Mapping[str, Any]) -> str | None:
+    """The node a register names; None when it names none (older agents)."""
+    if doc.get("node_id") is None:
+        return None
+    node_id = _string(doc, "node_id", 63)
+    if not _NODE_ID.match(node_id):
+        raise _invalid("node_id", "expected a node id (a-z, 0-9, -; at most 63)")
+    return node_id
 
 
 def _data_protocol(doc: Mapping[str, Any]) -> int:
@@ -227,10 +243,11 @@ def _invalid(key: str, detail: str) -> ProtocolError:
 
 def encode_register(message: Register, **extra: Any) -> str:
     """The wire form of a ``register`` (used by our agent and by tests)."""
+    node = {"node_id": message.node_id} if message.node_id is not None else {}
     return json.dumps({"type": "register", "repo": message.repo,
                        "release_tag": message.release_tag, "app_name": message.app_name,
                        "network": message.network, "agent_id": message.agent_id,
-                       "data_protocol": message.data_protocol, **extra})
+                       "data_protocol": message.data_protocol, **node, **extra})
 
 
 def encode_attest_response(message: AttestResponse) -> str:

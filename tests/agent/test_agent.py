@@ -66,6 +66,7 @@ from eecp.wire.protocol import (
     Register,
     Status,
     decode_agent_message,
+    encode_register,
 )
 from tests.fakehttp import FakeServer, Request, Response, open_fake_http
 
@@ -800,6 +801,17 @@ def test_config_defaults() -> None:
     assert from_env(valid_env(EE_APP_NAME="MyApp")).app_name == "myapp"  # as eecp reads it
 
 
+def test_the_node_id_is_sent_in_register_when_set() -> None:
+    assert from_env(valid_env()).register.node_id is None
+    assert "node_id" not in json.loads(encode_register(from_env(valid_env()).register))
+    config = from_env(valid_env(EE_NODE_ID="acme-fra-1"))
+    assert config.node_id == "acme-fra-1"
+    sent = json.loads(encode_register(config.register))
+    assert sent["node_id"] == "acme-fra-1"
+    decoded = decode_agent_message(encode_register(config.register))
+    assert isinstance(decoded, Register) and decoded.node_id == "acme-fra-1"
+
+
 def test_agent_id_is_persisted_in_its_file(tmp_path: Path) -> None:
     id_file = tmp_path / "state" / "agent-id"
     first = from_env(valid_env(EE_AGENT_ID_FILE=str(id_file))).agent_id
@@ -823,6 +835,8 @@ def test_agent_id_is_persisted_in_its_file(tmp_path: Path) -> None:
     ("EE_APP_NAME", "my_app!"),
     ("EE_NETWORK", "Forge 1"),
     ("EE_AGENT_ID", "not-a-uuid"),
+    ("EE_NODE_ID", "Acme_1"),
+    ("EE_NODE_ID", "-acme"),
     ("EE_BACKEND_URL", "127.0.0.1:8080"),
     ("EE_HEALTH_INTERVAL_SEC", "-1"),
     ("EE_HEALTH_INTERVAL_SEC", "nan"),

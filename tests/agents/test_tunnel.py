@@ -245,6 +245,9 @@ async def test_bad_register_fields(mock_clock: MockClock, world: World) -> None:
     for bad in ("1", 0, True, 2**16):
         async with running_agent(world.agent(register_extra={"data_protocol": bad})) as agent:
             assert await agent.wait_closed() == (4005, "invalid_field:data_protocol"), bad
+    for bad in ("Acme-1", "-acme", "a" * 64, "", 7, "acme_1"):
+        async with running_agent(world.agent(register_extra={"node_id": bad})) as agent:
+            assert await agent.wait_closed() == (4005, "invalid_field:node_id"), bad
 
 
 @pytest.mark.parametrize("announced", [None, 1, 3])

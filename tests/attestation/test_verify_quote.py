@@ -122,6 +122,19 @@ def test_minted_quote_with_allowlist_nonce_and_network(
     assert (code, json.loads(out)["reason"]) == (1, "quote_measurement_mismatch:rtmr1")
 
 
+def test_the_ppid_to_confirm_for_a_node_is_printed(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, pki: devpki.DevPki) -> None:
+    ppid = bytes(range(16, 32))
+    minted = devmint.mint_tdx_quote(pki, now=NOW, ppid=ppid)
+    quote, collateral, root = write_minted(tmp_path, minted, pki)
+    common = [quote, "--collateral", collateral, "--root-ca", root, "--at",
+              "2026-09-22T00:00:00Z"]
+    code, out, _ = run(capsys, *common, "--json")
+    assert (code, json.loads(out)["ppid"]) == (0, ppid.hex())
+    code, out, _ = run(capsys, *common)
+    assert f"ppid:           {ppid.hex()}\n" in out
+
+
 def test_unsealed_measurements_on_sealed_network(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, pki: devpki.DevPki) -> None:
     unsealed = Measurements(MEAS.agent_dir_sha256, MEAS.agent_py_sha256, MEAS.vm_image_id, False)

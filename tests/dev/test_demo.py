@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +21,21 @@ import httpx
 import pytest
 import trio
 
+from eecp import cli
 from eecp.dev import mint as devmint
 from eecp.dev import pki as devpki
-from eecp.dev.demo import APP, HELLO, REPO, TAG, DemoError, DemoSettings, DemoUrls, serve_demo
+from eecp.dev.demo import (
+    APP,
+    HELLO,
+    NODE,
+    REPO,
+    TAG,
+    USER,
+    DemoError,
+    DemoSettings,
+    DemoUrls,
+    serve_demo,
+)
 from eecp.dev.pccs import REISSUE_AFTER_SEC, DevPccs, pccs_answer
 
 WAIT = 30.0  # real seconds: PKI creation, attestation, shutdown (hypercorn lingers up to 5 s)
@@ -30,12 +43,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @asynccontextmanager
-async def running_demo(directory: Path) -> AsyncIterator[DemoUrls]:
+async def running_demo(directory: Path, *, ledger: bool = False) -> AsyncIterator[DemoUrls]:
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         with trio.fail_after(WAIT):
             urls: DemoUrls = await nursery.start(partial(
-                serve_demo, DemoSettings(directory, 0, 0, 0), shutdown=shutdown,
+                serve_demo, DemoSettings(directory, 0, 0, 0, ledger=ledger), shutdown=shutdown,
                 handle_signals=False))
         yield urls
         shutdown.set()
@@ -93,6 +106,51 @@ async def test_a_second_run_reuses_the_directory(tmp_path: Path) -> None:
         assert [e["verdict"] for e in app["audit"]] == ["accepted", "accepted"]
         allowlist = json.loads((directory / "allowlists" / REPO / f"{TAG}.json").read_text())
         assert allowlist["measurements"]["sealed"] is False
+
+
+async def test_the_ledger_demo_binds_its_agent_and_its_printed_commands_hold_usage(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "demo"
+    async with running_demo(directory, ledger=True) as urls, \
+            httpx.AsyncClient(timeout=WAIT) as http:
+        demo = urls.ledger
+        assert demo is not None and len(demo.admin_token) >= 32
+        admin = {"Authorization": f"Bearer {demo.admin_token}"}
+        assert (await http.get(f"{urls.control}/v1/apps/{APP}")).status_code == 401
+        node = (await http.get(f"{urls.control}/v1/nodes/{NODE}", headers=admin)).json()
+        assert node["platforms"] == [demo.ppid] and node["stake"]["ok"] is True
+        assert [a["up"] for a in node["agents"]] == [True]
+        app = (await http.get(f"{urls.control}/v1/apps/{APP}", headers=admin)).json()
+        assert [(a["ppid"], a["node_id"]) for a in app["agents"]] == [(demo.ppid, NODE)]
+        # the printed commands, run as printed (one shell, the token and period exported)
+        lines = [line.strip() for line in urls.lines()]
+        script = [line for line in lines if line.startswith(("export T=", "P=$(date"))]
+        usage = next(line for line in lines if "/v1/usage/report" in line)
+        balance = next(line for line in lines if line.endswith(f"/v1/balances/{USER}"))
+        settle = next(line for line in lines if "/v1/settlements/" in line)
+        if shutil.which("curl") is None:
+            pytest.skip("curl is not installed: the printed commands cannot be run")
+        done = await trio.to_thread.run_sync(lambda: subprocess.run(
+            ["bash", "-c", "\n".join([*script, usage, "echo", balance, "echo", settle])],
+            capture_output=True, text=True, timeout=WAIT))
+        held, after, settlement = (json.loads(line) for line in done.stdout.splitlines())
+        assert (held["status"], held["amount_micros"]) == ("held", 25_000), done.stderr
+        assert after["balance_micros"] == 10_000_000 - 25_000
+        assert (settlement["status"], settlement["holds"]) == ("open", 1)
+        finalize = await http.post(f"{urls.control}/v1/settlements/{held['period']}/finalize",
+                                   json={"node_id": NODE}, headers=admin)
+        assert (finalize.status_code, finalize.json()["error"]) == (409, "period_not_ended")
+        check = (await http.get(f"{urls.control}/v1/ledger/check", headers=admin)).json()
+        assert check["ok"] is True
+    # a second run replays its set-up: the same token, no second deposit or purchase
+    async with running_demo(directory, ledger=True) as again, \
+            httpx.AsyncClient(timeout=WAIT) as http:
+        assert again.ledger is not None and again.ledger.admin_token == demo.admin_token
+        admin = {"Authorization": f"Bearer {demo.admin_token}"}
+        alice = (await http.get(f"{again.control}/v1/balances/{USER}", headers=admin)).json()
+        assert alice["posted_micros"] == 10_000_000
+        assert (directory / "admin-token").stat().st_mode & 0o777 == 0o600
+    assert cli.build_parser().parse_args(["demo", "--ledger"]).ledger is True
 
 
 async def test_a_demo_stopped_before_its_agent_is_attested_says_so(tmp_path: Path) -> None:
