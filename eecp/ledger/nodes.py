@@ -47,7 +47,8 @@ from eecp.ledger.money import (
     reject_unknown_fields,
 )
 from eecp.ledger.periods import boundary_after, boundary_at_or_after, period_id, period_of
-from eecp.ledger.settlement import Tier, minimum_stake
+from eecp.ledger.settlement import minimum_stake
+from eecp.ledger.stake import Tier, parse_tier, tier_rank
 from eecp.ledger.units import Leg, Request, Work, balances, move, new_id
 from eecp.store.ledger_records import AccountRow, NodeRow, StakeOpRow, TermsRow
 from eecp.store.store import Tx
@@ -56,7 +57,6 @@ REGISTER = "/v1/nodes/register"
 TOKEN_PREFIX: Final = "eecpn_"
 TOKEN_ALG: Final = "sha256"
 _TOKEN = re.compile(r"eecpn_[A-Za-z0-9_-]{43}")
-TIERS: Final[tuple[Tier, ...]] = ("economy", "standard", "premium")  # low to high
 MAX_CAPACITY: Final = 4096
 _FIELDS = frozenset({"node_id", "price_usd_per_vcpu_hour", "price_usd", "capacity_vcpus",
                      "stake_tier", "stake_amount_usd", "allow_update", "rotate_token"})
@@ -95,10 +95,6 @@ def terms_at(rows: Sequence[TermsRow], start: float) -> TermsRow | None:
         if row.effective_from <= start:
             found = row
     return found
-
-
-def _rank(tier: str) -> int:
-    return TIERS.index(cast(Tier, tier))
 
 
 def terms_doc(row: TermsRow | None, settings: LedgerSettings) -> dict[str, object] | None:
@@ -170,7 +166,7 @@ def register(settings: LedgerSettings, principal: str, raw: bytes, keys: Sequenc
         price = parse_amount_fields(body, ("price_usd_per_vcpu_hour", "price_usd"),
                                     cap_micros=settings.max_amount_micros)
     capacity = _int_field(body, "capacity_vcpus", "invalid_capacity", 1, MAX_CAPACITY)
-    tier = _tier(body.get("stake_tier"))
+    tier = parse_tier(body["stake_tier"]) if body.get("stake_tier") is not None else None
     stake = None
     if body.get("stake_amount_usd") is not None:
         stake = parse_usd(body["stake_amount_usd"], "stake_amount_usd", allow_zero=True,
@@ -221,15 +217,6 @@ class _Change:
     rotate: bool
 
 
-def _tier(value: object) -> Tier | None:
-    if value is None:
-        return None
-    for tier in TIERS:
-        if value == tier:
-            return tier
-    raise LedgerInputError("invalid_stake_tier", field="stake_tier")
-
-
 def _create(tx: Tx, settings: LedgerSettings, node_id: str, change: _Change, principal: str,
             now: float) -> tuple[NodeRow, str]:
     if change.price is None or change.capacity is None:
@@ -262,7 +249,7 @@ def _change_terms(tx: Tx, settings: LedgerSettings, node: NodeRow, change: _Chan
     if all(getattr(new, f) == getattr(base, f) for f in same):
         return
     increase = (new.price_micros_per_vcpu_hour > current.price_micros_per_vcpu_hour
-                or _rank(new.tier) > _rank(current.tier))
+                or tier_rank(new.tier) > tier_rank(current.tier))
     if increase and settings.require_stake:
         # "already covered": by the stake as it is, or as this request's target leaves it
         stake = balances(tx.ledger.accounts([stake_account(node.node_id)]).get(
