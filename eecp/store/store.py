@@ -49,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any, TypeVar, cast
 
@@ -147,6 +147,15 @@ class Tx:
     def append_audit(self, entry: AuditEntry) -> int:
         """Append ``entry`` (its ``id`` is ignored); the id the database gave it."""
         return int(self._m.AuditLog.insert(**_audit_row(entry)).execute())
+
+    def audit_entries(self, ids: Iterable[int]) -> dict[int, AuditEntry]:
+        """The audit entries among ``ids`` that exist (rows are never changed: no lock)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        Audit = self._m.AuditLog
+        query = Audit.select().where(Audit.id.in_(wanted))
+        return {int(row["id"]): _audit_entry(row) for row in query.dicts()}
 
     def _insert_if_absent(self, model: Any, data: dict[str, Any]) -> bool:
         # INSERT OR IGNORE (SQLite) / INSERT ... ON CONFLICT DO NOTHING (PostgreSQL, where a
