@@ -61,7 +61,7 @@ CAPACITY = 8
 FEE_BPS = 500
 AGENT, APP = "agent-1", "app"
 H = 3600
-COOLDOWN = 6 * H  # short, so that unstakes mature within an example, long enough to be slashed
+COOLDOWN = 3 * H  # short, so that unstakes mature within an example (or are slashed first)
 INTERVAL = H
 SETTINGS = LedgerSettings(fee_bps=FEE_BPS, unstake_cooldown_sec=COOLDOWN,
                           slash_min_interval_sec=INTERVAL)
@@ -71,6 +71,9 @@ PREM_PRICE = 2000  # $0.002 x 1 vCPU x 720 h: the penalty, and the minimum stake
 PENALTY = PREM_PRICE * 720
 ALLOWED_CENTISECONDS = 2592  # premium's 25.92 s
 MINIMUM = {GOOD: 4_000_000, IDLE: 4_000_000, PREM: PENALTY}
+#: what each node stakes at the start (GOOD exactly its minimum: it is paid; IDLE more, so
+#: that its unstakes succeed and a ban finds some pending)
+STAKED = {GOOD: 4_000_000, IDLE: 8_000_000, PREM: 4_000_000}
 USAGE_ARGS = {"account": st.sampled_from(USERS), "node": st.sampled_from((GOOD, IDLE)),
               "vcpu": st.sampled_from((500_000, 1_000_000, 2_000_000, 3_000_000)),
               "app": st.sampled_from((None, APP, "zzz"))}
@@ -202,15 +205,17 @@ class LedgerDbMachine(RuleBasedStateMachine):
                                        agent=PREM_AGENT, app=APP, at=T0, tier="premium"))
             else:
                 self.host.call(partial(setup_node, self.ledger, node, price="0.5",
-                                       capacity=CAPACITY, stake="4", ppid=f"{index + 1:032x}",
+                                       capacity=CAPACITY, stake=format_usd(STAKED[node]),
+                                       ppid=f"{index + 1:032x}",
                                        agent=AGENT if node == GOOD else None, app=APP, at=T0))
             for account in (f"node:{node}", f"stake:{node}"):
                 self.model = self.model.with_account(account)
             fund, stake = self.next_id(), self.next_id(1)
             self.model = self.model.apply(
-                Transfer(fund, Code.PURCHASE, MINT_ACCOUNT, f"node:{node}", 4_000_000))
+                Transfer(fund, Code.PURCHASE, MINT_ACCOUNT, f"node:{node}", STAKED[node]))
             self.model = self.model.apply(
-                Transfer(stake, Code.STAKE_DEPOSIT, f"node:{node}", f"stake:{node}", 4_000_000))
+                Transfer(stake, Code.STAKE_DEPOSIT, f"node:{node}", f"stake:{node}",
+                         STAKED[node]))
         for user in USERS[:2]:  # carol starts with nothing
             answer = self.call("purchase", "admin", body(account_id=user, amount_usd="20"),
                                [f"seed-{user}"])
