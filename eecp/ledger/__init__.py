@@ -1,15 +1,17 @@
-"""eecp's USD ledger (issue 15): a pure core of rules, and the service that applies them to the
-store.
+"""eecp's USD ledger (issues 15 and 16): a pure core of rules, and the service that applies
+them to the store.
 
 **The pure core** (``money``, ``periods``, ``journal``, ``idempotency``, ``availability``,
-``eligibility``, ``settlement``) does no I/O, holds no lock, starts no task and imports neither
-trio nor the store. Every rule of the specification (``ledger-spec.md``) that can be stated as a
-function of plain values is there, tested synchronously in ``tests/ledger/`` the way h11 tests
-its state machine. **The service** (``answers``, ``units``, ``credits``, ``usage``, ``nodes``,
-``observe``, ``abuse``, ``settle``, ``service``, ``jobs``) runs those same functions inside the
-store's units of work, so a rule exists once. By layer, ``eecp.ledger`` imports the core and
-the store's API (plain records; never peewee); never agents, the data plane or the control
-plane (a test checks it).
+``eligibility``, ``settlement``, ``stake``, ``trust``, ``routing``) does no I/O, holds no lock,
+starts no task and imports neither trio nor the store. Every rule of the specification
+(``ledger-spec.md``) that can be stated as a function of plain values is there, tested
+synchronously in ``tests/ledger/`` the way h11 tests its state machine. **The service**
+(``answers``, ``units``, ``credits``, ``usage``, ``nodes``, ``observe``, ``abuse``,
+``settle``, ``slashing``, ``staking``, ``placement``, ``service``, ``jobs``) runs those same
+functions inside the store's units of work, so a rule exists once. By layer, ``eecp.ledger``
+imports the core and the store's API (plain records; never peewee); never agents, the data
+plane or the control plane (a test checks it). The agents' registry may import
+:mod:`eecp.ledger.routing` (it is below them) for the proxy's pick.
 
 The map:
 
@@ -36,6 +38,14 @@ module               holds                                                      
                      reason
 ``settlement``       :func:`~settlement.plan_settlement` (post/void/fee, totals,    §9.3,
                      its transfers), capacity, minimum stake, the abuse rule        §11
+``stake``            the tiers (exact allowances, penalties), the slash window and  §10
+                     its restart, the slash amount and the unstakes it voids,
+                     unstake limits, the releaser's choice, fraud signals and
+                     evidence, statuses
+``trust``            the history factor, the effective price, placement's query,    §12
+                     filter and order
+``routing``          :func:`~routing.rank`, the proxy's pick: today's order with    §12
+                     nothing bound; else banned/suspended out, the price band, load
 ===================  =============================================================  ========
 
 The service:
@@ -58,6 +68,11 @@ module               holds                                                      
 ``abuse``            filing and deciding abuse reports                              §11
 ``settle``           measuring node-period chains, settling one node-period in one  §8.3,
                      unit of work, the settler's due list                           §9.3, §15
+``slashing``         the availability slash in the unit that measures a period,     §10.2,
+                     what a slash writes, the trust cache                           §12
+``staking``          unstake and its release, status, fraud signals, the ban        §10.3–4
+``placement``        the node view, the placement list, the proxy's node views,     §7.4, §12,
+                     the stake figures for metrics                                  §15
 ``outbox``           the sessions' availability events on their way to the store:   §8.2
                      bounded, counted drops, the observer's beats tied to it
 ``jobs``             the observer, settler and metrics loops (trio)                 §15

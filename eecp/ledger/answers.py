@@ -57,6 +57,9 @@ class LedgerSettings:
     #: whether a node-period needs the tier's minimum stake (§9.2 ``stake_missing`` /
     #: ``stake_below_minimum``); False runs the spec's phase 1, a ledger without stake
     require_stake: bool = True
+    unstake_cooldown_sec: float = 604_800.0  # EE_UNSTAKE_COOLDOWN_SEC
+    slash_min_interval_sec: float = 86_400.0  # EE_SLASH_MIN_INTERVAL_SEC
+    route_price_band_pct: int = 10  # EE_ROUTE_PRICE_BAND_PCT (the proxy's pick, §12)
     abuse_deadline_sec: float = 259_200.0  # EE_ABUSE_DECISION_DEADLINE_SEC
     abuse_max_span_sec: float = 604_800.0  # EE_ABUSE_MAX_SPAN_SEC
     idempotency_retention_days: float = 30.0  # EE_IDEMPOTENCY_RETENTION_DAYS
@@ -64,6 +67,8 @@ class LedgerSettings:
     settle_batch: int = 200  # node-periods per settler pass (§15)
     #: node-periods measured per unit of work when a finalize catches up on a chain
     measure_batch: int = 50
+    #: matured unstakes the releaser handles per pass (§15, each in its own unit of work)
+    release_batch: int = 200
 
     @classmethod
     def from_config(cls, config: Config) -> LedgerSettings:

@@ -1,6 +1,6 @@
 """The ledger's background loops (spec §15), run in the serving process's nursery when the
-ledger is on: the observer heartbeat, the settler (with the key pruner), and the metrics'
-counts with the periodic invariant check.
+ledger is on: the observer heartbeat, the settler (with the stake releaser and the key
+pruner), and the metrics' counts with the periodic invariant check.
 
 Each loop is a plain trio function that runs until cancelled. A database failure is logged and
 the loop goes on at its next tick (every step is idempotent, so nothing is lost by skipping
@@ -73,8 +73,9 @@ async def _beat(ledger: Ledger) -> None:
 
 async def serve_settler(ledger: Ledger, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """A settler pass every ``settle_interval_sec`` (and the key pruner hourly). Stopped, it
-    gives its lease up, so that the instance that comes next settles at once."""
+    """A settler pass every ``settle_interval_sec``, then the stake releaser's pass (matured
+    unstakes, §10.3; its own lease ``stake``), and the key pruner hourly. Stopped, it gives its
+    lease up, so that the instance that comes next settles at once."""
     interval = ledger.settings.settle_interval_sec
     pruned_at = -PRUNE_EVERY_SEC
     task_status.started()
@@ -85,6 +86,7 @@ async def serve_settler(ledger: Ledger, *,
                 done = await ledger.settle_due()
                 if done.errors:
                     log.error("settler: %d node-periods could not be settled", done.errors)
+                await ledger.release_unstakes()
                 if trio.current_time() - pruned_at >= PRUNE_EVERY_SEC:
                     await ledger.prune_keys()
                     pruned_at = trio.current_time()

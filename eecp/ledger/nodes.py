@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import re
 import secrets
 from collections.abc import Sequence
@@ -47,7 +46,8 @@ from eecp.ledger.money import (
     reject_unknown_fields,
 )
 from eecp.ledger.periods import boundary_after, boundary_at_or_after, period_id, period_of
-from eecp.ledger.settlement import Tier, minimum_stake
+from eecp.ledger.settlement import minimum_stake
+from eecp.ledger.stake import Tier, parse_tier, tier_rank
 from eecp.ledger.units import Leg, Request, Work, balances, move, new_id
 from eecp.store.ledger_records import AccountRow, NodeRow, StakeOpRow, TermsRow
 from eecp.store.store import Tx
@@ -56,7 +56,6 @@ REGISTER = "/v1/nodes/register"
 TOKEN_PREFIX: Final = "eecpn_"
 TOKEN_ALG: Final = "sha256"
 _TOKEN = re.compile(r"eecpn_[A-Za-z0-9_-]{43}")
-TIERS: Final[tuple[Tier, ...]] = ("economy", "standard", "premium")  # low to high
 MAX_CAPACITY: Final = 4096
 _FIELDS = frozenset({"node_id", "price_usd_per_vcpu_hour", "price_usd", "capacity_vcpus",
                      "stake_tier", "stake_amount_usd", "allow_update", "rotate_token"})
@@ -95,10 +94,6 @@ def terms_at(rows: Sequence[TermsRow], start: float) -> TermsRow | None:
         if row.effective_from <= start:
             found = row
     return found
-
-
-def _rank(tier: str) -> int:
-    return TIERS.index(cast(Tier, tier))
 
 
 def terms_doc(row: TermsRow | None, settings: LedgerSettings) -> dict[str, object] | None:
@@ -170,7 +165,7 @@ def register(settings: LedgerSettings, principal: str, raw: bytes, keys: Sequenc
         price = parse_amount_fields(body, ("price_usd_per_vcpu_hour", "price_usd"),
                                     cap_micros=settings.max_amount_micros)
     capacity = _int_field(body, "capacity_vcpus", "invalid_capacity", 1, MAX_CAPACITY)
-    tier = _tier(body.get("stake_tier"))
+    tier = parse_tier(body["stake_tier"]) if body.get("stake_tier") is not None else None
     stake = None
     if body.get("stake_amount_usd") is not None:
         stake = parse_usd(body["stake_amount_usd"], "stake_amount_usd", allow_zero=True,
@@ -221,15 +216,6 @@ class _Change:
     rotate: bool
 
 
-def _tier(value: object) -> Tier | None:
-    if value is None:
-        return None
-    for tier in TIERS:
-        if value == tier:
-            return tier
-    raise LedgerInputError("invalid_stake_tier", field="stake_tier")
-
-
 def _create(tx: Tx, settings: LedgerSettings, node_id: str, change: _Change, principal: str,
             now: float) -> tuple[NodeRow, str]:
     if change.price is None or change.capacity is None:
@@ -262,7 +248,7 @@ def _change_terms(tx: Tx, settings: LedgerSettings, node: NodeRow, change: _Chan
     if all(getattr(new, f) == getattr(base, f) for f in same):
         return
     increase = (new.price_micros_per_vcpu_hour > current.price_micros_per_vcpu_hour
-                or _rank(new.tier) > _rank(current.tier))
+                or tier_rank(new.tier) > tier_rank(current.tier))
     if increase and settings.require_stake:
         # "already covered": by the stake as it is, or as this request's target leaves it
         stake = balances(tx.ledger.accounts([stake_account(node.node_id)]).get(
@@ -303,55 +289,3 @@ def _stake_target(tx: Tx, node: NodeRow, target: int | None, principal: str,
     tx.ledger.insert_stake_op(StakeOpRow(new_id("so"), node.node_id, "deposit",
                                          target - posted, "done", now, principal,
                                          transfer_id=row.transfer_id))
-
-
-
-#: counted downtime allowed per 30 days by tier (§10.1)
-ALLOWED_DOWN_SEC: Final[dict[str, float]] = {"premium": 25.92, "standard": 259.2,
-                                             "economy": 2592.0}
-TIER_FACTOR: Final[dict[str, float]] = {"premium": 0.90, "standard": 1.00, "economy": 1.10}
-WINDOW_SEC: Final = 30 * 86_400
-HISTORY_PERIODS: Final = 168
-
-
-def node_view(tx: Tx, node: NodeRow, settings: LedgerSettings, now: float,
-              agents: list[dict[str, object]]) -> dict[str, object]:
-    """``GET /v1/nodes/{node_id}`` (§7.4): the register answer's node and its record."""
-    doc = node_doc(tx, node, settings, now)
-    payout = balances(tx.ledger.accounts([node_account(node.node_id)]).get(
-        node_account(node.node_id)))
-    periods = [p for p in tx.ledger.node_periods(node_id=node.node_id, newest=HISTORY_PERIODS)
-               if p.measured_at is not None]
-    window = [p for p in periods if p.period_end > now - WINDOW_SEC]
-    tier = doc["terms"]["tier"] if isinstance(doc["terms"], dict) else "economy"
-    abuse = [r for r in tx.ledger.reports(node.node_id, int(now - WINDOW_SEC), int(now) + 1)
-             if r.status == "authorized"]
-    missed = sum(1 for p in periods if (p.down_seconds or 0) > 0)
-    history = 1 + missed / max(1, len(periods)) + (0.5 if abuse else 0.0)
-    trust = TIER_FACTOR[str(tier)] * history
-    price = doc["terms"]["price_micros_per_vcpu_hour"] if isinstance(doc["terms"], dict) else 0
-    ops = tx.ledger.stake_ops(node.node_id)
-    return {
-        **doc,
-        "balances": {"payout_micros": payout.available},
-        "claims": [{"ppid": c.ppid, "agent_id": c.agent_id, "first_seen": isoformat(c.first_seen),
-                    "last_seen": isoformat(c.last_seen)} for c in tx.nodes.claims(node.node_id)
-                   if tx.nodes.platform(c.ppid) is None],
-        "agents": agents,
-        "availability": {"window_start": isoformat(max(now - WINDOW_SEC, node.created_at)),
-                         "down_seconds": sum(p.down_seconds or 0 for p in window),
-                         "allowed_seconds": ALLOWED_DOWN_SEC[str(tier)], "tier": tier},
-        "recent_periods": [{"period": period_id(p.period_start, settings.period),
-                            "status": p.status, "outcome": p.outcome,
-                            "reasons": json.loads(p.reasons) if p.reasons else [],
-                            "down_seconds": p.down_seconds} for p in periods[-24:]],
-        "slashes": [_op_doc(o) for o in ops if o.kind.startswith("slash")],
-        "unstakes": [_op_doc(o) for o in ops if o.kind == "unstake"],
-        "trust_factor": round(trust, 4),
-        "effective_price_usd_per_vcpu_hour": format_usd(round(int(str(price)) * trust)),
-    }
-
-
-def _op_doc(op: StakeOpRow) -> dict[str, object]:
-    return {"op_id": op.op_id, "kind": op.kind, "amount_micros": op.amount_micros,
-            "status": op.status, "created_at": isoformat(op.created_at)}

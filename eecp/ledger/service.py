@@ -23,15 +23,16 @@ clock, read on the trio side before each unit of work.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from eecp.core.clock import Clock, SystemClock
 from eecp.core.errors import LedgerError, LedgerNotFoundError, StoreError
-from eecp.ledger import abuse, credits, nodes, observe, settle, units, usage
+from eecp.ledger import abuse, credits, nodes, observe, placement, settle, staking, units, usage
 from eecp.ledger.answers import (
     Answer,
     Forbidden,
@@ -44,7 +45,9 @@ from eecp.ledger.answers import (
 from eecp.ledger.idempotency import prune_before
 from eecp.ledger.journal import parse_node_id
 from eecp.ledger.periods import Period, parse_period_id, settleable_at
+from eecp.ledger.routing import NodeView
 from eecp.ledger.settlement import Decision
+from eecp.ledger.trust import parse_placement_query
 from eecp.ledger.units import Request, Work
 from eecp.store.ledger_records import LedgerTallies
 from eecp.store.store import Store, Tx
@@ -63,6 +66,15 @@ class SettlePass:
     errors: int = 0
 
 
+@dataclass(frozen=True)
+class ReleasePass:
+    """What one pass of the stake releaser did: ``ran`` is False when another instance holds
+    the lease; ``outcomes`` counts ``released``, ``waiting``, ``confiscated``, ``none``."""
+
+    ran: bool
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
 class Ledger:
     """The ledger over ``store`` (see the module docstring). ``instance_id`` names this eecp
     process in ``observer`` rows and the events it writes (random by default)."""
@@ -75,6 +87,7 @@ class Ledger:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self.instance_id = instance_id if instance_id is not None else secrets.token_hex(8)
         self._version = version
+        self._listeners: list[Callable[[], None]] = []
 
     # -- plumbing --
 
@@ -238,8 +251,8 @@ class Ledger:
             node = tx.nodes.node(parse_node_id(node_id))
             if node is None:
                 raise LedgerNotFoundError("node_not_found")
-            return ok(nodes.node_view(tx, node, self.settings, now,
-                                      observe.bound_agents(tx, node.node_id)))
+            return ok(placement.node_view(tx, node, self.settings, now,
+                                          observe.bound_agents(tx, node.node_id)))
 
         try:
             check_node_principal(principal, node_id)
@@ -281,6 +294,85 @@ class Ledger:
     async def counts(self) -> LedgerTallies:
         """What the ledger's metrics count (journal rows, settled and held node-periods)."""
         return await self._store.snapshot(lambda tx: tx.ledger.counts())
+    async def list_nodes(self, query: Iterable[tuple[str, str]] = ()) -> Answer:
+        """``GET /v1/nodes`` (admin, launcher; §12): the placement list. ``query`` is the query
+        string's ``(name, value)`` pairs, repeats included (``MultiDict.items(multi=True)``)."""
+        now = self._clock.now()
+        try:
+            parsed = parse_placement_query(query)
+        except LedgerError as exc:
+            return error_answer(exc)
+        return await self._read(lambda tx: ok(placement.list_nodes(
+            tx, self.settings, parsed, now)))
+
+    # -- stake (§10) --
+
+    async def unstake(self, principal: str, node_id: str, raw: bytes,
+                      keys: Sequence[str] = ()) -> Answer:
+        """``POST /v1/nodes/{node_id}/unstake`` (the node, admin; key required): 202."""
+        return await self._unit(lambda now: staking.unstake(
+            self.settings, principal, node_id, raw, keys, now))
+
+    async def set_status(self, principal: str, node_id: str, raw: bytes,
+                         keys: Sequence[str] = ()) -> Answer:
+        """``POST /v1/nodes/{node_id}/status`` (admin; natural key): clear a suspension,
+        suspend, retire."""
+        answer = await self._unit(lambda now: staking.set_status(
+            principal, node_id, raw, keys, now))
+        self._changed(answer)
+        return answer
+
+    async def fraud(self, principal: str, node_id: str, raw: bytes,
+                    keys: Sequence[str] = ()) -> Answer:
+        """``POST /v1/nodes/{node_id}/fraud`` (admin; natural key): slash everything, ban."""
+        answer = await self._unit(lambda now: staking.fraud(
+            self.settings, principal, node_id, raw, keys, now))
+        self._changed(answer)
+        return answer
+
+    async def fraud_signal(self, ppid: str, audit_id: int, reason: str) -> str | None:
+        """A refusal audited as ``audit_id`` (reason ``reason``, platform ``ppid``): when it is
+        a fraud signal (§10.4) the platform's node is suspended. The node's id when this call
+        suspended it, else None. The session calls it after writing the audit entry, whose
+        ``platform_id`` must be ``ppid``. ``StoreError`` when the database fails."""
+        now = self._clock.now()
+        suspended = await self._store.atomic(lambda tx: staking.fraud_signal(
+            tx, ppid, audit_id, reason, now))
+        if suspended is not None:
+            self._notify()
+        return suspended
+
+    async def node_views(self) -> dict[str, NodeView]:
+        """Every confirmed platform's node (status, effective price), by PPID: what the
+        proxy's pick ranks with (:func:`eecp.ledger.routing.rank`). ``StoreError`` when the
+        database fails (keep the previous views)."""
+        now = self._clock.now()
+        return await self._store.snapshot(lambda tx: placement.node_views(
+            tx, self.settings, now))
+
+    async def stake_stats(self) -> placement.StakeStats:
+        """The slash counters and stake gauges of §15 (``StoreError`` when the database
+        fails)."""
+        now = self._clock.now()
+        return await self._store.snapshot(lambda tx: placement.stake_stats(
+            tx, self.settings, now))
+
+    def add_node_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (sync, quick) after this process changed a node's status (a
+        fraud signal, a status change, a ban), so node views refresh at once; changes made by
+        other processes are seen by the periodic refresh (§12: 30 s)."""
+        self._listeners.append(listener)
+
+    def _changed(self, answer: Answer) -> None:
+        if answer.status == 200 and not answer.replayed:
+            self._notify()
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # a listener's bug must not undo a committed change's answer
+                log.exception("ledger: a node listener failed")
 
     async def node_for_token(self, token: str) -> str | None:
         """The node a bearer token belongs to (the HTTP layer's ``node:<id>`` principal)."""
@@ -348,6 +440,22 @@ class Ledger:
     async def release_settler(self) -> None:
         """Give up the ``settler`` lease, if this instance holds it (a graceful stop)."""
         await self._store.atomic(lambda tx: tx.ledger.release_lease("settler", self.instance_id))
+    async def release_unstakes(self, *, use_lease: bool = True) -> ReleasePass:
+        """One pass of the stake releaser (§10.3, §15): matured unstakes posted (active or
+        retired node), left waiting (suspended), confiscated (banned); at most
+        ``release_batch``, each in its own unit of work. The ``stake`` lease only avoids
+        duplicate work (the node's row lock makes a release happen once)."""
+        now = self._clock.now()
+        if use_lease and not await self._store.atomic(lambda tx: tx.ledger.take_lease(
+                "stake", self.instance_id, now, 3 * self.settings.settle_interval_sec)):
+            return ReleasePass(False)
+        matured = await self._store.snapshot(lambda tx: [
+            op.op_id for op in tx.ledger.matured_unstakes(now, self.settings.release_batch)])
+        outcomes: Counter[str] = Counter()
+        for op_id in matured:
+            outcomes[await self._store.atomic(functools.partial(
+                staking.release_one, op_id=op_id, now=now))] += 1
+        return ReleasePass(True, dict(outcomes))
 
     async def prune_keys(self) -> int:
         """Delete idempotency keys past ``EE_IDEMPOTENCY_RETENTION_DAYS`` (natural keys are

@@ -32,7 +32,7 @@ from typing import cast
 
 from eecp.core.clock import isoformat
 from eecp.core.errors import LedgerConflictError, LedgerError, LedgerInputError, LedgerNotFoundError
-from eecp.ledger import idempotency
+from eecp.ledger import idempotency, slashing
 from eecp.ledger.answers import LedgerSettings, render
 from eecp.ledger.availability import (
     Carry,
@@ -70,7 +70,7 @@ from eecp.ledger.settlement import (
     plan_settlement,
 )
 from eecp.ledger.units import Leg, Request, balances, move
-from eecp.store.ledger_records import NodePeriodRow, NodeRow
+from eecp.store.ledger_records import NodePeriodRow, NodeRow, UsageRow
 from eecp.store.store import Tx
 
 FINALIZE = "/v1/settlements/{period}/finalize"
@@ -107,6 +107,15 @@ def measurement_of(row: NodePeriodRow) -> Measurement:
                        Carry.from_json(json.loads(row.carry_out)))
 
 
+def measurement_or_none(row: NodePeriodRow) -> Measurement:
+    """The stored measurement, or an empty one for a row never measured (a node-period a ban
+    settles before its time)."""
+    if row.measured_at is None:
+        return Measurement(row.period_start, row.period_end, View(), MappingProxyType({}), (),
+                           Carry(float(row.period_start)))
+    return measurement_of(row)
+
+
 def _measure(tx: Tx, settings: LedgerSettings, node: NodeRow, row: NodePeriodRow,
              now: float) -> NodePeriodRow:
     """Measure ``row`` (locked) from its predecessor's carry-out and write it."""
@@ -134,7 +143,9 @@ def measure_chain(tx: Tx, settings: LedgerSettings, node_id: str, upto: Period,
                   now: float) -> bool:
     """Measure the node's unmeasured periods up to ``upto`` (at most ``measure_batch`` of them
     in this unit of work, rows locked oldest first); True when the chain reaches ``upto``."""
-    node = tx.nodes.node(node_id)
+    # the node's row first (the store's lock order): the slash checks below read and write
+    # its stake operations
+    node = tx.nodes.node(node_id, lock=True)
     length = settings.period.seconds
     if node is None or upto.start <= period_of(node.created_at, settings.period).start:
         return True
@@ -147,9 +158,15 @@ def measure_chain(tx: Tx, settings: LedgerSettings, node_id: str, upto: Period,
     starts = range(begin, stop + length, length)
     for start in starts:
         tx.ledger.ensure_node_period(node_id, start, start + length)
+    measured = None
     for row in tx.ledger.lock_node_periods(node_id, starts).values():
         if row.measured_at is None:  # (else measured meanwhile by another transaction)
-            _measure(tx, settings, node, row, now)
+            measured = _measure(tx, settings, node, row, now)
+            slash = slashing.availability_check(tx, settings, node, measured, "settler")
+            if slash is not None:
+                slashing.execute(tx, slash, now)
+    if measured is not None:
+        slashing.refresh_trust(tx, settings, node, measured.period_end)
     return stop == upto.start
 
 
@@ -172,8 +189,10 @@ def _facts(tx: Tx, settings: LedgerSettings, node: NodeRow, period: Period,
 def settle_one(tx: Tx, settings: LedgerSettings, node_id: str, period: Period, *,
                decision: Decision | None, note: str | None, settled_by: str,
                now: float) -> str:
-    """Settle (or hold) one node-period, or return its stored answer; the answer's text."""
-    node = tx.nodes.node(node_id)
+    """Settle (or hold) one node-period, or return its stored answer; the answer's text. When
+    this unit measures the period, it also runs the period's slash check (after judging it,
+    with the settlement's legs in one move) and refreshes the node's trust cache."""
+    node = tx.nodes.node(node_id, lock=True)  # the node's row before the node-period's
     if node is None:
         raise LedgerNotFoundError("node_not_found")
     tx.ledger.ensure_node_period(node_id, period.start, period.end)
@@ -184,7 +203,8 @@ def settle_one(tx: Tx, settings: LedgerSettings, node_id: str, period: Period, *
             raise LedgerConflictError("period_finalized")
         assert row.result is not None
         return row.result
-    if row.measured_at is None:
+    measured_here = row.measured_at is None
+    if measured_here:
         row = _measure(tx, settings, node, row, now)
     m = measurement_of(row)
     usages = [u for u in tx.ledger.usages(node_id, period.start) if u.status == "held"]
@@ -197,31 +217,61 @@ def settle_one(tx: Tx, settings: LedgerSettings, node_id: str, period: Period, *
                            status=cast(NodePeriodStatus, row.status),
                            settled_by=settled_by)
     result = render(result_doc(node_id, period, plan, m, len(holds), note, now)).decode("ascii")
+    # judged on the stake as it was; the slash (if the window calls for one) comes after
+    slash = slashing.availability_check(tx, settings, node, row, settled_by) \
+        if measured_here else None
     if plan.status == "held":
         held = replace(row, status="held", held_reason=",".join(plan.reasons),
                        reasons=json.dumps(list(plan.reasons)), holds=len(holds), result=result)
         if _changed(held, row):
             tx.ledger.write_node_period(held)
+        _after_measurement(tx, settings, node, row, slash, measured_here, now)
         return result
+    legs = usage_legs(plan, usages)
+    slash_legs = slash.legs() if slash is not None else []
+    # one move: every account of the unit locked in one id-ordered statement
+    written = move(tx, legs + slash_legs, now) if legs or slash_legs else []
+    for leg in plan.legs:
+        tx.ledger.set_usage_status(leg.hold.usage_id, "posted" if leg.action == "post"
+                                   else "voided")
+    tx.ledger.write_node_period(settled_row(row, plan, len(holds), result, settings, now))
+    if slash is not None:
+        slashing.record(tx, slash, written[len(legs):], now)
+    _after_measurement(tx, settings, node, row, None, measured_here, now)
+    return result
+
+
+def settled_row(row: NodePeriodRow, plan: SettlementPlan, holds: int, result: str,
+                settings: LedgerSettings, now: float) -> NodePeriodRow:
+    """``row`` settled by ``plan``, with the knobs it was judged under."""
+    policy = {**settings.policy.snapshot(), "fee_bps": settings.fee_bps,
+              "settlement_delay_sec": settings.settlement_delay_sec,
+              "require_stake": settings.require_stake}
+    return replace(
+        row, status="settled", held_reason=None, outcome=plan.outcome,
+        reasons=json.dumps(list(plan.reasons)), holds=holds,
+        posted_micros=plan.posted_micros, fee_micros=plan.fee_micros,
+        voided_micros=plan.voided_micros, policy=json.dumps(policy, sort_keys=True),
+        result=result, settled_at=now, settled_by=plan.settled_by)
+
+
+def usage_legs(plan: SettlementPlan, usages: Sequence[UsageRow]) -> list[Leg]:
+    """``plan``'s transfers as legs, each referring to the usage it settles."""
     usage_of = {u.hold_id: u.usage_id for u in usages}
     legs, current = [], ""
     for transfer in plan.transfers(itertools.count(1)):
         current = usage_of[transfer.pending_id] if transfer.pending_id is not None else current
         legs.append(Leg(transfer, "usage", current))
-    move(tx, legs, now)
-    for leg in plan.legs:
-        tx.ledger.set_usage_status(leg.hold.usage_id, "posted" if leg.action == "post"
-                                   else "voided")
-    policy = {**settings.policy.snapshot(), "fee_bps": settings.fee_bps,
-              "settlement_delay_sec": settings.settlement_delay_sec,
-              "require_stake": settings.require_stake}
-    tx.ledger.write_node_period(replace(
-        row, status="settled", held_reason=None, outcome=plan.outcome,
-        reasons=json.dumps(list(plan.reasons)), holds=len(holds),
-        posted_micros=plan.posted_micros, fee_micros=plan.fee_micros,
-        voided_micros=plan.voided_micros, policy=json.dumps(policy, sort_keys=True),
-        result=result, settled_at=now, settled_by=plan.settled_by))
-    return result
+    return legs
+
+
+def _after_measurement(tx: Tx, settings: LedgerSettings, node: NodeRow, row: NodePeriodRow,
+                       slash: slashing.PlannedSlash | None, measured_here: bool,
+                       now: float) -> None:
+    if slash is not None:
+        slashing.execute(tx, slash, now)
+    if measured_here:
+        slashing.refresh_trust(tx, settings, node, row.period_end)
 
 
 def _changed(new: NodePeriodRow, old: NodePeriodRow) -> bool:

@@ -32,15 +32,12 @@ from eecp.ledger.periods import (
     period_of,
     periods_overlapping,
 )
+from eecp.ledger.stake import Tier, penalty
 
 Decision = Literal["pay", "refund"]
 NodePeriodStatus = Literal["open", "held", "settled"]
 Action = Literal["post", "void", "hold"]
 ReportStatus = Literal["pending", "authorized", "denied"]
-Tier = Literal["premium", "standard", "economy"]
-
-#: the penalty (= minimum stake) of each tier, in hours of list revenue (§10.1)
-PENALTY_HOURS: Final[Mapping[Tier, int]] = {"premium": 720, "standard": 24, "economy": 1}
 SECONDS_PER_HOUR: Final = 3600
 _ORDER: Final = {reason: i for i, reason in enumerate(REASONS)}
 
@@ -59,9 +56,9 @@ def check_capacity(reported_micro_hours: int, new_micro_hours: int, capacity_vcp
 def minimum_stake(price_micros_per_vcpu_hour: int, capacity_vcpus: int, tier: Tier,
                   floor_micros: int) -> int:
     """``max(penalty, EE_STAKE_MIN_USD)`` where the penalty is the tier's hours of list revenue
-    (price × capacity): the stake can always pay one penalty."""
-    penalty = price_micros_per_vcpu_hour * capacity_vcpus * PENALTY_HOURS[tier]
-    return max(penalty, floor_micros)
+    (price × capacity, :func:`eecp.ledger.stake.penalty`): the stake can always pay one
+    penalty."""
+    return max(penalty(price_micros_per_vcpu_hour, capacity_vcpus, tier), floor_micros)
 
 
 # --- the plan (§9.3) ------------------------------------------------------------------------

@@ -72,7 +72,9 @@ def report(settings: LedgerSettings, principal: str, raw: bytes, keys: Sequence[
                             "app_name": app}))
 
     def work(tx: Tx, key_id: int | None) -> Answer:
-        node = tx.nodes.node(node_id)
+        # the node's row first (lock order): a ban settles every node-period of the node it
+        # can see, so a report must not create one behind it
+        node = tx.nodes.node(node_id, lock=True)
         if node is None:
             raise LedgerNotFoundError("node_not_found")
         tx.ledger.ensure_node_period(node_id, period.start, period.end)

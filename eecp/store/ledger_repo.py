@@ -116,6 +116,15 @@ class LedgerTx:
         return {row["pending_id"]: TransferRow(**row)
                 for row in T.select().where(T.pending_id.in_(wanted)).dicts()}
 
+    def transfers_by_public_id(self, transfer_ids: Iterable[str]) -> dict[str, TransferRow]:
+        """Transfers by their public ``tr_…`` ids."""
+        wanted = sorted(set(transfer_ids))
+        if not wanted:
+            return {}
+        T = self._m.Transfer
+        return {row["transfer_id"]: TransferRow(**row)
+                for row in T.select().where(T.transfer_id.in_(wanted)).dicts()}
+
     def transfer_by_ref(self, ref_type: str, ref_id: str) -> TransferRow | None:
         """The first transfer with this reference."""
         T = self._m.Transfer
@@ -235,9 +244,11 @@ class LedgerTx:
 
     def node_periods(self, *, node_id: str | None = None, period_start: int | None = None,
                      statuses: Iterable[str] | None = None, until: int | None = None,
-                     newest: int | None = None) -> list[NodePeriodRow]:
+                     newest: int | None = None, since: float | None = None,
+                     measured: bool | None = None) -> list[NodePeriodRow]:
         """Node-periods matching every filter given, oldest first (``newest``: only the last
-        so many, still oldest first). ``until``: starting at or before it."""
+        so many, still oldest first). ``until``: starting at or before it; ``since``: starting
+        at or after it; ``measured``: only measured (True) or unmeasured (False) ones."""
         P = self._m.NodePeriod
         query = P.select()
         if node_id is not None:
@@ -248,6 +259,10 @@ class LedgerTx:
             query = query.where(P.status.in_(sorted(set(statuses))))
         if until is not None:
             query = query.where(P.period_start <= until)
+        if since is not None:
+            query = query.where(P.period_start >= since)
+        if measured is not None:
+            query = query.where(P.measured_at.is_null(not measured))
         if newest is not None:
             query = query.order_by(P.period_start.desc(), P.node_id).limit(newest)
             return [NodePeriodRow(**row) for row in reversed(list(query.dicts()))]
@@ -290,10 +305,51 @@ class LedgerTx:
     def insert_stake_op(self, row: StakeOpRow) -> None:
         self._m.StakeOp.insert(**dataclasses.asdict(row)).execute()
 
-    def stake_ops(self, node_id: str) -> list[StakeOpRow]:
+    def stake_ops(self, node_id: str, *, kinds: Iterable[str] | None = None,
+                  statuses: Iterable[str] | None = None) -> list[StakeOpRow]:
+        """The node's stake operations (of ``kinds``, in ``statuses``), oldest first."""
         S = self._m.StakeOp
-        query = S.select().where(S.node_id == node_id).order_by(S.created_at, S.op_id)
+        query = S.select().where(S.node_id == node_id)
+        if kinds is not None:
+            query = query.where(S.kind.in_(sorted(set(kinds))))
+        if statuses is not None:
+            query = query.where(S.status.in_(sorted(set(statuses))))
+        return [StakeOpRow(**row) for row in query.order_by(S.created_at, S.op_id).dicts()]
+
+    def stake_op(self, op_id: str) -> StakeOpRow | None:
+        """One stake operation (read it under its node's row lock to act on it: a stake
+        operation has no lock of its own)."""
+        S = self._m.StakeOp
+        row = S.select().where(S.op_id == op_id).dicts().first()
+        return StakeOpRow(**row) if row is not None else None
+
+    def write_stake_op(self, row: StakeOpRow) -> None:
+        S = self._m.StakeOp
+        data = dataclasses.asdict(row)
+        del data["op_id"]
+        if S.update(**data).where(S.op_id == row.op_id).execute() != 1:
+            raise LookupError(f"no stake operation {row.op_id!r} to write")
+
+    def matured_unstakes(self, now: float, limit: int) -> list[StakeOpRow]:
+        """Pending unstakes whose ``release_at`` has come, the oldest release first."""
+        S = self._m.StakeOp
+        query = (S.select().where((S.kind == "unstake") & (S.status == "pending")
+                                  & (S.release_at <= now))
+                 .order_by(S.release_at, S.op_id).limit(limit))
         return [StakeOpRow(**row) for row in query.dicts()]
+
+    def stake_op_counts(self) -> dict[tuple[str, str], int]:
+        """How many stake operations there are of each ``(kind, status)``."""
+        S = self._m.StakeOp
+        query = S.select(S.kind, S.status, peewee.fn.COUNT(S.op_id)).group_by(S.kind, S.status)
+        return {(str(kind), str(status)): int(n) for kind, status, n in query.tuples()}
+
+    def usage_totals(self, period_start: int) -> dict[str, int]:
+        """Each node's reported micro-vCPU-hours in the period starting at ``period_start``."""
+        U = self._m.Usage
+        query = (U.select(U.node_id, peewee.fn.SUM(U.vcpu_micro_hours))
+                 .where(U.period_start == period_start).group_by(U.node_id))
+        return {str(node_id): int(total) for node_id, total in query.tuples()}
 
     # -- job leases --
 

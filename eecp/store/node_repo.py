@@ -75,6 +75,14 @@ class NodeTx:
         query = T.select().where(T.node_id == node_id).order_by(T.effective_from)
         return [TermsRow(**_without(row, "id")) for row in query.dicts()]
 
+    def all_terms(self) -> dict[str, list[TermsRow]]:
+        """Every node's schedule, oldest first (one query for views over every node)."""
+        T = self._m.NodeTerms
+        out: dict[str, list[TermsRow]] = {}
+        for row in T.select().order_by(T.node_id, T.effective_from).dicts():
+            out.setdefault(row["node_id"], []).append(TermsRow(**_without(row, "id")))
+        return out
+
     def insert_terms(self, row: TermsRow) -> None:
         self._m.NodeTerms.insert(**dataclasses.asdict(row)).execute()
 
@@ -96,6 +104,11 @@ class NodeTx:
         P = self._m.NodePlatform
         query = P.select().where(P.node_id == node_id).order_by(P.confirmed_at, P.ppid)
         return [PlatformRow(**row) for row in query.dicts()]
+
+    def all_platforms(self) -> list[PlatformRow]:
+        """Every confirmed platform (banned nodes' included: they stay, refused)."""
+        P = self._m.NodePlatform
+        return [PlatformRow(**row) for row in P.select().order_by(P.ppid).dicts()]
 
     def insert_platform(self, row: PlatformRow) -> bool:
         """Confirm ``row`` unless the PPID has an owner; False when it has one."""

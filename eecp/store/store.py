@@ -24,11 +24,19 @@ always in this order, so that two transactions never wait for each other in a ci
    a. the ``idempotency`` claim (``INSERT ... ON CONFLICT DO NOTHING``, which waits for a
       concurrent claimer of the same key: always a transaction's first ledger statement, so
       it is never taken while other ledger rows are held),
-   b. the ``node`` row, c. the ``abuse_report`` row,
-   d. ``node_period`` rows, oldest first (spec §0 item 10: before any account),
+   b. the ``node`` row: taken by every unit that touches the node's stake or settles or
+      measures its periods (register, usage, settlement, the measurement chain, unstake and
+      its release, status, fraud signals, the fraud ban), so a node's stake operations and
+      slash checks are serialized; its ``stake_op`` rows have no lock of their own and are
+      read and written only under it (and ``audit_log`` rows, never changed, are read without
+      one), c. the ``abuse_report`` row,
+   d. ``node_period`` rows, oldest first (spec §0 item 10: before any account; a ban locks
+      every unsettled one of the node before any account),
    e. ``ledger_account`` rows, sorted by id, in one ``SELECT ... ORDER BY id FOR UPDATE``
       (an account a transfer may create is inserted just before, so its insert takes the same
-      place in the order).
+      place in the order). A unit moving money for several reasons at once (a settlement's
+      posts and the period's slash; a ban's voids and its confiscation) moves them in one
+      statement, so it never takes account locks in two batches out of order.
 
    Rows nobody updates concurrently (transfers, events, usage, terms, platforms) are written
    without a lock; the natural keys' unique indexes (``usage``, ``pending_id``,
@@ -49,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any, TypeVar, cast
 
@@ -147,6 +155,15 @@ class Tx:
     def append_audit(self, entry: AuditEntry) -> int:
         """Append ``entry`` (its ``id`` is ignored); the id the database gave it."""
         return int(self._m.AuditLog.insert(**_audit_row(entry)).execute())
+
+    def audit_entries(self, ids: Iterable[int]) -> dict[int, AuditEntry]:
+        """The audit entries among ``ids`` that exist (rows are never changed: no lock)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        Audit = self._m.AuditLog
+        query = Audit.select().where(Audit.id.in_(wanted))
+        return {int(row["id"]): _audit_entry(row) for row in query.dicts()}
 
     def _insert_if_absent(self, model: Any, data: dict[str, Any]) -> bool:
         # INSERT OR IGNORE (SQLite) / INSERT ... ON CONFLICT DO NOTHING (PostgreSQL, where a

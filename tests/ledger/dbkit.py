@@ -57,11 +57,13 @@ async def open_ledger(backend: Backend, clock: Clock,
 async def setup_node(ledger: Ledger, node_id: str = "n1", *, price: str = "0.5",
                      capacity: int = 8, stake: str | None = "4", ppid: str | None = None,
                      agent: str | None = "agent-1", app: str = "app",
-                     at: float | None = None) -> str:
-    """Register ``node_id``; fund and stake it (``stake``); claim and confirm ``ppid`` and
-    bring ``agent`` up on it at ``at``. Returns the node's token."""
+                     at: float | None = None, tier: str | None = None) -> str:
+    """Register ``node_id`` (in ``tier``, default economy); fund and stake it (``stake``);
+    claim and confirm ``ppid`` and bring ``agent`` up on it at ``at``. Returns the node's
+    token."""
+    fields: dict[str, object] = {"stake_tier": tier} if tier is not None else {}
     created = await ledger.register_node("admin", body(
-        node_id=node_id, price_usd_per_vcpu_hour=price, capacity_vcpus=capacity))
+        node_id=node_id, price_usd_per_vcpu_hour=price, capacity_vcpus=capacity, **fields))
     assert created.status == 200, created.body
     token = created.json()["node_token"]
     if stake is not None:

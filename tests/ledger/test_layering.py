@@ -11,7 +11,7 @@ from pathlib import Path
 import eecp.ledger
 
 PURE = ("money", "periods", "journal", "idempotency", "availability", "eligibility",
-        "settlement")
+        "settlement", "stake", "trust", "routing")
 PURE_ALLOWED = ("eecp.core", *(f"eecp.ledger.{name}" for name in PURE))
 SERVICE_ALLOWED = ("eecp.core", "eecp.ledger", "eecp.store")
 
