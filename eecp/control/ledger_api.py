@@ -64,6 +64,10 @@ ROUTES: Final[dict[str, Admits]] = {
     "DELETE /v1/nodes/{node_id}/platforms/{ppid}": ADMIN_ONLY,
     "POST /v1/nodes/{node_id}/agents/{agent_id}/release": frozenset({Role.ADMIN,
                                                                      Role.LAUNCHER}),
+    "GET /v1/nodes": frozenset({Role.ADMIN, Role.LAUNCHER}),
+    "POST /v1/nodes/{node_id}/unstake": frozenset({Role.ADMIN, NODE}),
+    "POST /v1/nodes/{node_id}/status": ADMIN_ONLY,
+    "POST /v1/nodes/{node_id}/fraud": ADMIN_ONLY,
     "GET /v1/ledger/check": ADMIN_ONLY,
 }
 
@@ -168,6 +172,26 @@ def blueprint(guard: Guard, ledger: Ledger, metrics: LedgerMetrics) -> Blueprint
     async def release_agent(node_id: str, agent_id: str) -> Response:
         return await call("POST /v1/nodes/{node_id}/agents/{agent_id}/release",
                           lambda c: ledger.release_agent(c.principal, node_id, agent_id))
+
+    @bp.get("/v1/nodes")
+    async def placement() -> Response:
+        query = list(request.args.items(multi=True))
+        return await call("GET /v1/nodes", lambda c: ledger.list_nodes(query))
+
+    @bp.post("/v1/nodes/<node_id>/unstake")
+    async def unstake(node_id: str) -> Response:
+        return await call("POST /v1/nodes/{node_id}/unstake",
+                          lambda c: ledger.unstake(c.principal, node_id, c.raw, c.keys))
+
+    @bp.post("/v1/nodes/<node_id>/status")
+    async def set_status(node_id: str) -> Response:
+        return await call("POST /v1/nodes/{node_id}/status",
+                          lambda c: ledger.set_status(c.principal, node_id, c.raw, c.keys))
+
+    @bp.post("/v1/nodes/<node_id>/fraud")
+    async def fraud(node_id: str) -> Response:
+        return await call("POST /v1/nodes/{node_id}/fraud",
+                          lambda c: ledger.fraud(c.principal, node_id, c.raw, c.keys))
 
     @bp.get("/v1/ledger/check")
     async def check() -> Response:

@@ -72,6 +72,10 @@ ROUTES = [
     Route("DELETE", f"/v1/nodes/{{node}}/platforms/{PPID}", NONE),
     Route("POST", f"/v1/nodes/{{node}}/agents/{uuid.uuid4()}/release", frozenset({"launcher"})),
     Route("GET", "/v1/ledger/check", NONE),
+    Route("GET", "/v1/nodes", frozenset({"launcher"})),
+    Route("POST", "/v1/nodes/{node}/unstake", frozenset({"node"}), {"amount_usd": "0.01"}),
+    Route("POST", "/v1/nodes/{node}/status", NONE, {"status": "active"}),
+    Route("POST", "/v1/nodes/{node}/fraud", NONE, {"audit_ids": []}),
 ]
 CALLERS = ["no header", "malformed", "wrong token", "wrong node token", "launcher", "uptime",
            "own node", "other node", "admin"]
