@@ -23,7 +23,8 @@ coverage ends with its last beat instead of claiming the time it could not accou
           ├─ ledger nursery (EE_LEDGER_ENABLED) its jobs (eecp.ledger.jobs, spec §15)
           │    ├─ observer                     a heartbeat every EE_OBSERVER_BEAT_SEC
           │    ├─ event outbox                 the sessions' availability events to the store
-          │    ├─ settler                      due node-periods, key pruning (EE_SETTLEMENT_AUTO)
+          │    ├─ node views                   the proxy's pick: node status and price (§12)
+          │    ├─ settler                      due node-periods, unstakes, key pruning
           │    └─ counts                       the ledger's metrics, the invariant check
           ├─ data plane (httptools)            proxy EE_PROXY_PORT, auth EE_AUTH_PORT
           └─ hypercorn (quart-trio app)        EE_CONTROL_BIND:EE_CONTROL_PORT
@@ -162,7 +163,7 @@ async def run_ledger(parts: LedgerParts, components: Components, stop: trio.Even
         await nursery.start(_within, watching, partial(
             ledger_jobs.serve_observer, parts.ledger, outbox=outbox))
         await nursery.start(_within, writing, outbox.serve)
-        await nursery.start(_within, jobs, partial(_periodic_jobs, parts))
+        await nursery.start(_within, jobs, partial(_periodic_jobs, parts, components))
         task_status.started()
         try:
             await stop.wait()
@@ -179,10 +180,14 @@ async def run_ledger(parts: LedgerParts, components: Components, stop: trio.Even
             writing.cancel()
 
 
-async def _periodic_jobs(parts: LedgerParts,
+async def _periodic_jobs(parts: LedgerParts, components: Components,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """The settler (with ``EE_SETTLEMENT_AUTO``) and the metrics' counts."""
+    """The settler (with ``EE_SETTLEMENT_AUTO``), the metrics' counts and the proxy's node
+    views (read once before this reports started)."""
     async with trio.open_nursery() as nursery:
+        await nursery.start(ledger_jobs.serve_node_views, parts.ledger, partial(
+            components.registry.set_node_views,
+            band_pct=parts.ledger.settings.route_price_band_pct))
         if parts.settle_auto:
             await nursery.start(ledger_jobs.serve_settler, parts.ledger)
         await nursery.start(ledger_jobs.serve_counts, parts.ledger, parts.metrics)

@@ -78,6 +78,7 @@ class Components:
     control_app: TunnelRouter  # what hypercorn serves on the control port
     proxy: ProxyHandler  # the proxy listener's handler
     auth: AuthHandler  # the auth listener's handler
+    registry: Registry  # with the ledger, its node views route the proxy's pick
     ledger: LedgerParts | None = None  # EE_LEDGER_ENABLED
 
 
@@ -164,4 +165,4 @@ async def open_services(config: Config, clock: Clock | None = None
         yield Components(
             clock=clock, store=store, collateral=collateral, refused_audit=refused_audit,
             tunnels=tunnels, control_app=TunnelRouter(control, tunnels),  # tunnels skip quart
-            proxy=proxy, auth=auth, ledger=parts)
+            proxy=proxy, auth=auth, registry=registry, ledger=parts)

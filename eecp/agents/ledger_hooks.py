@@ -12,7 +12,9 @@ outbox (:class:`eecp.ledger.outbox.EventOutbox`) that a background task writes t
 a slow or failing store never holds a session, and an event that does not fit is counted and
 turns into an observer gap (§8.2) instead of vanishing. :meth:`SessionLedger.claim_platform`
 is awaited after an accepted attestation; a store failure there is the ledger's to log (a claim
-is refreshed by every later attestation anyway).
+is refreshed by every later attestation anyway). :meth:`SessionLedger.fraud_signal` is awaited
+after a refusal that is a fraud signal (spec §10.4) has been audited: the platform's node is
+suspended, its agents leave routing.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class SessionLedger(Protocol):
     async def claim_platform(self, ppid: str, node_id: str, agent_id: str,
                              audit_id: int | None) -> None:
         """An accepted attestation from ``ppid`` whose register named ``node_id``."""
+        ...
+
+    async def fraud_signal(self, ppid: str, audit_id: int, reason: str) -> None:
+        """A refusal ``reason`` of a quote from ``ppid``, audited as ``audit_id``."""
         ...
 
 

@@ -21,7 +21,7 @@ import functools
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ from eecp.agents.registration import RegistrationState, registration_state
 from eecp.core.clock import isoformat
 from eecp.core.config import Network
 from eecp.core.metrics import StateGauges
+from eecp.ledger.routing import UNROUTABLE, NodeView, rank
 from eecp.store.records import AgentRecord, AppRecord
 from eecp.wire.streams import Mux
 
@@ -48,7 +49,8 @@ def _changed() -> None:
 _UNSET = object()
 
 #: the AgentView fields :func:`decide` reads (``in_flight``, ``mux``, ``health_at`` are not)
-_DECISION_FIELDS = frozenset({"record", "connected", "attested", "health"})
+_DECISION_FIELDS = frozenset({"record", "connected", "attested", "health", "ppid"})
+_NOBODY: frozenset[str] = frozenset()
 
 
 class _AgentMap(dict[str, "AgentView"]):
@@ -113,12 +115,15 @@ class AgentView:
     def agent_id(self) -> str:
         return self.record.agent_id
 
-    def routable_for(self, app: AppRecord, network: Network | None) -> bool:
-        """May this agent serve ``app`` right now?"""
+    def routable_for(self, app: AppRecord, network: Network | None,
+                     blocked: frozenset[str] = _NOBODY) -> bool:
+        """May this agent serve ``app`` right now? ``blocked``: the PPIDs of suspended and
+        banned nodes' platforms (the ledger's node views; empty with the ledger off)."""
         r = self.record
         return (self.connected and self.attested and self.health != "fail"
                 and r.repo == app.repo and r.release_tag == app.release_tag
-                and (network is None or not network.sealed or r.sealed is True))
+                and (network is None or not network.sealed or r.sealed is True)
+                and (self.ppid is None or self.ppid not in blocked))
 
 
 @dataclass
@@ -179,6 +184,20 @@ class Registry:
         self._warn_sec = warn_sec
         #: app name -> (generation, decision): registered apps only, so it is bounded
         self._decisions: dict[str, tuple[int, Decision]] = {}
+        #: the ledger's node views by PPID (empty with the ledger off: today's pick)
+        self._views: Mapping[str, NodeView] = {}
+        self._band_pct = 0
+        self._blocked = _NOBODY
+
+    def set_node_views(self, views: Mapping[str, NodeView], band_pct: int) -> None:
+        """Route by the ledger's node views from now on (spec §12): agents on a suspended or
+        banned node's platform leave routing and resolve (``node_suspended``), bound agents
+        within ``band_pct`` of the cheapest effective price are tried first."""
+        self._views, self._band_pct = dict(views), band_pct
+        blocked = frozenset(p for p, v in views.items() if v.status in UNROUTABLE)
+        if blocked != self._blocked:
+            self._blocked = blocked
+            _changed()
 
     def load(self, apps: Iterable[AppRecord], agents: Iterable[AgentRecord]) -> None:
         """Fill from the store at start-up: every agent reads disconnected until it dials in."""
@@ -233,20 +252,22 @@ class Registry:
         if cached is not None and cached[0] == generation and cached[1].holds(now):
             return cached[1]
         view = self.apps.get(name)
-        decision = decide(view, name, now, self._networks, self._warn_sec)
+        decision = decide(view, name, now, self._networks, self._warn_sec, self._blocked)
         if view is not None:
             self._decisions[name] = (generation, decision)
         return decision
 
     def routable(self, name: str, now: float) -> list[AgentView]:
-        """Agents that may serve ``name`` now, least loaded first."""
+        """Agents that may serve ``name`` now, in the order the proxy tries them: least loaded
+        first, or with the ledger's node views as :func:`eecp.ledger.routing.rank` says."""
         view = self.apps.get(name)
         if view is None or registration_state(view.record.expires_at, now,
                                               self._warn_sec) == "expired":
             return []
         network = self._networks.get(view.record.network)
-        agents = [a for a in view.agents.values() if a.routable_for(view.record, network)]
-        return sorted(agents, key=lambda a: a.in_flight)
+        agents = [a for a in view.agents.values()
+                  if a.routable_for(view.record, network, self._blocked)]
+        return rank(agents, self._views, self._band_pct)
 
     def gauges(self, now: float) -> StateGauges:
         """What the metrics' state gauges show (read at each scrape)."""
@@ -258,9 +279,11 @@ class Registry:
 
 
 def decide(view: AppView | None, name: str, now: float, networks: dict[str, Network],
-           warn_sec: float) -> Decision:
+           warn_sec: float, blocked: frozenset[str] = _NOBODY) -> Decision:
     """Pure allow decision; reasons: ``unknown_app``, ``registration_expired``,
-    ``not_connected``, ``not_attested``, ``health_fail``, ``sealed_required``."""
+    ``not_connected``, ``not_attested``, ``health_fail``, ``sealed_required``,
+    ``node_suspended`` (every agent that could serve is on a suspended or banned node's
+    platform, ``blocked``)."""
     if view is None:
         return Decision(False, "unknown_app", name, {"allowed": False, "reason": "unknown_app",
                                                       "app": name})
@@ -269,8 +292,8 @@ def decide(view: AppView | None, name: str, now: float, networks: dict[str, Netw
     state = registration_state(app.expires_at, now, warn_sec)
     current = [a for a in view.agents.values()
                if a.record.repo == app.repo and a.record.release_tag == app.release_tag]
-    best = _best_agent(current, app, network)
-    reason = _deny_reason(state, best, app, network)
+    best = _best_agent(current, app, network, blocked)
+    reason = _deny_reason(state, best, app, network, blocked)
     body = _body(app, state, best, current, reason)
     return Decision(reason == "ok", reason, name, body, *_state_span(state, app, warn_sec))
 
@@ -285,17 +308,17 @@ def _state_span(state: RegistrationState, app: AppRecord, warn_sec: float
     return app.expires_at, math.inf
 
 
-def _best_agent(agents: list[AgentView], app: AppRecord, network: Network | None
-                ) -> AgentView | None:
+def _best_agent(agents: list[AgentView], app: AppRecord, network: Network | None,
+                blocked: frozenset[str]) -> AgentView | None:
     """The agent that best represents the app: routable first, then the furthest along."""
-    def rank(a: AgentView) -> tuple[bool, bool, bool, bool]:
-        return (a.routable_for(app, network), a.connected and a.attested, a.connected,
-                a.health != "fail")
-    return max(agents, key=rank, default=None)
+    def progress(a: AgentView) -> tuple[bool, bool, bool, bool, bool]:
+        return (a.routable_for(app, network, blocked), a.routable_for(app, network),
+                a.connected and a.attested, a.connected, a.health != "fail")
+    return max(agents, key=progress, default=None)
 
 
 def _deny_reason(state: RegistrationState, best: AgentView | None, app: AppRecord,
-                 network: Network | None) -> str:
+                 network: Network | None, blocked: frozenset[str]) -> str:
     if state == "expired":
         return "registration_expired"
     if best is None or not best.connected:
@@ -306,6 +329,8 @@ def _deny_reason(state: RegistrationState, best: AgentView | None, app: AppRecor
         return "health_fail"
     if network is not None and network.sealed and best.record.sealed is not True:
         return "sealed_required"
+    if best.ppid is not None and best.ppid in blocked:
+        return "node_suspended"
     return "ok"
 
 

@@ -53,6 +53,7 @@ from eecp.core.clock import Clock, isoformat
 from eecp.core.errors import EecpError, ProtocolError, RegistrationError, StoreError
 from eecp.core.ratelimit import SUMMARY_EVERY_SEC, RefusedAuditLimit
 from eecp.ledger.observe import EventKind
+from eecp.ledger.stake import FRAUD_SIGNALS
 from eecp.store.records import AgentRecord, AuditEntry
 from eecp.wire import protocol
 from eecp.wire.protocol import AttestResponse, Health, Register, Status
@@ -393,9 +394,9 @@ class AgentSession:
     def _count(self, entry: AuditEntry) -> None:
         self.deps.metrics.attestations.labels(entry.verdict, entry.reason).inc()
 
-    async def _audit(self, entry: AuditEntry) -> None:
-        """Count ``entry`` and append it to the audit log, or leave it out when its budget
-        (``EE_AUDIT_REFUSALS_PER_MIN``, see :meth:`_audit_budget`) is spent."""
+    async def _audit(self, entry: AuditEntry) -> int | None:
+        """Count ``entry`` and append it to the audit log (its id), or leave it out when its
+        budget (``EE_AUDIT_REFUSALS_PER_MIN``, see :meth:`_audit_budget`) is spent (None)."""
         deps = self.deps
         self._count(entry)
         key = self._audit_budget(entry)
@@ -404,8 +405,8 @@ class AgentSession:
             what = f"{entry.reason} for app {entry.app_name} from {self.peer}"
             if not limit.allow(key, entry.at, what):  # serve_audit_summaries logs it
                 deps.metrics.audit_suppressed.labels(entry.reason).inc()
-                return
-        await deps.store.append_audit(entry)
+                return None
+        return await deps.store.append_audit(entry)
 
     def _audit_budget(self, entry: AuditEntry) -> str | None:
         """The share of the audit budget ``entry`` is written under; None: always written.
@@ -439,13 +440,25 @@ class AgentSession:
         assert agent is not None
         agent.attested = False
         if not self.admitted:
-            await self._audit(entry)  # never admitted: the agent's row is not ours to write
+            # never admitted: the agent's row is not ours to write
+            await self._fraud_signal(entry, await self._audit(entry))
             return
         record = self.deps.registry.update_agent(
             agent, last_verdict="refused", last_reason=entry.reason, last_seen=entry.at)
         self._count(entry)
-        await self.deps.store.atomic(lambda tx: admission.record_verdict(tx, record, entry))
+        audit_id = await self.deps.store.atomic(
+            lambda tx: admission.record_verdict(tx, record, entry))
         self._final_event(f"attestation_refused:{entry.reason}")
+        await self._fraud_signal(entry, audit_id)
+
+    async def _fraud_signal(self, entry: AuditEntry, audit_id: int | None) -> None:
+        """Tell the ledger of an audited refusal of a genuine platform's quote: a fraud signal
+        suspends the platform's node (spec §10.4; the ledger judges the reason). A refusal left
+        out of the audit log has no evidence to cite and suspends nothing."""
+        ppid = ppid_of(entry.platform_id)
+        if self.deps.ledger is not None and audit_id is not None and ppid is not None \
+                and entry.reason in FRAUD_SIGNALS:
+            await self.deps.ledger.fraud_signal(ppid, audit_id, entry.reason)
 
     async def _record_acceptance(self, register: Register, outcome: Outcome,
                                  entry: AuditEntry, trigger: str) -> bool:

@@ -13,6 +13,12 @@ anything is fetched for it: a platform of a banned node is refused ``platform_ba
 question is a callable the wiring passes (:attr:`AttestationEngine.platform_banned`), since the
 ledger is not this layer's to import; a store that cannot answer it raises ``StoreError``,
 which the session turns into "try again later", as for any store failure on a verdict.
+
+Two refusals that dcap-qvl itself reports come from a genuine platform all the same, and name
+it on the outcome (:data:`CHAIN_REFUSALS`): ``debug_td`` is its last check, after every
+signature; ``pck_revoked`` means the PCK chain is Intel's and its leaf revoked (checked before
+the quote's signature, so the PPID is the revoked certificate's). The ledger takes both as
+fraud signals (spec §10.4), which only suspend a node until its owner decides.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from eecp.attestation import policy
 from eecp.attestation.allowlist import AllowlistSource
@@ -32,6 +38,7 @@ from eecp.attestation.quotes import (
     VerifiedQuote,
     check_pck_chain,
     parse_quote,
+    platform_id,
     verify_quote,
 )
 from eecp.core.blocking import Workers, run_blocking
@@ -40,6 +47,9 @@ from eecp.core.config import Network
 from eecp.core.errors import AttestationError, PolicyError
 from eecp.store.records import AuditEntry
 from eecp.wire.measurements import Measurements, measurements_from_json
+
+#: refusals of dcap-qvl that still name the quote's platform (see the module docstring)
+CHAIN_REFUSALS: Final = frozenset({"debug_td", "pck_revoked"})
 
 log = logging.getLogger("eecp.attestation")
 
@@ -70,6 +80,8 @@ class Outcome:
     advisory_ids: tuple[str, ...] = ()
     measurements: Measurements | None = None
     duration_sec: float = 0.0
+    #: the platform of a quote refused for one of :data:`CHAIN_REFUSALS`
+    chain_platform_id: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -81,8 +93,9 @@ class Outcome:
 
     @property
     def platform_id(self) -> str | None:
-        """The platform (PPID) of a quote that verified; None when it did not."""
-        return self.verified.platform_id if self.verified else None
+        """The platform (PPID) of a quote that verified, or of one refused for one of
+        :data:`CHAIN_REFUSALS`; None otherwise."""
+        return self.verified.platform_id if self.verified else self.chain_platform_id
 
     def audit_entry(self, *, challenge: Challenge, app_name: str, agent_id: str, trigger: str
                     ) -> AuditEntry:
@@ -144,6 +157,11 @@ class AttestationEngine:
         except AttestationError as exc:
             verdict = policy.Verdict.refuse(exc)
         verified: VerifiedQuote | None = state.get("verified")
+        facts: QuoteFacts | None = state.get("facts")
+        chain_platform = None
+        if verified is None and facts is not None and verdict.reason in CHAIN_REFUSALS:
+            chain_platform = await run_blocking(self._workers.verify, platform_id,
+                                                facts.pck_chain, facts.fmspc)
         outcome = Outcome(
             verdict=verdict,
             at=self._clock.now(),
@@ -153,6 +171,7 @@ class AttestationEngine:
             advisory_ids=verified.advisory_ids if verified else (),
             measurements=state.get("measurements"),
             duration_sec=time.perf_counter() - started,
+            chain_platform_id=chain_platform,
         )
         log.info("attestation %s repo=%s tag=%s network=%s reason=%s tcb=%s",
                  "accepted" if outcome.accepted else "refused", challenge.repo,

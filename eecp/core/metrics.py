@@ -17,7 +17,7 @@ reports the same totals instead of its own share.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -51,6 +51,15 @@ class LedgerCounts:
     held_by_reason: Mapping[str, int]
     #: the last invariant check (GET /v1/ledger/check); None before the first
     invariant_ok: bool | None = None
+    #: stake (spec §10, §15): slashes that moved money by kind (availability, fraud), those
+    #: due with nothing staked, Σ posted stake, Σ pending unstakes, nodes by status, active
+    #: nodes below their minimum stake
+    slashes_by_kind: Mapping[str, int] = field(default_factory=dict)
+    slashes_skipped: int = 0
+    stake_posted_micros: int = 0
+    unstake_pending_micros: int = 0
+    nodes_by_status: Mapping[str, int] = field(default_factory=dict)
+    nodes_below_minimum: int = 0
 
 
 class LedgerMetrics:
@@ -169,8 +178,35 @@ class _LedgerCollector(Collector):
         for reason, n in sorted(counts.held_by_reason.items()):
             held.add_metric([reason], n)
         yield held
+        yield from _stake_metrics(counts)
         if counts.invariant_ok is not None:
             ok = GaugeMetricFamily("eecp_ledger_invariant_ok", "1 when the last ledger check "
                                    "(GET /v1/ledger/check) found every invariant holding")
             ok.add_metric([], 1 if counts.invariant_ok else 0)
             yield ok
+
+
+def _stake_metrics(counts: LedgerCounts) -> Iterator[Metric]:
+    slashes = CounterMetricFamily("eecp_slashes", "Slashes that moved stake, by kind",
+                                  labels=["kind"])
+    for kind in ("availability", "fraud"):
+        slashes.add_metric([kind], counts.slashes_by_kind.get(kind, 0))
+    yield slashes
+    skipped = CounterMetricFamily("eecp_slashes_skipped", "Availability slashes due on a node "
+                                  "with nothing staked")
+    skipped.add_metric([], counts.slashes_skipped)
+    yield skipped
+    for name, text, value in (
+            ("eecp_stake_posted_micros", "Stake held, pending unstakes included (micro-USD)",
+             counts.stake_posted_micros),
+            ("eecp_unstake_pending_micros", "Unstakes waiting for their cooldown (micro-USD)",
+             counts.unstake_pending_micros),
+            ("eecp_nodes_below_minimum_stake", "Active nodes whose stake does not cover their "
+             "minimum (their periods fail)", counts.nodes_below_minimum)):
+        gauge = GaugeMetricFamily(name, text)
+        gauge.add_metric([], value)
+        yield gauge
+    nodes = GaugeMetricFamily("eecp_nodes", "Nodes by status", labels=["status"])
+    for status, n in sorted(counts.nodes_by_status.items()):
+        nodes.add_metric([status], n)
+    yield nodes

@@ -1,6 +1,6 @@
 """The ledger's background loops (spec §15), run in the serving process's nursery when the
 ledger is on: the observer heartbeat, the settler (with the stake releaser and the key
-pruner), and the metrics' counts with the periodic invariant check.
+pruner), the metrics' counts with the periodic invariant check, and the proxy's node views.
 
 Each loop is a plain trio function that runs until cancelled. A database failure is logged and
 the loop goes on at its next tick (every step is idempotent, so nothing is lost by skipping
@@ -11,12 +11,14 @@ so a test's ``MockClock`` (with :class:`eecp.core.clock.TrioClock`) drives both.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 
 import trio
 
 from eecp.core.errors import StoreError
 from eecp.core.metrics import LedgerCounts, LedgerMetrics
 from eecp.ledger.outbox import EventOutbox
+from eecp.ledger.routing import NodeView
 from eecp.ledger.service import Ledger
 
 log = logging.getLogger("eecp.ledger")
@@ -26,6 +28,9 @@ PRUNE_EVERY_SEC = 3600.0
 #: how often the metrics' counts are refreshed, and the invariants checked (§15)
 COUNT_EVERY_SEC = 60.0
 CHECK_EVERY_SEC = 600.0
+#: how often the node views are read again when nothing in this process changed them (§12:
+#: a ban or a suspension made by another process routes within this)
+NODE_VIEWS_EVERY_SEC = 30.0
 
 
 async def serve_observer(ledger: Ledger, *, outbox: EventOutbox | None = None,
@@ -121,9 +126,50 @@ async def serve_counts(ledger: Ledger, metrics: LedgerMetrics, *,
                     if not ok:
                         log.error("ledger check failed: %s", answer.body[:2000].decode())
             counts = await ledger.counts()
-            metrics.counts = LedgerCounts(counts.transfers_by_code, counts.settled_by_outcome,
-                                          counts.held_by_reason, ok)
+            stake = await ledger.stake_stats()
+            metrics.counts = LedgerCounts(
+                counts.transfers_by_code, counts.settled_by_outcome, counts.held_by_reason, ok,
+                slashes_by_kind=stake.slashes_total, slashes_skipped=stake.slashes_skipped_total,
+                stake_posted_micros=stake.stake_posted_micros,
+                unstake_pending_micros=stake.unstake_pending_micros,
+                nodes_by_status=stake.nodes_by_status,
+                nodes_below_minimum=stake.nodes_below_minimum)
         except StoreError as exc:
             log.warning("ledger metrics: the store failed (%s)", exc)
         due = max(due + COUNT_EVERY_SEC, trio.current_time())
         await trio.sleep_until(due)
+
+
+async def serve_node_views(ledger: Ledger, apply: Callable[[Mapping[str, NodeView]], None], *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                           ) -> None:
+    """Keep the proxy's node views (:meth:`Ledger.node_views`) current: read once before
+    ``started`` (the first request is routed by them), again at once when this process changed
+    a node (:meth:`Ledger.add_node_listener`), and every :data:`NODE_VIEWS_EVERY_SEC` for the
+    changes of other processes and the settler's new effective prices. ``apply`` gets each
+    reading; a failed read keeps the previous one."""
+    changed = trio.Event()
+
+    def wake() -> None:
+        changed.set()
+
+    ledger.add_node_listener(wake)
+    try:
+        await _read_views(ledger, apply)
+        task_status.started()
+        while True:
+            with trio.move_on_after(NODE_VIEWS_EVERY_SEC):
+                await changed.wait()
+            changed = trio.Event()  # before the read: a change during it wakes the next one
+            await _read_views(ledger, apply)
+    finally:
+        ledger.remove_node_listener(wake)
+
+
+async def _read_views(ledger: Ledger, apply: Callable[[Mapping[str, NodeView]], None]) -> None:
+    try:
+        views = await ledger.node_views()
+    except StoreError as exc:
+        log.warning("node views: the store failed (%s); routing keeps the last ones", exc)
+        return
+    apply(views)

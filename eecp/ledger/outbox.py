@@ -124,8 +124,11 @@ class EventOutbox:
                 log.warning("ledger: %d availability events wait for the store (%s)",
                             len(self._events), exc)
                 return False
-            for _ in batch:  # (record() only appends: the batch is still at the front)
-                self._events.popleft()
+            # record() only appends, so the batch is still at the front, unless close() gave
+            # the queue up while this write was in flight (it counted them dropped)
+            for event in batch:
+                if self._events and self._events[0] is event:
+                    self._events.popleft()
             return True
 
     async def flush(self) -> bool:
@@ -153,8 +156,9 @@ def _storable(event: SessionEvent) -> bool:
 
 
 class SessionWriter:
-    """What a session holds when the ledger is on: events go to the outbox, claims to the
-    ledger (a failure is logged: the next attestation refreshes the claim)."""
+    """What a session holds when the ledger is on: events go to the outbox, claims and fraud
+    signals to the ledger (a failure is logged: the next attestation refreshes the claim; a
+    lost suspension leaves its audit entry for the owner)."""
 
     def __init__(self, ledger: Ledger, outbox: EventOutbox) -> None:
         self._ledger = ledger
@@ -170,3 +174,11 @@ class SessionWriter:
         except StoreError as exc:
             log.warning("ledger: the claim of platform %s for node %s was not recorded (%s)",
                         ppid, node_id, exc)
+
+    async def fraud_signal(self, ppid: str, audit_id: int, reason: str) -> None:
+        try:
+            await self._ledger.fraud_signal(ppid, audit_id, reason)
+        except StoreError as exc:
+            # the audit entry stays: the owner can still ban with it (POST /v1/nodes/{id}/fraud)
+            log.error("ledger: fraud signal %s (audit %s) on platform %s did not suspend its "
+                      "node: the store failed (%s)", reason, audit_id, ppid, exc)

@@ -240,8 +240,10 @@ class Ledger:
     async def register_node(self, principal: str, raw: bytes,
                             keys: Sequence[str] = ()) -> Answer:
         """``POST /v1/nodes/register`` (admin: create, update; a node: update itself)."""
-        return await self._unit(lambda now: nodes.register(
+        answer = await self._unit(lambda now: nodes.register(
             self.settings, principal, raw, keys, now))
+        self._changed(answer)
+        return answer
 
     async def get_node(self, principal: str, node_id: str) -> Answer:
         """``GET /v1/nodes/{node_id}`` (admin, launcher, the node itself)."""
@@ -263,13 +265,17 @@ class Ledger:
     async def confirm_platform(self, principal: str, node_id: str, raw: bytes,
                                keys: Sequence[str] = ()) -> Answer:
         """``POST /v1/nodes/{node_id}/platforms`` (the node, admin; natural key)."""
-        return await self._unit(lambda now: observe.confirm_platform(
+        answer = await self._unit(lambda now: observe.confirm_platform(
             principal, node_id, raw, keys, now))
+        self._changed(answer)
+        return answer
 
     async def delete_platform(self, principal: str, node_id: str, ppid: str) -> Answer:
         """``DELETE /v1/nodes/{node_id}/platforms/{ppid}`` (admin)."""
-        return await self._unit(lambda now: (None, lambda tx, _key: observe.delete_platform(
+        answer = await self._unit(lambda now: (None, lambda tx, _key: observe.delete_platform(
             tx, self.instance_id, node_id, ppid, now)))
+        self._changed(answer)
+        return answer
 
     async def release_agent(self, principal: str, node_id: str, agent_id: str) -> Answer:
         """``POST /v1/nodes/{node_id}/agents/{agent_id}/release`` (launcher, admin)."""
@@ -358,10 +364,16 @@ class Ledger:
             tx, self.settings, now))
 
     def add_node_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` (sync, quick) after this process changed a node's status (a
-        fraud signal, a status change, a ban), so node views refresh at once; changes made by
+        """Call ``listener`` (sync, quick) after this process changed what a node view shows
+        (a fraud signal, a status change, a ban, a node's terms, a platform confirmed or
+        removed), so node views refresh at once; changes made by
         other processes are seen by the periodic refresh (§12: 30 s)."""
         self._listeners.append(listener)
+
+    def remove_node_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener`` (added by :meth:`add_node_listener`)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def _changed(self, answer: Answer) -> None:
         if answer.status == 200 and not answer.replayed:

@@ -13,6 +13,7 @@ from eecp.agents.registry import AgentView, Registry, decide
 from eecp.core.config import Network
 from eecp.dataplane import resolve as resolve_module
 from eecp.dataplane.resolve import answer_for, resolve
+from eecp.ledger.routing import NodeView
 from eecp.store.records import AgentRecord, AppRecord
 
 WARN = 3 * 86400.0
@@ -175,3 +176,60 @@ def test_merging_into_an_apps_agents_is_a_change() -> None:
     other = AgentView(replace(agent.record, agent_id="a2"), connected=True, attested=True)
     registry.apps["shop"].agents |= {"a2": other}
     assert resolve(registry, "shop", 10.0).status == 200
+
+
+# --- the ledger's node views (spec §12) -------------------------------------------------------
+
+def add_agent(registry: Registry, agent_id: str, ppid: str | None, in_flight: int = 0
+              ) -> AgentView:
+    agent = AgentView(AgentRecord(agent_id, "shop", "acme/shop", "v1", "forge-1", 0.0, 0.0,
+                                  sealed=True), connected=True, attested=True, health="pass",
+                      in_flight=in_flight, ppid=ppid)
+    registry.attach(agent)
+    return agent
+
+
+def test_without_node_views_the_pick_is_by_load_in_the_registrys_order() -> None:
+    registry, first = make_registry()
+    add_agent(registry, "a2", "bb" * 16, in_flight=0)
+    add_agent(registry, "a3", None, in_flight=2)
+    first.in_flight = 1
+    assert [a.agent_id for a in registry.routable("shop", 10.0)] == ["a2", "a1", "a3"]
+    registry.set_node_views({}, 10)
+    assert [a.agent_id for a in registry.routable("shop", 10.0)] == ["a2", "a1", "a3"]
+
+
+def test_node_views_prefer_the_band_and_drop_suspended_nodes_agents() -> None:
+    registry, _unbound = make_registry()
+    cheap, near, dear = "aa" * 16, "bb" * 16, "cc" * 16
+    add_agent(registry, "dear", dear)
+    add_agent(registry, "near", near, in_flight=3)
+    add_agent(registry, "cheap", cheap, in_flight=1)
+    views = {cheap: NodeView("n1", "active", 1000), near: NodeView("n2", "active", 1100),
+             dear: NodeView("n3", "active", 1101)}
+    registry.set_node_views(views, 10)
+    # within 10 % of the cheapest by load, then the other bound ones, then the unbound
+    assert [a.agent_id for a in registry.routable("shop", 10.0)] == [
+        "cheap", "near", "dear", "a1"]
+    assert resolve(registry, "shop", 10.0).status == 200
+    registry.set_node_views({**views, cheap: NodeView("n1", "suspended", 1000)}, 10)
+    # the cheapest left is 1,100: 1,101 is in its band now, and the less loaded
+    assert [a.agent_id for a in registry.routable("shop", 10.0)] == ["dear", "near", "a1"]
+
+
+def test_an_app_served_only_from_suspended_or_banned_nodes_is_refused_node_suspended() -> None:
+    registry, agent = make_registry()
+    agent.ppid = "aa" * 16
+    before = resolve(registry, "shop", 10.0)
+    assert before.status == 200
+    registry.set_node_views({agent.ppid: NodeView("n1", "banned", 1000)}, 10)
+    after = resolve(registry, "shop", 10.0)  # the remembered decision is not reused
+    assert after.status == 403 and ("x-ee-reason", "node_suspended") in after.headers
+    assert registry.routable("shop", 10.0) == []
+    registry.set_node_views({agent.ppid: NodeView("n1", "active", 1000)}, 10)
+    assert resolve(registry, "shop", 10.0).status == 200
+    # an agent's platform changing is a change too
+    registry.set_node_views({"bb" * 16: NodeView("n2", "suspended", 1000)}, 10)
+    assert resolve(registry, "shop", 10.0).status == 200
+    agent.ppid = "bb" * 16
+    assert ("x-ee-reason", "node_suspended") in resolve(registry, "shop", 10.0).headers

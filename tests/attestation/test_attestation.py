@@ -227,6 +227,29 @@ async def test_revoked_pck_is_refused(rig: Rig) -> None:
     assert outcome.reason == "pck_revoked"
 
 
+@pytest.mark.parametrize(("mint_kwargs", "reason"), [
+    ({"revoke_pck": True}, "pck_revoked"),
+    ({"td_attributes": devmint.SEPT_VE_DISABLE_BIT | devmint.DEBUG_BIT}, "debug_td"),
+    ({"corrupt_signature": True}, None),  # not a genuine platform's: named by nobody
+])
+async def test_dcap_refusals_of_a_genuine_platform_name_it(
+        rig: Rig, mint_kwargs: dict[str, Any], reason: str | None) -> None:
+    # what the ledger's fraud signals are attributed by (spec §10.4)
+    nonce = rig.nonce()
+    ppid = bytes(range(16))
+    minted = rig.mint(nonce, ppid=ppid, **mint_kwargs)
+    rig.pccs.set_collateral(minted.collateral_json)
+    outcome = await rig.engine.attest(rig.challenge(minted, nonce))
+    assert not outcome.accepted and outcome.verified is None
+    if reason is None:
+        assert outcome.reason == "quote_invalid" and outcome.platform_id is None
+    else:
+        assert (outcome.reason, outcome.platform_id) == (reason, ppid.hex())
+        entry = outcome.audit_entry(challenge=rig.challenge(minted, nonce), app_name="shop",
+                                    agent_id="a", trigger="register")
+        assert entry.platform_id == ppid.hex()
+
+
 async def test_expired_collateral_is_never_used(rig: Rig) -> None:
     nonce = rig.nonce()
     minted = rig.mint(nonce)

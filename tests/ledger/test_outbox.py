@@ -153,3 +153,22 @@ async def test_an_event_the_store_cannot_take_is_dropped_alone(
     outbox.record(event(3))
     assert await outbox.flush()
     assert fake.written == [event(1), event(3)] and outbox.dropped == 1
+
+
+async def test_a_close_while_a_write_is_in_flight_leaves_the_writer_whole(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # a stop's flush ran out of time with the writer's batch in flight: close() gives the
+    # queue up (counted), and the batch's late success must not take other events' places
+    fake = FlakyLedger(delay=5)
+    outbox = outbox_over(fake)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.serve)
+        for n in range(3):
+            outbox.record(event(n))
+        await trio.sleep(1)  # the write is in flight
+        outbox.close()
+        assert outbox.dropped == 3 and outbox.pending == 0
+        await trio.sleep(10)  # the write returns: no IndexError, nothing counted twice
+        nursery.cancel_scope.cancel()
+    assert fake.written == [event(n) for n in range(3)]
+    assert outbox.dropped == 3 and outbox.pending == 0
