@@ -28,7 +28,16 @@ attestation_refused:<reason>`` / ``down attestation_timeout`` when a later attes
 ``release app_gone`` when its registration expires, and at its end ``down superseded``,
 ``down observer_shutdown`` (eecp is stopping) or ``down disconnected:<ending reason>``. A
 session never admitted writes nothing: an anonymous peer cannot make records against a node.
-Each accepted attestation whose register named a ``node_id`` also leaves a platform claim.
+Each accepted attestation whose register named a ``node_id`` also leaves a platform claim, and
+an audited refusal that is a fraud signal (spec §10.4) suspends the platform's node.
+
+Why one module over 500 lines: a session is one state machine. Its tasks and its verdict
+handling read and write the same few fields (``admitted``, ``_known``, ``agent``, ``register``,
+the challenge's mailbox) under trio's single thread, and the order of those writes *is* the
+protocol (a late answer, a re-register mid-challenge, a supersede). The pure parts already live
+elsewhere: the protocol (:mod:`eecp.wire.protocol`), the admission decision
+(:mod:`eecp.agents.admission`), the verdict (:mod:`eecp.attestation`), the ledger's side
+(:mod:`eecp.agents.ledger_hooks`). Splitting the rest would hand the session's state around.
 """
 
 from __future__ import annotations
