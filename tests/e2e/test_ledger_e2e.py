@@ -43,6 +43,15 @@ async def until(plane: LedgerPlane, path: str, done: Callable[[dict[str, Any]], 
             await trio.to_thread.run_sync(time.sleep, 0.02)
 
 
+async def metrics_showing(plane: LedgerPlane, line: str) -> str:
+    """The metrics once they show ``line`` (the counts' pass runs its store reads in real
+    time after the clock reached it)."""
+    async with real_deadline(15):
+        while line not in (text := (await plane.call("GET", "/metrics", None)).text):
+            await trio.to_thread.run_sync(time.sleep, 0.02)
+    return text
+
+
 async def bound_agent(plane: LedgerPlane, agent: FakeAgent, ppid: bytes) -> None:
     """Attested, claimed, confirmed by the node's operator, bound (§7.1)."""
     await agent.wait_status("attested")
@@ -106,8 +115,8 @@ async def test_a_bound_agents_usage_is_settled_and_paid(
                                      json={"node_id": NODE})
             assert again.status_code == 200 and again.json() == result
             await plane.advance(60)  # the metrics' counts are refreshed every minute
-            metrics = (await plane.call("GET", "/metrics", None)).text
-            assert 'eecp_ledger_transfers_total{code="usage_post"} 1.0' in metrics
+            metrics = await metrics_showing(
+                plane, 'eecp_ledger_transfers_total{code="usage_post"} 1.0')
             assert 'eecp_settlements_total{outcome="pass"} 1.0' in metrics
             assert "eecp_ledger_invariant_ok 1.0" in metrics
 

@@ -26,7 +26,7 @@ from trio.testing import MockClock
 from eecp.dev import pki as devpki
 from eecp.dev.mint import DEFAULT_TD_ATTRIBUTES
 from tests.databases import Backend
-from tests.e2e.test_ledger_e2e import until
+from tests.e2e.test_ledger_e2e import metrics_showing, until
 from tests.fakehttp import FakeServer, Request, Response, open_fake_http
 from tests.harness import FakeAgent, resolve_until, running_agent
 from tests.ledgerkit import LAUNCHER, LedgerPlane, key, open_ledger_plane
@@ -153,8 +153,7 @@ async def test_one_outage_of_a_premium_node_is_slashed_once(
         assert (await plane.ok("GET", "/v1/balances/slash:platform"))["balance_micros"] == (
             1_440_000)
         await plane.advance(60)  # the metrics' counts, refreshed every minute
-        metrics = (await plane.call("GET", "/metrics", None)).text
-        assert 'eecp_slashes_total{kind="availability"} 1.0' in metrics
+        metrics = await metrics_showing(plane, 'eecp_slashes_total{kind="availability"} 1.0')
         assert "eecp_stake_posted_micros 560000.0" in metrics
 
 
