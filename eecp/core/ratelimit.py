@@ -3,6 +3,8 @@
 :class:`SharedLimit` is the one shape every limit here takes: a total a minute, and a share of
 it a minute under any one key, so that one source of a flood leaves room for the others.
 
+:class:`LogBudget` bounds the log lines of failed proxied streams per client.
+
 :class:`RefusedAuditLimit` bounds the audit-log rows that peers eecp has never admitted can
 cause. Reaching the audit log takes no more than a ``register`` and a parseable quote (or
 silence until the attest deadline), so without it any peer could grow the database without bound
@@ -101,11 +103,10 @@ class SharedLimit:
         return bucket
 
 
-class RefusedAuditLimit:
-    """At most ``per_minute`` audit rows a minute for refusals of attempts not yet admitted,
-    and at most :data:`PER_APP_SHARE` of them (at least one) under any one key: the app name
-    the attempt named, or the platform (PPID) of a quote that verified but named a release
-    without a usable allowlist. ``per_minute`` 0 lets everything through."""
+class KeyedBudget:
+    """At most ``per_minute`` events a minute, and at most :data:`PER_APP_SHARE` of them (at
+    least one) under any one key; what is left out is counted for a summary line at most once
+    a minute (:meth:`due_summary`). ``per_minute`` 0 lets everything through."""
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
@@ -134,3 +135,15 @@ class RefusedAuditLimit:
             return 0
         count, self.suppressed, self._reported_at = self.suppressed, 0, now
         return count
+
+
+class RefusedAuditLimit(KeyedBudget):
+    """The audit rows of refusals of attempts not yet admitted (``EE_AUDIT_REFUSALS_PER_MIN``),
+    keyed by the app name the attempt named, or the platform (PPID) of a quote that verified
+    but named a release without a usable allowlist (see the module docstring)."""
+
+
+class LogBudget(KeyedBudget):
+    """Log lines that peers cause one by one (a failed proxied stream), keyed by the client:
+    one client failing its own streams in a loop cannot flood the log, nor push out the lines
+    of others; what was left out is summed up with the next line logged."""

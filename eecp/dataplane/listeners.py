@@ -30,6 +30,7 @@ from eecp.core.capacity import ListenerCaps
 from eecp.core.clock import Clock
 from eecp.core.config import Config
 from eecp.core.metrics import Metrics
+from eecp.core.ratelimit import LogBudget
 from eecp.dataplane.forwarded import (
     Forwarding,
     TrustedProxies,
@@ -70,10 +71,8 @@ _JSON = [("content-type", "application/json"), ("cache-control", "no-store")]
 _RESOLVE_PREFIX = "/v1/resolve/"
 
 
-def _failed(request: Request, app: str, reason: str) -> None:
-    """One line per proxied request that failed after it reached its agent (no traceback: a
-    client or an agent failing its own stream is no bug of eecp's)."""
-    log.info("proxy %s %s %s failed: %s", app, request.method, request.path[:200], reason)
+#: log lines of failed proxied streams a minute, in all (each client gets a fifth of it)
+FAILED_LINES_PER_MIN = 300
 
 
 def error_body(reason: str, allowed: bool = False) -> bytes:
@@ -114,6 +113,21 @@ class ProxyHandler:
         # metric children looked up once (labels() costs a lock and a lookup per call)
         self._bytes_in = metrics.proxy_bytes.labels("in")
         self._bytes_out = metrics.proxy_bytes.labels("out")
+        self._failed_lines = LogBudget(FAILED_LINES_PER_MIN)
+
+    def _failed(self, request: Request, app: str, reason: str, client: str) -> None:
+        """One line per proxied request that failed after it reached its agent (no traceback:
+        a client or an agent failing its own stream is no bug of eecp's), within the client's
+        share of :data:`FAILED_LINES_PER_MIN`."""
+        now = trio.current_time()
+        what = f"{app} {request.method} {request.path[:200]}: {reason}"
+        if not self._failed_lines.allow(client, now, what):
+            return
+        left_out = self._failed_lines.due_summary(now)
+        if left_out:
+            log.info("proxy: %d lines of failed requests left out (the latest: %s)", left_out,
+                     self._failed_lines.latest)
+        log.info("proxy %s %s %s failed: %s", app, request.method, request.path[:200], reason)
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         forwarding = forwarding_of(inbound_forwarding(request.headers),
@@ -150,21 +164,21 @@ class ProxyHandler:
         except ProxyError as exc:
             status = exc.http_status
             if responder.head_sent:  # mid-body: closing the connection is all that is left
-                _failed(request, app, exc.reason)
+                self._failed(request, app, exc.reason, client)
                 raise RequestError(exc.http_status, exc.reason) from None
             await responder.respond(exc.http_status, _JSON, error_body(exc.reason, exc.allowed))
         except StreamError as exc:  # the agent reset the stream mid-body, or the tunnel died
-            _failed(request, app, f"{public_reason(exc.reason)} ({exc.reason})")
+            self._failed(request, app, f"{public_reason(exc.reason)} ({exc.reason})", client)
             raise RequestError(502, public_reason(exc.reason)) from None
         except RequestError as exc:  # the client's body: malformed, too large, too slow
             status = exc.http_status
-            _failed(request, app, exc.reason)
+            self._failed(request, app, exc.reason, client)
             raise
         except ClientDisconnected:
-            _failed(request, app, "client_gone")
+            self._failed(request, app, "client_gone", client)
             raise
         except trio.Cancelled:  # the server saw the client leave (or eecp is stopping)
-            _failed(request, app, "cancelled")
+            self._failed(request, app, "cancelled", client)
             raise
         finally:
             metrics.proxied(app, status)
