@@ -14,7 +14,7 @@ import trio
 from trio.testing import MockClock
 
 from eecp.dev import pki as devpki
-from tests.harness import MEAS, running_agent
+from tests.harness import MEAS, eventually, running_agent
 from tests.ledgerkit import LedgerPlane, open_ledger_plane
 
 NODE = "acme-1"
@@ -39,8 +39,10 @@ async def test_a_sessions_life_is_recorded_on_the_node_of_its_platform(
             await agent.wait_status("attested")
             # admitted on a platform no node owns yet: up, unbound; the claim waits
             assert await plane.wait_events(agent.agent_id, 1) == [("up", "attested", None)]
-            claims = plane.rows("SELECT ppid, node_id, agent_id FROM platform_claim")
-            assert claims == [(ppid.hex(), NODE, agent.agent_id)]
+            # the claim follows the status the agent saw (the session writes it after)
+            sql = "SELECT ppid, node_id, agent_id FROM platform_claim"
+            await eventually(lambda: bool(plane.rows(sql)))
+            assert plane.rows(sql) == [(ppid.hex(), NODE, agent.agent_id)]
             await confirm(plane, ppid)  # bound from now: its up is repeated on the node
             assert (await plane.wait_events(agent.agent_id, 2))[1] == (
                 "up", "platform_confirmed", NODE)
