@@ -59,8 +59,9 @@ async def open_cp(tmp_path: Path, pki: devpki.DevPki) -> AsyncIterator[ControlPl
 class SeedAgent:
     """An agent speaking only the seed's JSON protocol. Its app: ``/echo`` answers what it
     got, ``/slow`` waits for :attr:`release`, ``/big`` answers a body over the bound,
-    ``/unknown`` first answers a request nobody sent, ``/die`` drops the tunnel instead of
-    answering; anything else answers ``body``."""
+    ``/unknown`` first answers a request nobody sent, ``/cookies`` sets two cookies,
+    ``/bad-head`` answers a header name that is no token, ``/malformed`` a status that is no
+    number, ``/die`` drops the tunnel instead of answering; anything else answers ``body``."""
 
     url: str
     pki: devpki.DevPki
@@ -130,6 +131,16 @@ class SeedAgent:
             await ws.send_message(json.dumps({
                 "type": "proxy_response", "request_id": BOGUS_ID, "status": 200,
                 "headers": {}, "body_b64": base64.b64encode(b"forged").decode()}))
+        elif path == "/cookies":
+            headers["set-cookie"] = ["a=1", "b=2"]  # type: ignore[assignment]
+            headers["content-length"] = "999"  # eecp states the length itself
+        elif path == "/bad-head":
+            headers["bad name"] = "x"
+        elif path == "/malformed":
+            await ws.send_message(json.dumps({
+                "type": "proxy_response", "request_id": request["request_id"],
+                "status": "200", "body_b64": ""}))
+            return
         elif path == "/die":
             await ws.aclose()
             return
@@ -229,6 +240,11 @@ async def test_limits_unknown_answers_and_tunnel_loss(tmp_path: Path,
         assert (forged.status_code, forged.content) == (200, b"seed")
         metrics = (await cp.get("/metrics")).text
         assert "eecp_tunnel_unknown_responses_total 1.0" in metrics
+        cookies = await client.get("/cookies")
+        assert cookies.headers.get_list("set-cookie") == ["a=1", "b=2"]
+        assert cookies.headers["content-length"] == "4"
+        bad = await client.get("/bad-head")  # fails this request only
+        assert (bad.status_code, bad.json()["reason"]) == (502, "agent_error")
         assert (await client.get("/")).status_code == 200  # the tunnel lives on
         with trio.fail_after(30):  # (the proxy timeout is 60 s: this is the tunnel's end)
             lost = await client.get("/die")
@@ -262,3 +278,13 @@ async def test_a_binary_agent_is_preferred_over_a_seed_agent(tmp_path: Path,
             assert answers == [b"binary"] * 6
             served = len(seed.requests)
         assert served == 1  # only the request before the binary agent came
+
+
+async def test_a_malformed_proxy_response_ends_the_session(tmp_path: Path,
+                                                           pki: devpki.DevPki) -> None:
+    async with open_cp(tmp_path, pki) as cp, running_seed(cp) as agent, proxy(cp) as client:
+        with trio.fail_after(30):
+            answer = await client.get("/malformed")
+        assert (answer.status_code, answer.json()["reason"]) == (502, "tunnel_closed")
+        await eventually(lambda: agent.closed)
+        assert ("invalid", "invalid_field:status") in agent.statuses
