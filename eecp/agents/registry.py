@@ -31,6 +31,7 @@ from eecp.core.config import Network
 from eecp.core.metrics import StateGauges
 from eecp.ledger.routing import UNROUTABLE, NodeView, rank
 from eecp.store.records import AgentRecord, AppRecord
+from eecp.wire.seed import SeedTunnel
 from eecp.wire.streams import Mux
 
 Health = Literal["pass", "fail", "unknown"]
@@ -48,7 +49,8 @@ def _changed() -> None:
 
 _UNSET = object()
 
-#: the AgentView fields :func:`decide` reads (``in_flight``, ``mux``, ``health_at`` are not)
+#: the AgentView fields :func:`decide` reads (``in_flight``, ``mux``, ``seed``, ``health_at``
+#: are not)
 _DECISION_FIELDS = frozenset({"record", "connected", "attested", "health", "ppid"})
 _NOBODY: frozenset[str] = frozenset()
 
@@ -101,6 +103,9 @@ class AgentView:
     health_at: float | None = None
     in_flight: int = 0
     mux: Mux | None = None  # the tunnel's stream multiplexer while connected
+    #: instead of ``mux``: an agent that announced no data_protocol, served with the seed's
+    #: JSON proxy messages (:mod:`eecp.wire.seed`)
+    seed: SeedTunnel | None = None
     #: the PPID of the latest quote accepted in this process (None: none, or not a PPID)
     ppid: str | None = None
 
@@ -236,6 +241,7 @@ class Registry:
         agent.connected = False
         agent.attested = False
         agent.mux = None
+        agent.seed = None
         view = self.apps.get(agent.record.app_name)
         if view is not None and view.agents.get(agent.agent_id) is agent:
             view.agents[agent.agent_id] = AgentView(agent.record)
@@ -258,8 +264,14 @@ class Registry:
         return decision
 
     def routable(self, name: str, now: float) -> list[AgentView]:
-        """Agents that may serve ``name`` now, in the order the proxy tries them: least loaded
-        first, or with the ledger's node views as :func:`eecp.ledger.routing.rank` says."""
+        """Agents that may serve ``name`` now, in the order the proxy tries them.
+
+        Two orders combine, the protocol first: every agent speaking the binary data protocol
+        (``mux``) comes before every one speaking the seed's JSON messages (``seed``: whole
+        bodies only, no streaming), and within each group the order is
+        :func:`eecp.ledger.routing.rank`'s (least loaded first, or by the ledger's node views).
+        So a binary agent in a dearer price band still goes before a JSON agent in the
+        cheapest; the JSON agents serve when no binary one can (or on a retry)."""
         view = self.apps.get(name)
         if view is None or registration_state(view.record.expires_at, now,
                                               self._warn_sec) == "expired":
@@ -267,7 +279,10 @@ class Registry:
         network = self._networks.get(view.record.network)
         agents = [a for a in view.agents.values()
                   if a.routable_for(view.record, network, self._blocked)]
-        return rank(agents, self._views, self._band_pct)
+        ranked = rank(agents, self._views, self._band_pct)
+        # (a stable partition: each group keeps rank's order)
+        return ([a for a in ranked if a.seed is None]
+                + [a for a in ranked if a.seed is not None])
 
     def gauges(self, now: float) -> StateGauges:
         """What the metrics' state gauges show (read at each scrape)."""

@@ -65,7 +65,8 @@ from eecp.ledger.observe import EventKind
 from eecp.ledger.stake import FRAUD_SIGNALS
 from eecp.store.records import AgentRecord, AuditEntry
 from eecp.wire import protocol
-from eecp.wire.protocol import AttestResponse, Health, Register, Status
+from eecp.wire.protocol import AttestResponse, Health, ProxyResponse, Register, Status
+from eecp.wire.seed import SeedTunnel
 from eecp.wire.streams import Mux
 
 log = logging.getLogger("eecp.session")
@@ -143,6 +144,9 @@ class AgentSession:
         #: request streams to the app over this tunnel (the forwarding scope of the session)
         self.mux = Mux(self.send, opener=True, max_streams=config.tunnel_max_streams,
                        initial_window=config.stream_window_bytes)
+        #: instead, for an agent whose register announced no data_protocol: its requests as
+        #: the seed's JSON messages (set at register)
+        self.seed: SeedTunnel | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -194,11 +198,14 @@ class AgentSession:
                                                                   register.repo):
             known = None  # bound to another app: admission will refuse it (agent_id_in_use)
         self._known = known is not None
+        if register.data_protocol == protocol.SEED_PROTOCOL:
+            self.seed = SeedTunnel(self.send, max_streams=self.deps.config.tunnel_max_streams,
+                                   max_body=self.deps.config.tunnel_max_message_bytes)
         self.agent = AgentView(AgentRecord(
             agent_id=register.agent_id, app_name=register.app_name, repo=register.repo,
             release_tag=register.release_tag, network=register.network,
             first_seen=known.first_seen if known else now, last_seen=now), connected=True,
-            mux=self.mux)
+            mux=None if self.seed else self.mux, seed=self.seed)
         # Nothing of this session reaches the registry, the store or the live sessions before
         # its first attestation is accepted (_record_acceptance): an agent_id is no secret, and a
         # register alone must not supersede, hide or overwrite the attested agent holding it.
@@ -213,10 +220,12 @@ class AgentSession:
             nursery.start_soon(self._health_watchdog, name=f"health:{register.agent_id}")
 
     def _check_register(self, register: Register) -> None:
-        if register.data_protocol != protocol.DATA_PROTOCOL:
+        # none announced: an agent written against the seed's protocol (JSON proxy messages)
+        if register.data_protocol not in (protocol.DATA_PROTOCOL, protocol.SEED_PROTOCOL):
             raise RegistrationError(
                 "data_protocol_unsupported", f"this eecp speaks data protocol "
-                f"{protocol.DATA_PROTOCOL}; the agent announced {register.data_protocol or 'none'}")
+                f"{protocol.DATA_PROTOCOL} (or none: the seed's JSON messages); the agent "
+                f"announced {register.data_protocol}")
         if self.deps.registry.network(register.network) is None:
             raise RegistrationError("network_unknown",
                                     f"network {register.network!r} is not served here")
@@ -225,6 +234,8 @@ class AgentSession:
 
     async def _cleanup(self) -> None:
         self.mux.close("tunnel_closed")  # every request in flight on this tunnel ends now
+        if self.seed is not None:
+            self.seed.close("tunnel_closed")
         ending = self.ending or Ending(protocol.CLOSE_NORMAL, "closed")
         if not self._final_down:
             self._event("down", _down_reason(ending.reason))
@@ -258,9 +269,13 @@ class AgentSession:
         if isinstance(data, bytes) and binary is not None:
             await binary(data)
             return None
+        max_bytes = self.deps.config.tunnel_max_message_bytes
         try:
             return protocol.decode_agent_message(
-                data, max_bytes=self.deps.config.tunnel_max_message_bytes)
+                data, max_bytes=max_bytes,
+                # a body of up to max_bytes in base64, and the largest message the WebSocket
+                # takes (eecp.service): see decode_agent_message
+                max_response_bytes=2 * max_bytes if self.seed is not None else None)
         except ProtocolError as exc:
             if exc.reason == "unknown_type":
                 # newer agents may speak messages we do not know yet: say so (once: answering
@@ -281,12 +296,28 @@ class AgentSession:
                 await self._on_health(message)
             elif isinstance(message, Register):
                 await self._on_register_again(message)
+            elif isinstance(message, ProxyResponse):
+                self._on_proxy_response(message)
+
+    def _on_proxy_response(self, message: ProxyResponse) -> None:
+        """A seed-protocol agent's answer: to its request in flight, else dropped and counted
+        (late after a timeout, repeated, or made up: never an error worth a tunnel)."""
+        if self.seed is None or not self.admitted or not self.seed.deliver(message):
+            self.deps.metrics.unknown_responses.inc()
+            log.debug("agent %s: a proxy_response for no request in flight",
+                      self.agent.agent_id if self.agent else self.peer)
 
     async def _on_binary(self, data: bytes) -> None:
         """A data frame of a proxied request: the mux routes it to its stream. Until the agent
         is admitted (its first attestation accepted) no stream can exist and only the JSON
         control messages are accepted: anything else ends the session (a peer that has proved
-        nothing must not keep a core busy feeding frames to an empty mux)."""
+        nothing must not keep a core busy feeding frames to an empty mux). An agent that
+        announced no data_protocol speaks only JSON: a data frame from it is refused too."""
+        if self.seed is not None:
+            await self._refuse(ProtocolError(
+                "binary_unexpected", "the register announced no data_protocol: JSON only",
+                protocol.CLOSE_INVALID_PAYLOAD))
+            return
         if not self.admitted:
             await self._refuse(ProtocolError(
                 "binary_unexpected", "no data frames before the first accepted attestation",
@@ -307,8 +338,8 @@ class AgentSession:
     async def _on_register_again(self, register: Register) -> None:
         current = self.register
         assert current is not None
-        if (register.agent_id, register.app_name, register.repo) != (
-                current.agent_id, current.app_name, current.repo):
+        if (register.agent_id, register.app_name, register.repo, register.data_protocol) != (
+                current.agent_id, current.app_name, current.repo, current.data_protocol):
             await self._refuse(ProtocolError(
                 "register_mismatch", "a tunnel serves one agent, app and repo",
                 protocol.CLOSE_PROTOCOL_ERROR))

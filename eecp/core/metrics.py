@@ -104,6 +104,10 @@ class Metrics:
         self.proxy_bytes = Counter(
             "eecp_proxy_bytes", "Body bytes carried by the proxy", ["direction"],
             registry=self.prometheus)
+        self.unknown_responses = Counter(
+            "eecp_tunnel_unknown_responses", "proxy_response messages of seed-protocol agents "
+            "for no request in flight (late after a timeout, repeated, or made up): dropped",
+            registry=self.prometheus)
         self.proxy_json_buffered = Gauge(
             "eecp_proxy_json_buffered_bytes", "Bytes POST /v1/proxy calls hold now (requests "
             "and answers; EE_PROXY_JSON_BUFFER_BYTES bounds them)", registry=self.prometheus)

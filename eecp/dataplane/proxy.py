@@ -13,6 +13,13 @@ FIN flag, docs/tunnel-data-protocol.md): a request without a body is one message
 and the chunk that completes a declared ``Content-Length`` is the body's last. A chunked body
 ends with a separate END once its source is exhausted: waiting for the next chunk to learn
 that this one was the last would delay it.
+
+An agent that announced no ``data_protocol`` (written against the seed's protocol) gets each
+request as one JSON message instead (:mod:`eecp.wire.seed`, :func:`_seed_attempt`): the body
+is read whole first (at most ``EE_TUNNEL_MAX_MESSAGE_BYTES``, else 413 ``body_too_large``),
+its slot and busy wait are the binary protocol's, the wait for the answer is
+``EE_PROXY_TIMEOUT_SEC``, and the answer reaches the caller as an :class:`Upstream` whose body
+is already here (:class:`Buffered`), so both entry points relay it unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from eecp.core.errors import EecpError, ProtocolError
 from eecp.core.trioutil import single_error
 from eecp.wire.frames import check_head
 from eecp.wire.httpmsg import RequestHead, ResponseHead, content_length, is_origin_form
+from eecp.wire.protocol import ProxyResponse
+from eecp.wire.seed import SeedTunnel
 from eecp.wire.streams import Mux, Stream, StreamError
 
 if TYPE_CHECKING:
@@ -121,12 +130,26 @@ def parse_proxy_call(doc: object) -> ProxyCall:
     return call
 
 
+class Buffered:
+    """A body that is all here already (a seed-protocol agent's answer), read like a
+    :class:`Stream`'s: its bytes in one chunk, then the end."""
+
+    ready = True  #: receive() never waits
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    async def receive(self) -> bytes | None:
+        data, self._data = self._data, None
+        return data or None
+
+
 @dataclass
 class Upstream:
     """The app's answer: its head, then its body as it arrives."""
 
     head: ResponseHead
-    stream: Stream
+    stream: Stream | Buffered
     agent: AgentView
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -203,7 +226,8 @@ class Forwarder:
         decision = self._registry.resolve(app, now)
         if not decision.allowed:
             raise ProxyError(403, decision.reason)
-        agents = [a for a in self._registry.routable(app, now) if a.mux is not None]
+        agents = [a for a in self._registry.routable(app, now)
+                  if a.mux is not None or a.seed is not None]
         if not agents:
             raise ProxyError(503, "no_tunnel")
         retryable = body is None and head.method.upper() in IDEMPOTENT
@@ -243,6 +267,11 @@ def client_key(address: str) -> str:
 async def _attempt(timeout_sec: float, agent: AgentView, head: RequestHead,
                    body: AsyncIterable[bytes] | None, reserve: int = 0
                    ) -> AsyncIterator[Upstream]:
+    if agent.seed is not None:
+        async with _seed_attempt(timeout_sec, agent, agent.seed, head, body,
+                                 reserve) as upstream:
+            yield upstream
+        return
     mux = agent.mux
     assert mux is not None
     stream = await _open_stream(mux, head, end=body is None, limit=mux.max_streams - reserve)
@@ -274,6 +303,77 @@ async def _attempt(timeout_sec: float, agent: AgentView, head: RequestHead,
             with trio.CancelScope(shield=True):
                 await _finish(stream)
         log.debug("stream %d done in %.3fs", stream.id, time.perf_counter() - started)
+
+
+@asynccontextmanager
+async def _seed_attempt(timeout_sec: float, agent: AgentView, seed: SeedTunnel,
+                        head: RequestHead, body: AsyncIterable[bytes] | None, reserve: int
+                        ) -> AsyncIterator[Upstream]:
+    """One request to a seed-protocol agent: the whole body, one ``proxy_request``, its
+    ``proxy_response`` within ``timeout_sec`` (see the module docstring)."""
+    data = await _whole_body(head, body, seed.max_body)
+    limit = seed.max_streams - reserve
+    if seed.in_flight >= limit:
+        with trio.move_on_after(BUSY_WAIT_SEC):
+            await seed.wait_slot(limit)
+        if seed.in_flight >= limit:
+            raise ProxyError(503, "agent_busy")
+    answer: tuple[ResponseHead, bytes] | None = None
+    agent.in_flight += 1
+    try:
+        # the slot is held until the answer is here (or given up): the body then is too
+        with seed.exchange() as exchange, trio.move_on_after(timeout_sec):
+            response = await exchange.call(head, data)
+            answer = _seed_head(head, response), response.body
+    except StreamError as exc:
+        reason = exc.reason if exc.reason == "response_too_large" else public_reason(
+            exc.reason)
+        raise ProxyError(502, reason, exc.detail) from None
+    finally:
+        agent.in_flight -= 1
+    if answer is None:
+        raise ProxyError(504, "upstream_timeout")
+    yield Upstream(answer[0], Buffered(answer[1]), agent)
+
+
+async def _whole_body(head: RequestHead, body: AsyncIterable[bytes] | None, limit: int
+                      ) -> bytes:
+    """The request body, read whole: ``ProxyError(413, "body_too_large")`` beyond ``limit``
+    bytes (before reading, when its Content-Length says so)."""
+    if body is None:
+        return b""
+    too_large = ProxyError(413, "body_too_large", f"over {limit} bytes: this agent takes "
+                           "whole bodies (no data_protocol)")
+    declared = declared_length(head.headers)
+    if declared is not None and declared > limit:
+        raise too_large
+    data = bytearray()
+    async for chunk in body:
+        data += chunk
+        if len(data) > limit:
+            raise too_large
+    return bytes(data)
+
+
+def _seed_head(request: RequestHead, response: ProxyResponse) -> ResponseHead:
+    """The head eecp relays for a seed-protocol answer: the body is whole, so its length is
+    eecp's to state (the agent's Content-Length and Transfer-Encoding are dropped; a HEAD
+    answer keeps the agent's length, which describes the body a GET would have). A head the
+    binary protocol would refuse fails this request only (502 ``agent_error``)."""
+    bodyless = request.method.upper() == "HEAD" or response.status in (204, 304)
+    headers = [(n, v) for n, v in response.headers
+               if n.lower() != "transfer-encoding"
+               and (n.lower() != "content-length" or request.method.upper() == "HEAD")]
+    if not bodyless:
+        headers.append(("content-length", str(len(response.body))))
+    head = ResponseHead(response.status, headers)
+    try:
+        check_head(head)
+    except ProtocolError as exc:
+        raise ProxyError(502, "agent_error", f"the agent's response head: {exc.detail}"
+                         ) from None
+    check_response_head(head)
+    return head
 
 
 async def _open_stream(mux: Mux, head: RequestHead, *, end: bool, limit: int) -> Stream:

@@ -8,6 +8,9 @@ Agent → eecp::
     {"type":"attest_response","nonce":"<64 hex>","quote":"<base64>","report_data":"<128 hex>",
      "measurements":{...}}
     {"type":"health","status":"pass"|"fail"}
+    {"type":"proxy_response","request_id":"<hex>","status":200,"headers":{...},"body_b64":"..."}
+        (only from an agent that announced no data_protocol: the seed's JSON proxy messages,
+        :mod:`eecp.wire.seed`)
 
 eecp → agent::
 
@@ -40,6 +43,9 @@ MAX_QUOTE_BYTES = 64 * 1024
 #: agent announces its own in ``register`` and one that speaks another is refused there, not
 #: left to fail on its first proxied request
 DATA_PROTOCOL = 2
+#: what a register without ``data_protocol`` means: an agent written against the seed's
+#: protocol, served with the seed's JSON ``proxy_request``/``proxy_response`` messages
+SEED_PROTOCOL = 0
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -96,7 +102,18 @@ class Health:
     status: Literal["pass", "fail"]
 
 
-AgentMessage = Register | AttestResponse | Health
+@dataclass(frozen=True)
+class ProxyResponse:
+    """A seed-protocol agent's answer to one ``proxy_request`` (headers as the agent sent them,
+    not yet checked: a bad one fails that request only, see :mod:`eecp.dataplane.proxy`)."""
+
+    request_id: str
+    status: int
+    headers: list[tuple[str, str]] = field(hash=False)
+    body: bytes = field(hash=False)
+
+
+AgentMessage = Register | AttestResponse | Health | ProxyResponse
 
 
 @dataclass(frozen=True)
@@ -126,13 +143,22 @@ class Status:
 
 
 def decode_agent_message(data: str | bytes, *,
-                         max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> AgentMessage:
-    """Decode and validate one text message from an agent, or raise ``ProtocolError``."""
+                         max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                         max_response_bytes: int | None = None) -> AgentMessage:
+    """Decode and validate one text message from an agent, or raise ``ProtocolError``.
+
+    ``max_response_bytes`` (a seed-protocol agent's session): a ``proxy_response`` may be that
+    large, beyond ``max_bytes``: its body is limited to ``max_bytes`` once decoded, and base64
+    makes the message a third larger. A larger body must fail its request (502
+    ``response_too_large``), not the whole tunnel, so the message has to be read to learn
+    which request it answers."""
     if isinstance(data, bytes):
         raise ProtocolError("binary_unexpected", "control messages are JSON text",
                             CLOSE_INVALID_PAYLOAD)
-    if len(data) > max_bytes:
-        raise ProtocolError("message_too_large", f"{len(data)} > {max_bytes} bytes", CLOSE_TOO_BIG)
+    too_large = ProtocolError("message_too_large", f"{len(data)} > {max_bytes} bytes",
+                              CLOSE_TOO_BIG)
+    if len(data) > max(max_bytes, max_response_bytes or 0):
+        raise too_large
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError):
@@ -141,12 +167,16 @@ def decode_agent_message(data: str | bytes, *,
         raise ProtocolError("not_an_object", "message is not a JSON object",
                             CLOSE_INVALID_PAYLOAD)
     kind = doc.get("type")
+    if len(data) > max_bytes and kind != "proxy_response":
+        raise too_large
     if kind == "register":
         return _register(doc)
     if kind == "attest_response":
         return _attest_response(doc)
     if kind == "health":
         return _health(doc)
+    if kind == "proxy_response" and max_response_bytes is not None:
+        return _proxy_response(doc)
     raise ProtocolError("unknown_type", f"type {str(kind)[:40]!r} is not known",
                         CLOSE_PROTOCOL_ERROR)
 
@@ -219,6 +249,41 @@ def _health(doc: Mapping[str, Any]) -> Health:
     if status == "fail":
         return Health("fail")
     raise _invalid("status", "expected pass or fail")
+
+
+def _proxy_response(doc: Mapping[str, Any]) -> ProxyResponse:
+    request_id = _string(doc, "request_id", 64)
+    status = doc.get("status")
+    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+        raise _invalid("status", "expected an HTTP status 100..599")
+    body_b64 = doc.get("body_b64") or ""
+    if not isinstance(body_b64, str) or not _B64.match(body_b64):
+        raise _invalid("body_b64", "expected base64")
+    try:
+        body = base64.b64decode(body_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid("body_b64", "expected base64") from None
+    return ProxyResponse(request_id, status, _header_pairs(doc.get("headers")), body)
+
+
+def _header_pairs(value: object) -> list[tuple[str, str]]:
+    """The seed's ``{"name": "value"}`` headers as pairs (a list value: one line each; a list
+    of ``[name, value]`` pairs is taken too)."""
+    if value is None:
+        return []
+    items = list(value.items()) if isinstance(value, dict) else value
+    if not isinstance(items, list):
+        raise _invalid("headers", "expected an object of strings")
+    pairs: list[tuple[str, str]] = []
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str):
+            raise _invalid("headers", "expected an object of strings")
+        name, values = item
+        for one in values if isinstance(values, list) else [values]:
+            if not isinstance(one, str):
+                raise _invalid("headers", "expected an object of strings")
+            pairs.append((name, one))
+    return pairs
 
 
 def _string(doc: Mapping[str, Any], key: str, max_len: int) -> str:

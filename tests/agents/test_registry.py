@@ -15,6 +15,7 @@ from eecp.dataplane import resolve as resolve_module
 from eecp.dataplane.resolve import answer_for, resolve
 from eecp.ledger.routing import NodeView
 from eecp.store.records import AgentRecord, AppRecord
+from eecp.wire.seed import SeedTunnel
 
 WARN = 3 * 86400.0
 EXPIRES = 1_000_000.0
@@ -215,6 +216,25 @@ def test_node_views_prefer_the_band_and_drop_suspended_nodes_agents() -> None:
     registry.set_node_views({**views, cheap: NodeView("n1", "suspended", 1000)}, 10)
     # the cheapest left is 1,100: 1,101 is in its band now, and the less loaded
     assert [a.agent_id for a in registry.routable("shop", 10.0)] == ["dear", "near", "a1"]
+
+
+def test_binary_protocol_agents_go_before_seed_protocol_ones_each_in_ranks_order() -> None:
+    async def send(_: str) -> None:
+        raise AssertionError("not sent")
+    registry, unbound = make_registry()
+    cheap, dear = "aa" * 16, "bb" * 16
+    seed_cheap = add_agent(registry, "seed-cheap", cheap)
+    seed_idle = add_agent(registry, "seed-idle", None)
+    for agent in (seed_cheap, seed_idle):
+        agent.seed = SeedTunnel(send, max_streams=4, max_body=10)
+    add_agent(registry, "dear", dear, in_flight=2)
+    add_agent(registry, "idle", None)
+    unbound.in_flight = 1
+    registry.set_node_views({cheap: NodeView("n1", "active", 1000),
+                             dear: NodeView("n2", "active", 5000)}, 10)
+    # rank alone: seed-cheap, dear, seed-idle, idle, a1; the JSON agents then go last
+    assert [a.agent_id for a in registry.routable("shop", 10.0)] == [
+        "dear", "idle", "a1", "seed-cheap", "seed-idle"]
 
 
 def test_an_app_served_only_from_suspended_or_banned_nodes_is_refused_node_suspended() -> None:

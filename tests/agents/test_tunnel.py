@@ -250,7 +250,7 @@ async def test_bad_register_fields(mock_clock: MockClock, world: World) -> None:
             assert await agent.wait_closed() == (4005, "invalid_field:node_id"), bad
 
 
-@pytest.mark.parametrize("announced", [None, 1, 3])
+@pytest.mark.parametrize("announced", [1, 3])
 async def test_an_agent_speaking_another_data_protocol_is_refused_at_register(
         mock_clock: MockClock, world: World, announced: int | None) -> None:
     """Not on its first proxied request: frames the other side cannot read would end the

@@ -707,7 +707,7 @@ async def test_the_proxy_ends_a_request_on_its_last_frame_when_it_knows_it(
     """eecp's side (eecp.proxy): a GET is one message; an upload whose Content-Length is
     reached ends on that chunk; one of unknown length ends with END once it is exhausted."""
     async with mux_pair() as p, trio.open_nursery() as nursery:
-        agent = SimpleNamespace(mux=p.eecp, in_flight=0)
+        agent = SimpleNamespace(mux=p.eecp, seed=None, in_flight=0)
         received: list[bytes] = []
 
         async def serve() -> None:
@@ -737,7 +737,7 @@ async def test_the_proxy_ends_a_request_on_its_last_frame_when_it_knows_it(
 
 async def test_the_proxy_refuses_a_body_longer_than_its_content_length() -> None:
     async with mux_pair() as p:
-        agent = SimpleNamespace(mux=p.eecp, in_flight=0)
+        agent = SimpleNamespace(mux=p.eecp, seed=None, in_flight=0)
         head = RequestHead("POST", "/", [("Content-Length", "3")])
         with pytest.raises(proxy.ProxyError) as caught:
             async with proxy._attempt(WAIT, agent, head,  # type: ignore[arg-type]
