@@ -242,7 +242,9 @@ class Forwarder:
                     yield upstream
                     return
             except ProxyError as exc:
-                if answered or last or exc.http_status not in (502, 503):
+                # the app's answer was too large: the same app on another agent answers the same
+                if answered or last or exc.http_status not in (502, 503) \
+                        or exc.reason == "response_too_large":
                     raise
                 log.info("retrying %s %s on another agent after %s", head.method, app,
                          exc.reason)
