@@ -13,7 +13,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import trio
@@ -21,7 +21,7 @@ import trio
 from eecp import __version__
 from eecp.attestation import verify_cli as verify_quote
 from eecp.core.config import from_env
-from eecp.core.errors import ConfigError, StoreError
+from eecp.core.errors import ConfigError, EecpError, StartupError, StoreError
 from eecp.core.logs import setup_logging
 from eecp.patches import apply_all as apply_patches
 
@@ -85,13 +85,52 @@ def serve_command(env: dict[str, str]) -> int:
     gc.freeze()
     try:
         trio.run(serve, config)
-    except ConfigError as exc:
-        print(f"eecp: configuration error: {exc.detail}", file=sys.stderr)
-        return 2
-    except StoreError as exc:
-        print(f"eecp: store error: {exc}", file=sys.stderr)
-        return 1
+    except BaseException as exc:  # re-raised unless a start-up failure
+        return report_startup_failure(exc, "eecp")
     return 0
+
+
+#: what stops eecp from starting (a bug is none of these: it keeps its traceback)
+STARTUP_FAILURES: tuple[type[EecpError], ...] = (ConfigError, StartupError, StoreError)
+
+
+def startup_failures(exc: BaseException, kinds: tuple[type[EecpError], ...] = STARTUP_FAILURES
+                     ) -> list[EecpError] | None:
+    """The start-up failures ``exc`` is made of, in order — None unless it is made of nothing
+    else. Trio's nurseries wrap a failure in groups, nested as deep as the tasks that raised
+    it; a group that holds anything else as well (a bug, a KeyboardInterrupt) is no start-up
+    failure, and is to be raised as it is."""
+    if isinstance(exc, BaseExceptionGroup):
+        found: list[EecpError] = []
+        for member in exc.exceptions:
+            inner = startup_failures(member, kinds)
+            if inner is None:
+                return None
+            found.extend(inner)
+        return found
+    return [exc] if isinstance(exc, kinds) else None
+
+
+def report_startup_failure(exc: BaseException, prog: str,
+                           kinds: tuple[type[EecpError], ...] = STARTUP_FAILURES,
+                           rename: Mapping[str, str] | None = None) -> int:
+    """Print a start-up failure as one line (the first, if several listeners failed at once)
+    and return the exit status: 2 for a configuration error, else 1. Anything else is
+    re-raised, traceback and all. ``rename`` replaces variable names in the line (the demo's
+    options set what ``serve`` knows as variables)."""
+    failures = startup_failures(exc, kinds)
+    if not failures:
+        raise exc
+    first = next((f for f in failures if isinstance(f, ConfigError)), failures[0])
+    if isinstance(first, ConfigError):
+        print(f"{prog}: configuration error: {first.detail}", file=sys.stderr)
+        return 2
+    line = first.detail or first.reason
+    for variable, option in (rename or {}).items():
+        line = line.replace(f"({variable})", f"({option})").replace(f", {variable})",
+                                                                      f", {option})")
+    print(f"{prog}: {line}", file=sys.stderr)
+    return 1
 
 
 def release_agent_command(agent_id: str, env: dict[str, str]) -> int:
@@ -148,14 +187,18 @@ def demo_command(args: argparse.Namespace, env: dict[str, str]) -> int:
             urls = await nursery.start(serve_demo, settings)
             print("\n".join(urls.lines()), flush=True)
 
-    failures: list[BaseException] = []
     try:
         trio.run(run)
-    except* (DemoError, OSError) as group:  # not attested; a port in use, an unwritable --dir
-        failures.extend(group.exceptions)
-    for failure in failures[:1]:
-        print(f"eecp demo: {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    except BaseException as exc:  # re-raised unless a start-up failure
+        # not attested, a port in use, an unusable --dir: one line, naming the demo's option
+        return report_startup_failure(exc, "eecp demo", (*STARTUP_FAILURES, DemoError),
+                                      DEMO_OPTIONS)
+    return 0
+
+
+#: the demo's options, which set what eecp's start-up failures name as variables
+DEMO_OPTIONS = {"EE_CONTROL_PORT": "--control-port", "EE_PROXY_PORT": "--proxy-port",
+                "EE_AUTH_PORT": "--auth-port", "EE_DB_PATH": "--dir"}
 
 
 if __name__ == "__main__":
