@@ -31,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eecp", description="Easy Enclave Control Plane")
     parser.add_argument("--version", action="version", version=f"eecp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the control plane (configured by EE_* variables)")
+    sub.add_parser("serve", help="run the control plane (configured by EE_* variables)",
+                   description="Run the control plane until SIGINT/SIGTERM. It takes no "
+                   "options:\neverything is configured by EE_* environment variables, read "
+                   "once at start-up\n(a bad value: one line naming it, exit status 2).",
+                   epilog=serve_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     verify = sub.add_parser("verify-quote", help="verify a DCAP quote and judge it by policy")
     verify_quote.add_arguments(verify)
     release = sub.add_parser(
@@ -47,6 +51,42 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_argument(f"--{name}-port", type=int, default=default, metavar="PORT",
                           help=f"loopback port of the {name} listener (0: any free port)")
     return parser
+
+
+#: the variables ``eecp serve --help`` shows (README's "Configuration" has every one)
+SERVE_HELP_VARIABLES = (
+    ("EE_CONTROL_BIND", "control_bind", "the control port's address (API, tunnel, health)"),
+    ("EE_CONTROL_PORT", "control_port", "control port"),
+    ("EE_PROXY_BIND", "proxy_bind", "the proxy listener's address"),
+    ("EE_PROXY_PORT", "proxy_port", "proxy listener port"),
+    ("EE_AUTH_BIND", "auth_bind", "the auth listener's address (resolve)"),
+    ("EE_AUTH_PORT", "auth_port", "auth listener port"),
+    ("EE_DB_PATH", "db_path", "the SQLite file"),
+    ("EE_DB_URL", "db_url", "postgresql://user:pass@host/db selects PostgreSQL"),
+    ("EE_ADMIN_TOKEN", "admin_token", "the admin endpoints' bearer token (unset: open)"),
+    ("EE_PCCS_URL", "pccs_url", "the PCCS/PCS serving collateral"),
+    ("EE_ALLOWLIST_DIR", "allowlist_dir", "local allowlists instead of GitHub releases"),
+    ("EE_LEDGER_ENABLED", "ledger_enabled", "true: the USD ledger (needs EE_ADMIN_TOKEN)"),
+    ("EE_LOG_FORMAT", "log_format", "text or json"),
+    ("EE_LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING, ERROR"),
+)
+
+
+def serve_epilog() -> str:
+    """The most important variables with their defaults (taken from :class:`Config` itself,
+    so that the help cannot drift from the code), and where the rest are."""
+    defaults = from_env({})
+    rows = []
+    for variable, attribute, meaning in SERVE_HELP_VARIABLES:
+        value = getattr(defaults, attribute)
+        shown = "unset" if value is None else str(value).lower() if isinstance(value, bool) \
+            else str(value)
+        rows.append(f"  {variable:<18} {meaning} (default: {shown})")
+    return "\n".join([
+        "The most important variables:", *rows, "",
+        "Every variable, with its default and meaning, is in the \"Configuration\" section of",
+        "README.md (in the source tree, or the package's description).",
+    ])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
