@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 
@@ -26,9 +27,26 @@ from eecp.core.logs import setup_logging
 from eecp.patches import apply_all as apply_patches
 
 
+class UsageError(Exception):
+    """A command line argparse cannot use; :func:`main` reports it (as JSON for
+    ``verify-quote --json``)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, raising :class:`UsageError` instead of printing and exiting on its own."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(prog="eecp", description="Easy Enclave Control Plane")
+    parser = _Parser(prog="eecp", description="Easy Enclave Control Plane")
     parser.add_argument("--version", action="version", version=f"eecp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the control plane (configured by EE_* variables)",
@@ -91,7 +109,15 @@ def serve_epilog() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eecp`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        if argv[:1] == ["verify-quote"] and "--json" in argv:
+            return verify_quote.report_error("usage", exc.message, as_json=True)
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     if args.command == "verify-quote":
         # the tool speaks through its report and its one error line; library warnings (a PCCS
