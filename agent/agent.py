@@ -54,6 +54,8 @@ def build_provider(config: AgentConfig) -> QuoteProvider:
 
 
 def _announce(config: AgentConfig, provider: QuoteProvider, measurements: Measurements) -> None:
+    for warning in config.warnings:
+        log.warning("%s", warning)
     log.info("agent %s for %s (%s@%s on %s); measurements agent_dir=%s agent_py=%s "
              "vm_image_id=%r sealed=%s", config.agent_id, config.app_name, config.repo,
              config.release_tag, config.network, measurements.agent_dir_sha256,

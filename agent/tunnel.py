@@ -331,7 +331,7 @@ class Tunnel:
             while True:
                 next_probe = trio.current_time() + self.config.health_interval_sec
                 status = await probe_backend(self.http, self.config.health_url,
-                                             self.config.health_timeout_sec)
+                                             self.config.health_probe_timeout_sec)
                 await ws.send_message(encode_health(Health(status)))
                 self._record_health(status)
                 await trio.sleep_until(next_probe)

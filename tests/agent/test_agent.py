@@ -44,6 +44,7 @@ from trio_websocket import (
     serve_websocket,
 )
 
+from agent import agent as agent_main
 from agent import measure as measure_mod
 from agent.agent import build_provider
 from agent.config import AgentConfig, from_env
@@ -93,7 +94,7 @@ def agent_env(url: str, backend: str, pki_dir: Path, agent_dir: Path, **extra: s
         "EE_AGENT_ID": AGENT_ID,
         "EE_BACKEND_URL": backend,
         "EE_HEALTH_INTERVAL_SEC": "0.1",
-        "EE_HEALTH_TIMEOUT_SEC": "2",
+        "EE_HEALTH_PROBE_TIMEOUT_SEC": "2",
         "EE_RECONNECT_MIN_SEC": "0.01",
         "EE_RECONNECT_MAX_SEC": "0.05",
         "EE_QUOTE_PROVIDER": "dev",
@@ -800,6 +801,37 @@ def test_config_defaults() -> None:
     assert from_env(valid_env()).agent_id != config.agent_id  # fresh per process by default
     assert from_env(valid_env(EE_NETWORK="")).network == "forge-1"
     assert from_env(valid_env(EE_APP_NAME="MyApp")).app_name == "myapp"  # as eecp reads it
+
+
+def test_the_probe_deadline_is_ee_health_probe_timeout_sec() -> None:
+    config = from_env(valid_env(EE_HEALTH_PROBE_TIMEOUT_SEC="7"))
+    assert config.health_probe_timeout_sec == 7.0 and config.warnings == ()
+    assert from_env(valid_env()).health_probe_timeout_sec == 5.0
+    with pytest.raises(ConfigError) as err:
+        from_env(valid_env(EE_HEALTH_PROBE_TIMEOUT_SEC="-1"))
+    assert err.value.variable == "EE_HEALTH_PROBE_TIMEOUT_SEC"
+
+
+def test_the_old_name_ee_health_timeout_sec_is_still_read_with_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    config = from_env(valid_env(EE_HEALTH_TIMEOUT_SEC="3"))
+    assert config.health_probe_timeout_sec == 3.0
+    assert len(config.warnings) == 1
+    assert "EE_HEALTH_TIMEOUT_SEC" in config.warnings[0]
+    assert "EE_HEALTH_PROBE_TIMEOUT_SEC" in config.warnings[0]
+    with pytest.raises(ConfigError) as err:  # a bad value names the variable it was read from
+        from_env(valid_env(EE_HEALTH_TIMEOUT_SEC="soon"))
+    assert err.value.variable == "EE_HEALTH_TIMEOUT_SEC"
+    # both set (one file for eecp and the agent, say): the new name wins, the old is ignored
+    both = from_env(valid_env(EE_HEALTH_TIMEOUT_SEC="120", EE_HEALTH_PROBE_TIMEOUT_SEC="4"))
+    assert both.health_probe_timeout_sec == 4.0
+    assert len(both.warnings) == 1 and "ignored" in both.warnings[0]
+    # the agent logs it once, at start-up, once logging is set up
+    caplog.set_level(logging.WARNING, logger="agent")
+    agent_main._announce(config, ConfigfsTsmProvider(Path("/nonexistent")),
+                         Measurements("a" * 64, "b" * 64, "image", False))
+    said = [r.getMessage() for r in caplog.records if "EE_HEALTH_TIMEOUT_SEC" in r.getMessage()]
+    assert said == [config.warnings[0]]
 
 
 def test_the_node_id_is_sent_in_register_when_set() -> None:
