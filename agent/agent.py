@@ -30,7 +30,7 @@ import trio
 from agent.config import AgentConfig, from_env
 from agent.measure import measure
 from agent.providers import ConfigfsTsmProvider, DevQuoteProvider, QuoteProvider
-from agent.tunnel import CLOSE_TIMEOUT_SEC, run_agent
+from agent.tunnel import CLOSE_TIMEOUT_SEC, DEV_PROVIDER_HINT, run_agent
 from eecp.core.errors import ConfigError
 from eecp.core.logs import setup_logging
 from eecp.patches import wsproto as wsproto_speedups
@@ -54,6 +54,8 @@ def build_provider(config: AgentConfig) -> QuoteProvider:
 
 
 def _announce(config: AgentConfig, provider: QuoteProvider, measurements: Measurements) -> None:
+    for warning in config.warnings:
+        log.warning("%s", warning)
     log.info("agent %s for %s (%s@%s on %s); measurements agent_dir=%s agent_py=%s "
              "vm_image_id=%r sealed=%s", config.agent_id, config.app_name, config.repo,
              config.release_tag, config.network, measurements.agent_dir_sha256,
@@ -64,7 +66,7 @@ def _announce(config: AgentConfig, provider: QuoteProvider, measurements: Measur
                     provider.pki_dir, provider.root_pem_path)
     elif isinstance(provider, ConfigfsTsmProvider) and not provider.available():
         log.error("configfs-tsm is not available at %s: challenges cannot be answered "
-                  "(is this a TDX guest?)", provider.base)
+                  "(is this a TDX guest?); %s", provider.base, DEV_PROVIDER_HINT)
 
 
 async def _serve(config: AgentConfig, provider: QuoteProvider,

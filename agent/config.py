@@ -69,7 +69,7 @@ class AgentConfig:
     #: proxied requests served at once on one tunnel; more are refused (RESET too_many_streams)
     max_streams: int = 100
     health_interval_sec: float = 30.0
-    health_timeout_sec: float = 5.0
+    health_probe_timeout_sec: float = 5.0
     reconnect_min_sec: float = 1.0
     reconnect_max_sec: float = 60.0
     reconnect_reset_sec: float = 60.0
@@ -91,6 +91,8 @@ class AgentConfig:
     sealed: bool = False
     log_format: str = "text"
     log_level: str = "INFO"
+    #: what the agent warns about once logging is set up (a variable read by its old name)
+    warnings: tuple[str, ...] = ()
 
     @property
     def register(self) -> Register:
@@ -134,7 +136,8 @@ def from_env(env: Mapping[str, str]) -> AgentConfig:
         backend_timeout_sec=r.get("EE_BACKEND_TIMEOUT_SEC", 60.0, _positive),
         max_streams=r.get("EE_MAX_STREAMS", 100, _positive_int),
         health_interval_sec=r.get("EE_HEALTH_INTERVAL_SEC", 30.0, _positive),
-        health_timeout_sec=r.get("EE_HEALTH_TIMEOUT_SEC", 5.0, _positive),
+        health_probe_timeout_sec=r.renamed("EE_HEALTH_PROBE_TIMEOUT_SEC",
+                                           "EE_HEALTH_TIMEOUT_SEC", 5.0, _positive),
         reconnect_min_sec=r.get("EE_RECONNECT_MIN_SEC", 1.0, _positive),
         reconnect_max_sec=r.get("EE_RECONNECT_MAX_SEC", 60.0, _positive),
         reconnect_reset_sec=r.get("EE_RECONNECT_RESET_SEC", 60.0, _positive),
@@ -154,6 +157,7 @@ def from_env(env: Mapping[str, str]) -> AgentConfig:
         sealed=r.get("SEAL_VM", False, _sealed),
         log_format=r.get("EE_LOG_FORMAT", "text", _log_format),
         log_level=r.get("EE_LOG_LEVEL", "INFO", _log_level),
+        warnings=tuple(r.warnings),
     )
     if cfg.reconnect_min_sec > cfg.reconnect_max_sec:
         raise ConfigError("EE_RECONNECT_MIN_SEC", "must not exceed EE_RECONNECT_MAX_SEC")
@@ -165,6 +169,7 @@ class _Reader:
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = env
+        self.warnings: list[str] = []
 
     def raw(self, name: str) -> str:
         return self._env.get(name, "").strip()
@@ -182,6 +187,22 @@ class _Reader:
             raise
         except (ValueError, OSError) as exc:
             raise ConfigError(name, str(exc) or "invalid value") from None
+
+
+    def renamed(self, name: str, old_name: str, default: T, parse: Callable[[str], T]) -> T:
+        """``name``, or the variable's ``old_name`` (with a warning) when only that is set.
+        EE_HEALTH_TIMEOUT_SEC was renamed because eecp's variable of that name means
+        something else (the health silence after which an app fails): one environment
+        file may set both programs' variables."""
+        if not self.raw(old_name):
+            return self.get(name, default, parse)
+        if self.raw(name):
+            self.warnings.append(f"{old_name} is ignored: {name} is set (for the agent, "
+                                 f"{old_name} is the old name of {name})")
+            return self.get(name, default, parse)
+        self.warnings.append(f"{old_name} is the old name of {name}: it is read for now; "
+                             f"rename it")
+        return self.get(old_name, default, parse)
 
 
 def _missing(name: str) -> NoReturn:

@@ -86,11 +86,14 @@ _MAX_CLOSE_REASON = 120  # RFC 6455 allows 123 bytes of close reason
 
 class TunnelError(EecpError):
     """This agent ended the tunnel itself: ``peer_unresponsive`` (no pong in time),
-    ``agent_stopping`` (asked to stop)."""
+    ``agent_stopping`` (asked to stop), ``quote_unavailable`` (its quote provider failed).
+    ``close_reason`` is what the close frame tells eecp (by default ``reason``)."""
 
-    def __init__(self, reason: str, detail: str = "", close_code: int = CLOSE_GOING_AWAY) -> None:
+    def __init__(self, reason: str, detail: str = "", close_code: int = CLOSE_GOING_AWAY,
+                 close_reason: str | None = None) -> None:
         super().__init__(reason, detail)
         self.close_code = close_code
+        self.close_reason = close_reason or reason
 
 
 @dataclass(frozen=True)
@@ -296,10 +299,14 @@ class Tunnel:
                                  ) -> None:
         report_data = report_data_for(self.measurements, request.nonce)
         quote: bytes | None = None
-        with trio.move_on_after(request.deadline_s):
-            quote = await self.provider.quote(report_data)
-        if quote is None:  # eecp stops waiting at the deadline: an answer now would be late
-            raise QuoteProviderError("quote_timeout", f"no quote within {request.deadline_s}s")
+        try:
+            with trio.move_on_after(request.deadline_s):
+                quote = await self.provider.quote(report_data)
+            if quote is None:  # eecp stops waiting at the deadline: an answer now would be late
+                raise QuoteProviderError("quote_timeout",
+                                         f"no quote within {request.deadline_s}s")
+        except QuoteProviderError as exc:
+            raise quote_unavailable(exc) from exc
         answer = AttestResponse(request.nonce, quote, report_data, self.measurements.as_dict())
         await ws.send_message(encode_attest_response(answer))
         self.state.attestations += 1
@@ -324,7 +331,7 @@ class Tunnel:
             while True:
                 next_probe = trio.current_time() + self.config.health_interval_sec
                 status = await probe_backend(self.http, self.config.health_url,
-                                             self.config.health_timeout_sec)
+                                             self.config.health_probe_timeout_sec)
                 await ws.send_message(encode_health(Health(status)))
                 self._record_health(status)
                 await trio.sleep_until(next_probe)
@@ -358,6 +365,20 @@ class Tunnel:
             return
 
 
+#: what the agent's own log adds when it cannot quote: the development way out
+DEV_PROVIDER_HINT = ("without TDX, for development only: EE_QUOTE_PROVIDER=dev, with eecp "
+                     "trusting the dev PKI's root.pem (EE_DCAP_ROOT_CA)")
+
+
+def quote_unavailable(exc: QuoteProviderError) -> TunnelError:
+    """The tunnel's end when no quote can be had: logged here with the way out for
+    development, and told to eecp in the close frame (``quote_unavailable: <provider's
+    reason>``), which eecp logs — else all eecp would see is an agent that left."""
+    log.error("cannot answer eecp's challenge: no quote (%s); %s", exc, DEV_PROVIDER_HINT)
+    return TunnelError("quote_unavailable", str(exc), CLOSE_INTERNAL_ERROR,
+                       close_reason=f"quote_unavailable: {exc.reason}")
+
+
 def _decode(data: str) -> AttestRequest | Status | None:
     """A server message; None for a type this agent does not know (a newer eecp's)."""
     try:
@@ -376,7 +397,9 @@ def _close_code(exc: BaseException) -> tuple[int, str]:
     """The close code and reason this agent ends a tunnel with, given why it ends it."""
     if isinstance(exc, trio.Cancelled):
         return CLOSE_GOING_AWAY, "agent_stopping"
-    if isinstance(exc, ProtocolError | TunnelError):
+    if isinstance(exc, TunnelError):
+        return exc.close_code, exc.close_reason
+    if isinstance(exc, ProtocolError):
         return exc.close_code, exc.reason
     if isinstance(exc, EecpError):
         return CLOSE_INTERNAL_ERROR, exc.reason

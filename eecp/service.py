@@ -55,6 +55,7 @@ from eecp.core import capacity
 from eecp.core.capacity import ConnectionGate, ListenerCaps
 from eecp.core.clock import Clock
 from eecp.core.config import Config
+from eecp.core.errors import StartupError
 from eecp.dataplane.http import DEFAULT_LIMITS
 from eecp.dataplane.listeners import serve_dataplane
 from eecp.ledger import jobs as ledger_jobs
@@ -262,7 +263,13 @@ class _HypercornConfig(HypercornConfig):
         self.eecp_gate: ConnectionGate | None = None
 
     def create_sockets(self) -> Sockets:
-        sockets = super().create_sockets()
+        try:
+            sockets = super().create_sockets()
+        except OSError as exc:  # one line naming the port and its variable (eecp serve)
+            host, _, port = self.bind[0].rpartition(":")
+            raise StartupError.listen_failed(
+                "control port", host.strip("[]"), int(port),
+                ("EE_CONTROL_BIND", "EE_CONTROL_PORT"), exc) from exc
         for sock in (*sockets.insecure_sockets, *sockets.secure_sockets):
             if hasattr(socket, "TCP_USER_TIMEOUT") and sock.family in (socket.AF_INET,
                                                                        socket.AF_INET6):

@@ -144,6 +144,21 @@ def test_unparseable_root_ca_exits_2(tmp_path: Path) -> None:
     assert "EE_DCAP_ROOT_CA" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_serve_help_names_the_configuration_and_its_defaults_as_readme_does() -> None:
+    done = subprocess.run([sys.executable, "-m", "eecp", "serve", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert "EE_* environment variables" in done.stdout
+    assert '"Configuration" section of\nREADME.md' in done.stdout
+    shown = dict(re.findall(r"^  (EE_\w+) .*\(default: (.*)\)$", done.stdout, re.MULTILINE))
+    assert {"EE_CONTROL_PORT", "EE_PROXY_PORT", "EE_AUTH_PORT", "EE_DB_PATH", "EE_DB_URL",
+            "EE_ADMIN_TOKEN", "EE_PCCS_URL"} <= set(shown)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for variable, default in shown.items():  # the same default as README's table says
+        documented = "—" if default == "unset" else f"`{default}`"
+        assert f"| `{variable}` | {documented} |" in readme, variable
+
+
 # ---- the file limit and connection caps (eecp.capacity) -------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,6 +28,7 @@ log = logging.getLogger("eecp.tunnel")
 
 
 TUNNEL_PATH = "/v1/tunnel"
+_MAX_CLOSE_REASON = 123  # RFC 6455: what a close frame can hold
 
 # ASGI's callables, loosely typed: the messages are plain dicts whose keys we check ourselves
 Scope = Any
@@ -41,6 +42,9 @@ class AsgiSocket:
     def __init__(self, receive: Receive, send: Send) -> None:
         self._receive = receive
         self._send = send
+        #: the close code and reason the peer sent, once it closed the tunnel (hypercorn
+        #: passes them on with eecp.patches.hypercorn, fix 7; None until then, or without)
+        self.peer_close: tuple[int, str] | None = None
 
     async def accept(self) -> bool:
         """Complete the handshake; False when the client left before it."""
@@ -56,6 +60,9 @@ class AsgiSocket:
                 text = message.get("text")
                 return text if text is not None else bytes(message.get("bytes") or b"")
             if message["type"] == "websocket.disconnect":
+                reason = message.get("reason")
+                if isinstance(reason, str):
+                    self.peer_close = (int(message.get("code") or 1005), reason)
                 return None
 
     async def send(self, data: str | bytes) -> None:
@@ -71,6 +78,18 @@ class AsgiSocket:
                           "reason": reason.encode()[:123].decode(errors="ignore")})
 
 
+def log_peer_close(session: AgentSession, code: int, reason: str) -> None:
+    """Why the agent itself closed its tunnel, in its own words (``quote_unavailable:
+    configfs_tsm_unavailable``, ``agent_stopping``): the session only knows that it left.
+    The words are the agent's: non-printable characters are not written to the log."""
+    register = session.register
+    who = f"agent {register.agent_id} ({register.app_name})" if register else session.peer
+    shown = "".join(c if c.isprintable() else "?" for c in reason[:_MAX_CLOSE_REASON])
+    level = logging.INFO if code in (protocol.CLOSE_NORMAL, protocol.CLOSE_GOING_AWAY) \
+        else logging.WARNING
+    log.log(level, "%s closed its tunnel: %d %s", who, code, shown or "(no reason)")
+
+
 class TunnelRouter:
     """ASGI: WebSockets on ``/v1/tunnel`` to a session of :class:`Tunnels`, all else to
     ``app``."""
@@ -84,7 +103,10 @@ class TunnelRouter:
             socket = AsgiSocket(receive, send)
             if await socket.accept():
                 client = scope.get("client")
-                await self._tunnels.serve_session(socket, str(client[0]) if client else "?")
+                session = await self._tunnels.serve_session(socket,
+                                                            str(client[0]) if client else "?")
+                if socket.peer_close is not None:
+                    log_peer_close(session, *socket.peer_close)
             return
         await self._app(scope, receive, send)
 
@@ -103,12 +125,14 @@ class Tunnels:
         """How many sessions have been admitted (their first attestation accepted)."""
         return len(self.sessions)
 
-    async def serve_session(self, socket: TunnelSocket, peer: str) -> None:
-        """Run one agent's session to its end (the caller owns the WebSocket)."""
+    async def serve_session(self, socket: TunnelSocket, peer: str) -> AgentSession:
+        """Run one agent's session to its end (the caller owns the WebSocket); the session,
+        ended."""
         session = AgentSession(self._deps, socket, peer, on_registered=self._registered)
         self._live.add(session)
         try:
             await session.run()
+            return session
         finally:
             self._live.discard(session)
             register = session.register

@@ -298,19 +298,27 @@ class CollateralCache:
                 resp, "enclaveIdentity", "QE identity"
             )
 
+        refused: dict[int, list[str]] = {}  # HTTP status -> the paths that answered it
+
         async def guarded(step: Callable[[], Awaitable[None]]) -> None:
             # Collect failures instead of letting one cancel the others: trio would wrap them in
             # an ExceptionGroup, and one readable detail is all the caller needs.
             try:
                 await step()
+            except _HttpStatus as exc:
+                refused.setdefault(exc.status, []).append(exc.path)
             except (UnusableResponse, httpx.HTTPError, ValueError) as exc:
                 errors.append(_describe(exc, self._timeout))
 
         async with trio.open_nursery() as nursery:
             for step in (pck_crl, root_crl, tcb_info, qe_identity):
                 nursery.start_soon(guarded, step)
-        if errors:
-            raise UnusableResponse("; ".join(errors))
+        # A PCCS that is down fails the four requests alike: say it once, not four times
+        failures = [*(f"HTTP {status} from {', '.join(sorted(paths))}"
+                      for status, paths in sorted(refused.items())),
+                    *dict.fromkeys(errors)]
+        if failures:
+            raise UnusableResponse("; ".join(failures))
         try:
             return parts_from_fields(got, fetched_at=self._clock.now())
         except ValueError as exc:
@@ -319,9 +327,17 @@ class CollateralCache:
     async def _get(self, url: str, params: dict[str, str] | None) -> httpx.Response:
         resp = await self._client.get(url, params=params)
         if resp.status_code != 200:
-            path = url[len(self._base) :]
-            raise UnusableResponse(f"{path}: HTTP {resp.status_code}")
+            raise _HttpStatus(url[len(self._base) :], resp.status_code)
         return resp
+
+
+class _HttpStatus(UnusableResponse):
+    """A PCS request answered with another status than 200."""
+
+    def __init__(self, path: str, status: int) -> None:
+        super().__init__(f"{path}: HTTP {status}")
+        self.path = path
+        self.status = status
 
 
 def _normalise_base(url: str) -> str:

@@ -2,7 +2,9 @@
 
 Exit status: 0 accepted, 1 refused (including a quote that parses but does not verify, e.g. no
 matching TCB level or expired collateral), 2 unusable input (unreadable or unparseable files,
-collateral that cannot be obtained) with one clear line on stderr, never a traceback.
+collateral that cannot be obtained, bad options) with one clear line on stderr, never a
+traceback. With ``--json`` everything is one JSON object on stdout: the report (``"ok": true``,
+whatever the verdict) or the error (``{"ok": false, "error": reason, "detail": ...}``).
 """
 
 from __future__ import annotations
@@ -98,8 +100,7 @@ def run(args: argparse.Namespace, env: dict[str, str], out: TextIO | None = None
     except (InputError, ConfigError, QuoteError, AllowlistError, PolicyError,
             CollateralError) as exc:
         # Nothing could be judged: unusable files or options, or no collateral to be had.
-        print(f"eecp verify-quote: {exc}", file=err)
-        return 2
+        return report_error(exc.reason, exc.detail, as_json=args.json, out=out, err=err)
     verified: VerifiedQuote | None = None
     try:
         verified = verify_quote(inputs.quote, collateral, inputs.at, inputs.root)
@@ -108,10 +109,24 @@ def run(args: argparse.Namespace, env: dict[str, str], out: TextIO | None = None
         verdict = policy.Verdict.refuse(exc)
     report = build_report(inputs, verified, verdict)
     if args.json:
-        print(json.dumps(report, indent=2), file=out)
+        print(json.dumps({"ok": True, **report}, indent=2), file=out)
     else:
         print_text(report, out)
     return 0 if verdict.accepted else 1
+
+
+def report_error(reason: str, detail: str, *, as_json: bool, out: TextIO | None = None,
+                 err: TextIO | None = None) -> int:
+    """Say why nothing could be judged: with ``--json`` as one JSON object on stdout (a script
+    reads one stream, in one format, whatever happened), else as one line on stderr. Returns
+    the exit status, 2."""
+    if as_json:
+        print(json.dumps({"ok": False, "error": reason, "detail": detail}),
+              file=out or sys.stdout)
+    else:
+        print(f"eecp verify-quote: {reason}: {detail}" if detail else
+              f"eecp verify-quote: {reason}", file=err or sys.stderr)
+    return 2
 
 
 def read_inputs(args: argparse.Namespace, env: dict[str, str]) -> Inputs:
@@ -183,7 +198,10 @@ def obtain_collateral(args: argparse.Namespace, env: dict[str, str], inputs: Inp
             parts = await cache.get(inputs.facts.fmspc, inputs.facts.ca, tee)
             return parts.to_dcap()
 
-    return trio.run(fetch)
+    try:
+        return trio.run(fetch)
+    except CollateralError as exc:  # which PCCS, since it may come from EE_PCCS_URL unseen
+        raise CollateralError(exc.reason, f"{exc.detail} (PCCS {url})") from None
 
 
 class _AtClock:

@@ -6,6 +6,7 @@ The tree::
     ├── ConfigError                a bad EE_* variable: names it (exit status 2)
     ├── InputError                 unusable operator input (a file that is not a quote, ...)
     ├── StoreError                 the database did not answer or refused
+    ├── StartupError               eecp cannot start: a listener it cannot bind (exit status 1)
     ├── ProtocolError              a tunnel message that cannot be accepted (+ WebSocket close code)
     ├── RegistrationError          a register that cannot be honoured (app_name_taken, ...)
     ├── AttestationError           a quote was not accepted (every refusal is one of these)
@@ -26,6 +27,8 @@ audit log): they are lower_snake_case, optionally followed by ``:detail`` — fo
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class EecpError(Exception):
@@ -62,6 +65,27 @@ class StoreError(EecpError):
     """The store could not complete an operation."""
 
     http_status = 503
+
+
+class StartupError(EecpError):
+    """eecp cannot start: ``listen_failed`` (a port in use, a privileged port, an address the
+    host does not have). ``detail`` is the whole line the command prints: what (the listener
+    and the variable setting it), where (the address) and the system's reason."""
+
+    http_status = 503
+
+    @classmethod
+    def listen_failed(cls, listener: str, host: str, port: int, variables: tuple[str, str],
+                      exc: OSError) -> StartupError:
+        """``cannot listen on 127.0.0.1:9090 (proxy listener, EE_PROXY_PORT): address already
+        in use``; ``variables`` are the (bind, port) variables: an address the host does not
+        have is the bind's fault, anything else the port's."""
+        bind_variable, port_variable = variables
+        at_fault = bind_variable if exc.errno == errno.EADDRNOTAVAIL else port_variable
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        why = exc.strerror or str(exc) or type(exc).__name__
+        return cls("listen_failed", f"cannot listen on {address} ({listener}, {at_fault}): "
+                                    f"{why[:1].lower()}{why[1:]}")
 
 
 class ProtocolError(EecpError):

@@ -26,9 +26,10 @@ from collections.abc import AsyncIterator
 import trio
 
 from eecp.agents.registry import Registry
-from eecp.core.capacity import ListenerCaps
+from eecp.core.capacity import ConnectionGate, ListenerCaps
 from eecp.core.clock import Clock
 from eecp.core.config import Config
+from eecp.core.errors import StartupError
 from eecp.core.metrics import Metrics
 from eecp.core.ratelimit import LogBudget
 from eecp.dataplane.forwarded import (
@@ -45,7 +46,7 @@ from eecp.dataplane.http import (
     Request,
     RequestError,
     Responder,
-    serve_http,
+    serve_http_listeners,
 )
 from eecp.dataplane.proxy import (
     Forwarder,
@@ -261,17 +262,21 @@ async def serve_dataplane(proxy: ProxyHandler, auth: AuthHandler, config: Config
     async with trio.open_nursery() as nursery:
         proxy_port: int = await nursery.start(
             _serve, proxy, config.proxy_bind, config.proxy_port, limits,
-            caps.proxy, "proxy listener")
+            caps.proxy, "proxy listener", ("EE_PROXY_BIND", "EE_PROXY_PORT"))
         auth_port: int = await nursery.start(
             _serve, auth, config.auth_bind, config.auth_port, Limits(),
-            caps.auth, "auth listener")
+            caps.auth, "auth listener", ("EE_AUTH_BIND", "EE_AUTH_PORT"))
         log.info("data plane: proxy on %s:%d, auth on %s:%d", config.proxy_bind, proxy_port,
                  config.auth_bind, auth_port)
         task_status.started((proxy_port, auth_port))
 
 
 async def _serve(handler: AuthHandler | ProxyHandler, host: str, port: int, limits: Limits,
-                 max_connections: int, name: str,
+                 max_connections: int, name: str, variables: tuple[str, str],
                  task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    await serve_http(handler, host, port, limits=limits, max_connections=max_connections,
-                     name=name, task_status=task_status)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:  # one line naming the listener and its variable (eecp serve)
+        raise StartupError.listen_failed(name, host, port, variables, exc) from exc
+    await serve_http_listeners(handler, listeners, limits=limits, task_status=task_status,
+                               gate=ConnectionGate(name, max_connections))

@@ -36,6 +36,8 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -70,7 +72,9 @@ HELLO = b"hello from inside the TD (eecp demo backend)\n"
 
 
 class DemoError(EecpError):
-    """The demo could not get its agent attested (``demo_not_attested``)."""
+    """The demo could not run: ``demo_not_attested`` (the agent was not attested in time),
+    ``demo_stopped``, ``demo_ledger_setup``, ``demo_dir_unusable`` (a ``--dir`` it cannot
+    write in)."""
 
 
 @dataclass(frozen=True)
@@ -274,7 +278,8 @@ async def serve_demo(settings: DemoSettings, *, shutdown: trio.Event | None = No
     agent is attested. Raises :class:`DemoError` if it is not within ``ATTEST_WITHIN_SEC``."""
     shutdown = trio.Event() if shutdown is None else shutdown
     directory = settings.directory.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    with _files_in(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     async with trio.open_nursery() as outer:
         if handle_signals:
             outer.start_soon(watch_signals, shutdown, name="signals")
@@ -282,11 +287,13 @@ async def serve_demo(settings: DemoSettings, *, shutdown: trio.Event | None = No
         # the agent's config needs eecp's port, and eecp's needs the PCCS, which needs the PKI:
         # build a provisional agent config to create the PKI and take the measurements
         draft = agent_config(directory, settings.control_port, backend_port, settings)
-        provider, measurements = await trio.to_thread.run_sync(prepare, directory, draft)
+        with _files_in(directory):
+            provider, measurements = await trio.to_thread.run_sync(prepare, directory, draft)
         pccs_port: int = await outer.start(serve_http, DevPccs(provider.pki,
                                                                fmspc=provider.fmspc),
                                            "127.0.0.1", 0)
-        env = await trio.to_thread.run_sync(eecp_env, directory, pccs_port, settings)
+        with _files_in(directory):
+            env = await trio.to_thread.run_sync(eecp_env, directory, pccs_port, settings)
         config = from_env(env)
         ready = False
         async with trio.open_nursery() as inner:
@@ -309,6 +316,18 @@ async def serve_demo(settings: DemoSettings, *, shutdown: trio.Event | None = No
         outer.cancel_scope.cancel()
     if not ready:  # after a graceful stop of everything
         raise DemoError("demo_stopped", "stopped before the agent was attested")
+
+
+@contextmanager
+def _files_in(directory: Path) -> Iterator[None]:
+    """A directory the demo cannot write in is a :class:`DemoError` naming it and ``--dir``
+    (``eecp demo`` prints it as one line)."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or directory
+        raise DemoError("demo_dir_unusable", f"cannot write {where} (--dir): "
+                        f"{exc.strerror or exc}") from exc
 
 
 async def _open_accounts(bound: Bound, demo: DemoLedger) -> None:

@@ -42,6 +42,13 @@ them once, at the process's start (:func:`eecp.patches.apply_all`), before any s
    fix: the handshake ignores ``Sec-WebSocket-Extensions`` (the only WebSockets on the control
    port are tunnels), so no extension is ever negotiated.
 
+7. **The agent's close reason is lost.** When the peer closes a WebSocket, hypercorn tells the
+   app ``websocket.disconnect`` with a code of its own making (1000 or 1006), never the code
+   and reason the peer sent, so eecp could only log ``peer_closed`` for an agent that said
+   why it left (``quote_unavailable: ...``). The fix: the peer's close frame is remembered
+   as hypercorn answers it, and the disconnect carries its ``code`` and ``reason`` (the
+   ``reason`` key ASGI 2.4 defines), which :class:`eecp.agents.tunnels.AsgiSocket` records.
+
 The fixes patch private methods (the third a module constant), read in hypercorn 0.18.0. So
 :func:`apply` patches only the releases in :data:`WRITTEN_FOR` (pyproject pins the same range)
 and only when every name it patches is there; otherwise it patches nothing and logs a warning
@@ -58,9 +65,12 @@ from typing import Any
 import hypercorn.trio.tcp_server as tcp_server
 import trio
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import Handshake, WSStream
 from hypercorn.trio.tcp_server import TCPServer
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from eecp.core.capacity import ConnectionGate
 from eecp.patches import versions
@@ -69,17 +79,17 @@ log = logging.getLogger("eecp.patches.hypercorn")
 
 #: the hypercorn releases the fixes were written for: 0.18.x (pyproject: the same pin)
 WRITTEN_FOR: tuple[versions.Release, versions.Release] = ((0, 18), (0, 19))
-FIXES = 6
+FIXES = 7
 _APPLIED = "_eecp_fixes_applied"
 #: what one read of a control-port connection may take (hypercorn's own is 64 KiB)
 READ_BYTES = 256 * 1024
 _PATCHED = ((TCPServer, "protocol_send"), (TCPServer, "run"), (TCPServer, "_idle_timeout"),
             (TCPServer, "_initiate_server_close"), (H11Protocol, "handle"),
-            (WSStream, "_send_pings"), (WSStream, "handle"))
+            (WSStream, "_send_pings"), (WSStream, "handle"), (WSStream, "_send_wsproto_event"))
 
 
 def apply() -> bool:
-    """Install the six changes (idempotent); False, and nothing patched, when this hypercorn
+    """Install the seven changes (idempotent); False, and nothing patched, when this hypercorn
     is not one they were written for or lacks what they patch."""
     if getattr(TCPServer, _APPLIED, False):
         return True
@@ -87,8 +97,8 @@ def apply() -> bool:
     if not versions.within(version, WRITTEN_FOR):
         log.warning("hypercorn %s: eecp's fixes were written for hypercorn %s and are not "
                     "applied (its close/write race, ping linger, read size, head timeout, "
-                    "connection cap and compression stay as they are)", version,
-                    versions.describe(WRITTEN_FOR))
+                    "connection cap, compression and lost close reasons stay as they are)",
+                    version, versions.describe(WRITTEN_FOR))
         return False
     missing = [f"{cls.__name__}.{name}" for cls, name in _PATCHED
                if not callable(getattr(cls, name, None))]
@@ -96,10 +106,12 @@ def apply() -> bool:
         missing.append("Handshake.extensions")
     if missing or not isinstance(getattr(tcp_server, "MAX_RECV", None), int):
         log.warning("hypercorn %s changed (%s): its close/write race, ping linger, read "
-                    "size, head timeout, connection cap and compression are not patched",
+                    "size, head timeout, connection cap, compression and close reasons are "
+                    "not patched",
                     version, ", ".join(missing) or "MAX_RECV")
         return False
     _patch_protocol_send()
+    _patch_peer_close()  # before the pings' handle, which must wrap this one's
     _patch_pings()
     _patch_no_compression()
     tcp_server.MAX_RECV = max(tcp_server.MAX_RECV, READ_BYTES)
@@ -150,6 +162,32 @@ def _patch_no_compression() -> None:
         self.extensions = None  # as if the client offered none: nothing is negotiated
 
     Handshake.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _patch_peer_close() -> None:
+    original_send = WSStream._send_wsproto_event
+    original_handle = WSStream.handle
+
+    async def _send_wsproto_event(self: Any, event: Any) -> None:
+        # hypercorn answers a peer's close with its response, in REMOTE_CLOSING alone
+        if isinstance(event, CloseConnection) and \
+                self.connection.state == ConnectionState.REMOTE_CLOSING:
+            self._eecp_peer_close = (event.code, event.reason or "")
+        await original_send(self, event)
+
+    async def handle(self: Any, event: Any) -> None:
+        close: tuple[int, str] | None = getattr(self, "_eecp_peer_close", None)
+        if isinstance(event, StreamClosed) and close is not None and not self.closed \
+                and self.app_put is not None:
+            self.closed = True  # as hypercorn's own branch does, with the peer's words
+            code, reason = close
+            await self.app_put({"type": "websocket.disconnect", "code": code,
+                                "reason": reason})
+            return
+        await original_handle(self, event)
+
+    WSStream._send_wsproto_event = _send_wsproto_event  # type: ignore[method-assign]
+    WSStream.handle = handle  # type: ignore[method-assign]
 
 
 def _patch_pings() -> None:

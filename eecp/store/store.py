@@ -254,7 +254,12 @@ class Store:
     def _migrate_sync(self, now: float) -> int:
         if self._sqlite_path is not None:
             # Before connecting: SQLite creates the file but not its directory.
-            self._sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            directory = self._sqlite_path.parent
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError("store_unavailable",
+                                 f"cannot create {directory}: {exc.strerror or exc}") from exc
             self._connected(dbmod.enable_wal, self._db)
         return self._connected(migrate, self._db, now)
 
@@ -447,7 +452,19 @@ async def open_store(
     """
     store = Store(config, workers, clock)
     try:
-        await store.migrate()
+        try:
+            await store.migrate()
+        except StoreError as exc:
+            raise _not_opened(store, config, exc) from exc
         yield store
     finally:
         await store.aclose()
+
+
+def _not_opened(store: Store, config: Config, exc: StoreError) -> StoreError:
+    """The error of a store that could not be opened, as one line naming the database and the
+    variable that chose it (what ``eecp serve`` prints): a driver's message may span lines."""
+    variable = "EE_DB_URL" if config.db_url else "EE_DB_PATH"
+    detail = " ".join(exc.detail.split())
+    return StoreError(exc.reason,
+                      f"cannot open the store {store.describe()} ({variable}): {detail}")

@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -43,6 +44,7 @@ from trio_websocket import (
     serve_websocket,
 )
 
+from agent import agent as agent_main
 from agent import measure as measure_mod
 from agent.agent import build_provider
 from agent.config import AgentConfig, from_env
@@ -92,7 +94,7 @@ def agent_env(url: str, backend: str, pki_dir: Path, agent_dir: Path, **extra: s
         "EE_AGENT_ID": AGENT_ID,
         "EE_BACKEND_URL": backend,
         "EE_HEALTH_INTERVAL_SEC": "0.1",
-        "EE_HEALTH_TIMEOUT_SEC": "2",
+        "EE_HEALTH_PROBE_TIMEOUT_SEC": "2",
         "EE_RECONNECT_MIN_SEC": "0.01",
         "EE_RECONNECT_MAX_SEC": "0.05",
         "EE_QUOTE_PROVIDER": "dev",
@@ -549,11 +551,11 @@ async def test_a_quote_that_cannot_be_made_closes_the_tunnel(
             peer = await world.eecp.accept()
             await peer.expect("register")
             await peer.send(AttestRequest(bytes(32), 30, "register").encode())
-            assert await peer.closed() == (1011, "configfs_tsm_unavailable")
+            assert await peer.closed() == (1011, "quote_unavailable: configfs_tsm_unavailable")
             peer.done.set()
             await wait_state(state, lambda s: s.last_error is not None)
             assert state.last_error is not None
-            assert state.last_error.startswith("configfs_tsm_unavailable: ")
+            assert state.last_error.startswith("quote_unavailable: configfs_tsm_unavailable: ")
             (await world.eecp.accept()).done.set()  # and it dials again
 
 
@@ -801,6 +803,37 @@ def test_config_defaults() -> None:
     assert from_env(valid_env(EE_APP_NAME="MyApp")).app_name == "myapp"  # as eecp reads it
 
 
+def test_the_probe_deadline_is_ee_health_probe_timeout_sec() -> None:
+    config = from_env(valid_env(EE_HEALTH_PROBE_TIMEOUT_SEC="7"))
+    assert config.health_probe_timeout_sec == 7.0 and config.warnings == ()
+    assert from_env(valid_env()).health_probe_timeout_sec == 5.0
+    with pytest.raises(ConfigError) as err:
+        from_env(valid_env(EE_HEALTH_PROBE_TIMEOUT_SEC="-1"))
+    assert err.value.variable == "EE_HEALTH_PROBE_TIMEOUT_SEC"
+
+
+def test_the_old_name_ee_health_timeout_sec_is_still_read_with_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    config = from_env(valid_env(EE_HEALTH_TIMEOUT_SEC="3"))
+    assert config.health_probe_timeout_sec == 3.0
+    assert len(config.warnings) == 1
+    assert "EE_HEALTH_TIMEOUT_SEC" in config.warnings[0]
+    assert "EE_HEALTH_PROBE_TIMEOUT_SEC" in config.warnings[0]
+    with pytest.raises(ConfigError) as err:  # a bad value names the variable it was read from
+        from_env(valid_env(EE_HEALTH_TIMEOUT_SEC="soon"))
+    assert err.value.variable == "EE_HEALTH_TIMEOUT_SEC"
+    # both set (one file for eecp and the agent, say): the new name wins, the old is ignored
+    both = from_env(valid_env(EE_HEALTH_TIMEOUT_SEC="120", EE_HEALTH_PROBE_TIMEOUT_SEC="4"))
+    assert both.health_probe_timeout_sec == 4.0
+    assert len(both.warnings) == 1 and "ignored" in both.warnings[0]
+    # the agent logs it once, at start-up, once logging is set up
+    caplog.set_level(logging.WARNING, logger="agent")
+    agent_main._announce(config, ConfigfsTsmProvider(Path("/nonexistent")),
+                         Measurements("a" * 64, "b" * 64, "image", False))
+    said = [r.getMessage() for r in caplog.records if "EE_HEALTH_TIMEOUT_SEC" in r.getMessage()]
+    assert said == [config.warnings[0]]
+
+
 def test_the_node_id_is_sent_in_register_when_set() -> None:
     assert from_env(valid_env()).register.node_id is None
     assert "node_id" not in json.loads(encode_register(from_env(valid_env()).register))
@@ -1008,6 +1041,49 @@ async def test_attested_and_renewed_by_the_real_control_plane(
                 assert body["expires_at"] == isoformat(harness.START + 57 * 86400), body
                 stop.set()
             assert state.connections == 1  # renewed on the same tunnel
+
+
+async def test_an_agent_that_cannot_quote_tells_eecp_why_and_itself_how_to_develop(
+        mock_clock: trio.testing.MockClock, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No TDX here (configfs-tsm absent): the agent closes its tunnel with
+    ``quote_unavailable: configfs_tsm_unavailable``, the real eecp logs that reason (not just
+    that the agent left), and the agent's own log names the development way out."""
+    from tests import harness
+
+    pki = devpki.make_pki(seed=11)
+    caplog.set_level(logging.INFO)
+    async with harness.open_upstreams(pki) as (pccs, github):
+        env = harness.control_plane_env(tmp_path, pki, pccs.url, github.url)
+        async with harness.open_control_plane(env, pki, pccs, github) as cp, \
+                open_backend() as backend:
+            config = from_env({
+                **valid_env(EE_CONTROL_WS=cp.ws_url, EE_BACKEND_URL=backend.url,
+                            EE_REPO=harness.REPO, EE_RELEASE_TAG=harness.TAG,
+                            EE_APP_NAME="shop", EE_AGENT_ID=AGENT_ID),
+                "EE_TUNNEL_PING_INTERVAL_SEC": "0"})
+            provider = ConfigfsTsmProvider(tmp_path / "no-configfs-here")
+            stop = trio.Event()
+
+            def eecp_says(text: str) -> bool:
+                return any(text in r.getMessage() for r in caplog.records
+                           if r.name == "eecp.tunnel")
+
+            async with trio.open_nursery() as nursery:
+                state: AgentState = await nursery.start(partial(
+                    run_agent, config, provider, harness.MEAS, stop=stop))
+                async with harness.real_deadline(WAIT):
+                    await state.wait_for(lambda s: s.last_error is not None)
+                    await harness.eventually(lambda: eecp_says("closed its tunnel"))
+                stop.set()
+    assert state.last_error is not None
+    assert state.last_error.startswith("quote_unavailable: configfs_tsm_unavailable")
+    assert eecp_says(f"agent {AGENT_ID} (shop) closed its tunnel: 1011 "
+                     "quote_unavailable: configfs_tsm_unavailable")
+    agent_lines = [r.getMessage() for r in caplog.records if r.name == "agent.tunnel"
+                   and r.levelno == logging.ERROR]
+    assert any("EE_QUOTE_PROVIDER=dev" in line and "configfs_tsm_unavailable" in line
+               for line in agent_lines), agent_lines
 
 
 # ---- the measured tree is the code the agent runs --------------------------------------------

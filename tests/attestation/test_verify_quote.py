@@ -179,7 +179,7 @@ def test_foreign_root_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert code == 1
 
 
-@pytest.mark.parametrize("make_args, needle", [
+UNUSABLE = [
     (lambda t: [t / "missing.bin"], "quote_unreadable"),
     (lambda t: [t / "garbage.bin"], "quote_malformed"),
     (lambda t: [vector("dcap/tdx_quote"), "--collateral", t / "garbage.bin"],
@@ -197,7 +197,10 @@ def test_foreign_root_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: P
      "--network"),
     (lambda t: [vector("dcap/tdx_quote"), "--collateral",
                 vector("dcap/tdx_quote_collateral.json"), "--at", "yesterday"], "at_invalid"),
-])
+]
+
+
+@pytest.mark.parametrize("make_args, needle", UNUSABLE)
 def test_unusable_input_exits_2_with_one_line(capsys: pytest.CaptureFixture[str],
                                               tmp_path: Path, make_args: object,
                                               needle: str) -> None:
@@ -236,4 +239,76 @@ async def test_collateral_fetched_from_a_pccs(tmp_path: Path, pki: devpki.DevPki
         done = await trio.run_process(command, capture_stdout=True, capture_stderr=True,
                                       check=False)
         assert done.returncode == 2
-        assert done.stderr.decode().startswith("eecp verify-quote: collateral_unavailable")
+        assert json.loads(done.stdout)["error"] == "collateral_unavailable"
+
+
+@pytest.mark.parametrize("make_args, needle", UNUSABLE)
+def test_with_json_unusable_input_is_one_json_object_on_stdout(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, make_args: object,
+        needle: str) -> None:
+    (tmp_path / "garbage.bin").write_bytes(b"\x01\x02 not a quote")
+    code, out, err = run(capsys, *make_args(tmp_path), "--json")  # type: ignore[operator]
+    assert code == 2 and err == ""
+    doc = json.loads(out)
+    assert doc["ok"] is False and isinstance(doc["detail"], str)
+    assert needle in f"{doc['error']}: {doc['detail']}"
+    assert set(doc) == {"ok", "error", "detail"}
+
+
+def test_with_json_a_report_says_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, vector("dcap/tdx_quote"), "--collateral",
+                       vector("dcap/tdx_quote_collateral.json"), "--at", AT, "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+
+
+@pytest.mark.parametrize("extra", [[], ["--bogus"]])
+def test_with_json_a_usage_error_is_json_too(extra: list[str]) -> None:
+    args = ["verify-quote", "--json", *extra] + (["quote.bin"] if extra else [])
+    done = subprocess.run([sys.executable, "-m", "eecp", *args], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr == ""
+    doc = json.loads(done.stdout)
+    assert doc["ok"] is False and doc["error"] == "usage"
+    assert ("--bogus" if extra else "QUOTE_FILE") in doc["detail"]
+    # without --json argparse's own usage and error line, as before
+    done = subprocess.run([sys.executable, "-m", "eecp", "verify-quote"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("usage: eecp verify-quote")
+    assert "eecp verify-quote: error: the following arguments are required: QUOTE_FILE" \
+        in done.stderr
+
+
+async def test_a_failing_pccs_is_reported_once_as_json(tmp_path: Path,
+                                                       pki: devpki.DevPki) -> None:
+    from tests.fake_pccs import open_fake_pccs
+
+    minted = qf.mint_uptodate(pki, now=NOW)
+    quote, _, root = write_minted(tmp_path, minted, pki)
+    async with open_fake_pccs(minted.collateral_json) as pccs:
+        command = [sys.executable, "-m", "eecp", "verify-quote", str(quote), "--pccs", pccs.url,
+                   "--root-ca", str(root), "--at", "2026-09-22T00:00:00Z"]
+
+        async def verify(*extra: str) -> tuple[int, str, str]:
+            done = await trio.run_process([*command, *extra], capture_stdout=True,
+                                          capture_stderr=True, check=False)
+            return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+        pccs.up = False  # every request dropped
+        code, out, err = await verify("--json")
+        assert code == 2 and err == ""
+        doc = json.loads(out)
+        assert (doc["ok"], doc["error"]) == (False, "collateral_unavailable")
+        assert doc["detail"].count("PCCS unreachable") == 1 and pccs.url in doc["detail"]
+        code, out, err = await verify()
+        assert code == 2 and out == "" and err.count("PCCS unreachable") == 1
+        assert err.count("\n") == 1
+
+        pccs.up = True
+        pccs.fail("*", 503)  # every endpoint answers 503
+        code, out, err = await verify("--json")
+        doc = json.loads(out)
+        assert code == 2 and doc["error"] == "collateral_unavailable"
+        assert doc["detail"].count("HTTP 503") == 1
+        assert all(endpoint in doc["detail"] for endpoint in ("/pckcrl", "/rootcacrl", "/tcb",
+                                                              "/qe/identity"))

@@ -94,7 +94,7 @@ def test_a_process_applies_the_patches_once_and_logs_their_versions() -> None:
     assert result.returncode == 0, result.stderr
     hypercorn, wsproto = versions.installed("hypercorn"), versions.installed("wsproto")
     assert result.stderr.splitlines() == [
-        f"hypercorn {hypercorn}: 6 fixes applied",
+        f"hypercorn {hypercorn}: 7 fixes applied",
         f"wsproto {wsproto}: masking in C and the two-copy frame writer installed"]
 
 
