@@ -138,6 +138,7 @@ class Config:
     abuse_decision_deadline_sec: float = 259_200.0
     abuse_max_span_sec: float = 604_800.0
     idempotency_retention_days: float = 30.0
+    agent_stale_sec: float = 86_400.0
 
     @property
     def store_threads(self) -> int:
@@ -262,6 +263,7 @@ def _with_ledger(r: _Reader, cfg: Config) -> Config:
                                           _non_negative),
         abuse_max_span_sec=r.get("EE_ABUSE_MAX_SPAN_SEC", 604_800.0, _positive),
         idempotency_retention_days=r.get("EE_IDEMPOTENCY_RETENTION_DAYS", 30.0, _positive),
+        agent_stale_sec=r.get("EE_AGENT_STALE_SEC", 86_400.0, _positive),
     )
 
 

@@ -63,6 +63,7 @@ class LedgerSettings:
     abuse_deadline_sec: float = 259_200.0  # EE_ABUSE_DECISION_DEADLINE_SEC
     abuse_max_span_sec: float = 604_800.0  # EE_ABUSE_MAX_SPAN_SEC
     idempotency_retention_days: float = 30.0  # EE_IDEMPOTENCY_RETENTION_DAYS
+    agent_stale_sec: float = 86_400.0  # EE_AGENT_STALE_SEC (§8.4)
     settle_interval_sec: float = 60.0  # how often the settler runs
     settle_batch: int = 200  # node-periods per settler pass (§15)
     #: node-periods measured per unit of work when a finalize catches up on a chain
@@ -100,6 +101,7 @@ class LedgerSettings:
             abuse_deadline_sec=config.abuse_decision_deadline_sec,
             abuse_max_span_sec=config.abuse_max_span_sec,
             idempotency_retention_days=config.idempotency_retention_days,
+            agent_stale_sec=config.agent_stale_sec,
         )
 
 

@@ -19,7 +19,7 @@ from eecp.core.errors import StoreError
 from eecp.core.metrics import LedgerCounts, LedgerMetrics
 from eecp.ledger.outbox import EventOutbox
 from eecp.ledger.routing import NodeView
-from eecp.ledger.service import Ledger
+from eecp.ledger.service import STALE_EVERY_SEC, Ledger
 
 log = logging.getLogger("eecp.ledger")
 
@@ -79,10 +79,12 @@ async def _beat(ledger: Ledger) -> None:
 async def serve_settler(ledger: Ledger, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """A settler pass every ``settle_interval_sec``, then the stake releaser's pass (matured
-    unstakes, §10.3; its own lease ``stake``), and the key pruner hourly. Stopped, it gives its
+    unstakes, §10.3; its own lease ``stake``), the stale-agent releaser every 10 minutes (its
+    lease ``stale``), and the key pruner hourly. Stopped, it gives its
     lease up, so that the instance that comes next settles at once."""
     interval = ledger.settings.settle_interval_sec
     pruned_at = -PRUNE_EVERY_SEC
+    stale_at = -STALE_EVERY_SEC
     task_status.started()
     due = trio.current_time()  # a fixed schedule: a slow pass does not delay the next ones
     try:
@@ -92,6 +94,11 @@ async def serve_settler(ledger: Ledger, *,
                 if done.errors:
                     log.error("settler: %d node-periods could not be settled", done.errors)
                 await ledger.release_unstakes()
+                if trio.current_time() - stale_at >= STALE_EVERY_SEC:
+                    released = await ledger.release_stale()
+                    if released:
+                        log.info("settler: agents released: %s", released)
+                    stale_at = trio.current_time()
                 if trio.current_time() - pruned_at >= PRUNE_EVERY_SEC:
                     await ledger.prune_keys()
                     pruned_at = trio.current_time()

@@ -209,6 +209,39 @@ def release_agent(tx: Tx, instance_id: str, node_id: str, agent_id: str,
     return ok({"node_id": node_id, "agent_id": agent_id, "released_at": isoformat(at)})
 
 
+def release_stale(tx: Tx, instance_id: str, now: float, stale_sec: float) -> dict[str, int]:
+    """Release the agents their nodes should no longer expect (spec §8.4, §15): ``stale``,
+    down for ``stale_sec`` or more (its downtime until now has counted), and ``app_gone``,
+    its app's registration expired or deleted while no session of it was there to say so (a
+    live session releases itself at expiry). How many were released, by reason.
+
+    Every node's agents are read in one unit of work: fine for the hundreds of agents a node
+    list holds; an index of open agents would replace the scan beyond that."""
+    released: dict[str, int] = {}
+    for node in tx.nodes.nodes():
+        for agent_id in tx.nodes.agents_seen(node.node_id):
+            last = tx.nodes.last_event(agent_id)
+            if last is None or last.kind == "release" or last.node_id != node.node_id:
+                continue
+            reason = _release_reason(tx, last, now, stale_sec)
+            if reason is None:
+                continue
+            tx.nodes.append_event(EventRow(now, agent_id, last.app_name, last.session_id,
+                                           instance_id, "release", reason, node.node_id,
+                                           last.ppid))
+            released[reason] = released.get(reason, 0) + 1
+    return released
+
+
+def _release_reason(tx: Tx, last: EventRow, now: float, stale_sec: float) -> str | None:
+    app = tx.app(last.app_name)
+    if app is None or app.expires_at <= now:
+        return "app_gone"
+    if last.kind == "down" and now - last.at >= stale_sec:
+        return "stale"
+    return None
+
+
 def bound_agents(tx: Tx, node_id: str) -> list[dict[str, object]]:
     """The agents on the node now (their latest event names it and is not a release)."""
     agents = []

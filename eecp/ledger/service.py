@@ -53,6 +53,9 @@ from eecp.store.ledger_records import LedgerTallies
 from eecp.store.store import Store, Tx
 
 log = logging.getLogger("eecp.ledger")
+
+#: how often the settler also releases stale agents (§15: 10 min)
+STALE_EVERY_SEC = 600.0
 _Parse = Callable[[float], tuple[Request | None, Work]]
 
 
@@ -468,6 +471,18 @@ class Ledger:
             outcomes[await self._store.atomic(functools.partial(
                 staking.release_one, op_id=op_id, now=now))] += 1
         return ReleasePass(True, dict(outcomes))
+
+    async def release_stale(self, *, use_lease: bool = True) -> dict[str, int] | None:
+        """One pass of the stale-agent releaser (§8.4, §15): agents down for
+        ``EE_AGENT_STALE_SEC`` released ``stale``, those of expired or deleted apps
+        ``app_gone``; how many by reason, or None when another instance holds the ``stale``
+        lease (which only avoids duplicate work)."""
+        now = self._clock.now()
+        if use_lease and not await self._store.atomic(lambda tx: tx.ledger.take_lease(
+                "stale", self.instance_id, now, 3 * STALE_EVERY_SEC)):
+            return None
+        return await self._store.atomic(lambda tx: observe.release_stale(
+            tx, self.instance_id, now, self.settings.agent_stale_sec))
 
     async def prune_keys(self) -> int:
         """Delete idempotency keys past ``EE_IDEMPOTENCY_RETENTION_DAYS`` (natural keys are

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from eecp.core.clock import FixedClock
 from eecp.ledger.observe import SessionEvent
+from eecp.ledger.service import Ledger
+from eecp.store.records import AppRecord
 from tests.databases import Backend
 from tests.ledger.dbkit import HOUR, T0, body, error, ok, open_ledger, ppid_of, setup_node
 
@@ -145,3 +147,34 @@ async def test_the_launcher_releases_an_agent_once(backend: Backend) -> None:
         assert ok(await ledger.get_node("admin", "n1"))["agents"] == []
         assert error(await ledger.get_node("admin", "ghost")) == (404, "node_not_found")
         assert (await ledger.get_node("node:other", "n1")).status == 403
+
+
+async def test_stale_agents_and_agents_of_gone_apps_are_released(backend: Backend) -> None:
+    clock = FixedClock(T0)
+    async with open_ledger(backend, clock) as (ledger, store):
+        await store.atomic(lambda tx: tx.insert_app(AppRecord("app", "acme/app", "v1", "n",
+                                                              T0, T0 + 30 * 86400)))
+        await store.atomic(lambda tx: tx.insert_app(AppRecord("brief", "acme/brief", "v1", "n",
+                                                              T0, T0 + 2 * 86400)))
+        await setup_node(ledger, stake=None, agent="down-long")
+        platform = ppid_of(abs(hash("n1")) % 10**12)
+        events = [SessionEvent(T0, a, app, f"s-{a}", "up", "attested", platform)
+                  for a, app in (("up-long", "app"), ("down-short", "app"), ("brief-1", "brief"))]
+        await ledger.record_availability(events)
+        await ledger.record_availability([
+            SessionEvent(T0 + 10, "down-long", "app", "s-down-long", "down",
+                         "disconnected:peer_closed", platform)])
+        clock.advance(86400 + 15)  # down-long has been down a day; brief's app not expired yet
+        await ledger.record_availability([
+            SessionEvent(clock.now() - 1, "down-short", "app", "s-down-short", "down",
+                         "health_timeout", platform)])
+        assert await ledger.release_stale() == {"stale": 1}
+        other = Ledger(store, ledger.settings, clock, instance_id="i-2")
+        assert await other.release_stale() is None  # the lease is the first instance's
+        bound = {a["agent_id"] for a in ok(await ledger.get_node("admin", "n1"))["agents"]}
+        assert bound == {"up-long", "down-short", "brief-1"}
+        clock.advance(86400)  # brief's registration expired; down-short is stale now
+        assert await ledger.release_stale(use_lease=False) == {"app_gone": 1, "stale": 1}
+        assert await ledger.release_stale(use_lease=False) == {}  # once
+        bound = {a["agent_id"] for a in ok(await ledger.get_node("admin", "n1"))["agents"]}
+        assert bound == {"up-long"}
