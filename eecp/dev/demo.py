@@ -26,7 +26,8 @@ deployment's), 60-second periods so that a settlement comes within two minutes, 
 ``demo-node`` priced, funded and staked, a user ``alice`` with $10 of credits, and the agent
 naming the node (``EE_NODE_ID``) on its dev platform, whose PPID the demo confirms for the node
 once the agent's attestation has left the claim. All of it through eecp's own HTTP API, as an
-operator would do it, and idempotent (fixed keys): a second run replays it. It then prints the
+operator would do it, and idempotent: a second run replays it (a stake a slash reduced is
+topped back up to $5). It then prints the
 curl commands that report usage and show it settle, and those that show the node's stake.
 
 The node is **premium** at a tiny price ($0.002 per vCPU-hour, 1 vCPU), so that its penalty
@@ -34,7 +35,7 @@ The node is **premium** at a tiny price ($0.002 per vCPU-hour, 1 vCPU), so that 
 counted downtime per 30 days) short enough to break on purpose: ``--slash`` stops the agent
 once it is set up, for :data:`OUTAGE_SEC` (30 s), then starts it again. The settler then
 slashes the node $1.44 (``GET /v1/nodes/demo-node`` lists it under ``slashes``), within about
-two minutes. The demo's ledger gives price increases no notice (a directory made by an older
+three minutes. The demo's ledger gives price increases no notice (a directory made by an older
 demo, with another price and tier, takes the demo's terms at the next minute) and allows one
 availability slash per :data:`SLASH_INTERVAL_SEC` (5 minutes instead of a day), so a second
 ``--slash`` a few minutes later is a second slash.
@@ -208,7 +209,7 @@ class DemoUrls:
                      "30 days", "eecp demo --ledger --slash")]
         return [
             (f"--slash: the agent's tunnel is cut now for {self.outage_sec:g} s (premium "
-             "allows 25.92 s per 30 days); within about two minutes \"slashes\" lists "
+             "allows 25.92 s per 30 days); within about three minutes \"slashes\" lists "
              "$1.44 and the stake is $1.44 less", node),
             ("the slashed stake's account", slashed),
         ]
@@ -382,33 +383,41 @@ async def _outage(nursery: trio.Nursery, agent: Callable[..., Awaitable[None]],
     state: AgentState = await nursery.start(partial(agent, stop=shutdown))
     await _wait_attested(state, shutdown)
     log.warning("eecp demo --slash: the agent is back; the settler slashes the node within "
-                "about two minutes")
+                "about three minutes")
 
 
 async def open_accounts(control_url: str, demo: DemoLedger) -> None:
-    """The node (priced, funded, staked) and the user's credits, through eecp's own API, each
-    call idempotent: a second run replays them."""
-    calls: list[tuple[str, dict[str, object], str | None]] = [
-        ("/v1/nodes/register", {"node_id": demo.node, "price_usd_per_vcpu_hour": PRICE_USD,
-                                "capacity_vcpus": CAPACITY_VCPUS, "stake_tier": TIER,
-                                "allow_update": True}, None),
-        # (a key of its own: an older demo's directory funded $2 under "demo-stake-funds")
-        ("/v1/credits/purchase", {"account_id": f"node:{demo.node}", "amount_usd": STAKE_USD},
-         "demo-node-stake"),
-        # a target: what the stake lacks of it moves from node:demo-node to stake:demo-node
-        ("/v1/nodes/register", {"node_id": demo.node, "stake_amount_usd": STAKE_USD,
-                                "allow_update": True}, None),
-        ("/v1/credits/purchase", {"account_id": demo.user, "amount_usd": "10"},
-         "demo-credits"),
-    ]
+    """The node (priced, funded, staked) and the user's credits, through eecp's own API. A
+    second run replays it, except that a stake a slash reduced is topped back up to
+    ``STAKE_USD``, as its operator would: the shortfall bought for ``node:demo-node`` (under a
+    fresh key: it is bought only when short), then staked."""
     async with httpx.AsyncClient(base_url=control_url, headers={
             "Authorization": f"Bearer {demo.admin_token}"}) as http:
-        for path, body, key in calls:
+        async def post(path: str, body: dict[str, object], key: str | None = None) -> None:
             answer = await http.post(path, json=body, headers={"Idempotency-Key": key}
                                      if key else {})
             if answer.status_code != 200:
                 raise DemoError("demo_ledger_setup", f"{path}: {answer.status_code} "
                                 f"{answer.text[:200]}")
+
+        await post("/v1/nodes/register", {
+            "node_id": demo.node, "price_usd_per_vcpu_hour": PRICE_USD,
+            "capacity_vcpus": CAPACITY_VCPUS, "stake_tier": TIER, "allow_update": True})
+        staked = await http.get(f"/v1/balances/stake:{demo.node}")
+        if staked.status_code != 200:
+            raise DemoError("demo_ledger_setup", f"stake: {staked.status_code}")
+        short = int(STAKE_USD) * 1_000_000 - int(staked.json()["posted_micros"])
+        if short > 0:
+            await post("/v1/credits/purchase", {
+                "account_id": f"node:{demo.node}",
+                "amount_usd": f"{short // 1_000_000}.{short % 1_000_000:06d}"},
+                f"demo-node-stake-{secrets.token_hex(8)}")
+            # a target: what the stake lacks of it moves from node:demo-node to stake:demo-node
+            await post("/v1/nodes/register", {"node_id": demo.node,
+                                              "stake_amount_usd": STAKE_USD,
+                                              "allow_update": True})
+        await post("/v1/credits/purchase", {"account_id": demo.user, "amount_usd": "10"},
+                   "demo-credits")
 
 
 async def confirm_platform(control_url: str, demo: DemoLedger) -> None:

@@ -254,6 +254,12 @@ async def test_the_ledger_demo_s_node_is_slashed_once_for_its_outage(
         assert shown[f"stake:{NODE}"]["posted_micros"] == 5_000_000 - PENALTY_MICROS
         assert shown["slash:platform"]["balance_micros"] == PENALTY_MICROS
         assert node["stake"]["ok"] is True  # $3.56 still covers the $1.44 minimum
+        # the next run of the demo tops the stake back up, once
+        for _ in range(2):
+            await open_accounts(plane.cp.url, demo)
+        stake = await plane.ok("GET", f"/v1/balances/stake:{NODE}")
+        assert stake["posted_micros"] == 5_000_000
+        assert (await plane.ok("GET", f"/v1/balances/node:{NODE}"))["balance_micros"] == 0
 
 
 async def test_a_demo_stopped_before_its_agent_is_attested_says_so(tmp_path: Path) -> None:
