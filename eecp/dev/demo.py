@@ -349,9 +349,10 @@ async def serve_demo(settings: DemoSettings, *, shutdown: trio.Event | None = No
                                                     backend_port, settings),
                             provider, measurements)
             # the first agent's own stop: --slash sets it to cut the tunnel; so does shutdown
-            first_stop = trio.Event()
+            first_stop, first_ended = trio.Event(), trio.Event()
             inner.start_soon(_set_on, shutdown, first_stop)
-            state: AgentState = await inner.start(partial(agent, stop=first_stop))
+            state: AgentState = await inner.start(partial(
+                _run_then_set, partial(agent, stop=first_stop), first_ended))
             ready = await _wait_attested(state, shutdown)
             if ready and ledger is not None:
                 await confirm_platform(bound.control_url, ledger)
@@ -359,7 +360,7 @@ async def serve_demo(settings: DemoSettings, *, shutdown: trio.Event | None = No
             if ready:
                 task_status.started(DemoUrls(bound, ledger=ledger, outage_sec=outage))
             if ready and outage is not None:
-                await _outage(inner, agent, first_stop, shutdown, outage)
+                await _outage(inner, agent, (first_stop, first_ended), shutdown, outage)
         outer.cancel_scope.cancel()
     if not ready:  # after a graceful stop of everything
         raise DemoError("demo_stopped", "stopped before the agent was attested")
@@ -370,12 +371,25 @@ async def _set_on(first: trio.Event, then: trio.Event) -> None:
     then.set()
 
 
+async def _run_then_set(run: Callable[..., Awaitable[None]], ended: trio.Event, *,
+                        task_status: trio.TaskStatus[AgentState] = trio.TASK_STATUS_IGNORED
+                        ) -> None:
+    try:
+        await run(task_status=task_status)
+    finally:
+        ended.set()
+
+
 async def _outage(nursery: trio.Nursery, agent: Callable[..., Awaitable[None]],
-                  stop: trio.Event, shutdown: trio.Event, seconds: float) -> None:
-    """``--slash``: stop the agent (its tunnel closes: counted downtime of the node), and start
-    it again ``seconds`` later, unless the demo is stopping by then."""
+                  first: tuple[trio.Event, trio.Event], shutdown: trio.Event,
+                  seconds: float) -> None:
+    """``--slash``: stop the first agent (its tunnel closes: counted downtime of the node), and
+    start another ``seconds`` after it has returned (eecp has seen the close by then), unless
+    the demo is stopping by then."""
+    stop, ended = first
     log.warning("eecp demo --slash: cutting the agent's tunnel for %gs", seconds)
     stop.set()
+    await ended.wait()
     with trio.move_on_after(seconds):
         await shutdown.wait()
     if shutdown.is_set():
