@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ledger", action="store_true",
                       help="with the USD ledger on: a funded user, a node owning the agent's "
                            "platform, 60-second periods, and the curl commands to settle usage")
+    demo.add_argument("--slash", action="store_true",
+                      help="the ledger demo (implies --ledger), cutting the agent's tunnel "
+                           "for 30 s once set up, so that the premium demo node is slashed")
     for name, default in (("control", 8088), ("proxy", 9090), ("auth", 8089)):
         demo.add_argument(f"--{name}-port", type=int, default=default, metavar="PORT",
                           help=f"loopback port of the {name} listener (0: any free port)")
@@ -244,7 +247,7 @@ def demo_command(args: argparse.Namespace, env: dict[str, str]) -> int:
         return 2
     settings = DemoSettings(Path(args.dir), args.control_port, args.proxy_port, args.auth_port,
                             logging_config.log_format, logging_config.log_level,
-                            ledger=args.ledger)
+                            ledger=args.ledger or args.slash, slash=args.slash)
     setup_logging(settings.log_format, settings.log_level)
     apply_patches()  # (the demo's agent runs in this process too: it gets the wsproto one)
 

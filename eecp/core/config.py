@@ -125,6 +125,9 @@ class Config:
     ledger_max_amount_usd: str = "1000000"
     platform_fee_bps: str = "0"
     stake_min_usd: str = "1"
+    unstake_cooldown_sec: float = 604_800.0
+    slash_min_interval_sec: float = 86_400.0
+    route_price_band_pct: int = 10
     settlement_auto: bool = True
     settlement_delay_sec: float = 600.0
     settlement_downtime_grace_sec: float = 0.0
@@ -245,6 +248,9 @@ def _with_ledger(r: _Reader, cfg: Config) -> Config:
         ledger_max_amount_usd=r.get("EE_LEDGER_MAX_AMOUNT_USD", "1000000", str),
         platform_fee_bps=r.get("EE_PLATFORM_FEE_BPS", "0", str),
         stake_min_usd=r.get("EE_STAKE_MIN_USD", "1", str),
+        unstake_cooldown_sec=r.get("EE_UNSTAKE_COOLDOWN_SEC", 604_800.0, _non_negative),
+        slash_min_interval_sec=r.get("EE_SLASH_MIN_INTERVAL_SEC", 86_400.0, _non_negative),
+        route_price_band_pct=r.get("EE_ROUTE_PRICE_BAND_PCT", 10, _whole),
         settlement_auto=r.get("EE_SETTLEMENT_AUTO", True, _bool),
         settlement_delay_sec=r.get("EE_SETTLEMENT_DELAY_SEC", 600.0, _non_negative),
         settlement_downtime_grace_sec=r.get("EE_SETTLEMENT_DOWNTIME_GRACE_SEC", 0.0,

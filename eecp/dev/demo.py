@@ -26,8 +26,19 @@ deployment's), 60-second periods so that a settlement comes within two minutes, 
 ``demo-node`` priced, funded and staked, a user ``alice`` with $10 of credits, and the agent
 naming the node (``EE_NODE_ID``) on its dev platform, whose PPID the demo confirms for the node
 once the agent's attestation has left the claim. All of it through eecp's own HTTP API, as an
-operator would do it, and idempotent (fixed keys): a second run replays it. It then prints the
-curl commands that report usage and show it settle.
+operator would do it, and idempotent: a second run replays it (a stake a slash reduced is
+topped back up to $5). It then prints the
+curl commands that report usage and show it settle, and those that show the node's stake.
+
+The node is **premium** at a tiny price ($0.002 per vCPU-hour, 1 vCPU), so that its penalty
+(720 h of list revenue: $1.44, also its minimum stake) is small and its allowance (25.92 s of
+counted downtime per 30 days) short enough to break on purpose: ``--slash`` stops the agent
+once it is set up, for :data:`OUTAGE_SEC` (30 s), then starts it again. The settler then
+slashes the node $1.44 (``GET /v1/nodes/demo-node`` lists it under ``slashes``), within about
+three minutes. The demo's ledger gives price increases no notice (a directory made by an older
+demo, with another price and tier, takes the demo's terms at the next minute) and allows one
+availability slash per :data:`SLASH_INTERVAL_SEC` (5 minutes instead of a day), so a second
+``--slash`` a few minutes later is a second slash.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -67,8 +78,18 @@ REPO, TAG, APP, NETWORK = "demo/hello", "v0.1.0", "hello", "sandbox-1"
 ATTEST_WITHIN_SEC = 60.0
 #: the ledger's demo: the node, the user, and the 60-second period (the shortest, §21.10)
 NODE, USER, PERIOD_SEC = "demo-node", "alice", 60
+#: the node's terms and stake: premium, so that a 30-second outage is over its allowance, at a
+#: price that makes its penalty (= its minimum stake) 720 h x $0.002 x 1 vCPU = $1.44
+PRICE_USD, CAPACITY_VCPUS, TIER, STAKE_USD = "0.002", 1, "premium", "5"
+PENALTY_MICROS = 1_440_000
+#: the outage ``--slash`` causes (premium allows 25.92 s per 30 days)
+OUTAGE_SEC = 30.0
+#: the demo's EE_SLASH_MIN_INTERVAL_SEC: a second ``--slash`` minutes later slashes again
+SLASH_INTERVAL_SEC = 300
 ADMIN_TOKEN_FILE = "admin-token"
 HELLO = b"hello from inside the TD (eecp demo backend)\n"
+#: the usage the printed command reports: 1 vCPU for 0.6 of a 60-second period
+USAGE_VCPU_HOURS, USAGE_USD = "0.01", "$0.00002"
 
 
 class DemoError(EecpError):
@@ -89,6 +110,9 @@ class DemoSettings:
     log_level: str = "INFO"
     #: run with the USD ledger on (``eecp demo --ledger``)
     ledger: bool = False
+    #: with the ledger: stop the agent once it is set up, ``outage_sec`` long (``--slash``)
+    slash: bool = False
+    outage_sec: float = OUTAGE_SEC
 
 
 @dataclass(frozen=True)
@@ -108,6 +132,8 @@ class DemoUrls:
     bound: Bound
     app: str = APP
     ledger: DemoLedger | None = None
+    #: the demo cuts its agent's tunnel for this long once it has printed this (``--slash``)
+    outage_sec: float | None = None
 
     @property
     def control(self) -> str:
@@ -154,22 +180,41 @@ class DemoUrls:
             return []
         url, auth = self.control, '-H "Authorization: Bearer $T"'
         usage = (f'{{"account_id":"{demo.user}","node_id":"{demo.node}",'
-                 '"period":"' + "'$P'" + '","vcpu_hours":"0.05"}')
+                 '"period":"' + "'$P'" + f'","vcpu_hours":"{USAGE_VCPU_HOURS}"}}')
+        node = f"curl {auth} {url}/v1/nodes/{demo.node}"
         steps = [
             ("this minute: one 60-second period", "P=$(date -u +%Y-%m-%dT%H:%M:00Z)"),
-            ("the node, its platform and its agent", f"curl {auth} {url}/v1/nodes/{demo.node}"),
-            ("hold $0.025 of alice's credits for the node",
-             f"curl {auth} -d '{usage}' {url}/v1/usage/report"),
+            ("the node, its platform, its agent, its stake and slashes", node),
+            (f"hold {USAGE_USD} of alice's credits for the node (0.01 vCPU-h at "
+             f"${PRICE_USD})", f"curl {auth} -d '{usage}' {url}/v1/usage/report"),
             ("alice: $10 less the hold", f"curl {auth} {url}/v1/balances/{demo.user}"),
             ("in about two minutes: settled and paid (the settler runs every minute)",
              f'curl {auth} "{url}/v1/settlements/$P?node_id={demo.node}"'),
             ("then the node's payout", f"curl {auth} {url}/v1/balances/node:{demo.node}"),
+            (f"its stake: ${STAKE_USD} posted; premium's penalty, and minimum, is "
+             f"720 h x ${PRICE_USD} x {CAPACITY_VCPUS} vCPU = $1.44",
+             f"curl {auth} {url}/v1/balances/stake:{demo.node}"),
+            *self._slash_steps(node, f"curl {auth} {url}/v1/balances/slash:platform"),
             ("and the books balance", f"curl {auth} {url}/v1/ledger/check"),
         ]
         return [
-            f"The ledger is on: node {demo.node!r} owns the agent's platform {demo.ppid}, "
-            f"{demo.user!r} has $10. Then:",
+            f"The ledger is on: node {demo.node!r} (premium, ${PRICE_USD} per vCPU-hour, "
+            f"${STAKE_USD} staked) owns the agent's platform {demo.ppid}, {demo.user!r} has "
+            "$10. Then:",
             *(line for why, command in steps for line in (f"  # {why}", f"  {command}")),
+        ]
+
+    def _slash_steps(self, node: str, slashed: str) -> list[tuple[str, str]]:
+        """How to see a slash: the outage under way (``--slash``), or how to cause one."""
+        if self.outage_sec is None:
+            return [("a slash: stop this demo (Ctrl-C) and run it again with --slash; it cuts "
+                     f"the agent's tunnel for {OUTAGE_SEC:.0f} s, over premium's 25.92 s per "
+                     "30 days", "eecp demo --ledger --slash")]
+        return [
+            (f"--slash: the agent's tunnel is cut now for {self.outage_sec:g} s (premium "
+             "allows 25.92 s per 30 days); within about three minutes \"slashes\" lists "
+             "$1.44 and the stake is $1.44 less", node),
+            ("the slashed stake's account", slashed),
         ]
 
 
@@ -201,12 +246,13 @@ def agent_config(directory: Path, control_port: int, backend_port: int,
 
 def eecp_env(directory: Path, pccs_port: int, settings: DemoSettings) -> dict[str, str]:
     """eecp's ``EE_*`` variables for the demo: loopback only, SQLite, the dev root, no GitHub;
-    with the ledger, its admin token and a 60-second period (the waits inside one period
-    shorter than it)."""
+    with the ledger, its admin token, a 60-second period (the waits inside one period
+    shorter than it), no notice for price increases and the demo's slash interval."""
     ledger = {
         "EE_LEDGER_ENABLED": "true", "EE_ADMIN_TOKEN": admin_token(directory),
         "EE_LEDGER_PERIOD": str(PERIOD_SEC), "EE_SETTLEMENT_DELAY_SEC": "10",
         "EE_OBSERVER_GAP_TOLERANCE_SEC": "30", "EE_SETTLEMENT_RECONNECT_GRACE_SEC": "30",
+        "EE_PRICE_INCREASE_NOTICE_SEC": "0", "EE_SLASH_MIN_INTERVAL_SEC": str(SLASH_INTERVAL_SEC),
     } if settings.ledger else {}
     return {
         **ledger,
@@ -304,15 +350,23 @@ async def serve_demo(settings: DemoSettings, *, shutdown: trio.Event | None = No
                 assert config.admin_token is not None
                 ledger = DemoLedger(config.admin_token,
                                     devpki.platform_ppid(provider.pck_key).hex())
-                await _open_accounts(bound, ledger)
-            agent = agent_config(directory, bound.control_port, backend_port, settings)
+                await open_accounts(bound.control_url, ledger)
+            agent = partial(run_agent, agent_config(directory, bound.control_port,
+                                                    backend_port, settings),
+                            provider, measurements)
+            # the first agent's own stop: --slash sets it to cut the tunnel; so does shutdown
+            first_stop, first_ended = trio.Event(), trio.Event()
+            inner.start_soon(_set_on, shutdown, first_stop)
             state: AgentState = await inner.start(partial(
-                run_agent, agent, provider, measurements, stop=shutdown))
+                _run_then_set, partial(agent, stop=first_stop), first_ended))
             ready = await _wait_attested(state, shutdown)
             if ready and ledger is not None:
-                await _confirm_platform(bound, ledger)
+                await confirm_platform(bound.control_url, ledger)
+            outage = settings.outage_sec if settings.slash and ledger is not None else None
             if ready:
-                task_status.started(DemoUrls(bound, ledger=ledger))
+                task_status.started(DemoUrls(bound, ledger=ledger, outage_sec=outage))
+            if ready and outage is not None:
+                await _outage(inner, agent, (first_stop, first_ended), shutdown, outage)
         outer.cancel_scope.cancel()
     if not ready:  # after a graceful stop of everything
         raise DemoError("demo_stopped", "stopped before the agent was attested")
@@ -330,33 +384,78 @@ def _files_in(directory: Path) -> Iterator[None]:
                         f"{exc.strerror or exc}") from exc
 
 
-async def _open_accounts(bound: Bound, demo: DemoLedger) -> None:
-    """The node (priced, funded, staked) and the user's credits, through eecp's own API, each
-    call idempotent: a second run replays them."""
-    calls: list[tuple[str, dict[str, object], str | None]] = [
-        ("/v1/nodes/register", {"node_id": demo.node, "price_usd_per_vcpu_hour": "0.50",
-                                "capacity_vcpus": 4, "allow_update": True}, None),
-        ("/v1/credits/purchase", {"account_id": f"node:{demo.node}", "amount_usd": "2"},
-         "demo-stake-funds"),
-        ("/v1/nodes/register", {"node_id": demo.node, "stake_amount_usd": "2",
-                                "allow_update": True}, None),  # economy's minimum: 1 h of $2
-        ("/v1/credits/purchase", {"account_id": demo.user, "amount_usd": "10"},
-         "demo-credits"),
-    ]
-    async with httpx.AsyncClient(base_url=bound.control_url, headers={
+async def _set_on(first: trio.Event, then: trio.Event) -> None:
+    await first.wait()
+    then.set()
+
+
+async def _run_then_set(run: Callable[..., Awaitable[None]], ended: trio.Event, *,
+                        task_status: trio.TaskStatus[AgentState] = trio.TASK_STATUS_IGNORED
+                        ) -> None:
+    try:
+        await run(task_status=task_status)
+    finally:
+        ended.set()
+
+
+async def _outage(nursery: trio.Nursery, agent: Callable[..., Awaitable[None]],
+                  first: tuple[trio.Event, trio.Event], shutdown: trio.Event,
+                  seconds: float) -> None:
+    """``--slash``: stop the first agent (its tunnel closes: counted downtime of the node), and
+    start another ``seconds`` after it has returned (eecp has seen the close by then), unless
+    the demo is stopping by then."""
+    stop, ended = first
+    log.warning("eecp demo --slash: cutting the agent's tunnel for %gs", seconds)
+    stop.set()
+    await ended.wait()
+    with trio.move_on_after(seconds):
+        await shutdown.wait()
+    if shutdown.is_set():
+        return
+    state: AgentState = await nursery.start(partial(agent, stop=shutdown))
+    await _wait_attested(state, shutdown)
+    log.warning("eecp demo --slash: the agent is back; the settler slashes the node within "
+                "about three minutes")
+
+
+async def open_accounts(control_url: str, demo: DemoLedger) -> None:
+    """The node (priced, funded, staked) and the user's credits, through eecp's own API. A
+    second run replays it, except that a stake a slash reduced is topped back up to
+    ``STAKE_USD``, as its operator would: the shortfall bought for ``node:demo-node`` (under a
+    fresh key: it is bought only when short), then staked."""
+    async with httpx.AsyncClient(base_url=control_url, headers={
             "Authorization": f"Bearer {demo.admin_token}"}) as http:
-        for path, body, key in calls:
+        async def post(path: str, body: dict[str, object], key: str | None = None) -> None:
             answer = await http.post(path, json=body, headers={"Idempotency-Key": key}
                                      if key else {})
             if answer.status_code != 200:
                 raise DemoError("demo_ledger_setup", f"{path}: {answer.status_code} "
                                 f"{answer.text[:200]}")
 
+        await post("/v1/nodes/register", {
+            "node_id": demo.node, "price_usd_per_vcpu_hour": PRICE_USD,
+            "capacity_vcpus": CAPACITY_VCPUS, "stake_tier": TIER, "allow_update": True})
+        staked = await http.get(f"/v1/balances/stake:{demo.node}")
+        if staked.status_code != 200:
+            raise DemoError("demo_ledger_setup", f"stake: {staked.status_code}")
+        short = int(STAKE_USD) * 1_000_000 - int(staked.json()["posted_micros"])
+        if short > 0:
+            await post("/v1/credits/purchase", {
+                "account_id": f"node:{demo.node}",
+                "amount_usd": f"{short // 1_000_000}.{short % 1_000_000:06d}"},
+                f"demo-node-stake-{secrets.token_hex(8)}")
+            # a target: what the stake lacks of it moves from node:demo-node to stake:demo-node
+            await post("/v1/nodes/register", {"node_id": demo.node,
+                                              "stake_amount_usd": STAKE_USD,
+                                              "allow_update": True})
+        await post("/v1/credits/purchase", {"account_id": demo.user, "amount_usd": "10"},
+                   "demo-credits")
 
-async def _confirm_platform(bound: Bound, demo: DemoLedger) -> None:
+
+async def confirm_platform(control_url: str, demo: DemoLedger) -> None:
     """Confirm the agent's platform for the node, once its attestation left the claim
     (the claim is written just after the agent is told it is attested)."""
-    async with httpx.AsyncClient(base_url=bound.control_url, headers={
+    async with httpx.AsyncClient(base_url=control_url, headers={
             "Authorization": f"Bearer {demo.admin_token}"}) as http:
         with trio.move_on_after(10):
             while True:

@@ -44,6 +44,8 @@ def test_the_defaults_are_the_documented_ones() -> None:
     assert (got.price_increase_notice_sec, got.stake_min_micros) == (86_400, 1_000_000)
     assert (got.abuse_deadline_sec, got.abuse_max_span_sec) == (259_200, 604_800)
     assert got.idempotency_retention_days == 30
+    assert (got.unstake_cooldown_sec, got.slash_min_interval_sec) == (604_800, 86_400)
+    assert got.route_price_band_pct == 10
     assert from_env(ON).settlement_auto is True
 
 
@@ -57,7 +59,8 @@ def test_every_variable_is_read() -> None:
                     "EE_OBSERVER_GAP_TOLERANCE_SEC": "20", "EE_USAGE_MAX_AGE_SEC": "3600",
                     "EE_PRICE_INCREASE_NOTICE_SEC": "0", "EE_STAKE_MIN_USD": "0",
                     "EE_ABUSE_DECISION_DEADLINE_SEC": "100", "EE_ABUSE_MAX_SPAN_SEC": "600",
-                    "EE_IDEMPOTENCY_RETENTION_DAYS": "2"})
+                    "EE_IDEMPOTENCY_RETENTION_DAYS": "2", "EE_UNSTAKE_COOLDOWN_SEC": "120",
+                    "EE_SLASH_MIN_INTERVAL_SEC": "0", "EE_ROUTE_PRICE_BAND_PCT": "25"})
     assert cfg.settlement_auto is False
     got = LedgerSettings.from_config(cfg)
     assert got.period == PeriodLength(300, "seconds")
@@ -69,6 +72,8 @@ def test_every_variable_is_read() -> None:
     assert (got.price_increase_notice_sec, got.stake_min_micros) == (0, 0)
     assert (got.abuse_deadline_sec, got.abuse_max_span_sec) == (100, 600)
     assert got.idempotency_retention_days == 2
+    assert (got.unstake_cooldown_sec, got.slash_min_interval_sec) == (120, 0)
+    assert got.route_price_band_pct == 25
     assert settings(EE_LEDGER_PERIOD="day").period == DAY
 
 
@@ -86,6 +91,10 @@ def test_every_variable_is_read() -> None:
     ({**ON, "EE_OBSERVER_BEAT_SEC": "0"}, "EE_OBSERVER_BEAT_SEC"),
     ({**ON, "EE_USAGE_MAX_AGE_SEC": "nan"}, "EE_USAGE_MAX_AGE_SEC"),
     ({**ON, "EE_IDEMPOTENCY_RETENTION_DAYS": "0"}, "EE_IDEMPOTENCY_RETENTION_DAYS"),
+    ({**ON, "EE_UNSTAKE_COOLDOWN_SEC": "-1"}, "EE_UNSTAKE_COOLDOWN_SEC"),
+    ({**ON, "EE_SLASH_MIN_INTERVAL_SEC": "inf"}, "EE_SLASH_MIN_INTERVAL_SEC"),
+    ({**ON, "EE_ROUTE_PRICE_BAND_PCT": "-5"}, "EE_ROUTE_PRICE_BAND_PCT"),
+    ({**ON, "EE_ROUTE_PRICE_BAND_PCT": "2.5"}, "EE_ROUTE_PRICE_BAND_PCT"),
 ])
 def test_a_bad_value_or_a_weak_token_names_the_variable(env: dict[str, str],
                                                         variable: str) -> None:

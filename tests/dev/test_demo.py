@@ -8,18 +8,22 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, closing
 from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
 import pytest
 import trio
+from trio.testing import MockClock
 
 from eecp import cli
 from eecp.dev import mint as devmint
@@ -28,28 +32,37 @@ from eecp.dev.demo import (
     APP,
     HELLO,
     NODE,
+    OUTAGE_SEC,
+    PENALTY_MICROS,
     REPO,
     TAG,
     USER,
     DemoError,
+    DemoLedger,
     DemoSettings,
     DemoUrls,
+    open_accounts,
     serve_demo,
 )
 from eecp.dev.pccs import REISSUE_AFTER_SEC, DevPccs, pccs_answer
+from eecp.service import Bound
+from tests.e2e.test_ledger_e2e import until
+from tests.harness import running_agent
+from tests.ledgerkit import ADMIN, open_ledger_plane
 
 WAIT = 30.0  # real seconds: PKI creation, attestation, shutdown (hypercorn lingers up to 5 s)
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @asynccontextmanager
-async def running_demo(directory: Path, *, ledger: bool = False) -> AsyncIterator[DemoUrls]:
+async def running_demo(directory: Path, *, ledger: bool = False, **more: Any
+                       ) -> AsyncIterator[DemoUrls]:
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         with trio.fail_after(WAIT):
             urls: DemoUrls = await nursery.start(partial(
-                serve_demo, DemoSettings(directory, 0, 0, 0, ledger=ledger), shutdown=shutdown,
-                handle_signals=False))
+                serve_demo, DemoSettings(directory, 0, 0, 0, ledger=ledger, **more),
+                shutdown=shutdown, handle_signals=False))
         yield urls
         shutdown.set()
         nursery.cancel_scope.deadline = trio.current_time() + WAIT
@@ -117,40 +130,136 @@ async def test_the_ledger_demo_binds_its_agent_and_its_printed_commands_hold_usa
         assert demo is not None and len(demo.admin_token) >= 32
         admin = {"Authorization": f"Bearer {demo.admin_token}"}
         assert (await http.get(f"{urls.control}/v1/apps/{APP}")).status_code == 401
-        node = (await http.get(f"{urls.control}/v1/nodes/{NODE}", headers=admin)).json()
-        assert node["platforms"] == [demo.ppid] and node["stake"]["ok"] is True
-        assert [a["up"] for a in node["agents"]] == [True]
         app = (await http.get(f"{urls.control}/v1/apps/{APP}", headers=admin)).json()
         assert [(a["ppid"], a["node_id"]) for a in app["agents"]] == [(demo.ppid, NODE)]
         # the printed commands, run as printed (one shell, the token and period exported)
         lines = [line.strip() for line in urls.lines()]
         script = [line for line in lines if line.startswith(("export T=", "P=$(date"))]
+        node_cmd = next(line for line in lines if line.endswith(f"/v1/nodes/{NODE}"))
+        stake_cmd = next(line for line in lines if line.endswith(f"/v1/balances/stake:{NODE}"))
         usage = next(line for line in lines if "/v1/usage/report" in line)
         balance = next(line for line in lines if line.endswith(f"/v1/balances/{USER}"))
         settle = next(line for line in lines if "/v1/settlements/" in line)
+        assert "eecp demo --ledger --slash" in lines  # how to see a slash
         if shutil.which("curl") is None:
             pytest.skip("curl is not installed: the printed commands cannot be run")
         done = await trio.to_thread.run_sync(lambda: subprocess.run(
-            ["bash", "-c", "\n".join([*script, usage, "echo", balance, "echo", settle])],
+            ["bash", "-c", "\n".join([*script, node_cmd, "echo", stake_cmd, "echo", usage,
+                                      "echo", balance, "echo", settle])],
             capture_output=True, text=True, timeout=WAIT))
-        held, after, settlement = (json.loads(line) for line in done.stdout.splitlines())
-        assert (held["status"], held["amount_micros"]) == ("held", 25_000), done.stderr
-        assert after["balance_micros"] == 10_000_000 - 25_000
+        node, stake, held, after, settlement = (
+            json.loads(line) for line in done.stdout.splitlines())
+        # premium at $0.002 x 1 vCPU: a penalty, and minimum stake, of 720 h of it: $1.44
+        assert node["platforms"] == [demo.ppid] and [a["up"] for a in node["agents"]] == [True]
+        assert (node["terms"]["tier"], node["stake"]["min_required_micros"]) == (
+            "premium", PENALTY_MICROS), node
+        assert node["stake"]["ok"] is True and node["slashes"] == []
+        assert (stake["posted_micros"], stake["balance_micros"]) == (5_000_000, 5_000_000)
+        assert (held["status"], held["amount_micros"]) == ("held", 20), done.stderr
+        assert after["balance_micros"] == 10_000_000 - 20
         assert (settlement["status"], settlement["holds"]) == ("open", 1)
         finalize = await http.post(f"{urls.control}/v1/settlements/{held['period']}/finalize",
                                    json={"node_id": NODE}, headers=admin)
         assert (finalize.status_code, finalize.json()["error"]) == (409, "period_not_ended")
         check = (await http.get(f"{urls.control}/v1/ledger/check", headers=admin)).json()
         assert check["ok"] is True
-    # a second run replays its set-up: the same token, no second deposit or purchase
-    async with running_demo(directory, ledger=True) as again, \
+    # a second run replays its set-up: the same token, no second deposit or purchase; with
+    # --slash (a short outage here) it cuts its agent's tunnel once and starts it again
+    async with running_demo(directory, ledger=True, slash=True, outage_sec=1) as again, \
             httpx.AsyncClient(timeout=WAIT) as http:
         assert again.ledger is not None and again.ledger.admin_token == demo.admin_token
         admin = {"Authorization": f"Bearer {demo.admin_token}"}
         alice = (await http.get(f"{again.control}/v1/balances/{USER}", headers=admin)).json()
         assert alice["posted_micros"] == 10_000_000
+        stake = (await http.get(f"{again.control}/v1/balances/stake:{NODE}",
+                                headers=admin)).json()
+        assert stake["posted_micros"] == 5_000_000
         assert (directory / "admin-token").stat().st_mode & 0o777 == 0o600
-    assert cli.build_parser().parse_args(["demo", "--ledger"]).ledger is True
+        printed = "\n".join(again.lines())
+        assert "--slash: the agent's tunnel is cut now for 1 s" in printed
+        assert printed.count("/v1/balances/slash:platform") == 1
+        # the tunnel closes (counted downtime: not eecp's doing), and the agent is back
+        events = await _agent_events(directory / "control-plane.db", lambda found: any(
+            reason.startswith("disconnected:") for _, reason, _ in found[:-1])
+            and found[-1][:2] == ("up", "attested"))
+        cut = next(i for i, (_, reason, _) in enumerate(events)
+                   if reason.startswith("disconnected:"))
+        assert [kind for kind, _, _ in events[cut:]] == ["down", "up"], events
+        assert events[cut + 1][2] - events[cut][2] >= 1, events
+    parser = cli.build_parser()
+    assert parser.parse_args(["demo", "--ledger"]).ledger is True
+    assert parser.parse_args(["demo", "--slash"]).slash is True
+
+
+Events = list[tuple[str, str, float]]
+
+
+async def _agent_events(db: Path, done: Callable[[Events], bool]) -> Events:
+    """The demo agent's availability events ``(kind, reason, at)``, once ``done`` says so
+    (real time: the demo's clock is the system's)."""
+    def read() -> Events:
+        with closing(sqlite3.connect(db)) as conn:
+            return [(k, r, float(a)) for k, r, a in conn.execute(
+                "SELECT kind, reason, at FROM availability_event ORDER BY at, id")]
+
+    with trio.fail_after(WAIT):
+        while not done(found := await trio.to_thread.run_sync(read)):
+            await trio.to_thread.run_sync(time.sleep, 0.1)  # (a file polled: no event to wait on)
+    return found
+
+
+async def test_the_ledger_demo_s_node_is_slashed_once_for_its_outage(
+        tmp_path: Path, pki: devpki.DevPki, mock_clock: MockClock) -> None:
+    """What ``--slash`` shows, on trio's mock clock rather than in minutes of real time: the
+    demo's own set-up (premium, $0.002 x 1 vCPU, $5 staked) and its outage (the agent gone for
+    ``OUTAGE_SEC``) give one slash of $1.44 to slash:platform, which the printed commands
+    show."""
+    async with open_ledger_plane(tmp_path, pki, mock_clock) as plane:
+        ppid = uuid.uuid4().bytes
+        demo = DemoLedger(ADMIN, ppid.hex())
+        await open_accounts(plane.cp.url, demo)
+        agent = plane.agent(NODE, ppid)
+        async with running_agent(agent):
+            await agent.wait_status("attested")
+            await until(plane, f"/v1/nodes/{NODE}", lambda d: bool(d["claims"]))
+            await plane.ok("POST", f"/v1/nodes/{NODE}/platforms", json={"ppid": ppid.hex()})
+            await until(plane, f"/v1/nodes/{NODE}",
+                        lambda d: [a["up"] for a in d["agents"]] == [True])
+            await plane.advance(5)  # (events at one instant are ordered down before up)
+        await until(plane, f"/v1/nodes/{NODE}",
+                    lambda d: [a["up"] for a in d["agents"]] == [False])
+        await plane.advance(OUTAGE_SEC)
+        back = plane.agent(NODE, ppid)
+        back.agent_id = agent.agent_id
+        async with running_agent(back):
+            await back.wait_status("attested")
+            await plane.advance(3 * 60)  # the outage's periods end and are settled
+            _, last = plane.period(-1)
+            await until(plane, f"/v1/settlements/{last}?node_id={NODE}",
+                        lambda d: d["status"] == "settled")
+            bound = Bound(plane.cp.config.control_bind, plane.cp.config.control_port)
+            lines = DemoUrls(bound, ledger=demo, outage_sec=OUTAGE_SEC).lines()
+            shown = {}
+            for line in (line.strip() for line in lines):
+                if line.startswith("curl ") and line.endswith((
+                        f"/v1/nodes/{NODE}", f"/v1/balances/stake:{NODE}",
+                        "/v1/balances/slash:platform")):
+                    shown[line.rsplit("/", 1)[1]] = await plane.ok(
+                        "GET", urlsplit(line.rsplit(" ", 1)[1]).path)
+        node = shown[NODE]
+        assert [s["amount_micros"] for s in node["slashes"]] == [PENALTY_MICROS], node
+        assert node["slashes"][0]["kind"] == "slash_availability"
+        assert node["slashes"][0]["detail"]["allowed_seconds"] == 25.92
+        assert node["slashes"][0]["detail"]["down_seconds"] >= OUTAGE_SEC
+        assert shown[f"stake:{NODE}"]["posted_micros"] == 5_000_000 - PENALTY_MICROS
+        assert shown["slash:platform"]["balance_micros"] == PENALTY_MICROS
+        assert node["stake"]["ok"] is True  # $3.56 still covers the $1.44 minimum
+        # the next run of the demo tops the stake back up, once
+        for _ in range(2):
+            await open_accounts(plane.cp.url, demo)
+        stake = await plane.ok("GET", f"/v1/balances/stake:{NODE}")
+        assert stake["posted_micros"] == 5_000_000
+        assert (await plane.ok("GET", f"/v1/balances/node:{NODE}"))["balance_micros"] == 0
 
 
 async def test_a_demo_stopped_before_its_agent_is_attested_says_so(tmp_path: Path) -> None:
