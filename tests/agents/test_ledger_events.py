@@ -108,8 +108,10 @@ async def test_a_later_refused_or_missed_attestation_is_the_sessions_last_down(
             await plane.wait_events(refused.agent_id, 1)
             refused.claimed = MEAS.__class__("f" * 64, MEAS.agent_py_sha256,
                                              MEAS.vm_image_id, MEAS.sealed)
-            await plane.advance_until(lambda: refused.closed is not None, 60)
-            assert refused.closed == (4003, "measurements_binding_mismatch")
+            # the clock moves to the next challenge only: the refusal and its close handshake
+            # then run in real time (a clock jumping on meanwhile expired its timeouts: 1006)
+            await plane.advance_until(lambda: len(refused.challenges()) >= 2, 60)
+            assert await refused.wait_closed() == (4003, "measurements_binding_mismatch")
         assert await plane.wait_events(refused.agent_id, 2) == [
             ("up", "attested", None), ("down", "attestation_refused:"
                                        "measurements_binding_mismatch", None)]
@@ -117,8 +119,9 @@ async def test_a_later_refused_or_missed_attestation_is_the_sessions_last_down(
         async with running_agent(silent):
             await silent.wait_status("attested")
             silent.auto = False
-            await plane.advance_until(lambda: silent.closed is not None, 120)
-            assert silent.closed == (4002, "attestation_timeout")
+            await plane.advance_until(lambda: len(silent.challenges()) >= 2, 60)
+            await plane.advance(35)  # past the challenge's deadline (EE_ATTEST_DEADLINE_SEC)
+            assert await silent.wait_closed() == (4002, "attestation_timeout")
         assert await plane.wait_events(silent.agent_id, 2) == [
             ("up", "attested", None), ("down", "attestation_timeout", None)]
         await plane.advance(10)  # (nothing more comes: the outbox is empty)
