@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import struct
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer, serve_websocket
@@ -129,3 +131,38 @@ class RawEcho:
             pass
         finally:
             await stream.aclose()
+
+
+async def serve_echo_with_health(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+                                 ) -> None:
+    """The echo app behind a front door that also answers plain HTTP (``200 ok``: the real
+    agent's health probe) and passes every WebSocket handshake, bytes and all, to
+    :func:`serve_echo`; reports the front door's ``http://`` URL."""
+    async with trio.open_nursery() as nursery:
+        server: WebSocketServer = await nursery.start(serve_echo)
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, partial(_door, server.port), listeners)
+        task_status.started(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+
+
+async def _door(echo_port: int, stream: trio.SocketStream) -> None:
+    try:
+        head, rest = await read_head(stream)
+    except (AssertionError, trio.BrokenResourceError):
+        return
+    if b"upgrade: websocket" not in head.lower():
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close"
+                              b"\r\n\r\nok")
+        return
+    async with await trio.open_tcp_stream("127.0.0.1", echo_port) as echo:
+        await echo.send_all(head + b"\r\n\r\n" + rest)
+
+        async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await source.receive_some(65536):
+                    await sink.send_all(data)
+                await sink.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, stream, echo)
+            nursery.start_soon(pump, echo, stream)
