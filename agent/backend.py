@@ -168,6 +168,9 @@ class BackendExchange:
         self._response = _Response()
         self._parser = self._response.parser = httptools.HttpResponseParser(self._response)
         self._head_request = False
+        #: a 101 is an answer, not an error (:meth:`take_upgraded`): the request asked for it
+        self.upgrade = False
+        self._upgraded_tail: bytes | None = None  # the new protocol's first bytes, after a 101
         self._sent_whole = False
         self._overhead = 0  # bytes read since the last body byte
 
@@ -275,7 +278,7 @@ class BackendExchange:
         r = self._response
         while not r.head_done:
             await self._read(before_response=not r.started)
-        if r.status == 101:
+        if r.status == 101 and not self.upgrade:
             raise BackendError("backend_error", "the backend switched protocols")
         if self._head_request and not r.complete:
             # a HEAD response has no body whatever its headers say (llhttp cannot know that
@@ -283,6 +286,15 @@ class BackendExchange:
             r.complete, r.until_close = True, False
             r.keep_alive = r.framed and self._parser.should_keep_alive()
         return r.status, r.headers
+
+    def take_upgraded(self) -> tuple[trio.abc.Stream, bytes]:
+        """After a 101 (``upgrade`` set before the request): the connection, now the new
+        protocol's and the caller's to close (it never goes back to the pool), and the bytes
+        of that protocol that came with the head."""
+        stream, self._stream = self._stream, None
+        if stream is None or self._upgraded_tail is None:
+            raise BackendError("backend_error", "the backend's 101 did not switch protocols")
+        return stream, self._upgraded_tail
 
     def take_buffered(self) -> bytes:
         """The body bytes that have arrived and not been taken yet (they came with the head):
@@ -318,8 +330,12 @@ class BackendExchange:
         body_before = r.body_bytes
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:  # a 101 with Upgrade: no HTTP to relay after it
-            raise BackendError("backend_error", "the backend switched protocols") from None
+        except httptools.HttpParserUpgrade as exc:  # a 101 with Upgrade: no HTTP after it
+            if not (self.upgrade and r.status == 101):
+                raise BackendError("backend_error", "the backend switched protocols") from None
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self._upgraded_tail = bytes(data[offset:])
+            return
         except httptools.HttpParserError as exc:
             if r.complete:  # garbage after a whole response: retire, not fail
                 r.extra = True

@@ -44,7 +44,13 @@ import trio
 from agent.backend import BackendError, BackendExchange, BackendPool
 from eecp.core.errors import EecpError
 from eecp.core.trioutil import leaf_error, single_error
-from eecp.wire.httpmsg import RequestHead, ResponseHead, is_origin_form, strip_hop_by_hop
+from eecp.wire.httpmsg import (
+    WEBSOCKET,
+    RequestHead,
+    ResponseHead,
+    is_origin_form,
+    strip_hop_by_hop,
+)
 from eecp.wire.streams import Mux, Stream, StreamError
 
 log = logging.getLogger("agent.forward")
@@ -132,6 +138,9 @@ async def _forward(stream: Stream, head: RequestHead, pool: BackendPool,
                    timeout_sec: float) -> None:
     target = backend_target(head.path)  # before anything else: no request for a bad path
     headers = request_headers(head.headers)
+    if head.upgrade is not None:
+        await _upgrade(stream, head, target, headers, pool, timeout_sec)
+        return
     first = await stream.receive()  # a body or not: a GET's END follows its head at once
     # a bodyless safe request can be sent again: once, on a fresh connection, when the
     # kept-alive one it went out on turns out closed by the backend before any answer came
@@ -186,6 +195,78 @@ async def _answer(stream: Stream, head: RequestHead, target: str,
         if not exchange.release_nowait(failed=failed):
             with trio.CancelScope(shield=True):  # close the backend connection whatever happened
                 await exchange.close(failed=failed)
+
+
+async def _upgrade(stream: Stream, head: RequestHead, target: str,
+                   headers: list[tuple[str, str]], pool: BackendPool, timeout_sec: float
+                   ) -> None:
+    """A WebSocket handshake (``head.upgrade``): the request to the backend on a connection
+    of its own, asking for the upgrade; a 101 goes back with the backend's headers (hop-by-hop
+    ones dropped: eecp writes its own ``Upgrade``/``Connection``), and from then on the
+    connection's bytes are relayed both ways as they come, never re-framed
+    (docs/tunnel-data-protocol.md, section 9). Any other answer is relayed as an ordinary
+    response. Only the wait for the head is under ``timeout_sec``: a quiet WebSocket is no
+    slow backend (eecp's ``EE_PROXY_WS_IDLE_SEC`` ends idle ones)."""
+    if head.upgrade != WEBSOCKET:
+        raise ForwardError("bad_request", f"upgrade to {str(head.upgrade)[:40]!r} is not supported")
+    exchange = BackendExchange(pool, fresh=True)  # never a pooled one: it will not come back
+    exchange.upgrade = True
+    headers = [*headers, ("upgrade", WEBSOCKET), ("connection", "upgrade")]
+    failed = True
+    try:
+        with trio.move_on_after(timeout_sec) as late:
+            await exchange.open()
+            await exchange.send_request("GET", target, headers, None)
+            status, raw = await exchange.receive_head()
+        if late.cancelled_caught:
+            raise ForwardError("backend_timeout", f"no response head within {timeout_sec:g}s")
+        if status != 101:
+            await _respond(stream, exchange, status, raw, timeout_sec)
+            failed = False
+            return
+        backend, first = exchange.take_upgraded()
+    except BackendError as exc:
+        raise ForwardError(exc.reason, exc.detail) from None
+    finally:
+        if not exchange.release_nowait(failed=failed):
+            with trio.CancelScope(shield=True):
+                await exchange.close(failed=failed)
+    try:
+        await _send_head(stream, ResponseHead(101, response_headers(raw)), first, end=False)
+        await _relay_upgraded(stream, backend)
+    finally:
+        await trio.aclose_forcefully(backend)
+
+
+async def _relay_upgraded(stream: Stream, backend: trio.abc.Stream) -> None:
+    """The upgraded connection's bytes both ways until the backend closes it (its END to
+    eecp); eecp's END (its client's half-close) half-closes toward the backend."""
+    async def to_backend() -> None:
+        while (chunk := await stream.receive()) is not None:
+            await _backend_send(backend, chunk)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                 OSError, AttributeError):
+            await cast(trio.SocketStream, backend).send_eof()  # (TLS has no half-close)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(to_backend)
+        while True:
+            try:
+                data = await backend.receive_some(64 * 1024)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                break
+            await stream.send(bytes(data))  # at the pace of eecp's credit
+        await stream.end()
+        nursery.cancel_scope.cancel()
+
+
+async def _backend_send(backend: trio.abc.Stream, data: bytes) -> None:
+    try:
+        await backend.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise ForwardError("backend_error", f"the upgraded connection broke: {exc}") from None
 
 
 def _raise_if_late(progress: trio.CancelScope, timeout_sec: float) -> None:

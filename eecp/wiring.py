@@ -151,7 +151,9 @@ async def open_services(config: Config, clock: Clock | None = None
                               slot_reserve=config.proxy_slot_reserve,
                               tunnel_max_streams=config.tunnel_max_streams)
         trusted_proxies = TrustedProxies(config.trusted_proxies)
-        proxy = ProxyHandler(forwarder, trusted_proxies, metrics)
+        proxy = ProxyHandler(forwarder, trusted_proxies, metrics,
+                             ws_idle_sec=config.proxy_ws_idle_sec,
+                             send_timeout_sec=config.proxy_send_timeout_sec)
         auth = AuthHandler(registry, clock)
 
         control = create_app(ControlDeps(

@@ -284,6 +284,33 @@ class Registry:
         return ([a for a in ranked if a.seed is None]
                 + [a for a in ranked if a.seed is not None])
 
+    def revocation(self, agent: AgentView, name: str, now: float) -> str | None:
+        """Why ``agent`` may no longer serve app ``name`` at ``now``, or None while it may
+        (what :meth:`routable` would keep it for; no ranking, so cheap enough to ask every
+        second for each upgraded stream): ``registration_expired``, ``not_connected`` (its
+        session ended or was replaced), ``not_attested``, ``health_fail``,
+        ``release_changed`` (the app now runs another repo or tag), ``sealed_required``,
+        ``node_suspended``."""
+        view = self.apps.get(name)
+        if view is None or registration_state(view.record.expires_at, now,
+                                              self._warn_sec) == "expired":
+            return "registration_expired"
+        record, app = agent.record, view.record
+        network = self._networks.get(app.network)
+        if view.agents.get(agent.agent_id) is not agent or not agent.connected:
+            return "not_connected"
+        if not agent.attested:
+            return "not_attested"
+        if agent.health == "fail":
+            return "health_fail"
+        if record.repo != app.repo or record.release_tag != app.release_tag:
+            return "release_changed"
+        if network is not None and network.sealed and record.sealed is not True:
+            return "sealed_required"
+        if agent.ppid is not None and agent.ppid in self._blocked:
+            return "node_suspended"
+        return None
+
     def gauges(self, now: float) -> StateGauges:
         """What the metrics' state gauges show (read at each scrape)."""
         agents = [a for view in self.apps.values() for a in view.agents.values()]

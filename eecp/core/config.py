@@ -102,6 +102,7 @@ class Config:
     auth_port: int = 8089
     proxy_timeout_sec: float = 60.0
     proxy_send_timeout_sec: float = 60.0
+    proxy_ws_idle_sec: float = 600.0
     proxy_max_body_bytes: int | None = None
     proxy_min_rate_bytes_sec: int = 1024
     proxy_rate_grace_sec: float = 10.0
@@ -213,6 +214,7 @@ def from_env(env: Mapping[str, str]) -> Config:
         auth_port=r.get("EE_AUTH_PORT", 8089, _port),
         proxy_timeout_sec=r.get("EE_PROXY_TIMEOUT_SEC", 60.0, _positive),
         proxy_send_timeout_sec=r.get("EE_PROXY_SEND_TIMEOUT_SEC", 60.0, _positive),
+        proxy_ws_idle_sec=r.get("EE_PROXY_WS_IDLE_SEC", 600.0, _positive),
         proxy_max_body_bytes=r.get("EE_PROXY_MAX_BODY_BYTES", None, _positive_int),
         proxy_min_rate_bytes_sec=r.get("EE_PROXY_MIN_RATE_BYTES_SEC", 1024, _whole),
         proxy_rate_grace_sec=r.get("EE_PROXY_RATE_GRACE_SEC", 10.0, _positive),

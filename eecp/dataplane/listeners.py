@@ -57,14 +57,17 @@ from eecp.dataplane.proxy import (
     public_reason,
 )
 from eecp.dataplane.resolve import resolve, resolve_by_host
+from eecp.dataplane.websocket import Relay
 from eecp.wire.httpmsg import (
+    WEBSOCKET,
     AmbiguousHost,
     RequestHead,
     host_label,
     is_origin_form,
     strip_hop_by_hop,
+    websocket_upgrade,
 )
-from eecp.wire.streams import StreamError
+from eecp.wire.streams import Stream, StreamError
 
 log = logging.getLogger("eecp.dataplane")
 
@@ -106,9 +109,11 @@ class AuthHandler:
 class ProxyHandler:
     """The proxy listener: every request forwarded to its app over a tunnel."""
 
-    def __init__(self, forwarder: Forwarder, trusted_proxies: TrustedProxies, metrics: Metrics
-                 ) -> None:
+    def __init__(self, forwarder: Forwarder, trusted_proxies: TrustedProxies, metrics: Metrics,
+                 *, ws_idle_sec: float = 600.0, send_timeout_sec: float = 60.0) -> None:
         self._forwarder = forwarder
+        self._ws_idle_sec = ws_idle_sec  # EE_PROXY_WS_IDLE_SEC
+        self._send_timeout_sec = send_timeout_sec
         self._trusted = trusted_proxies
         self._metrics = metrics
         # metric children looked up once (labels() costs a lock and a lookup per call)
@@ -146,7 +151,8 @@ class ProxyHandler:
             await responder.respond(400, _JSON, error_body("invalid_target"))
             return
         head = RequestHead(request.method, request.target, forwarded_headers(
-            [(n, v) for n, v in request.headers if n != "x-ee-app"], forwarding))
+            [(n, v) for n, v in request.headers if n != "x-ee-app"], forwarding),
+            WEBSOCKET if _websocket_request(request) else None)
         await self._forward(request, responder, app.lower(), head,
                             client_address(forwarding, self._trusted))
 
@@ -190,6 +196,9 @@ class ProxyHandler:
         # stream (SSE) is flushed as soon as nothing more is waiting
         stream = upstream.stream
         head = upstream.head
+        if head.status == 101 and isinstance(stream, Stream):  # (only ever to an upgrade)
+            await self._websocket(upstream, stream, responder, app)
+            return
         await responder.send_head(head.status, strip_hop_by_hop(head.headers), hold=stream.ready)
         # (checked by Forwarder.open_upstream: a plain number or none)
         length = check_response_head(head)
@@ -212,11 +221,31 @@ class ProxyHandler:
             self._bytes_out.inc(sent)
         await responder.end()
 
+    async def _websocket(self, upstream: Upstream, stream: Stream, responder: Responder,
+                         app: str) -> None:
+        """The app accepted the upgrade: its 101 to the client, then the bytes both ways
+        (:mod:`eecp.dataplane.websocket`)."""
+        headers = [*strip_hop_by_hop(upstream.head.headers), ("upgrade", WEBSOCKET)]
+        client = await responder.switch_protocols(headers)
+        agent = upstream.agent
+        await Relay(client, stream, idle_sec=self._ws_idle_sec,
+                    send_timeout_sec=self._send_timeout_sec,
+                    revocation=lambda: self._forwarder.revocation(app, agent),
+                    bytes_in=self._bytes_in, bytes_out=self._bytes_out).run()
+
     def _body(self, request: Request) -> AsyncIterator[bytes] | None:
         chunked = (request.header("transfer-encoding") or "").lower().endswith("chunked")
         if not chunked and not request.content_length:
             return None
         return counted(request.body_chunks(), self._bytes_in)
+
+
+def _websocket_request(request: Request) -> bool:
+    """A WebSocket handshake the server can hand over: llhttp saw the upgrade, it is a GET
+    asking for ``websocket``, and it has no body (its head is all of the request)."""
+    return (request.upgrading and not request.content_length
+            and request.header("transfer-encoding") is None
+            and websocket_upgrade(request.method, request.headers))
 
 
 def app_named(headers: list[tuple[str, str]], forwarding: Forwarding) -> str | None:

@@ -228,6 +228,8 @@ class Forwarder:
             raise ProxyError(403, decision.reason)
         agents = [a for a in self._registry.routable(app, now)
                   if a.mux is not None or a.seed is not None]
+        if head.upgrade is not None:
+            agents = _upgradable(agents)
         if not agents:
             raise ProxyError(503, "no_tunnel")
         retryable = body is None and head.method.upper() in IDEMPOTENT
@@ -249,6 +251,24 @@ class Forwarder:
                 log.info("retrying %s %s on another agent after %s", head.method, app,
                          exc.reason)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+    def revocation(self, app: str, agent: AgentView) -> str | None:
+        """Why ``agent`` may no longer serve ``app`` (resolve's reasons, or
+        ``release_changed``), or None while it may: an upgraded stream outlives the allow
+        decision taken at its upgrade, so it is checked again while it lasts."""
+        return self._registry.revocation(agent, app, self._clock.now())
+
+
+def _upgradable(agents: list[AgentView]) -> list[AgentView]:
+    """The agents that can carry an upgrade: the binary protocol's (a seed-protocol agent
+    has one JSON message each way per request, no byte stream): ``ProxyError(501,
+    "websocket_unsupported")`` when the app has only the others."""
+    able = [a for a in agents if a.mux is not None]
+    if agents and not able:
+        raise ProxyError(501, "websocket_unsupported", "the app's agents announced no "
+                         "data_protocol: WebSockets need data_protocol 2")
+    return able
 
 
 def client_key(address: str) -> str:
@@ -276,14 +296,20 @@ async def _attempt(timeout_sec: float, agent: AgentView, head: RequestHead,
         return
     mux = agent.mux
     assert mux is not None
-    stream = await _open_stream(mux, head, end=body is None, limit=mux.max_streams - reserve)
+    # an upgrade has no body, yet its direction stays open: the upgraded bytes may follow
+    upgrade = head.upgrade is not None
+    stream = await _open_stream(mux, head, end=body is None and not upgrade,
+                                limit=mux.max_streams - reserve)
     agent.in_flight += 1
     started = time.perf_counter()
     # the wait for the head, which every chunk of the upload extends
     progress = Progress(timeout_sec)
     try:
         if body is None:  # (the common case, without a nursery: nothing runs beside it)
-            yield Upstream(await _await_head(stream, progress), stream, agent)
+            answer = await _await_head(stream, progress, upgrade)
+            if upgrade and answer.status != 101:  # refused: an ordinary answer, no bytes follow
+                await stream.end()
+            yield Upstream(answer, stream, agent)
             return
         upload = _Upload(stream, body, declared_length(head.headers), progress)
         try:
@@ -412,29 +438,33 @@ class Progress:
         self.scope.deadline = trio.current_time() + self.patience_sec
 
 
-async def _await_head(stream: Stream, progress: Progress) -> ResponseHead:
+async def _await_head(stream: Stream, progress: Progress, upgrade: bool = False
+                      ) -> ResponseHead:
     """The response head, within ``EE_PROXY_TIMEOUT_SEC`` of the request's last progress."""
     with progress.scope:
         progress.moved()
-        return await _response_head(stream)
+        return await _response_head(stream, upgrade)
     raise ProxyError(504, "upstream_timeout")
 
 
-async def _response_head(stream: Stream) -> ResponseHead:
+async def _response_head(stream: Stream, upgrade: bool = False) -> ResponseHead:
     try:
         head = await stream.receive_head()
     except StreamError as exc:
         raise ProxyError(502, public_reason(exc.reason), exc.detail) from None
-    check_response_head(head)
+    check_response_head(head, upgrade=upgrade)
     return head
 
 
-def check_response_head(head: ResponseHead) -> int | None:
+def check_response_head(head: ResponseHead, *, upgrade: bool = False) -> int | None:
     """The body length ``head`` declares; ``ProxyError(502, "agent_error")`` for a head an
-    agent must not send: an informational status (1xx, 101 included: the tunnel carries one
-    final answer per request) or a ``Content-Length`` that is not one plain number. What an
-    agent sends is hostile input like any client's, and refusing it here keeps it from ever
-    reaching the HTTP server's framing (where it was a 500 and a traceback)."""
+    agent must not send: an informational status (1xx: the tunnel carries one final answer
+    per request; 101 only to a request that asked for an upgrade, and then without a length)
+    or a ``Content-Length`` that is not one plain number. What an agent sends is hostile input
+    like any client's, and refusing it here keeps it from ever reaching the HTTP server's
+    framing (where it was a 500 and a traceback)."""
+    if head.status == 101 and upgrade:
+        return None
     if head.status < 200:
         raise ProxyError(502, "agent_error", f"the agent answered with status {head.status}")
     try:

@@ -226,6 +226,8 @@ def encode_head(head: RequestHead | ResponseHead) -> bytes:
     doc: dict[str, Any]
     if isinstance(head, RequestHead):
         doc = {"method": head.method, "path": head.path, "headers": headers}
+        if head.upgrade is not None:
+            doc["upgrade"] = head.upgrade
     else:
         doc = {"status": head.status, "headers": headers}
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
@@ -342,7 +344,10 @@ def _decode_request_head(stream_id: int, payload: bytes, fin: bool, max_head_byt
         _fail("method", "expected a string")
     if not isinstance(path, str):
         _fail("path", "expected a string")
-    head = RequestHead(method, path, _headers(doc))
+    upgrade = doc.get("upgrade")
+    if upgrade is not None and not isinstance(upgrade, str):
+        _fail("upgrade", "expected a string")
+    head = RequestHead(method, path, _headers(doc), upgrade)
     _validate(head)
     return RequestHeadFrame(stream_id, head, fin, data)
 
@@ -441,6 +446,9 @@ def _validate(head: RequestHead | ResponseHead) -> None:
             _fail("method", "expected an HTTP method token")
         if not _TARGET.fullmatch(head.path):
             _fail("path", "expected a request target of visible ASCII characters")
+        if head.upgrade is not None and (len(head.upgrade) > 64
+                                         or not _TOKEN.fullmatch(head.upgrade)):
+            _fail("upgrade", "expected a protocol token of at most 64 characters")
     elif isinstance(head.status, bool) or not 100 <= head.status <= 599:
         _fail("status", "expected a status 100..599")
     for name, value in head.headers:

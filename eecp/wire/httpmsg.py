@@ -47,11 +47,17 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 
 @dataclass(frozen=True)
 class RequestHead:
-    """An HTTP request's head as eecp forwards it (headers in order, repeats kept)."""
+    """An HTTP request's head as eecp forwards it (headers in order, repeats kept).
+
+    ``upgrade``: the protocol the client asks to switch to (only ``"websocket"`` is carried,
+    lower-case): the agent then asks its backend for the upgrade and, on a 101, the stream
+    carries the upgraded connection's bytes both ways (docs/tunnel-data-protocol.md, section
+    9). ``None``: an ordinary request."""
 
     method: str
     path: str
     headers: list[tuple[str, str]] = field(hash=False)
+    upgrade: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,23 @@ class AmbiguousHost(EecpError):
 
     def __init__(self, detail: str = "") -> None:
         super().__init__("ambiguous_host", detail)
+
+
+#: the one upgrade eecp carries through the tunnel
+WEBSOCKET = "websocket"
+
+
+def websocket_upgrade(method: str, headers: list[tuple[str, str]]) -> bool:
+    """Whether a request asks to become a WebSocket (RFC 6455 4.1): a GET whose ``Upgrade``
+    names ``websocket`` and whose ``Connection`` names ``upgrade`` (any case). Other upgrades
+    (``h2c``, ...) are ordinary requests: their hop-by-hop headers are dropped."""
+    if method != "GET":
+        return False
+    upgrade = {t.strip().lower() for n, v in headers if n.lower() == "upgrade"
+               for t in v.split(",")}
+    connection = {t.strip().lower() for n, v in headers if n.lower() == "connection"
+                  for t in v.split(",")}
+    return WEBSOCKET in upgrade and "upgrade" in connection
 
 
 def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:

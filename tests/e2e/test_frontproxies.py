@@ -14,6 +14,7 @@ import random
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ import h11
 import httpx
 import pytest
 import trio
-from trio_websocket import wrap_client_stream
+from trio_websocket import ConnectionClosed, wrap_client_stream
 
 from agent.agent import build_provider
 from agent.config import from_env as agent_env
@@ -31,6 +32,7 @@ from eecp.dev import pki as devpki
 from tests import frontproxies as fp
 from tests import harness
 from tests.selfsigned import make_self_signed
+from tests.wsapp import MAX_MESSAGE, serve_echo_with_health
 
 KINDS = ("nginx", "caddy")
 MIB = 1024 * 1024
@@ -226,9 +228,22 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path, pki: devpki.DevP
                 ) -> AsyncIterator[World]:
     kind: str = request.param
     require(kind)
+    async with trio.open_nursery() as nursery:
+        backend: Backend = await nursery.start(Backend().serve)
+        try:
+            async with open_world(kind, tmp_path, pki, backend.url) as (cp, proxy, agent):
+                yield World(cp, proxy, backend, agent, pki)
+        finally:
+            backend.sse_release.set()
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_world(kind: str, tmp_path: Path, pki: devpki.DevPki, backend_url: str
+                     ) -> AsyncIterator[tuple[harness.ControlPlane, fp.FrontProxy, AgentState]]:
+    """eecp, our real agent forwarding to ``backend_url``, and the front proxy ``kind``."""
     root = devpki.save_pki(pki, tmp_path / "pki")
     async with harness.open_upstreams(pki) as (pccs, github), trio.open_nursery() as nursery:
-        backend: Backend = await nursery.start(Backend().serve)
         env = harness.control_plane_env(tmp_path, pki, pccs.url, github.url,
                                         EE_DCAP_ROOT_CA=str(root), EE_PROXY_TIMEOUT_SEC="15")
         async with harness.open_control_plane(env, pki, pccs, github) as cp:
@@ -236,7 +251,7 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path, pki: devpki.DevP
             config = agent_env({
                 "EE_CONTROL_WS": cp.ws_url, "EE_REPO": harness.REPO,
                 "EE_RELEASE_TAG": harness.TAG, "EE_APP_NAME": "shop", "EE_NETWORK": "forge-1",
-                "EE_BACKEND_URL": backend.url, "EE_AGENT_ID": AGENT_ID,
+                "EE_BACKEND_URL": backend_url, "EE_AGENT_ID": AGENT_ID,
                 "EE_QUOTE_PROVIDER": "dev", "EE_DEV_PKI_DIR": str(tmp_path / "pki"),
                 "EE_RECONNECT_MIN_SEC": "0.05", "EE_RECONNECT_MAX_SEC": "0.2",
                 "EE_TUNNEL_PING_INTERVAL_SEC": "0"})
@@ -246,9 +261,8 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path, pki: devpki.DevP
             ports = fp.EecpPorts(cp.bound.control_port, cp.bound.auth_port, cp.bound.proxy_port)
             try:
                 async with fp.open_front_proxy(kind, tmp_path / kind, ports) as proxy:
-                    yield World(cp, proxy, backend, agent, pki)
+                    yield cp, proxy, agent
             finally:
-                backend.sse_release.set()
                 stop.set()
         nursery.cancel_scope.cancel()
 
@@ -491,3 +505,33 @@ async def test_agent_tunnel_through_the_control_host(world: World) -> None:
             assert health.status_code == 200 and health.json()["status"] == "ok"
             await ws.aclose()
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_websocket_apps_through_the_front_proxy(kind: str, tmp_path: Path,
+                                                     pki: devpki.DevPki) -> None:
+    """The shipped configuration carries the upgrade: an echo WebSocket app behind the agent
+    answers text and a 1 MiB binary message, and its close code reaches the client."""
+    require(kind)
+    big = random.Random(5).randbytes(MIB)
+    async with trio.open_nursery() as nursery:
+        app_url: str = await nursery.start(serve_echo_with_health)
+        async with open_world(kind, tmp_path, pki, app_url) as (_, proxy, _):
+            with trio.fail_after(30):
+                stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+                async with trio.open_nursery() as inner:
+                    ws = await wrap_client_stream(inner, stream, f"shop.{fp.APP_DOMAIN}",
+                                                  "/headers", max_message_size=MAX_MESSAGE)
+                    headers = json.loads(await ws.get_message())
+                    assert headers["upgrade"].lower() == "websocket", headers
+                    await ws.send_message("hello")
+                    assert await ws.get_message() == "hello"
+                    await ws.send_message(big)
+                    assert await ws.get_message() == big
+                    await ws.send_message("close:4002:app says bye")
+                    with pytest.raises(ConnectionClosed) as closed:
+                        await ws.get_message()
+                    assert closed.value.reason.code == 4002, proxy.log()
+                    assert closed.value.reason.reason == "app says bye"
+                    inner.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()

@@ -44,8 +44,13 @@ Decisions a handler author should know:
   plane's are sized from the file limit: :mod:`eecp.core.capacity`). At the cap a new connection
   closes the oldest idle one (accepted and silent, or kept alive with no byte of a next
   request), never one with a request under way; with none idle it is closed at once.
-* **Not supported:** protocol upgrades (an ``Upgrade``/``CONNECT`` request is handed to the
-  handler like any other, and the connection closes after its answer), trailers, HTTP/2.
+* **Upgrades.** An ``Upgrade`` request is handed to the handler like any other
+  (``request.upgrading`` says llhttp saw one), and the connection closes after its answer,
+  unless the handler answers 101 with :meth:`Responder.switch_protocols`: the connection is
+  then the handler's raw byte stream (:class:`~eecp.dataplane.http.connection.Upgraded`,
+  the bytes that came after the head first) until it returns; the server's timeouts and guard
+  stand aside, the handler keeps its own time.
+* **Not supported:** ``CONNECT``, trailers, HTTP/2.
 """
 
 from eecp.dataplane.http.connection import (

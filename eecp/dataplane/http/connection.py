@@ -29,6 +29,7 @@ import logging
 import math
 import struct
 import termios
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -302,12 +303,57 @@ class Responder:
                         self._request.method, self._request.path, self._remaining)
             self._close = True
 
+    async def switch_protocols(self, headers: Sequence[tuple[str, str]]) -> Upgraded:
+        """Answer an upgrade request (``request.upgrading``, its body complete) with
+        ``101 Switching Protocols`` and ``headers`` (which name the protocol: ``Upgrade``;
+        ``Connection: upgrade`` is written here); the connection is then the returned
+        :class:`Upgraded` byte stream's until the handler returns, and closes after it.
+
+        From here on the server's own deadlines and its guard stand aside (nothing more is
+        parsed, nothing is read for the handler): the handler keeps its own time."""
+        request = self._request
+        if not request.upgrading or not request._complete:
+            raise RuntimeError("switch_protocols() on a request that is no upgrade")
+        block, _, _, _ = header_block(headers)  # before anything is sent: a bad head is a 500
+        if self.head_sent:
+            raise RuntimeError("response already started")
+        self.head_sent = self._ended = self._close = True
+        upgraded = self._conn.upgrade()
+        await self._conn.write(b"".join((status_line(101), block, b"connection: upgrade\r\n",
+                                         b"\r\n")))
+        return upgraded
+
     def _start(self, status: int) -> None:
         if self.head_sent:
             raise RuntimeError("response already started")
         if not 200 <= status <= 999:
             raise ValueError(f"status {status} cannot be sent by a handler")
         self.head_sent = True
+
+
+class Upgraded:
+    """The client's connection after a 101: raw bytes both ways (see
+    :meth:`Responder.switch_protocols`). Reads and writes raise :class:`ClientDisconnected`
+    when the client is gone; :meth:`receive_some` returns ``b""`` at the client's end of input
+    (its half-close), which, unlike on a request, cancels nothing."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def receive_some(self) -> bytes:
+        """The client's next bytes (those that came with the request's head first), as one
+        read brought them (at most :data:`RECEIVE_BYTES`); ``b""`` at its end of input."""
+        return await self._conn.receive_raw()
+
+    async def send_all(self, data: bytes) -> None:
+        await self._conn.write(data)
+
+    async def send_eof(self) -> None:
+        """Half-close toward the client (what a peer's END means)."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self._conn.stream.send_eof()
 
 
 Handler = Callable[[Request, Responder], Awaitable[None]]
@@ -369,6 +415,30 @@ class Connection:
         # The head being read must be complete by then (the first one: header_timeout_sec
         # after the accept; each next one: after the read that began it).
         self.head_deadline = now + limits.header_timeout_sec
+        #: after a 101 (:meth:`upgrade`): the client's bytes not yet taken, in order
+        self.raw: deque[bytes] | None = None
+
+    def upgrade(self) -> Upgraded:
+        """The connection becomes a raw byte stream (:class:`Upgraded`): nothing more is
+        parsed, the guard stops reading and timing, and the client's end of input no longer
+        cancels the handler (it reads ``b""`` instead)."""
+        self.raw = deque()
+        if self.parser.upgrade_tail:
+            self.raw.append(self.parser.upgrade_tail)
+            self.parser.upgrade_tail = b""
+        self.watch_at = math.inf
+        if self.watch_scope is not None:
+            self.watch_scope.cancel()  # the guard's read stops (trio loses no bytes)
+        return Upgraded(self)
+
+    async def receive_raw(self) -> bytes:
+        raw = self.raw
+        assert raw is not None
+        while not raw:
+            if self.eof:
+                return b""
+            await self._pull()
+        return raw.popleft()
 
     async def run(self) -> None:
         self._list_idle()  # accepted, nothing read yet: the first in line to make room
@@ -609,6 +679,9 @@ class Connection:
             self._unlist()
             self._on_eof()
             return
+        if self.raw is not None:  # upgraded: the bytes are the handler's, unparsed
+            self.raw.append(data)
+            return
         parser = self.parser
         if parser.done:
             self._unlist()
@@ -627,7 +700,7 @@ class Connection:
             self._call_guard(self.head_deadline)  # a head split over reads: rare
 
     def _on_eof(self) -> None:
-        if self.active:
+        if self.active and self.raw is None:
             log.debug("client %s went away; cancelling its request", self.client)
             self.serve_scope.cancel()
         self.eof = True
@@ -644,7 +717,7 @@ class Connection:
         """When something may be due: the request in hand turning slow, or a client timeout
         (only while the serving task waits for a request)."""
         if self.active:
-            return self.watch_at
+            return self.watch_at  # (inf once upgraded: the handler keeps its own time)
         if self.parser.done or self.pending:
             return math.inf  # the serving task has something to do
         if self.parser.state == HEAD:
@@ -664,7 +737,7 @@ class Connection:
                 if self._write_stalled():
                     self._drop_stalled()
                     return
-                if self.active:
+                if self.active and self.raw is None:
                     # Still slow (it reads its own body, or the buffers are full): look again.
                     self.watch_at = trio.current_time() + WATCH_AFTER_SEC
             elif self.parser.state == HEAD:
@@ -680,7 +753,8 @@ class Connection:
         """Read for a slow handler (unless it reads itself, or the buffers are full) until it
         ends: a client leaving cancels it, pipelined requests and body are queued (or, once
         nothing more is parsed, discarded)."""
-        while (self.active and not self.pulling and len(self.pending) < MAX_QUEUED_REQUESTS
+        while (self.active and self.raw is None and not self.pulling
+               and len(self.pending) < MAX_QUEUED_REQUESTS
                and self.parser.buffered < BODY_BUFFER_BYTES and not self.eof):
             deadline = self._watch_deadline()
             # the read may wait for ever (no request under way): a write may stall meanwhile

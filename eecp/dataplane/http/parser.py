@@ -73,6 +73,7 @@ class ParsedRequest:
         "path",
         "query",
         "target",
+        "upgrading",
     )
 
     def __init__(self, method: str, target: str, http_version: str,
@@ -92,6 +93,9 @@ class ParsedRequest:
         self._error: RequestError | None = None  # raised once the buffered chunks are taken
         self._expect_continue = expect_continue  # a 100 Continue is still owed
         self._forgotten = False  # answered: the rest of the body is skipped, not kept
+        #: llhttp saw an upgrade request (``Connection: upgrade`` and ``Upgrade``): what
+        #: follows its head is another protocol, kept in the parser's ``upgrade_tail``
+        self.upgrading = False
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), or None."""
@@ -150,6 +154,9 @@ class RequestParser(Generic[R]):
         self._expect_continue = False
         self._closing = False  # a request without keep-alive was parsed: ignore what follows
         self._parse_error: RequestError | None = None  # raised by a callback
+        #: the bytes after an upgrade request's head in the read that brought it (the new
+        #: protocol's first bytes: a client may send them before it saw the 101)
+        self.upgrade_tail = b""
 
     def feed(self, data: bytes) -> None:
         """Parse the next bytes from the client (not empty: the end of input is the
@@ -160,8 +167,10 @@ class RequestParser(Generic[R]):
         self._progressed = False
         try:
             self._llhttp.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             self.done = True  # what follows is another protocol; the request closes
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self.upgrade_tail = bytes(data[offset:])
             return
         except httptools.HttpParserError as exc:
             if not self._closing:
@@ -297,6 +306,7 @@ class RequestParser(Generic[R]):
         request = self._new_request(
             method, self._url.decode("latin-1"), version, self._headers, keep_alive,
             self._content_length, self._expect_continue and version == "1.1")
+        request.upgrading = llhttp.should_upgrade()
         self.current = request
         self.state = BODY
         self.pending.append(request)
