@@ -8,6 +8,8 @@ Each connection runs in one nursery, and nothing outlives it::
       │              binary → the connection's Mux (proxied requests' frames)
       ├─ health      probe the backend every EE_HEALTH_INTERVAL_SEC and send pass/fail
       ├─ keepalive   ping every EE_TUNNEL_PING_INTERVAL_SEC; no pong in time → drop the tunnel
+      ├─ drain       once eecp says it is draining: wait until no request is in flight on
+      │              this tunnel, then leave it (1001 ``draining``)
       └─ forward     accept the streams eecp opens and forward each to the backend
                      (agent.forward); when the connection ends its Mux is closed, which
                      fails every stream in flight and lets this task end
@@ -15,7 +17,14 @@ Each connection runs in one nursery, and nothing outlives it::
 Whatever ends a connection — eecp closing it, the network going away, a message we cannot
 decode, a quote we cannot produce — cancels that nursery; the reason is logged and the agent
 dials again after an exponential backoff with full jitter (capped at EE_RECONNECT_MAX_SEC,
-back to the start after a connection that lasted EE_RECONNECT_RESET_SEC). Only the ``stop``
+back to the start after a connection that lasted EE_RECONNECT_RESET_SEC). A tunnel that ends
+after eecp said it is draining (status ``warning draining``: it is stopping, and lets the
+requests in flight finish) is no failure: the agent leaves it as soon as its own requests on
+it are done (or eecp closes it first, at the end of its grace) and dials again after the first
+step's delay (a jitter below EE_RECONNECT_MIN_SEC, so a fleet does not arrive in one instant),
+its failure count unchanged. With a load balancer in front of several eecp replicas, the one
+URL then reaches another replica (the draining one answers ``/health`` 503 and refuses new
+tunnels). Only the ``stop``
 event (a graceful shutdown: the tunnel is closed with 1001 and the close handshake awaited) or
 cancellation ends :func:`run_agent`.
 
@@ -56,6 +65,7 @@ from eecp.wire.measurements import Measurements, report_data_for
 from eecp.wire.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INVALID_PAYLOAD,
+    DRAINING,
     AttestRequest,
     AttestResponse,
     Health,
@@ -86,8 +96,9 @@ _MAX_CLOSE_REASON = 120  # RFC 6455 allows 123 bytes of close reason
 
 class TunnelError(EecpError):
     """This agent ended the tunnel itself: ``peer_unresponsive`` (no pong in time),
-    ``agent_stopping`` (asked to stop), ``quote_unavailable`` (its quote provider failed).
-    ``close_reason`` is what the close frame tells eecp (by default ``reason``)."""
+    ``agent_stopping`` (asked to stop), ``quote_unavailable`` (its quote provider failed),
+    ``draining`` (eecp is stopping; requests done). ``close_reason`` is what the close frame
+    tells eecp (by default ``reason``)."""
 
     def __init__(self, reason: str, detail: str = "", close_code: int = CLOSE_GOING_AWAY,
                  close_reason: str | None = None) -> None:
@@ -130,6 +141,8 @@ class AgentState:
     attempts: int = 0
     connections: int = 0
     failures: int = 0
+    #: tunnels left (or closed) after eecp said it is draining: not failures
+    drains: int = 0
     registrations: int = 0
     attestations: int = 0
     health_reports: int = 0
@@ -183,13 +196,21 @@ async def run_agent(config: AgentConfig, provider: QuoteProvider, measurements: 
                 return
             if opened and lasted >= backoff.reset_after_sec:
                 state.failures = 0
-            delay = backoff.delay(state.failures, rng)
-            state.failures += 1
+            if tunnel.drained:  # eecp asked us to move: not a failure, no growth
+                delay = backoff.delay(0, rng)
+                state.drains += 1
+            else:
+                delay = backoff.delay(state.failures, rng)
+                state.failures += 1
             state.last_error = reason
             state.delays.append(delay)
             state.touch()
-            log.warning("tunnel to %s ended after %.1fs (%s); dialling again in %.2fs",
-                        config.control_ws, lasted, reason, delay)
+            if tunnel.drained:
+                log.info("eecp at %s is draining: tunnel left after %.1fs (%s); dialling "
+                         "again in %.2fs", config.control_ws, lasted, reason, delay)
+            else:
+                log.warning("tunnel to %s ended after %.1fs (%s); dialling again in %.2fs",
+                            config.control_ws, lasted, reason, delay)
             with trio.move_on_after(delay):  # a backoff pause that a stop cuts short
                 await stop.wait()
 
@@ -208,10 +229,14 @@ class Tunnel:
         self.stop = stop
         #: proxied requests' connections to the backend (health probes use ``http``)
         self.backend = backend
+        #: eecp said, on the current (or last) tunnel, that it is draining
+        self.drained = False
+        self._draining = trio.Event()
 
     async def run_once(self) -> tuple[str, bool]:
         """Dial and serve one tunnel until it ends: why it ended, and whether it had opened."""
         self.state.attempts += 1
+        self.drained, self._draining = False, trio.Event()
         opened = False
         try:
             async with open_websocket_url(
@@ -251,6 +276,7 @@ class Tunnel:
                 if self.config.ping_interval_sec > 0:
                     nursery.start_soon(self._keepalive, ws, name="agent-keepalive")
                 nursery.start_soon(self._stop_watch, name="agent-stop")
+                nursery.start_soon(self._drain_watch, mux, name="agent-drain")
                 nursery.start_soon(partial(
                     serve_forwarding, mux, self.backend,
                     timeout_sec=self.config.backend_timeout_sec), name="agent-forward")
@@ -319,6 +345,10 @@ class Tunnel:
         level = {"ok": logging.INFO, "warning": logging.WARNING}.get(status.state, logging.ERROR)
         extra = "".join(f" {k}={v}" for k, v in status.extra.items())
         log.log(level, "eecp: %s %s%s", status.state, status.reason, extra)
+        if status.reason == DRAINING and not self.drained:
+            log.info("eecp is draining: leaving the tunnel once its requests in flight end")
+            self.drained = True
+            self._draining.set()
         if status.reason in RENEW_REASONS:
             log.info("renewing the registration of %s", self.config.app_name)
             await self.register(ws)
@@ -345,6 +375,13 @@ class Tunnel:
         self.state.last_health = status
         self.state.health_reports += 1
         self.state.touch()
+
+    async def _drain_watch(self, mux: Mux) -> None:
+        """Leave the tunnel once eecp said it is draining and no request is in flight on it
+        (eecp opens no new one by then)."""
+        await self._draining.wait()
+        await mux.wait_idle()
+        raise TunnelError(DRAINING, "eecp is draining; requests done", CLOSE_GOING_AWAY)
 
     async def _stop_watch(self) -> None:
         """End the tunnel (like any other reason to end it) once the agent is asked to stop."""

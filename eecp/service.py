@@ -6,12 +6,20 @@ Resources are opened first, with ``async with``, so they outlive every task: the
 client, and every component built over them (:func:`eecp.wiring.open_services`, the one place
 that sees them all). Then one root nursery starts the servers in dependency order,
 each reporting readiness through ``task_status``; ``serve`` reports the bound addresses when all
-are up. A shutdown (SIGINT/SIGTERM or the ``shutdown`` event) stops background work at once and
-gives the control server ``EE_SHUTDOWN_GRACE_SEC`` to finish what it is doing. The ledger's
-jobs stop last, in order: the settler and the counts at once, then, once the sessions have
+are up. A shutdown (SIGINT/SIGTERM or the ``shutdown`` event) stops background work at once,
+then *drains* (:mod:`eecp.core.drain`) for at most ``EE_SHUTDOWN_GRACE_SEC``: every listener
+stays open, but new tunnels and new proxied requests are refused (503 ``draining``),
+``/health`` answers 503 ``draining``, each agent is told (status ``warning draining``) and
+moves once its own requests end, and the drain is over as soon as no proxied request is in
+flight. Only then are the remaining tunnels closed (1001 ``server_shutdown``), the data plane
+stopped and the control server given ``min(grace, CLOSE_SEC)`` to close; so a stop takes at
+most grace + min(grace, CLOSE_SEC) + 1 s, plus the ledger's flush. The ledger's jobs stop last,
+in order: the settler and the counts once the drain is over, then, once the sessions have
 ended (and queued their last events), the outbox is flushed, and only then does the observer
 record its stop — an instance whose events did not all reach the store records none, so its
-coverage ends with its last beat instead of claiming the time it could not account for::
+coverage ends with its last beat instead of claiming the time it could not account for.
+Sessions that end during the drain (agents leaving as asked) write ``down observer_shutdown``
+like those closed after it, and the outbox writes them as they come::
 
     serve(config)
       async with open_services(config):        store, http client, every component (eecp.wiring)
@@ -65,6 +73,9 @@ log = logging.getLogger("eecp.service")
 
 #: how long the sessions' last availability events may take to reach the store at shutdown
 FLUSH_SEC = 5.0
+#: how long, after the drain, closing may take at most (the tunnels' close handshakes, the
+#: sessions' cleanup, the control server's connections); less when the grace is shorter
+CLOSE_SEC = 2.0
 #: how long a request head may take on the control port: as on the data plane (hypercorn's
 #: own timers do not bound it: eecp.patches.hypercorn, fix 4)
 CONTROL_HEAD_TIMEOUT_SEC = DEFAULT_LIMITS.header_timeout_sec
@@ -117,25 +128,42 @@ async def serve(
         warn_about(config)
         async with trio.open_nursery() as root:
             background = await root.start(run_background, components, shutdown, handle_signals)
-            ledger_stop = trio.Event()
+            ledger_stop, closing = trio.Event(), trio.Event()
+            close_sec = min(config.shutdown_grace_sec, CLOSE_SEC)
             if components.ledger is not None:
                 await root.start(run_ledger, components.ledger, components, ledger_stop,
-                                 config.shutdown_grace_sec)
+                                 close_sec)
             dataplane, (proxy_port, auth_port) = await root.start(run_dataplane, components,
                                                                   config, caps)
-            binds = await root.start(serve_control, components, config, shutdown, caps.control)
+            binds = await root.start(serve_control, components, config, closing, caps.control,
+                                     close_sec)
             bound = replace(_bound_from(binds), proxy_port=proxy_port, auth_port=auth_port)
             log.info("eecp %s serving control on %s (store %s)", __version__, bound.control_url,
                      components.store.describe())
             task_status.started(bound)
             await shutdown.wait()
-            log.info("shutting down (grace %.1fs)", config.shutdown_grace_sec)
             background.cancel()
+            await drain(components, config.shutdown_grace_sec)
             components.tunnels.end_all("server_shutdown")  # requests in flight: tunnel_closed
             dataplane.cancel()
             ledger_stop.set()
-            root.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_sec + 1
+            closing.set()
+            root.cancel_scope.deadline = trio.current_time() + close_sec + 1
     log.info("stopped")
+
+
+async def drain(components: Components, grace_sec: float) -> None:
+    """Refuse what is new, tell the agents, and wait (at most ``grace_sec``) until no proxied
+    request is in flight (see the module docstring)."""
+    requests = components.drain
+    log.info("shutting down: draining %d requests in flight, %d agents (grace %.1fs)",
+             requests.in_flight, components.tunnels.connected, grace_sec)
+    components.tunnels.drain()
+    with trio.move_on_after(grace_sec) as late:
+        await requests.wait_idle()
+    if late.cancelled_caught:
+        log.warning("the grace is over with %d requests in flight: they fail now",
+                    requests.in_flight)
 
 
 async def run_background(components: Components, shutdown: trio.Event, handle_signals: bool,
@@ -153,7 +181,7 @@ async def run_background(components: Components, shutdown: trio.Event, handle_si
 
 
 async def run_ledger(parts: LedgerParts, components: Components, stop: trio.Event,
-                     grace_sec: float,
+                     close_sec: float,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """The ledger's jobs until ``stop``, then their orderly end (see the module docstring).
     The observer's first beat is written before this reports started, so the first session
@@ -169,7 +197,7 @@ async def run_ledger(parts: LedgerParts, components: Components, stop: trio.Even
         try:
             await stop.wait()
             jobs.cancel()
-            with trio.move_on_after(grace_sec):
+            with trio.move_on_after(close_sec):  # (the sessions were ended with the stop)
                 await components.tunnels.wait_idle()
             writing.cancel()  # the writer stops; what is queued is flushed below, alone
             with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_SEC):
@@ -214,15 +242,16 @@ async def run_dataplane(
             task_status.started((scope, ports))
 
 
-async def serve_control(components: Components, config: Config, shutdown: trio.Event,
-                        max_connections: int,
+async def serve_control(components: Components, config: Config, closing: trio.Event,
+                        max_connections: int, close_sec: float,
                         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                         ) -> None:
-    """Hypercorn serving the control app (tunnels, then quart); graceful stop when
-    ``shutdown`` is set. The process applied :func:`eecp.patches.apply_all` at its start."""
+    """Hypercorn serving the control app (tunnels, then quart); graceful stop within
+    ``close_sec`` once ``closing`` is set (after the drain: /health answers through it). The
+    process applied :func:`eecp.patches.apply_all` at its start."""
     cfg = _HypercornConfig(config.tunnel_dead_peer_sec)
     cfg.bind = [f"{_bracket(config.control_bind)}:{config.control_port}"]
-    cfg.graceful_timeout = config.shutdown_grace_sec
+    cfg.graceful_timeout = close_sec
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
     # Between requests a connection may wait 75 s for the next one (clients reusing theirs
@@ -237,7 +266,7 @@ async def serve_control(components: Components, config: Config, shutdown: trio.E
     # Twice our own limit, so that a message just over it still reaches the session, which
     # answers with a reason before closing; anything larger hypercorn closes with 1009 itself.
     cfg.websocket_max_message_size = 2 * config.tunnel_max_message_bytes
-    await hypercorn_serve(components.control_app, cfg, shutdown_trigger=shutdown.wait,
+    await hypercorn_serve(components.control_app, cfg, shutdown_trigger=closing.wait,
                           task_status=task_status)
 
 

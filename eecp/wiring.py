@@ -42,6 +42,7 @@ from eecp.control.auth import Guard, Tokens
 from eecp.core.blocking import Workers
 from eecp.core.clock import Clock, SystemClock
 from eecp.core.config import Config
+from eecp.core.drain import Drain
 from eecp.core.errors import ConfigError, InputError
 from eecp.core.metrics import LedgerMetrics, Metrics
 from eecp.core.ratelimit import RefusedAuditLimit
@@ -79,6 +80,7 @@ class Components:
     proxy: ProxyHandler  # the proxy listener's handler
     auth: AuthHandler  # the auth listener's handler
     registry: Registry  # with the ledger, its node views route the proxy's pick
+    drain: Drain  # begun at shutdown (through tunnels.drain()); its requests waited for
     ledger: LedgerParts | None = None  # EE_LEDGER_ENABLED
 
 
@@ -140,16 +142,19 @@ async def open_services(config: Config, clock: Clock | None = None
             outbox = EventOutbox(ledger, on_drop=ledger_metrics.events_dropped.inc)
             parts = LedgerParts(ledger, outbox, ledger_metrics, config.settlement_auto)
 
+        # one drain for the tunnels, both entry points' requests and /health
+        drain = Drain()
         tunnels = Tunnels(SessionDeps(
             config=SessionConfig.from_config(config), clock=clock, store=store,
             registry=registry, engine=engine, metrics=metrics, refused_audit=refused_audit,
-            ledger=SessionWriter(parts.ledger, parts.outbox) if parts is not None else None))
+            ledger=SessionWriter(parts.ledger, parts.outbox) if parts is not None else None),
+            drain)
 
         # one forwarder for both entry points: the proxy listener and POST /v1/proxy
         forwarder = Forwarder(registry, clock, config.proxy_timeout_sec,
                               max_streams_per_client=config.proxy_max_streams_per_client,
                               slot_reserve=config.proxy_slot_reserve,
-                              tunnel_max_streams=config.tunnel_max_streams)
+                              tunnel_max_streams=config.tunnel_max_streams, drain=drain)
         trusted_proxies = TrustedProxies(config.trusted_proxies)
         proxy = ProxyHandler(forwarder, trusted_proxies, metrics,
                              ws_idle_sec=config.proxy_ws_idle_sec,
@@ -162,9 +167,9 @@ async def open_services(config: Config, clock: Clock | None = None
             trusted_proxies=trusted_proxies,
             guard=Guard(Tokens.from_config(config), fail_closed=config.ledger_enabled),
             agents_connected=lambda: tunnels.connected, dev_root_ca=root_ca is not None,
-            ledger=ledger))
+            ledger=ledger, draining=lambda: drain.started))
 
         yield Components(
             clock=clock, store=store, collateral=collateral, refused_audit=refused_audit,
             tunnels=tunnels, control_app=TunnelRouter(control, tunnels),  # tunnels skip quart
-            proxy=proxy, auth=auth, registry=registry, ledger=parts)
+            proxy=proxy, auth=auth, registry=registry, drain=drain, ledger=parts)

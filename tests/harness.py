@@ -142,6 +142,9 @@ class ControlPlane:
     pccs: FakePccs
     github: FakeGitHub
     env: dict[str, str]
+    #: set it to stop eecp before the block ends (what SIGTERM does); ``stopped``: serve returned
+    shutdown: trio.Event = field(default_factory=trio.Event)
+    stopped: trio.Event = field(default_factory=trio.Event)
 
     @property
     def url(self) -> str:
@@ -212,13 +215,19 @@ async def open_control_plane(env: dict[str, str], pki: devpki.DevPki, pccs: Fake
     shutdown's deadlines pass once every task has been blocked ``shutdown_autojump_sec`` of
     real time (see :data:`SHUTDOWN_AUTOJUMP_SEC`)."""
     config = from_env(env)
-    shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        bound: Bound = await nursery.start(partial(
-            serve, config, clock=TrioClock(wall_start), shutdown=shutdown,
-            handle_signals=False))
+    shutdown, stopped = trio.Event(), trio.Event()
+
+    async def run(task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            yield ControlPlane(bound, config, pki, pccs, github, env)
+            await serve(config, clock=TrioClock(wall_start), shutdown=shutdown,
+                        handle_signals=False, task_status=task_status)
+        finally:
+            stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        bound: Bound = await nursery.start(run)
+        try:
+            yield ControlPlane(bound, config, pki, pccs, github, env, shutdown, stopped)
         finally:
             shutdown.set()
             clock = trio.lowlevel.current_clock()

@@ -26,8 +26,9 @@ of its latest accepted quote: ``up attested`` when it is admitted, ``up health_r
 ``down health_fail`` / ``down health_timeout`` as its health turns, ``down
 attestation_refused:<reason>`` / ``down attestation_timeout`` when a later attestation ends it,
 ``release app_gone`` when its registration expires, and at its end ``down superseded``,
-``down observer_shutdown`` (eecp is stopping) or ``down disconnected:<ending reason>``. A
-session never admitted writes nothing: an anonymous peer cannot make records against a node.
+``down observer_shutdown`` (eecp is stopping, or draining: however the session then ends) or
+``down disconnected:<ending reason>``. A session never admitted writes nothing: an anonymous
+peer cannot make records against a node.
 Each accepted attestation whose register named a ``node_id`` also leaves a platform claim, and
 an audited refusal that is a fraud signal (spec §10.4) suspends the platform's node.
 
@@ -140,6 +141,8 @@ class AgentSession:
         self._final_down = False
         #: the node stopped expecting the agent (its registration expired)
         self._released = False
+        #: eecp is draining: the agent was (or is about to be) told to move (see drain())
+        self.draining = False
         config = deps.config
         #: request streams to the app over this tunnel (the forwarding scope of the session)
         self.mux = Mux(self.send, opener=True, max_streams=config.tunnel_max_streams,
@@ -167,6 +170,20 @@ class AgentSession:
             self.ending = Ending(code, reason)
         if self._scope is not None:
             self._scope.cancel()
+
+    def drain(self) -> None:
+        """eecp is stopping: tell the agent (``warning draining``) so that it moves once its
+        requests in flight here end. However the session then ends, its last availability
+        event is eecp's own doing (``down observer_shutdown``). A session not yet serving is
+        told as soon as it is (:meth:`_serve`)."""
+        if self.draining:
+            return
+        self.draining = True
+        if self._nursery is not None and self.ending is None:  # (ending: its nursery closes)
+            self._nursery.start_soon(self._tell_draining, name="drain")
+
+    async def _tell_draining(self) -> None:
+        await self.send_status("warning", protocol.DRAINING)
 
     async def _await_register(self) -> Register | None:
         deadline = self.deps.config.attest_deadline_sec
@@ -218,6 +235,8 @@ class AgentSession:
             nursery.start_soon(self._attestation_loop, register,
                                name=f"attestation:{register.agent_id}")
             nursery.start_soon(self._health_watchdog, name=f"health:{register.agent_id}")
+            if self.draining:  # eecp began draining before this session served
+                nursery.start_soon(self._tell_draining, name="drain")
 
     def _check_register(self, register: Register) -> None:
         # none announced: an agent written against the seed's protocol (JSON proxy messages)
@@ -238,7 +257,7 @@ class AgentSession:
             self.seed.close("tunnel_closed")
         ending = self.ending or Ending(protocol.CLOSE_NORMAL, "closed")
         if not self._final_down:
-            self._event("down", _down_reason(ending.reason))
+            self._event("down", _down_reason(ending.reason, draining=self.draining))
         agent = self.agent
         if agent is not None and self.admitted:
             self.deps.registry.detach(agent)
@@ -686,12 +705,14 @@ async def serve_audit_summaries(limit: RefusedAuditLimit, clock: Clock) -> None:
                         count, limit.per_minute, limit.latest)
 
 
-def _down_reason(ending: str) -> str:
+def _down_reason(ending: str, *, draining: bool = False) -> str:
     """The cause of the ``down`` a session's end writes (spec §8.2): eecp's own stop and a
-    newer session of the agent are excused for a reconnect grace; the rest is the tunnel's."""
+    newer session of the agent are excused for a reconnect grace; the rest is the tunnel's.
+    A session that ends while eecp drains (the agent leaving as asked, or eecp closing it)
+    ends by eecp's stop."""
     if ending == "superseded":
         return "superseded"
-    if ending == "server_shutdown":
+    if ending == "server_shutdown" or draining:
         return "observer_shutdown"
     return f"disconnected:{ending}"
 

@@ -10,10 +10,16 @@ old connection was noticed dead supersedes it (the old one is closed with ``supe
 app an agent_id may serve at all is not decided here but by the store, where the id is bound to
 the app and repo it was first admitted for (``Store.bind_agent``): that holds while the agent is
 offline, across restarts and across processes.
+
+While eecp drains (:mod:`eecp.core.drain`) a new tunnel is refused before its handshake
+completes: HTTP 503 with ``{"allowed":false,"reason":"draining"}`` (the ASGI WebSocket
+denial response; a server without it closes, which clients see as 403). Refusing before the
+upgrade costs no session, and an agent behind a load balancer simply dials again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,6 +28,7 @@ import trio
 
 from eecp.agents.deps import SessionDeps
 from eecp.agents.session import AgentSession, TunnelSocket
+from eecp.core.drain import Drain
 from eecp.wire import protocol
 
 log = logging.getLogger("eecp.tunnel")
@@ -100,6 +107,9 @@ class TunnelRouter:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope.get("path") == TUNNEL_PATH:
+            if self._tunnels.draining:
+                await _deny_draining(scope, receive, send)
+                return
             socket = AsgiSocket(receive, send)
             if await socket.accept():
                 client = scope.get("client")
@@ -111,11 +121,26 @@ class TunnelRouter:
         await self._app(scope, receive, send)
 
 
+async def _deny_draining(scope: Scope, receive: Receive, send: Send) -> None:
+    """Refuse a tunnel's handshake: 503 ``draining`` where the server can say it."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": protocol.CLOSE_GOING_AWAY})
+        return
+    body = json.dumps({"allowed": False, "reason": protocol.DRAINING}).encode()
+    await send({"type": "websocket.http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 class Tunnels:
     """The live agent sessions of this process."""
 
-    def __init__(self, deps: SessionDeps) -> None:
+    def __init__(self, deps: SessionDeps, drain: Drain | None = None) -> None:
         self._deps = deps
+        self._drain = drain if drain is not None else Drain()
         self.sessions: dict[str, AgentSession] = {}
         self._live: set[AgentSession] = set()  # registered or not
         self._ended = trio.Event()  # set (and replaced) whenever a session ends
@@ -129,6 +154,8 @@ class Tunnels:
         """Run one agent's session to its end (the caller owns the WebSocket); the session,
         ended."""
         session = AgentSession(self._deps, socket, peer, on_registered=self._registered)
+        if self.draining:  # the drain began during its handshake
+            session.drain()
         self._live.add(session)
         try:
             await session.run()
@@ -146,6 +173,18 @@ class Tunnels:
         last availability events are queued by then)."""
         while self._live:
             await self._ended.wait()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.started
+
+    def drain(self) -> None:
+        """Begin the drain (:mod:`eecp.core.drain`): new tunnels and new requests are refused
+        from now on, and every live session tells its agent to move once its requests in
+        flight end (status ``warning draining``)."""
+        self._drain.start()
+        for session in list(self._live):
+            session.drain()
 
     def end_all(self, reason: str) -> None:
         """Close every session with 1001 (going away): agents reconnect to the next eecp."""

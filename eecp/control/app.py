@@ -2,7 +2,7 @@
 
 | route | what |
 | --- | --- |
-| ``GET /health`` | liveness, version, whether the store answers |
+| ``GET /health`` | liveness, version, whether the store answers, whether eecp drains |
 | ``GET /v1/tunnel`` | agents' WebSocket tunnel (:mod:`eecp.agents.tunnels`) |
 | ``GET /v1/resolve/{app}``, ``GET /v1/resolve`` | may the app be served (``dataplane.resolve``) |
 | ``GET /v1/apps``, ``GET /v1/apps/{app}`` | admin views (:mod:`eecp.control.admin`) |
@@ -122,6 +122,8 @@ class ControlDeps:
     dev_root_ca: bool
     #: the ledger's service (None: EE_LEDGER_ENABLED is off, its routes are not mounted)
     ledger: Ledger | None = None
+    #: eecp is draining (/health says so, 503: a load balancer stops sending)
+    draining: Callable[[], bool] = lambda: False
 
 
 def create_app(deps: ControlDeps) -> QuartTrio:
@@ -310,10 +312,12 @@ def _render(answer: ResolveAnswer) -> Response:
 
 
 async def health_response(deps: ControlDeps) -> tuple[Response, int]:
-    """``{"status":"ok"}`` (200) when the store answers, ``degraded`` (503) otherwise."""
+    """``{"status":"ok"}`` (200) when the store answers, ``degraded`` (503) otherwise, and
+    ``draining`` (503) while eecp stops (:mod:`eecp.core.drain`), whatever the store says."""
     store_ok = await deps.store.ping()
+    draining = deps.draining()
     body: dict[str, Any] = {
-        "status": "ok" if store_ok else "degraded",
+        "status": "draining" if draining else "ok" if store_ok else "degraded",
         "version": __version__,
         "store": "ok" if store_ok else "unavailable",
         "store_backend": deps.store.describe().split(":", 1)[0],
@@ -324,4 +328,4 @@ async def health_response(deps: ControlDeps) -> tuple[Response, int]:
     }
     if deps.dev_root_ca:
         body["warning"] = "EE_DCAP_ROOT_CA replaces Intel's root: development only"
-    return jsonify(body), 200 if store_ok else 503
+    return jsonify(body), 200 if store_ok and not draining else 503

@@ -11,6 +11,11 @@
   ``GET /v1/resolve``, answered exactly like the control port's resolve, for nginx
   ``auth_request`` and Caddy ``forward_auth`` at full speed.
 
+While eecp drains (:mod:`eecp.core.drain`) the proxy listener keeps listening and lets the
+requests in flight finish, but answers each new one 503 ``draining`` with ``Connection: close``:
+a client (or a front proxy) holding a kept-alive connection learns at once to go elsewhere,
+where a closed port would only say "refused". The auth listener answers as ever.
+
 Each listener has its own connection cap (:mod:`eecp.core.capacity`): a flood of idle sockets on
 the proxy listener closes its own oldest idle connections, and resolve still answers.
 """
@@ -73,6 +78,8 @@ log = logging.getLogger("eecp.dataplane")
 
 _JSON = [("content-type", "application/json"), ("cache-control", "no-store")]
 _RESOLVE_PREFIX = "/v1/resolve/"
+#: a refusal while eecp drains: and this connection goes nowhere any more
+_JSON_CLOSE = [*_JSON, ("connection", "close")]
 
 
 #: log lines of failed proxied streams a minute, in all (each client gets a fifth of it)
@@ -173,7 +180,9 @@ class ProxyHandler:
             if responder.head_sent:  # mid-body: closing the connection is all that is left
                 self._failed(request, app, exc.reason, client)
                 raise RequestError(exc.http_status, exc.reason) from None
-            await responder.respond(exc.http_status, _JSON, error_body(exc.reason, exc.allowed))
+            await responder.respond(exc.http_status,
+                                    _JSON_CLOSE if exc.reason == "draining" else _JSON,
+                                    error_body(exc.reason, exc.allowed))
         except StreamError as exc:  # the agent reset the stream mid-body, or the tunnel died
             self._failed(request, app, f"{public_reason(exc.reason)} ({exc.reason})", client)
             raise RequestError(502, public_reason(exc.reason)) from None

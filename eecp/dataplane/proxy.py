@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from eecp.core.clock import Clock
+from eecp.core.drain import Drain
 from eecp.core.errors import EecpError, ProtocolError
 from eecp.core.trioutil import single_error
 from eecp.wire.frames import check_head
@@ -180,8 +181,10 @@ class Forwarder:
 
     def __init__(self, registry: Registry, clock: Clock, timeout_sec: float, *,
                  max_streams_per_client: int = 0, slot_reserve: int = 0,
-                 tunnel_max_streams: int = 1) -> None:
+                 tunnel_max_streams: int = 1, drain: Drain | None = None) -> None:
         self._registry = registry
+        #: eecp's drain: new requests refused while it lasts, those in flight counted
+        self._drain = drain if drain is not None else Drain()
         self._clock = clock
         self._timeout_sec = timeout_sec
         self._per_client = max_streams_per_client
@@ -198,7 +201,17 @@ class Forwarder:
         Raises :class:`ProxyError`: 429 ``client_stream_limit`` when the client has its share
         of the app's requests in flight already, the refusals and failures otherwise. A
         request whose client is unknown (``""``: only trusted proxies in its chain) is not
-        counted per client: that front proxy's own limits are what applies to it."""
+        counted per client: that front proxy's own limits are what applies to it. While eecp
+        drains, 503 ``draining`` (:mod:`eecp.core.drain`)."""
+        if self._drain.started:
+            raise ProxyError(503, "draining", "eecp is stopping: ask another replica")
+        with self._drain.track():
+            async with self._open_for(app, head, body, client) as up:
+                yield up
+
+    @asynccontextmanager
+    async def _open_for(self, app: str, head: RequestHead, body: AsyncIterable[bytes] | None,
+                        client: str) -> AsyncIterator[Upstream]:
         if not client:  # no client to count (a trusted proxy that names none): its own limits
             async with self._open(app, head, body, 0) as up:
                 yield up

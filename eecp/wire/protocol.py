@@ -59,6 +59,9 @@ CLOSE_ATTESTATION_REFUSED = 4003
 CLOSE_REGISTRATION_REFUSED = 4004
 CLOSE_PROTOCOL_ERROR = 4005
 CLOSE_SUPERSEDED = 4009
+#: the status reason (state ``warning``) of a stopping eecp: the agent finishes the requests
+#: in flight on this tunnel, then dials again at once, not counting it as a failure
+DRAINING = "draining"
 
 _REPO = re.compile(r"^[A-Za-z0-9_.-]{1,39}/[A-Za-z0-9_.-]{1,100}$")
 _TAG = re.compile(r"^[A-Za-z0-9_.+-]{1,128}$")

@@ -149,6 +149,12 @@ class Mux:
         """Whether :meth:`close` was called."""
         return self._closed is not None
 
+    async def wait_idle(self) -> None:
+        """Return once no stream holds a slot (see :attr:`in_flight`), or the mux is closed:
+        an agent leaving a draining eecp waits here for its requests in flight."""
+        while self._streams and self._closed is None:
+            await self._slots.wait()
+
     # ---- opening and accepting --------------------------------------------------------------
 
     async def open_stream(self, head: RequestHead, *, end: bool = False,

@@ -463,6 +463,24 @@ async def test_backoff_is_exponential_and_capped_while_eecp_is_down(
     assert trio.current_time() - start >= sum([1, 2, 4, 8, 16, 32, 60, 60])
 
 
+async def test_a_draining_eecp_is_left_at_once_and_is_no_failure(
+        pki_dir: Path, agent_dir: Path) -> None:
+    """eecp says it is draining: with nothing in flight the agent leaves the tunnel at once
+    (1001 ``draining``) and dials again after the first step's delay, however often."""
+    async with open_world(pki_dir, agent_dir) as world, \
+            running_agent(world, rng=MaxJitter()) as state:
+        for _ in range(3):
+            peer = await world.eecp.accept()
+            assert (await peer.next())["type"] == "register"
+            await peer.send(Status("warning", "draining").encode())
+            assert await peer.closed() == (1001, "draining")
+            peer.done.set()
+        await wait_state(state, lambda s: len(s.delays) >= 3)
+        assert list(state.delays)[:3] == [0.01, 0.01, 0.01]  # no growth
+        assert state.failures == 0 and state.drains >= 3
+        assert state.last_error is not None and state.last_error.startswith("draining")
+
+
 def test_full_jitter_stays_below_the_ceiling() -> None:
     backoff = Backoff(initial_sec=0.5, max_sec=10.0)
     rng = random.Random(7)
