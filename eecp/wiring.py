@@ -151,7 +151,8 @@ async def open_services(config: Config, clock: Clock | None = None
                               slot_reserve=config.proxy_slot_reserve,
                               tunnel_max_streams=config.tunnel_max_streams)
         trusted_proxies = TrustedProxies(config.trusted_proxies)
-        proxy = ProxyHandler(forwarder, trusted_proxies, metrics)
+        proxy = ProxyHandler(forwarder, trusted_proxies, metrics, access_log=config.access_log,
+                             expose_agent=config.proxy_expose_agent)
         auth = AuthHandler(registry, clock)
 
         control = create_app(ControlDeps(
