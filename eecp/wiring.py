@@ -158,7 +158,9 @@ async def open_services(config: Config, clock: Clock | None = None
         trusted_proxies = TrustedProxies(config.trusted_proxies)
         proxy = ProxyHandler(forwarder, trusted_proxies, metrics,
                              ws_idle_sec=config.proxy_ws_idle_sec,
-                             send_timeout_sec=config.proxy_send_timeout_sec)
+                             send_timeout_sec=config.proxy_send_timeout_sec,
+                             access_log=config.access_log,
+                             expose_agent=config.proxy_expose_agent)
         auth = AuthHandler(registry, clock)
 
         control = create_app(ControlDeps(

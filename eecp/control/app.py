@@ -47,6 +47,7 @@ from eecp.core.clock import Clock
 from eecp.core.config import Config
 from eecp.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from eecp.core.metrics import Metrics
+from eecp.dataplane.access import AccessLog, Tally, agent_headers
 from eecp.dataplane.forwarded import (
     FORWARDED_HEADERS,
     TrustedProxies,
@@ -92,6 +93,9 @@ class ControlConfig:
     audit_entries_shown: int
     #: network name -> sealed, for /health
     networks: Mapping[str, bool]
+    #: EE_ACCESS_LOG, EE_PROXY_EXPOSE_AGENT (POST /v1/proxy's access lines and agent headers)
+    access_log: bool = True
+    proxy_expose_agent: bool = False
 
     @classmethod
     def from_config(cls, config: Config) -> ControlConfig:
@@ -101,6 +105,8 @@ class ControlConfig:
             proxy_max_body_bytes=config.proxy_max_body_bytes,
             audit_entries_shown=config.audit_entries_shown,
             networks={n.name: n.sealed for n in config.networks},
+            access_log=config.access_log,
+            proxy_expose_agent=config.proxy_expose_agent,
         )
 
 
@@ -132,6 +138,7 @@ def create_app(deps: ControlDeps) -> QuartTrio:
     app.config["JSON_SORT_KEYS"] = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     budget = Budget(deps.config.proxy_json_buffer_bytes)  # one app per process
+    access = AccessLog("api", deps.config.access_log)
     deps.metrics.proxy_json_buffered.set_function(lambda: budget.used)
     if not deps.config.proxy_api_token:
         log.warning("EE_PROXY_API_TOKEN is unset: POST /v1/proxy/{app} is open to anyone who "
@@ -164,46 +171,65 @@ def create_app(deps: ControlDeps) -> QuartTrio:
 
     @app.post("/v1/proxy/<app_name>")
     async def proxy_json(app_name: str) -> tuple[Response, int]:
-        return await proxy_json_response(deps, budget, app_name.lower())
+        return await proxy_json_response(deps, budget, app_name.lower(), access)
 
     return app
 
 
-async def proxy_json_response(deps: ControlDeps, budget: Budget, app: str
-                              ) -> tuple[Response, int]:
+async def proxy_json_response(deps: ControlDeps, budget: Budget, app: str,
+                              access: AccessLog | None = None) -> tuple[Response, int]:
     """``POST /v1/proxy/{app}``: ``{"method","path","headers","body_b64"}`` in, the app's
     ``{"status","headers","body_b64"}`` out (whole bodies: use the proxy listener to stream).
 
     What the call buffers is taken from ``budget`` (its request, then its answer) and given
-    back once the answer has been sent or dropped; 503 ``proxy_busy`` when it is spent."""
-    token = deps.config.proxy_api_token
-    if token and not matches(bearer(request.headers.getlist("Authorization")), [token]):
-        return unauthorized({"allowed": False, "reason": "proxy_token_required"})
+    back once the answer has been sent or dropped; 503 ``proxy_busy`` when it is spent. Each
+    call, refused or answered, ends with its line in ``access`` (:mod:`eecp.dataplane.access`:
+    the app's status, or the refusal's status and reason)."""
+    started = time.perf_counter()
     # who calls: the address a trusted proxy (Caddy in front of the control port) vouches for
     inbound = {name: ", ".join(request.headers.getlist(name)) for name in FORWARDED_HEADERS}
     caller = client_address(forwarding_of(inbound, request.remote_addr or "", request.scheme,
                                           None, deps.trusted_proxies, proxied_host=False),
                             deps.trusted_proxies)
-    share = budget.share(client_key(caller))
-    body: _AnswerBody | None = None
+    tally = Tally(deps.metrics.proxy_bytes.labels("in"))
+    call: ProxyCall | None = None
+    status, reason = 0, ""
     try:
+        token = deps.config.proxy_api_token
+        if token and not matches(bearer(request.headers.getlist("Authorization")), [token]):
+            status, reason = 401, "proxy_token_required"
+            return unauthorized({"allowed": False, "reason": reason})
+        share = budget.share(client_key(caller))
+        body: _AnswerBody | None = None
         try:
-            call = parse_proxy_call(await _read_call(share))
-        except ProxyError as exc:
-            return _proxy_error(exc)
-        try:
-            answer = await _forward(deps, app, call, share, inbound, caller)
-        except ProxyError as exc:
-            deps.metrics.proxied(app, exc.http_status)
-            return _proxy_error(exc)
-        deps.metrics.proxied(app, answer.status)
-        data = answer.finish()
-        body = _AnswerBody(data, share)
-        return Response(body, status=200, content_type="application/json",
-                        headers={"Content-Length": str(len(data))}), 200
+            try:
+                call = parse_proxy_call(await _read_call(share))
+                answer = await _forward(deps, app, call, share, inbound, caller, tally)
+            except ProxyError as exc:
+                status, reason = exc.http_status, exc.reason
+                if call is not None:  # (a call that did not parse reached no app)
+                    deps.metrics.proxied(app, exc.http_status)
+                return _proxy_error(exc)
+            status = answer.status
+            deps.metrics.proxied(app, answer.status)
+            data = answer.finish()
+            body = _AnswerBody(data, share)
+            headers = [("Content-Length", str(len(data)))]
+            if deps.config.proxy_expose_agent and tally.agent is not None:
+                headers = agent_headers(headers, tally.agent)
+            return Response(body, status=200, content_type="application/json",
+                            headers=Headers(headers)), 200
+        finally:
+            if body is None:  # (else the answer gives the share back once it has left)
+                share.release()
+    except trio.Cancelled:  # the caller left (or eecp is stopping)
+        reason = "cancelled"
+        raise
     finally:
-        if body is None:  # (else the answer gives the share back once it has left)
-            share.release()
+        if access is not None:
+            access.line(caller, call.method if call else "", app,
+                        call.path.partition("?")[0] if call else "", status, tally, started,
+                        reason)
 
 
 async def _read_call(share: Share) -> object:
@@ -233,9 +259,10 @@ async def _read_call(share: Share) -> object:
 
 
 async def _forward(deps: ControlDeps, app: str, call: ProxyCall, share: Share,
-                   inbound: dict[str, str], caller: str) -> JsonAnswer:
+                   inbound: dict[str, str], caller: str, tally: Tally) -> JsonAnswer:
     """Send ``call`` to ``app`` for ``caller``; its answer, whole (raises :class:`ProxyError`).
-    ``inbound``: the HTTP request's ``X-Forwarded-*`` (believed from a trusted proxy only)."""
+    ``inbound``: the HTTP request's ``X-Forwarded-*`` (believed from a trusted proxy only);
+    ``tally``: counts the body bytes (and the metric), names the agent that answered."""
     # the JSON's own X-Forwarded-* are the caller's claims: the HTTP request's count, and only
     # from a trusted proxy (Caddy in front of the control port)
     hosts = [v for n, v in call.headers if n.lower() == "host"]
@@ -254,8 +281,9 @@ async def _forward(deps: ControlDeps, app: str, call: ProxyCall, share: Share,
     body = call.body()
     try:
         async with deps.forwarder.open_upstream(
-                app, head, None if body is None else
-                counted(body, metrics.proxy_bytes.labels("in")), client=caller) as upstream:
+                app, head, None if body is None else counted(body, tally),
+                client=caller) as upstream:
+            tally.agent = upstream.agent
             metrics.proxy_seconds.observe(time.perf_counter() - started)
             answer = JsonAnswer(upstream.head.status, strip_hop_by_hop(upstream.head.headers),
                                 share, limit)
@@ -267,6 +295,7 @@ async def _forward(deps: ControlDeps, app: str, call: ProxyCall, share: Share,
     finally:
         if answer is not None:
             metrics.proxy_bytes.labels("out").inc(answer.size)
+            tally.bytes_out = answer.size
     return answer
 
 

@@ -90,6 +90,7 @@ class Config:
     registration_warn_days: float = 3.0
     log_format: str = "text"
     log_level: str = "INFO"
+    access_log: bool = True
     shutdown_grace_sec: float = 5.0
     verify_workers: int = 2
     store_workers: int = 0  # 0: automatic (1 for SQLite, which has one writer; 4 for PostgreSQL)
@@ -110,6 +111,7 @@ class Config:
     proxy_slot_reserve: int = 10
     proxy_json_buffer_bytes: int = 64 * 1024 * 1024
     proxy_api_token: str | None = field(default=None, repr=False)
+    proxy_expose_agent: bool = False
     tunnel_max_streams: int = 100
     stream_window_bytes: int = 256 * 1024
     # None: a share of what the file limit leaves (eecp.capacity.listener_caps)
@@ -201,6 +203,7 @@ def from_env(env: Mapping[str, str]) -> Config:
         registration_warn_days=r.get("EE_REGISTRATION_WARN_DAYS", 3.0, _non_negative),
         log_format=r.get("EE_LOG_FORMAT", "text", _choice("text", "json")),
         log_level=r.get("EE_LOG_LEVEL", "INFO", _log_level),
+        access_log=r.get("EE_ACCESS_LOG", True, _on_off),
         shutdown_grace_sec=r.get("EE_SHUTDOWN_GRACE_SEC", 5.0, _non_negative),
         verify_workers=r.get("EE_VERIFY_WORKERS", 2, _positive_int),
         store_workers=r.get("EE_STORE_WORKERS", 0, _positive_int),
@@ -223,6 +226,7 @@ def from_env(env: Mapping[str, str]) -> Config:
         proxy_json_buffer_bytes=r.get("EE_PROXY_JSON_BUFFER_BYTES", 64 * 1024 * 1024,
                                       _positive_int),
         proxy_api_token=r.get("EE_PROXY_API_TOKEN", None, str),
+        proxy_expose_agent=r.get("EE_PROXY_EXPOSE_AGENT", False, _bool),
         tunnel_max_streams=r.get("EE_TUNNEL_MAX_STREAMS", 100, _positive_int),
         stream_window_bytes=r.get("EE_STREAM_WINDOW_BYTES", 256 * 1024, _positive_int),
         control_max_connections=r.get("EE_CONTROL_MAX_CONNECTIONS", None, _positive_int),
@@ -441,6 +445,13 @@ def _bool(raw: str) -> bool:
     if value not in ("true", "false"):
         raise ValueError(f"{raw!r} is not true or false")
     return value == "true"
+
+
+def _on_off(raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{raw!r} is not on or off")
+    return value == "on"
 
 
 def _choice(*options: str) -> Callable[[str], str]:

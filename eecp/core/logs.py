@@ -2,6 +2,10 @@
 
 Never pass a token or a whole quote to a log call; :func:`redact` shortens long opaque values
 (hex, base64) that must be mentioned.
+
+A structured line (the access log, :mod:`eecp.dataplane.access`) names its arguments with
+``extra={FIELDS_ATTR: names}``: its text is the message as usual, and its JSON has one key per
+argument instead of the formatted message (``-``, the text's "no value", is ``null`` there).
 """
 
 from __future__ import annotations
@@ -14,17 +18,26 @@ from typing import TextIO
 
 from eecp.core.clock import isoformat
 
+#: the record attribute naming a structured line's arguments, in order
+FIELDS_ATTR = "ee_fields"
+
 
 class JsonFormatter(logging.Formatter):
-    """A JSON object per line: ts, level, logger, msg (and exc when there is one)."""
+    """A JSON object per line: ts, level, logger, msg (and exc when there is one); a
+    structured line's fields instead of its formatted message."""
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, object] = {
             "ts": _stamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
         }
+        fields = getattr(record, FIELDS_ATTR, None)
+        if fields is not None and isinstance(record.args, tuple):
+            doc.update((name, None if value == "-" else value)
+                       for name, value in zip(fields, record.args, strict=True))
+        else:
+            doc["msg"] = record.getMessage()
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)

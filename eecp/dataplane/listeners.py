@@ -37,6 +37,7 @@ from eecp.core.config import Config
 from eecp.core.errors import StartupError
 from eecp.core.metrics import Metrics
 from eecp.core.ratelimit import LogBudget
+from eecp.dataplane.access import AccessLog, Tally, agent_headers
 from eecp.dataplane.forwarded import (
     Forwarding,
     TrustedProxies,
@@ -117,10 +118,13 @@ class ProxyHandler:
     """The proxy listener: every request forwarded to its app over a tunnel."""
 
     def __init__(self, forwarder: Forwarder, trusted_proxies: TrustedProxies, metrics: Metrics,
-                 *, ws_idle_sec: float = 600.0, send_timeout_sec: float = 60.0) -> None:
+                 *, ws_idle_sec: float = 600.0, send_timeout_sec: float = 60.0,
+                 access_log: bool = True, expose_agent: bool = False) -> None:
         self._forwarder = forwarder
         self._ws_idle_sec = ws_idle_sec  # EE_PROXY_WS_IDLE_SEC
         self._send_timeout_sec = send_timeout_sec
+        self._access = AccessLog("proxy", access_log)
+        self._expose_agent = expose_agent
         self._trusted = trusted_proxies
         self._metrics = metrics
         # metric children looked up once (labels() costs a lock and a lookup per call)
@@ -143,40 +147,53 @@ class ProxyHandler:
         log.info("proxy %s %s %s failed: %s", app, request.method, request.path[:200], reason)
 
     async def __call__(self, request: Request, responder: Responder) -> None:
+        started = time.perf_counter()
         forwarding = forwarding_of(inbound_forwarding(request.headers),
                                    request.client[0] if request.client else "",
                                    "http", request.header("host"), self._trusted)
         try:
             app = app_named(request.headers, forwarding)
         except AmbiguousHost as exc:
-            await responder.respond(400, _JSON, error_body(exc.reason))
+            await self._refuse(request, responder, forwarding, "", exc.reason, started)
             return
         if not app:
-            await responder.respond(400, _JSON, error_body("missing_app"))
+            await self._refuse(request, responder, forwarding, "", "missing_app", started)
             return
         if not is_origin_form(request.target):  # absolute-form, `*`, `//host`: no SSRF
-            await responder.respond(400, _JSON, error_body("invalid_target"))
+            await self._refuse(request, responder, forwarding, app.lower(), "invalid_target",
+                               started)
             return
         head = RequestHead(request.method, request.target, forwarded_headers(
             [(n, v) for n, v in request.headers if n != "x-ee-app"], forwarding),
             WEBSOCKET if _websocket_request(request) else None)
         await self._forward(request, responder, app.lower(), head,
-                            client_address(forwarding, self._trusted))
+                            client_address(forwarding, self._trusted), started)
+
+    async def _refuse(self, request: Request, responder: Responder, forwarding: Forwarding,
+                      app: str, reason: str, started: float) -> None:
+        """A 400 for a request that names no app it can be forwarded to (and its line)."""
+        try:
+            await responder.respond(400, _JSON, error_body(reason))
+        finally:
+            self._access.line(client_address(forwarding, self._trusted), request.method, app,
+                              request.path, 400, Tally(None), started, reason)
 
     async def _forward(self, request: Request, responder: Responder, app: str,
-                       head: RequestHead, client: str) -> None:
-        body = self._body(request)
+                       head: RequestHead, client: str, started: float) -> None:
+        tally = Tally(self._bytes_in)
+        body = self._body(request, tally)
         metrics = self._metrics
-        started = time.perf_counter()
         status = 0
+        reason = ""
         try:
             async with self._forwarder.open_upstream(app, head, body,
                                                      client=client) as upstream:
+                tally.agent = upstream.agent
                 status = upstream.head.status
                 metrics.proxy_seconds.observe(time.perf_counter() - started)
-                await self._relay(upstream, responder, request, app)
+                await self._relay(upstream, responder, request, app, tally)
         except ProxyError as exc:
-            status = exc.http_status
+            status, reason = exc.http_status, exc.reason
             if responder.head_sent:  # mid-body: closing the connection is all that is left
                 self._failed(request, app, exc.reason, client)
                 raise RequestError(exc.http_status, exc.reason) from None
@@ -184,23 +201,28 @@ class ProxyHandler:
                                     _JSON_CLOSE if exc.reason == "draining" else _JSON,
                                     error_body(exc.reason, exc.allowed))
         except StreamError as exc:  # the agent reset the stream mid-body, or the tunnel died
-            self._failed(request, app, f"{public_reason(exc.reason)} ({exc.reason})", client)
-            raise RequestError(502, public_reason(exc.reason)) from None
+            reason = public_reason(exc.reason)
+            self._failed(request, app, f"{reason} ({exc.reason})", client)
+            raise RequestError(502, reason) from None
         except RequestError as exc:  # the client's body: malformed, too large, too slow
-            status = exc.http_status
+            status, reason = exc.http_status, exc.reason
             self._failed(request, app, exc.reason, client)
             raise
         except ClientDisconnected:
-            self._failed(request, app, "client_gone", client)
+            reason = "client_gone"
+            self._failed(request, app, reason, client)
             raise
         except trio.Cancelled:  # the server saw the client leave (or eecp is stopping)
-            self._failed(request, app, "cancelled", client)
+            reason = "cancelled"
+            self._failed(request, app, reason, client)
             raise
         finally:
             metrics.proxied(app, status)
+            self._access.line(client, request.method, app, request.path, status, tally,
+                              started, reason)
 
     async def _relay(self, upstream: Upstream, responder: Responder, request: Request,
-                     app: str) -> None:
+                     app: str, tally: Tally) -> None:
         # what is already here goes out with what follows: a small answer is one write, and a
         # stream (SSE) is flushed as soon as nothing more is waiting
         stream = upstream.stream
@@ -208,7 +230,10 @@ class ProxyHandler:
         if head.status == 101 and isinstance(stream, Stream):  # (only ever to an upgrade)
             await self._websocket(upstream, stream, responder, app)
             return
-        await responder.send_head(head.status, strip_hop_by_hop(head.headers), hold=stream.ready)
+        headers = strip_hop_by_hop(head.headers)
+        if self._expose_agent:
+            headers = agent_headers(headers, upstream.agent)
+        await responder.send_head(head.status, headers, hold=stream.ready)
         # (checked by Forwarder.open_upstream: a plain number or none)
         length = check_response_head(head)
         sent = 0
@@ -228,6 +253,7 @@ class ProxyHandler:
                 await responder.send(chunk, hold=stream.ready)
         finally:
             self._bytes_out.inc(sent)
+            tally.bytes_out = sent
         await responder.end()
 
     async def _websocket(self, upstream: Upstream, stream: Stream, responder: Responder,
@@ -242,11 +268,11 @@ class ProxyHandler:
                     revocation=lambda: self._forwarder.revocation(app, agent),
                     bytes_in=self._bytes_in, bytes_out=self._bytes_out).run()
 
-    def _body(self, request: Request) -> AsyncIterator[bytes] | None:
+    def _body(self, request: Request, tally: Tally) -> AsyncIterator[bytes] | None:
         chunked = (request.header("transfer-encoding") or "").lower().endswith("chunked")
         if not chunked and not request.content_length:
             return None
-        return counted(request.body_chunks(), self._bytes_in)
+        return counted(request.body_chunks(), tally)  # (the tally counts the metric too)
 
 
 def _websocket_request(request: Request) -> bool:

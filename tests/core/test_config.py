@@ -107,6 +107,8 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         ("EE_CONTROL_MAX_CONNECTIONS", "0", "whole number >= 1"),
         ("EE_PROXY_MAX_CONNECTIONS", "-5", "whole number >= 1"),
         ("EE_AUTH_MAX_CONNECTIONS", "many", "whole number >= 1"),
+        ("EE_ACCESS_LOG", "true", "not on or off"),
+        ("EE_PROXY_EXPOSE_AGENT", "yes", "not true or false"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, problem: str) -> None:
