@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -45,6 +45,7 @@ from eecp.core.config import Config
 from eecp.core.errors import ConfigError, InputError
 from eecp.core.metrics import LedgerMetrics, Metrics
 from eecp.core.ratelimit import RefusedAuditLimit
+from eecp.core.readiness import Readiness
 from eecp.dataplane.forwarded import TrustedProxies
 from eecp.dataplane.listeners import AuthHandler, ProxyHandler
 from eecp.dataplane.proxy import Forwarder
@@ -80,6 +81,7 @@ class Components:
     auth: AuthHandler  # the auth listener's handler
     registry: Registry  # with the ledger, its node views route the proxy's pick
     ledger: LedgerParts | None = None  # EE_LEDGER_ENABLED
+    readiness: Readiness = field(default_factory=Readiness)  # GET /ready; serve() sets it
 
 
 def root_ca_from_config(config: Config) -> bytes | None:
@@ -128,7 +130,9 @@ async def open_services(config: Config, clock: Clock | None = None
         registry = Registry(config.networks, config.registration_warn_days * 86400)
         registry.load(await store.list_apps(), await store.list_agents())
         metrics = Metrics(state=lambda: registry.gauges(clock.now()),
-                          known_app=lambda name: registry.app(name) is not None)
+                          known_app=lambda name: registry.app(name) is not None,
+                          version=__version__, collateral=collateral.next_updates)
+        readiness = Readiness()  # serve() makes it ready
         refused_audit = RefusedAuditLimit(config.audit_refusals_per_min)
         parts = None
         if ledger is not None and ledger_settings is not None:
@@ -160,9 +164,9 @@ async def open_services(config: Config, clock: Clock | None = None
             trusted_proxies=trusted_proxies,
             guard=Guard(Tokens.from_config(config), fail_closed=config.ledger_enabled),
             agents_connected=lambda: tunnels.connected, dev_root_ca=root_ca is not None,
-            ledger=ledger))
+            ledger=ledger, readiness=readiness))
 
         yield Components(
             clock=clock, store=store, collateral=collateral, refused_audit=refused_audit,
             tunnels=tunnels, control_app=TunnelRouter(control, tunnels),  # tunnels skip quart
-            proxy=proxy, auth=auth, registry=registry, ledger=parts)
+            proxy=proxy, auth=auth, registry=registry, ledger=parts, readiness=readiness)
