@@ -35,8 +35,10 @@ like those closed after it, and the outbox writes them as they come::
           │    ├─ settler                      due node-periods, unstakes, key pruning
           │    └─ counts                       the ledger's metrics, the invariant check
           ├─ data plane (httptools)            proxy EE_PROXY_PORT, auth EE_AUTH_PORT
-          └─ hypercorn (quart-trio app)        EE_CONTROL_BIND:EE_CONTROL_PORT
-               └─ per tunnel: session nursery  (eecp.agents.session)
+          ├─ hypercorn (quart-trio app)        EE_CONTROL_BIND:EE_CONTROL_PORT
+          │    └─ per tunnel: session nursery  (eecp.agents.session)
+          └─ readiness                         /ready, systemd READY=1, WATCHDOG=1 until
+                                               shutdown, then STOPPING=1 (eecp.core.readiness)
 
 The process-wide library patches (:mod:`eecp.patches`) are not applied here but once, at the
 process's start (``eecp serve``, ``eecp demo``; the tests' conftest): ``serve`` may run many
@@ -64,6 +66,8 @@ from eecp.core.capacity import ConnectionGate, ListenerCaps
 from eecp.core.clock import Clock
 from eecp.core.config import Config
 from eecp.core.errors import StartupError
+from eecp.core.readiness import run_readiness
+from eecp.core.sdnotify import Notifier
 from eecp.dataplane.http import DEFAULT_LIMITS
 from eecp.dataplane.listeners import serve_dataplane
 from eecp.ledger import jobs as ledger_jobs
@@ -140,6 +144,10 @@ async def serve(
             bound = replace(_bound_from(binds), proxy_port=proxy_port, auth_port=auth_port)
             log.info("eecp %s serving control on %s (store %s)", __version__, bound.control_url,
                      components.store.describe())
+            # /ready and systemd's READY=1 from here until shutdown (eecp.core.readiness)
+            await root.start(run_readiness, components.readiness, Notifier.create(
+                config.notify_socket, config.watchdog_usec, config.watchdog_pid),
+                f"serving control on {bound.control_url}", shutdown)
             task_status.started(bound)
             await shutdown.wait()
             background.cancel()

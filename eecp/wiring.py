@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -46,6 +46,7 @@ from eecp.core.drain import Drain
 from eecp.core.errors import ConfigError, InputError
 from eecp.core.metrics import LedgerMetrics, Metrics
 from eecp.core.ratelimit import RefusedAuditLimit
+from eecp.core.readiness import Readiness
 from eecp.dataplane.forwarded import TrustedProxies
 from eecp.dataplane.listeners import AuthHandler, ProxyHandler
 from eecp.dataplane.proxy import Forwarder
@@ -82,6 +83,7 @@ class Components:
     registry: Registry  # with the ledger, its node views route the proxy's pick
     drain: Drain  # begun at shutdown (through tunnels.drain()); its requests waited for
     ledger: LedgerParts | None = None  # EE_LEDGER_ENABLED
+    readiness: Readiness = field(default_factory=Readiness)  # GET /ready; serve() sets it
 
 
 def root_ca_from_config(config: Config) -> bytes | None:
@@ -130,7 +132,9 @@ async def open_services(config: Config, clock: Clock | None = None
         registry = Registry(config.networks, config.registration_warn_days * 86400)
         registry.load(await store.list_apps(), await store.list_agents())
         metrics = Metrics(state=lambda: registry.gauges(clock.now()),
-                          known_app=lambda name: registry.app(name) is not None)
+                          known_app=lambda name: registry.app(name) is not None,
+                          version=__version__, collateral=collateral.next_updates)
+        readiness = Readiness()  # serve() makes it ready
         refused_audit = RefusedAuditLimit(config.audit_refusals_per_min)
         parts = None
         if ledger is not None and ledger_settings is not None:
@@ -169,9 +173,10 @@ async def open_services(config: Config, clock: Clock | None = None
             trusted_proxies=trusted_proxies,
             guard=Guard(Tokens.from_config(config), fail_closed=config.ledger_enabled),
             agents_connected=lambda: tunnels.connected, dev_root_ca=root_ca is not None,
-            ledger=ledger, draining=lambda: drain.started))
+            ledger=ledger, draining=lambda: drain.started, readiness=readiness))
 
         yield Components(
             clock=clock, store=store, collateral=collateral, refused_audit=refused_audit,
             tunnels=tunnels, control_app=TunnelRouter(control, tunnels),  # tunnels skip quart
-            proxy=proxy, auth=auth, registry=registry, drain=drain, ledger=parts)
+            proxy=proxy, auth=auth, registry=registry, drain=drain, ledger=parts,
+            readiness=readiness)

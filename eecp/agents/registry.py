@@ -317,7 +317,20 @@ class Registry:
         return StateGauges(
             agents_connected=sum(a.connected for a in agents),
             streams_in_flight=sum(a.in_flight for a in agents),
-            apps_by_state=Counter(self.resolve(name, now).reason for name in list(self.apps)))
+            apps_by_state=Counter(self.resolve(name, now).reason for name in list(self.apps)),
+            registrations_by_state=Counter(
+                registration_state(v.record.expires_at, now, self._warn_sec)
+                for v in self.apps.values()),
+            attestation_age_by_app={name: self._attestation_age(view, now)
+                                    for name, view in self.apps.items()})
+
+    def _attestation_age(self, view: AppView, now: float) -> float:
+        """Seconds since the last accepted attestation of the agent resolve judges the app by
+        (its best current one); inf when that agent has none, or there is none."""
+        app = view.record
+        best = _best_agent(_current(view), app, self._networks.get(app.network), self._blocked)
+        at = best.record.last_attested_at if best is not None else None
+        return math.inf if at is None else max(0.0, now - at)
 
 
 def decide(view: AppView | None, name: str, now: float, networks: dict[str, Network],
@@ -332,12 +345,18 @@ def decide(view: AppView | None, name: str, now: float, networks: dict[str, Netw
     app = view.record
     network = networks.get(app.network)
     state = registration_state(app.expires_at, now, warn_sec)
-    current = [a for a in view.agents.values()
-               if a.record.repo == app.repo and a.record.release_tag == app.release_tag]
+    current = _current(view)
     best = _best_agent(current, app, network, blocked)
     reason = _deny_reason(state, best, app, network, blocked)
     body = _body(app, state, best, current, reason)
     return Decision(reason == "ok", reason, name, body, *_state_span(state, app, warn_sec))
+
+
+def _current(view: AppView) -> list[AgentView]:
+    """The app's agents serving its current repo and release tag."""
+    app = view.record
+    return [a for a in view.agents.values()
+            if a.record.repo == app.repo and a.record.release_tag == app.release_tag]
 
 
 def _state_span(state: RegistrationState, app: AppRecord, warn_sec: float

@@ -120,6 +120,13 @@ class CollateralCache:
         entry = self._entries.get(self.key(fmspc, ca, tee))
         return entry is not None and entry.parts is not None
 
+    def next_updates(self) -> dict[tuple[str, str, str], float]:
+        """The ``nextUpdate`` (Unix seconds) of every collateral held in memory, by
+        ``(tee, FMSPC, ca)``: what the metrics show, so an operator is warned before a PCCS
+        that stopped serving locks the platform's agents out."""
+        return {(e.tee, e.fmspc, e.ca): e.parts.next_update
+                for e in self._entries.values() if e.parts is not None}
+
     async def get(self, fmspc: str, ca: str, tee: Tee) -> CollateralParts:
         """Valid collateral for this platform, from cache or freshly fetched.
 

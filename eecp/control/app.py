@@ -3,6 +3,7 @@
 | route | what |
 | --- | --- |
 | ``GET /health`` | liveness, version, whether the store answers, whether eecp drains |
+| ``GET /ready`` | 200 once serving (store migrated, every listener bound), else 503 |
 | ``GET /v1/tunnel`` | agents' WebSocket tunnel (:mod:`eecp.agents.tunnels`) |
 | ``GET /v1/resolve/{app}``, ``GET /v1/resolve`` | may the app be served (``dataplane.resolve``) |
 | ``GET /v1/apps``, ``GET /v1/apps/{app}`` | admin views (:mod:`eecp.control.admin`) |
@@ -47,6 +48,7 @@ from eecp.core.clock import Clock
 from eecp.core.config import Config
 from eecp.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from eecp.core.metrics import Metrics
+from eecp.core.readiness import Readiness
 from eecp.dataplane.access import AccessLog, Tally, agent_headers
 from eecp.dataplane.forwarded import (
     FORWARDED_HEADERS,
@@ -81,6 +83,8 @@ BODY_TIMEOUT_SEC = 15
 #: a JSON answer leaves in pieces of this size: the HTTP server copies each piece it writes,
 #: so a piece, not the whole answer, is the extra copy
 ANSWER_PIECE_BYTES = 256 * 1024
+#: how long /metrics waits for the store's SELECT 1 before it reports eecp_store_up 0
+STORE_PING_SEC = 2.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,8 @@ class ControlDeps:
     ledger: Ledger | None = None
     #: eecp is draining (/health says so, 503: a load balancer stops sending)
     draining: Callable[[], bool] = lambda: False
+    #: GET /ready (serve() makes it ready)
+    readiness: Readiness = field(default_factory=Readiness)
 
 
 def create_app(deps: ControlDeps) -> QuartTrio:
@@ -164,8 +170,19 @@ def create_app(deps: ControlDeps) -> QuartTrio:
         app.register_blueprint(ledger_api.blueprint(deps.guard, deps.ledger,
                                                     deps.metrics.enable_ledger()))
 
+    @app.get("/ready")
+    async def ready() -> tuple[Response, int]:
+        state = deps.readiness.state
+        return jsonify({"ready": state == "ready", "state": state}), \
+            200 if state == "ready" else 503
+
     @app.get("/metrics")
     async def metrics() -> Response:
+        # a store that cannot answer within STORE_PING_SEC (its workers busy, or a server
+        # that does not reply) is reported down, rather than failing the scrape
+        with trio.move_on_after(STORE_PING_SEC):
+            deps.metrics.store_up.set(0)
+            deps.metrics.store_up.set(1 if await deps.store.ping() else 0)
         return Response(deps.metrics.render(), status=200,
                         headers={"content-type": METRICS_CONTENT_TYPE})
 

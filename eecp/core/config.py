@@ -12,6 +12,11 @@ is told apart from another role's. The ledger's own grammars (``EE_LEDGER_PERIOD
 amounts, ``EE_PLATFORM_FEE_BPS``) are parsed by :meth:`eecp.ledger.answers.LedgerSettings
 .from_config`, once at start-up, with the same ``ConfigError``: the core sits below the
 ledger and keeps their text.
+
+Three variables are systemd's, not eecp's: ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and
+``WATCHDOG_PID`` (``Type=notify`` and ``WatchdogSec``, :mod:`eecp.core.sdnotify`). They are read
+here, from the same mapping, rather than from ``os.environ`` where they are used, so that a test
+(or ``eecp demo``) hands them to ``serve()`` as it hands any setting.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
+from eecp.core import sdnotify
 from eecp.core.errors import ConfigError
 
 T = TypeVar("T")
@@ -120,6 +126,10 @@ class Config:
     auth_max_connections: int | None = None
     trusted_proxies: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),
                                               ipaddress.ip_network("::1/128"))
+    # systemd's variables, not settings (Type=notify, WatchdogSec: eecp.core.sdnotify)
+    notify_socket: str | None = None  # NOTIFY_SOCKET as a socket address
+    watchdog_usec: int = 0  # WATCHDOG_USEC (0: no watchdog)
+    watchdog_pid: int | None = None  # WATCHDOG_PID (the watchdog is another process's)
     # the ledger (spec §16), read only when ledger_enabled
     ledger_enabled: bool = False
     #: the text of EE_LEDGER_PERIOD / EE_LEDGER_MAX_AMOUNT_USD / EE_PLATFORM_FEE_BPS /
@@ -234,6 +244,9 @@ def from_env(env: Mapping[str, str]) -> Config:
         auth_max_connections=r.get("EE_AUTH_MAX_CONNECTIONS", None, _positive_int),
         trusted_proxies=r.get("EE_TRUSTED_PROXIES", parse_trusted(DEFAULT_TRUSTED),
                               parse_trusted),
+        notify_socket=r.get("NOTIFY_SOCKET", None, sdnotify.parse_address),
+        watchdog_usec=r.get("WATCHDOG_USEC", 0, _whole),
+        watchdog_pid=r.get("WATCHDOG_PID", None, _positive_int),
     )
     if cfg.registration_warn_days >= cfg.registration_ttl_days:
         raise ConfigError(

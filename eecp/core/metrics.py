@@ -12,6 +12,15 @@ they happen, in this process. Transfers by code, settlements by outcome and held
 are the database's own counts (:class:`LedgerCounts`, refreshed by a background job): the
 journal is append-only, so its counts only grow and are honest counters, and every replica
 reports the same totals instead of its own share.
+
+For alerting (``examples/alerts.yml``): ``eecp_build_info{version}``; the next update of every
+cached collateral (a collateral past it refuses every agent on that platform), read from the
+cache at scrape time (``collateral``, a callable wiring hands in: the core does not know the
+cache); per app, the seconds since its best agent's last accepted attestation (``+Inf`` when it
+has none: an app whose agents never attested is as unserved as one whose attestations stopped);
+registrations by state (``warning``: expiring within ``EE_REGISTRATION_WARN_DAYS``); and
+``eecp_store_up``, set by the ``/metrics`` route from one ``SELECT 1`` per scrape — the cheapest
+honest answer: no background task, and as fresh as the scrape.
 """
 
 from __future__ import annotations
@@ -30,6 +39,11 @@ UNKNOWN_APP = "_unknown"
 #: the ``state`` label of ``eecp_apps``: every resolve reason an app can be in
 APP_STATES = ("ok", "registration_expired", "not_connected", "not_attested", "health_fail",
               "sealed_required")
+#: the ``state`` label of ``eecp_registrations``
+REGISTRATION_STATES = ("active", "warning", "expired")
+
+#: the next update (Unix seconds) of each cached collateral, by (tee, fmspc, ca)
+CollateralTimes = Callable[[], Mapping[tuple[str, str, str], float]]
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,10 @@ class StateGauges:
     streams_in_flight: int
     #: registered apps by resolve reason (``ok`` = served)
     apps_by_state: Mapping[str, int]
+    #: registered apps by registration state (active, warning, expired)
+    registrations_by_state: Mapping[str, int] = field(default_factory=dict)
+    #: app -> seconds since its best agent's last accepted attestation (inf: none)
+    attestation_age_by_app: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,9 +99,14 @@ class LedgerMetrics:
 class Metrics:
     """eecp's metrics; ``render()`` is the scrape body."""
 
-    def __init__(self, state: Callable[[], StateGauges], known_app: Callable[[str], bool]
-                 ) -> None:
+    def __init__(self, state: Callable[[], StateGauges], known_app: Callable[[str], bool],
+                 *, version: str = "", collateral: CollateralTimes | None = None) -> None:
         self.prometheus = CollectorRegistry()
+        Gauge("eecp_build_info", "Always 1; the running eecp's version", ["version"],
+              registry=self.prometheus).labels(version).set(1)
+        self.store_up = Gauge(
+            "eecp_store_up", "1 when the store answered SELECT 1 at this scrape",
+            registry=self.prometheus)
         self.attestations = Counter(
             "eecp_attestations", "Attestation decisions", ["result", "reason"],
             registry=self.prometheus)
@@ -112,6 +135,8 @@ class Metrics:
             "eecp_proxy_json_buffered_bytes", "Bytes POST /v1/proxy calls hold now (requests "
             "and answers; EE_PROXY_JSON_BUFFER_BYTES bounds them)", registry=self.prometheus)
         self.prometheus.register(_StateCollector(state))
+        if collateral is not None:
+            self.prometheus.register(_CollateralCollector(collateral))
         self._known_app = known_app
         self._proxied: dict[tuple[str, int], Any] = {}  # metric children, looked up once
         #: the ledger's metrics, once enabled
@@ -157,6 +182,32 @@ class _StateCollector(Collector):
         for name in APP_STATES:
             apps.add_metric([name], state.apps_by_state.get(name, 0))
         yield apps
+        registrations = GaugeMetricFamily(
+            "eecp_registrations", "Registered apps by registration state (warning: expiring "
+            "within EE_REGISTRATION_WARN_DAYS)", labels=["state"])
+        for name in REGISTRATION_STATES:
+            registrations.add_metric([name], state.registrations_by_state.get(name, 0))
+        yield registrations
+        age = GaugeMetricFamily(
+            "eecp_app_attestation_age_seconds", "Seconds since the last accepted attestation "
+            "of the app's best agent (+Inf: none)", labels=["app"])
+        for app, seconds in sorted(state.attestation_age_by_app.items()):
+            age.add_metric([app], seconds)
+        yield age
+
+
+class _CollateralCollector(Collector):
+    def __init__(self, times: CollateralTimes) -> None:
+        self._times = times
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "eecp_collateral_next_update_timestamp_seconds", "When cached DCAP collateral "
+            "(TCB info, QE identity, CRLs) reaches its nextUpdate, Unix seconds; past it every "
+            "agent on the platform is refused", labels=["tee", "fmspc", "ca"])
+        for (tee, fmspc, ca), at in sorted(self._times().items()):
+            family.add_metric([tee, fmspc, ca], at)
+        yield family
 
 
 class _LedgerCollector(Collector):

@@ -4,6 +4,7 @@ registration-state boundary, is seen by the very next resolve."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 
@@ -253,3 +254,17 @@ def test_an_app_served_only_from_suspended_or_banned_nodes_is_refused_node_suspe
     assert resolve(registry, "shop", 10.0).status == 200
     agent.ppid = "bb" * 16
     assert ("x-ee-reason", "node_suspended") in resolve(registry, "shop", 10.0).headers
+
+
+def test_gauges_count_registrations_by_state_and_age_attestations_by_the_best_agent() -> None:
+    registry, agent = make_registry()
+    agent.record = replace(agent.record, last_attested_at=EXPIRES - WARN - 500)
+    registry.put_app(AppRecord("blog", "acme/blog", "v1", "forge-1", 0.0, EXPIRES + WARN))
+    registry.put_app(AppRecord("old", "acme/old", "v1", "forge-1", 0.0, EXPIRES - WARN - 1))
+    # an agent of an older release does not speak for the app, attested or not
+    registry.attach(AgentView(AgentRecord("b1", "blog", "acme/blog", "v0", "forge-1", 0.0,
+                                          0.0, last_attested_at=EXPIRES - WARN - 10),
+                              connected=True, attested=True))
+    gauges = registry.gauges(EXPIRES - WARN + 100)  # shop has entered its warning
+    assert dict(gauges.registrations_by_state) == {"warning": 1, "active": 1, "expired": 1}
+    assert gauges.attestation_age_by_app == {"shop": 600.0, "blog": math.inf, "old": math.inf}
