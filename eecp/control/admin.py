@@ -42,22 +42,35 @@ def blueprint(guard: Guard, registry: Registry, clock: Clock, store: Store,
         if verdict not in (None, "accepted", "refused"):
             return jsonify({"error": "invalid_query:verdict",
                             "detail": "expected accepted or refused"}), 400
-        audit = await store.recent_audit(name, audit_entries_shown, verdict)
-        doc = app_detail(registry, name, clock.now(), audit)
+        doc = await app_view(registry, clock, store, name, audit_entries_shown, bindings,
+                             verdict)
         if doc is None:
             return jsonify({"error": "unknown_app", "app": name}), 404
-        if bindings is not None:
-            try:
-                bound = await bindings([a["agent_id"] for a in doc["agents"]])
-            except StoreError:  # the view without the ledger's half, rather than none
-                bound = {}
-            for agent in doc["agents"]:
-                node_id, ppid = bound.get(agent["agent_id"], (None, None))
-                agent["node_id"] = node_id
-                agent["ppid"] = agent["ppid"] or ppid
         return jsonify(doc)
 
     return admin
+
+
+async def app_view(registry: Registry, clock: Clock, store: Store, name: str,
+                   audit_entries_shown: int, bindings: Bindings | None = None,
+                   verdict: str | None = None) -> dict[str, Any] | None:
+    """``GET /v1/apps/{app}``'s document (the dashboard's app page shows the same): the app,
+    its agents with the ledger's bindings when it is on, its newest audit entries (of
+    ``verdict`` when given); None if the app is unknown."""
+    audit = await store.recent_audit(name, audit_entries_shown, verdict)
+    doc = app_detail(registry, name, clock.now(), audit)
+    if doc is None:
+        return None
+    if bindings is not None:
+        try:
+            bound = await bindings([a["agent_id"] for a in doc["agents"]])
+        except StoreError:  # the view without the ledger's half, rather than none
+            bound = {}
+        for agent in doc["agents"]:
+            node_id, ppid = bound.get(agent["agent_id"], (None, None))
+            agent["node_id"] = node_id
+            agent["ppid"] = agent["ppid"] or ppid
+    return doc
 
 
 def list_apps(registry: Registry, now: float) -> dict[str, Any]:

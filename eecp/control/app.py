@@ -7,6 +7,7 @@
 | ``GET /v1/tunnel`` | agents' WebSocket tunnel (:mod:`eecp.agents.tunnels`) |
 | ``GET /v1/resolve/{app}``, ``GET /v1/resolve`` | may the app be served (``dataplane.resolve``) |
 | ``GET /v1/apps``, ``GET /v1/apps/{app}`` | admin views (:mod:`eecp.control.admin`) |
+| ``GET /admin``, ``/admin/…`` | the admin dashboard, HTML (:mod:`eecp.control.dashboard`) |
 | ``POST /v1/proxy/{app}`` | one request to the app as JSON (:mod:`eecp.dataplane.jsonproxy`) |
 | ``GET /metrics`` | Prometheus metrics (:mod:`eecp.core.metrics`) |
 | ``/v1/credits/…``, ``/v1/nodes/…``, … | the ledger, only with ``EE_LEDGER_ENABLED=true``
@@ -42,7 +43,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from eecp import __version__
 from eecp.agents.registry import Registry
-from eecp.control import admin, ledger_api
+from eecp.control import admin, dashboard, ledger_api
 from eecp.control.auth import Guard, bearer, matches, unauthorized
 from eecp.core.clock import Clock
 from eecp.core.config import Config
@@ -166,6 +167,9 @@ def create_app(deps: ControlDeps) -> QuartTrio:
     bindings = deps.ledger.agent_bindings if deps.ledger is not None else None
     app.register_blueprint(admin.blueprint(deps.guard, deps.registry, deps.clock, deps.store,
                                            deps.config.audit_entries_shown, bindings))
+    app.register_blueprint(dashboard.blueprint(dashboard.DashboardDeps(
+        deps.guard, deps.registry, deps.clock, deps.store, deps.config.audit_entries_shown,
+        deps.trusted_proxies, bindings, deps.ledger)))
     if deps.ledger is not None:
         app.register_blueprint(ledger_api.blueprint(deps.guard, deps.ledger,
                                                     deps.metrics.enable_ledger()))

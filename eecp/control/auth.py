@@ -133,10 +133,19 @@ class Guard:
     def admits(self, authorization: Sequence[str], roles: Iterable[Role]) -> bool:
         """Whether a request with these ``Authorization`` values may call a route admitting
         ``roles`` (open when none of their tokens is set)."""
+        return self.admits_token(bearer(authorization), roles)
+
+    def admits_token(self, token: str | None, roles: Iterable[Role] = ()) -> bool:
+        """Whether ``token`` (None: none presented) may call a route admitting ``roles``: the
+        check of :meth:`admits` on a token that came another way (the dashboard's login form)."""
         accepted = self.accepted(roles)
         if not accepted:
             return not self.fail_closed
-        return matches(bearer(authorization), accepted)
+        return matches(token, accepted)
+
+    def is_open(self, roles: Iterable[Role] = ()) -> bool:
+        """Whether a route admitting ``roles`` admits anyone (none of their tokens is set)."""
+        return not self.accepted(roles) and not self.fail_closed
 
     def protect(self, blueprint: Blueprint, *roles: Role) -> Blueprint:
         """Check every request to ``blueprint``'s routes before its view runs: 401
