@@ -32,7 +32,8 @@ Design decisions:
   site's page sends it) and ``Secure`` when the request came over https (a trusted proxy's
   ``X-Forwarded-Proto``), scoped to ``/admin``.
 * **CSRF.** Besides SameSite=Strict, every POST must carry an ``Origin`` (or, without one, a
-  ``Referer``) naming this host; else 403 ``cross_origin``.
+  ``Referer``) naming this host, or, when it has neither (``no-referrer`` makes a browser send
+  ``Origin: null``), ``Sec-Fetch-Site: same-origin``; else 403 ``cross_origin``.
 * **Brute force.** Login attempts are rate-limited (:class:`~eecp.core.ratelimit.SharedLimit`,
   per client and in all: :data:`LOGINS_PER_MIN`); beyond it 429 without looking at the token. A
   wrong token answers 401 with the form.
@@ -313,10 +314,15 @@ def _forwarding(trusted: TrustedProxies) -> Forwarding:
 
 
 def _same_origin(forwarding: Forwarding) -> bool:
-    """Whether a POST names this host as its origin (``Origin``, else ``Referer``)."""
+    """Whether a POST came from this host's own page: its ``Origin`` (else its ``Referer``)
+    names this host, or, where the pages' ``Referrer-Policy: no-referrer`` makes a browser send
+    ``Origin: null`` and no ``Referer``, its ``Sec-Fetch-Site`` says ``same-origin`` (a header
+    no page can set; another site's form or a sandboxed frame sends ``cross-site``)."""
     origin = request.headers.get("Origin")
     source = origin if origin and origin != "null" else request.headers.get("Referer")
-    if not source or not forwarding.host:
+    if not source:
+        return request.headers.get("Sec-Fetch-Site") == "same-origin"
+    if not forwarding.host:
         return False
     parts = urlsplit(source)
     return parts.scheme in ("http", "https") and parts.netloc.lower() == forwarding.host.lower()

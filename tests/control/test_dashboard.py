@@ -121,6 +121,8 @@ async def test_a_wrong_token_is_401_with_the_form_and_attempts_are_limited(
 async def test_a_post_from_another_origin_is_refused(cp: ControlPlane) -> None:
     async with httpx.AsyncClient(base_url=cp.url) as client:
         for headers in ({}, {"Origin": "http://evil.example"}, {"Origin": "null"},
+                        {"Origin": "null", "Sec-Fetch-Site": "cross-site"},
+                        {"Origin": "http://evil.example", "Sec-Fetch-Site": "same-origin"},
                         {"Referer": "http://evil.example/admin/login"},
                         {"Origin": cp.url.replace("http:", "ftp:")}):
             response = await client.post("/admin/login", data={"token": TOKEN},
@@ -130,6 +132,10 @@ async def test_a_post_from_another_origin_is_refused(cp: ControlPlane) -> None:
         # a Referer naming this host will do when there is no Origin
         response = await client.post("/admin/login", data={"token": TOKEN},
                                      headers={"Referer": cp.url + "/admin/login"})
+        assert response.status_code == 303
+        # what a browser sends under Referrer-Policy: no-referrer
+        response = await client.post("/admin/login", data={"token": TOKEN}, headers={
+            "Origin": "null", "Sec-Fetch-Site": "same-origin"})
         assert response.status_code == 303
         session = dict(client.cookies)
         cross = await client.post("/admin/logout", headers={"Origin": "http://evil.example"})
