@@ -572,6 +572,7 @@ async def open_stack(args: argparse.Namespace, work: Path) -> AsyncIterator[Stac
                 "EE_TUNNEL_MAX_STREAMS": str(args.max_streams),
                 "EE_PROXY_TIMEOUT_SEC": str(args.proxy_timeout),
                 "EE_STREAM_WINDOW_BYTES": str(args.stream_window),
+                **({"EE_ACCESS_LOG": args.access_log} if args.access_log else {}),
             })
             eecp = children.spawn("eecp", [sys.executable, "-m", "eecp", "serve"], env,
                                   work / "eecp.log")
@@ -995,6 +996,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="connections keeping /slow in flight in the mixed run (32)")
     parser.add_argument("--mixed-fast-connections", type=int, default=8,
                         help="concurrency of the fast requests in the mixed run (8)")
+    parser.add_argument("--access-log", choices=("on", "off"), default=None,
+                        help="EE_ACCESS_LOG for eecp (its default, on, when not given)")
     parser.add_argument("--skip-tunnels", action="store_true",
                         help="skip f), bench/tunnels.py (RSS per idle tunnel)")
     parser.add_argument("--tunnel-agents", type=int, default=1000,
