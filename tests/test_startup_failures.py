@@ -32,7 +32,11 @@ def serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def eecp(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "eecp", *args], env=env, cwd=ROOT,
+    """Run the ``eecp`` console script the package installs (what an operator types), or
+    ``python -m eecp`` where there is none."""
+    script = Path(sys.executable).with_name("eecp")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "eecp"]
+    return subprocess.run([*command, *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=WAIT)
 
 
