@@ -61,25 +61,34 @@ def walk_through(browser: Any, url: str, agent_id: str, screenshot: str | None) 
     """Every step, in one browser session (blocking: run in a thread)."""
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def arrived(path: str) -> None:
+        # a click's navigation (a form's POST, its redirect) completes after click() returns
+        WebDriverWait(browser, 10).until(expected_conditions.url_to_be(url + path))
 
     browser.get(url + "/admin")
     assert browser.current_url == url + "/admin/login"  # no session: the login
     browser.find_element(By.ID, "token").send_keys("wrong")
     browser.find_element(By.ID, "login").click()
-    assert "not the admin token" in browser.find_element(By.ID, "error").text
+    error = WebDriverWait(browser, 10).until(
+        expected_conditions.presence_of_element_located((By.ID, "error")))  # the 401's form
+    assert "not the admin token" in error.text
     browser.find_element(By.ID, "token").send_keys(ADMIN)
     browser.find_element(By.ID, "login").click()
-    assert browser.current_url == url + "/admin"
+    arrived("/admin")
     # the cookie is out of every script's reach
     assert browser.execute_script("return document.cookie") == ""
     browser.find_element(By.LINK_TEXT, "shop").click()
-    assert browser.current_url == url + "/admin/apps/shop"
+    arrived("/admin/apps/shop")
     agents = browser.find_element(By.ID, "agents").text
     assert agent_id in agents and "attested" in agents
     assert_inert(browser, "audit")
     if screenshot:
         browser.save_screenshot(screenshot)
     browser.find_element(By.LINK_TEXT, "Ledger").click()
+    arrived("/admin/ledger")
     assert "acme-1" in browser.find_element(By.ID, "nodes").text
     assert_inert(browser, "nodes")
     try:
@@ -88,7 +97,7 @@ def walk_through(browser: Any, url: str, agent_id: str, screenshot: str | None) 
     except NoAlertPresentException:
         pass
     browser.find_element(By.ID, "logout").click()
-    assert browser.current_url == url + "/admin/login"
+    arrived("/admin/login")
     browser.get(url + "/admin")
     assert browser.current_url == url + "/admin/login"  # the session ended
 
