@@ -124,11 +124,28 @@ class AgentView:
                      blocked: frozenset[str] = _NOBODY) -> bool:
         """May this agent serve ``app`` right now? ``blocked``: the PPIDs of suspended and
         banned nodes' platforms (the ledger's node views; empty with the ledger off)."""
+        return self.refusal(app, network, blocked) is None
+
+    def refusal(self, app: AppRecord, network: Network | None,
+                blocked: frozenset[str] = _NOBODY) -> str | None:
+        """Why this agent may not serve ``app`` right now, or None: the one rule resolve,
+        the proxy's pick and the WebSocket revocation share (``not_connected``,
+        ``not_attested``, ``health_fail``, ``release_changed``, ``sealed_required``,
+        ``node_suspended``, in that order)."""
         r = self.record
-        return (self.connected and self.attested and self.health != "fail"
-                and r.repo == app.repo and r.release_tag == app.release_tag
-                and (network is None or not network.sealed or r.sealed is True)
-                and (self.ppid is None or self.ppid not in blocked))
+        if not self.connected:
+            return "not_connected"
+        if not self.attested:
+            return "not_attested"
+        if self.health == "fail":
+            return "health_fail"
+        if r.repo != app.repo or r.release_tag != app.release_tag:
+            return "release_changed"
+        if network is not None and network.sealed and r.sealed is not True:
+            return "sealed_required"
+        if self.ppid is not None and self.ppid in blocked:
+            return "node_suspended"
+        return None
 
 
 @dataclass
@@ -295,21 +312,10 @@ class Registry:
         if view is None or registration_state(view.record.expires_at, now,
                                               self._warn_sec) == "expired":
             return "registration_expired"
-        record, app = agent.record, view.record
-        network = self._networks.get(app.network)
-        if view.agents.get(agent.agent_id) is not agent or not agent.connected:
+        if view.agents.get(agent.agent_id) is not agent:  # its session was replaced
             return "not_connected"
-        if not agent.attested:
-            return "not_attested"
-        if agent.health == "fail":
-            return "health_fail"
-        if record.repo != app.repo or record.release_tag != app.release_tag:
-            return "release_changed"
-        if network is not None and network.sealed and record.sealed is not True:
-            return "sealed_required"
-        if agent.ppid is not None and agent.ppid in self._blocked:
-            return "node_suspended"
-        return None
+        return agent.refusal(view.record, self._networks.get(view.record.network),
+                             self._blocked)
 
     def gauges(self, now: float) -> StateGauges:
         """What the metrics' state gauges show (read at each scrape)."""
@@ -382,17 +388,10 @@ def _deny_reason(state: RegistrationState, best: AgentView | None, app: AppRecor
                  network: Network | None, blocked: frozenset[str]) -> str:
     if state == "expired":
         return "registration_expired"
-    if best is None or not best.connected:
+    if best is None:
         return "not_connected"
-    if not best.attested:
-        return "not_attested"
-    if best.health == "fail":
-        return "health_fail"
-    if network is not None and network.sealed and best.record.sealed is not True:
-        return "sealed_required"
-    if best.ppid is not None and best.ppid in blocked:
-        return "node_suspended"
-    return "ok"
+    # (best serves the app's current repo and tag: release_changed is never its reason)
+    return best.refusal(app, network, blocked) or "ok"
 
 
 def _body(app: AppRecord, state: RegistrationState, best: AgentView | None,
